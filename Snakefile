@@ -1,0 +1,22 @@
+# mamba-align: SFT -> DPO -> MT-Bench / AlpacaEval for Mamba models.
+# The Snakefile only wires; the work is done by the mamba_align package (src/).
+# Real run:  snakemake --profile profiles/slurm results/eval/mtbench.json
+# Demo:      snakemake --configfile config/demo.yaml --cores 2 results/eval/mtbench.json
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/mt_bench.smk"
+include: "workflow/rules/alpaca_eval.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

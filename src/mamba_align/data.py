@@ -1,0 +1,175 @@
+"""Prepare SFT and preference data: load (Hub at a pinned revision, or local files in the Hub schema),
+validate columns, apply the tokenizer's chat template, count / drop over-length rows, write parquet."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .recipes import DatasetSpec, load_recipe
+from .utils import UserError, setup_logging, write_json
+
+log = logging.getLogger(__name__)
+
+SFT_COLUMNS = ("messages",)
+PREF_COLUMNS = ("chosen", "rejected")
+
+
+def load_split(spec: DatasetSpec, split: str, limit: int | None = None):
+    """A split as a `datasets.Dataset`: `<dir>/<split>.{parquet,jsonl,json}` for a local folder, else the Hub."""
+    import datasets
+
+    src = Path(spec.source)
+    if src.exists():
+        if src.is_dir():
+            files = [src / f"{split}.{ext}" for ext in ("parquet", "jsonl", "json")]
+            found = [f for f in files if f.exists()]
+            if not found:
+                raise UserError(f"dataset folder {src} has no {split}.parquet / {split}.jsonl / {split}.json")
+            path = found[0]
+        else:
+            path = src
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:
+        try:
+            ds = datasets.load_dataset(spec.source, revision=spec.revision, split=split)
+        except Exception as e:  # the Hub raises many types; name the dataset, revision and split
+            raise UserError(f"cannot load dataset {spec.source} (revision {spec.revision}, split {split}): {e}") from e
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+def require_columns(ds, columns, where: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{where}: missing column(s) {', '.join(missing)}; found {', '.join(ds.column_names)}")
+
+
+def _valid_conversation(msgs) -> bool:
+    return (
+        isinstance(msgs, list) and len(msgs) >= 2
+        and all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in msgs)
+        and msgs[-1]["role"] == "assistant"
+    )
+
+
+def _with_system(tokenizer, msgs: list[dict]) -> list[dict]:
+    # As the alignment-handbook does for Zephyr: an empty system turn when the template has one.
+    if msgs[0]["role"] != "system" and "system" in (tokenizer.chat_template or ""):
+        return [{"role": "system", "content": ""}] + msgs
+    return msgs
+
+
+def _load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if not tok.chat_template:
+        raise UserError(f"tokenizer in {model_dir} has no chat template")
+    return tok
+
+
+def prepare_sft_data(spec: DatasetSpec, model_dir, out_dir, max_seq_length: int, packing: bool) -> dict:
+    """Write out_dir/{train,test}.parquet with `messages` and `text` (the rendered conversation)."""
+    tok = _load_tokenizer(model_dir)
+    out_dir = Path(out_dir)
+    stats: dict = {"source": spec.source, "revision": spec.revision, "max_seq_length": max_seq_length,
+                   "packing": packing}
+    for name, split, limit in (("train", spec.train_split, spec.max_train_samples),
+                               ("test", spec.test_split, spec.max_test_samples)):
+        if split is None:
+            continue
+        ds = load_split(spec, split, limit)
+        require_columns(ds, SFT_COLUMNS, f"dataset {spec.source} split {split}")
+        n_in = len(ds)
+        ds = ds.filter(lambda r: _valid_conversation(r["messages"]))
+        n_malformed = n_in - len(ds)
+
+        def render(row):
+            text = tok.apply_chat_template(_with_system(tok, row["messages"]), tokenize=False)
+            return {"text": text, "n_tokens": len(tok(text, add_special_tokens=False)["input_ids"])}
+
+        ds = ds.map(render)
+        n_long = sum(1 for n in ds["n_tokens"] if n > max_seq_length)
+        if not packing:  # packed rows are cut at max_seq_length anyway; unpacked ones would be truncated
+            ds = ds.filter(lambda r: r["n_tokens"] <= max_seq_length)
+        keep = [c for c in ("prompt_id", "messages", "text", "n_tokens") if c in ds.column_names]
+        ds = ds.select_columns(keep)
+        _write_parquet(ds, out_dir / f"{name}.parquet")
+        stats[name] = {"split": split, "rows_in": n_in, "malformed_dropped": n_malformed,
+                       "over_length": n_long, "over_length_dropped": 0 if packing else n_long,
+                       "rows_out": len(ds), "tokens": int(sum(ds["n_tokens"]))}
+        log.info("SFT %s (%s): %s", name, split, stats[name])
+    write_json(out_dir / "stats.json", stats)
+    return stats
+
+
+def prepare_preference_data(spec: DatasetSpec, model_dir, out_dir, max_length: int, max_prompt_length: int) -> dict:
+    """Write out_dir/{train,test}.parquet with `prompt` (templated, ending in the generation prompt),
+    `chosen` and `rejected` (the assistant reply followed by eos). Over-length pairs are counted;
+    the DPO trainer truncates them (prompt to max_prompt_length, pair to max_length) as the handbook does."""
+    tok = _load_tokenizer(model_dir)
+    out_dir = Path(out_dir)
+    stats: dict = {"source": spec.source, "revision": spec.revision, "max_length": max_length,
+                   "max_prompt_length": max_prompt_length}
+    for name, split, limit in (("train", spec.train_split, spec.max_train_samples),
+                               ("test", spec.test_split, spec.max_test_samples)):
+        if split is None:
+            continue
+        ds = load_split(spec, split, limit)
+        require_columns(ds, PREF_COLUMNS, f"dataset {spec.source} split {split}")
+        n_in = len(ds)
+        ds = ds.filter(lambda r: _valid_conversation(r["chosen"]) and _valid_conversation(r["rejected"]))
+        n_malformed = n_in - len(ds)
+
+        def render(row):
+            prompt = tok.apply_chat_template(_with_system(tok, row["chosen"][:-1]), tokenize=False,
+                                             add_generation_prompt=True)
+            chosen = row["chosen"][-1]["content"] + tok.eos_token
+            rejected = row["rejected"][-1]["content"] + tok.eos_token
+            n = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+            n_prompt = n(prompt)
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "n_prompt_tokens": n_prompt,
+                    "n_tokens": n_prompt + max(n(chosen), n(rejected))}
+
+        ds = ds.map(render, remove_columns=[c for c in ds.column_names if c not in ("prompt_id",)])
+        long_prompt = sum(1 for n in ds["n_prompt_tokens"] if n > max_prompt_length)
+        long_pair = sum(1 for n in ds["n_tokens"] if n > max_length)
+        _write_parquet(ds, out_dir / f"{name}.parquet")
+        stats[name] = {"split": split, "rows_in": n_in, "malformed_dropped": n_malformed,
+                       "prompt_over_max_prompt_length": long_prompt, "pair_over_max_length": long_pair,
+                       "rows_out": len(ds)}
+        log.info("preferences %s (%s): %s", name, split, stats[name])
+    write_json(out_dir / "stats.json", stats)
+    return stats
+
+
+def _write_parquet(ds, path: Path) -> None:
+    from .utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        ds.to_parquet(str(tmp))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("stage", choices=["sft", "dpo"])
+    p.add_argument("--recipe-dir", required=True, help="config/recipes/<name>")
+    p.add_argument("--model", required=True, help="prepared base model dir (its tokenizer is used)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--log", default=None)
+    a = p.parse_args(argv)
+    setup_logging(a.log)
+    recipe = load_recipe(a.recipe_dir, a.stage)
+    if a.stage == "sft":
+        prepare_sft_data(recipe.dataset, a.model, a.out, recipe.max_seq_length, recipe.packing)
+    else:
+        prepare_preference_data(recipe.dataset, a.model, a.out, recipe.max_length, recipe.max_prompt_length)
+
+
+if __name__ == "__main__":
+    main()

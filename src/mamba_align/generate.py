@@ -1,0 +1,169 @@
+"""Generate MT-Bench answers and AlpacaEval outputs with the model's own chat template.
+
+Both steps are resumable: finished items are appended (fsynced) to a progress JSONL beside the output,
+and the declared output is written atomically once every item is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from .engine import Sampling, load_engine
+from .utils import UserError, append_jsonl, read_jsonl, setup_logging, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+# FastChat's llm_judge temperature per MT-Bench category (gen_model_answer.py / common.py)
+MT_BENCH_TEMPERATURE = {
+    "writing": 0.7, "roleplay": 0.7,
+    "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
+    "stem": 0.1, "humanities": 0.1,
+    "arena-hard-200": 0.0,
+}
+
+
+def progress_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".progress.jsonl")
+
+
+def _encode(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def load_mt_bench_questions(path: str | Path) -> list[dict]:
+    rows = read_jsonl(path)
+    for i, q in enumerate(rows, 1):
+        for key in ("question_id", "category", "turns"):
+            if key not in q:
+                raise UserError(f"{path}:{i}: question has no '{key}' key")
+    return rows
+
+
+def generate_mt_bench(model_dir, question_path, out_path, model_id, max_new_tokens=1024,
+                      batch_size=8, device=None, seed=0, engine=None) -> Path:
+    """Answer every MT-Bench question (turn 2 sees turn 1) in FastChat's answer format."""
+    questions = load_mt_bench_questions(question_path)
+    progress = progress_path(out_path)
+    done = {r["question_id"]: r for r in read_jsonl(progress)}
+    todo = [q for q in questions if q["question_id"] not in done]
+    log.info("MT-Bench: %d questions, %d already answered, %d to go", len(questions), len(done), len(todo))
+    if todo:
+        engine = engine or load_engine(model_dir, device=device, batch_size=batch_size)
+        tok = engine.tokenizer
+        # Batch questions that share a temperature; a batch is the unit of resumption.
+        by_temp: dict[float, list[dict]] = {}
+        for q in todo:
+            by_temp.setdefault(MT_BENCH_TEMPERATURE.get(q["category"], 0.7), []).append(q)
+        for temp, qs in by_temp.items():
+            sampling = Sampling(temperature=temp, max_new_tokens=max_new_tokens, seed=seed)
+            for start in range(0, len(qs), batch_size):
+                chunk = qs[start : start + batch_size]
+                convs = [[] for _ in chunk]
+                answers = [[] for _ in chunk]
+                for turn in range(max(len(q["turns"]) for q in chunk)):
+                    live = [k for k, q in enumerate(chunk) if turn < len(q["turns"])]
+                    for k in live:
+                        convs[k].append({"role": "user", "content": chunk[k]["turns"][turn]})
+                    outs = engine.generate([_encode(tok, convs[k]) for k in live], sampling)
+                    for k, ids in zip(live, outs):
+                        text = _decode(tok, ids)
+                        convs[k].append({"role": "assistant", "content": text})
+                        answers[k].append(text)
+                with open(progress, "a", encoding="utf-8") as fh:
+                    for q, turns in zip(chunk, answers):
+                        append_jsonl(progress, {
+                            "question_id": q["question_id"],
+                            "answer_id": uuid.uuid4().hex[:22],
+                            "model_id": model_id,
+                            "choices": [{"index": 0, "turns": turns}],
+                            "tstamp": time.time(),
+                        }, fh=fh)
+                log.info("MT-Bench: answered %d/%d", len(read_jsonl(progress)), len(questions))
+    done = {r["question_id"]: r for r in read_jsonl(progress)}
+    write_jsonl(out_path, (done[q["question_id"]] for q in questions))
+    return Path(out_path)
+
+
+def load_alpaca_eval_instructions(path: str | Path) -> list[dict]:
+    try:
+        rows = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: expected a JSON list of examples")
+    for i, r in enumerate(rows):
+        if "instruction" not in r:
+            raise UserError(f"{path}: example {i} has no 'instruction' key")
+    return rows
+
+
+def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temperature=0.7, top_p=1.0,
+                         max_new_tokens=2048, batch_size=8, device=None, seed=0, engine=None) -> Path:
+    """Write alpaca_eval's model-outputs JSON (instruction, output, generator, dataset) in the data's order."""
+    examples = load_alpaca_eval_instructions(instructions_path)
+    progress = progress_path(out_path)
+    done = {r["index"]: r for r in read_jsonl(progress)}
+    todo = [i for i in range(len(examples)) if i not in done]
+    log.info("AlpacaEval: %d instructions, %d done, %d to go", len(examples), len(done), len(todo))
+    if todo:
+        engine = engine or load_engine(model_dir, device=device, batch_size=batch_size)
+        tok = engine.tokenizer
+        sampling = Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            prompts = [_encode(tok, [{"role": "user", "content": examples[i]["instruction"]}]) for i in chunk]
+            outs = engine.generate(prompts, sampling)
+            with open(progress, "a", encoding="utf-8") as fh:
+                for i, ids in zip(chunk, outs):
+                    append_jsonl(progress, {"index": i, "output": _decode(tok, ids)}, fh=fh)
+            log.info("AlpacaEval: %d/%d", min(start + batch_size, len(todo)) + len(done), len(examples))
+    done = {r["index"]: r for r in read_jsonl(progress)}
+    outputs = [
+        {"instruction": ex["instruction"], "output": done[i]["output"], "generator": generator,
+         "dataset": ex.get("dataset", "alpaca_eval")}
+        for i, ex in enumerate(examples)
+    ]
+    write_json(out_path, outputs)
+    return Path(out_path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="bench", required=True)
+    for name in ("mt_bench", "alpaca_eval"):
+        s = sub.add_parser(name)
+        s.add_argument("--model", required=True, help="transformers model directory")
+        s.add_argument("--questions", required=True, help="question.jsonl (MT-Bench) or alpaca_eval.json")
+        s.add_argument("--out", required=True)
+        s.add_argument("--model-id", required=True)
+        s.add_argument("--max-new-tokens", type=int, default=1024 if name == "mt_bench" else 2048)
+        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--device", default=None)
+        s.add_argument("--log", default=None)
+        if name == "alpaca_eval":
+            s.add_argument("--temperature", type=float, default=0.7)
+            s.add_argument("--top-p", type=float, default=1.0)
+    a = p.parse_args(argv)
+    setup_logging(a.log)
+    if a.bench == "mt_bench":
+        generate_mt_bench(a.model, a.questions, a.out, a.model_id, a.max_new_tokens, a.batch_size, a.device)
+    else:
+        generate_alpaca_eval(a.model, a.questions, a.out, a.model_id, a.temperature, a.top_p,
+                             a.max_new_tokens, a.batch_size, a.device)
+
+
+if __name__ == "__main__":
+    main()

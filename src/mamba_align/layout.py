@@ -1,0 +1,34 @@
+"""Where every output lives under the results folder. The Snakefile and the steps both use this."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+STAGES = ("base", "sft", "dpo")
+FINAL_STAGE = "dpo"
+BENCHMARKS = ("mtbench", "alpacaeval")
+
+
+def model_dir(results: str, stage: str) -> str:
+    return f"{results}/models/{stage}"
+
+
+def stage_dir(stage: str) -> str:
+    """Prefix of a stage's eval summaries: '' for the final model (results/eval/mtbench.json), else 'sft/'."""
+    return "" if stage == FINAL_STAGE else f"{stage}/"
+
+
+def stage_of(stagedir: str) -> str:
+    return stagedir.rstrip("/") or FINAL_STAGE
+
+
+def eval_summary(results: str, stage: str, bench: str) -> str:
+    return f"{results}/eval/{stage_dir(stage)}{bench}.json"
+
+
+def checkpoint_dir(results: str, stage: str, settings: dict) -> str:
+    """Checkpoints of one training run, keyed by its settings: a changed recipe never resumes an old run.
+    Lives beside (not inside) the declared outputs, so Snakemake never deletes it after a failure."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{results}/checkpoints/{stage}-{digest}"

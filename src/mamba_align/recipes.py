@@ -1,0 +1,156 @@
+"""Training recipes: one YAML per model x stage x variant under config/recipes/<recipe>/{sft,dpo}.yaml.
+
+Parsed strictly into dataclasses: an unknown or wrongly typed key is an error naming the file and key.
+The config's `recipe_overrides` (and the command line of each step) override values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .utils import UserError
+
+
+@dataclass
+class DatasetSpec:
+    source: str
+    """Hub dataset id (downloaded at `revision`) or a local directory / parquet / JSONL file in the Hub schema."""
+    revision: str | None = None
+    train_split: str = "train"
+    test_split: str | None = "test"
+    max_train_samples: int | None = None
+    """Keep only the first N training rows (None: all)."""
+    max_test_samples: int | None = None
+
+
+@dataclass
+class TrainCommon:
+    dataset: DatasetSpec
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 2e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    global_batch_size: int = 128
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_checkpointing: bool = False
+    bf16: bool = True
+    """bf16 autocast with fp32 master weights (never bf16 weights: SSM recurrences are sensitive)."""
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 100
+    """Checkpoint every N optimizer steps (pre-emption safety)."""
+    save_total_limit: int = 2
+    eval_steps: int | None = None
+    """Evaluate every N steps; None: once per epoch."""
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class SFTRecipe(TrainCommon):
+    max_seq_length: int = 2048
+    packing: bool = True
+    """Pack documents joined with EOS into fixed rows of max_seq_length (TRL's `wrapped` strategy)."""
+
+
+@dataclass
+class DPORecipe(TrainCommon):
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    precompute_ref_log_probs: bool = False
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2.0e-5" as float but "2e-5" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise UserError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls, data: dict, where: str):
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise UserError naming `where.key`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{where}: {e}") from e
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in (over or {}).items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+RECIPE_CLASSES = {"sft": SFTRecipe, "dpo": DPORecipe}
+
+
+def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = None):
+    """Load config/recipes/<name>/<stage>.yaml strictly, apply `overrides`, return the dataclass."""
+    path = Path(recipe_dir) / f"{stage}.yaml"
+    if not path.exists():
+        raise UserError(f"recipe file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at top level")
+    data = _deep_merge(data, overrides or {})
+    recipe = build(RECIPE_CLASSES[stage], data, str(path))
+    validate(recipe, str(path))
+    return recipe
+
+
+def validate(recipe: TrainCommon, where: str) -> None:
+    if recipe.global_batch_size % recipe.per_device_train_batch_size:
+        raise UserError(
+            f"{where}: global_batch_size {recipe.global_batch_size} is not divisible by "
+            f"per_device_train_batch_size {recipe.per_device_train_batch_size}"
+        )
+
+
+def gradient_accumulation_steps(recipe: TrainCommon, num_processes: int) -> int:
+    """Accumulation that keeps the recipe's global batch whatever the number of GPUs."""
+    per_step = recipe.per_device_train_batch_size * num_processes
+    if recipe.global_batch_size % per_step:
+        raise UserError(
+            f"global_batch_size {recipe.global_batch_size} is not divisible by "
+            f"{num_processes} processes x per_device_train_batch_size {recipe.per_device_train_batch_size}"
+        )
+    return recipe.global_batch_size // per_step
+
+
+def as_dict(recipe) -> dict:
+    return dataclasses.asdict(recipe)

@@ -1,0 +1,148 @@
+"""Small shared helpers: atomic outputs, JSONL progress files, hashing, logging setup."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+log = logging.getLogger("mamba_align")
+
+
+class UserError(Exception):
+    """A problem with the user's config, data or model; the message names what is wrong."""
+
+
+def setup_logging(log_path: str | os.PathLike | None = None, level: int = logging.INFO) -> None:
+    """One logging setup for every step: to the rule's log file (if given) and to stderr."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="a"))
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `path` only if the block finishes.
+
+    Works for files and directories. A crash leaves `path` untouched (absent or old).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def append_jsonl(path: str | os.PathLike, row: dict, fh=None) -> None:
+    """Append one row and make it durable (flush + fsync) before returning."""
+    line = json.dumps(row, ensure_ascii=False) + "\n"
+    if fh is not None:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file; a torn last line (crash mid-write) is skipped, any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: ignoring a torn last line (interrupted write)", path)
+                continue
+            raise UserError(f"{path}:{i + 1}: not valid JSON")
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_file(url: str, dest: str | os.PathLike, sha256: str | None = None,
+               local_path: str | os.PathLike | None = None) -> Path:
+    """Copy `local_path` (offline clusters) or download `url` to `dest`, verifying sha256 if given.
+
+    An existing `dest` with the right hash is reused (no network).
+    """
+    dest = Path(dest)
+    if dest.exists() and (sha256 is None or sha256_file(dest) == sha256):
+        return dest
+    with atomic_path(dest) as tmp:
+        if local_path:
+            if not Path(local_path).exists():
+                raise UserError(f"local data file {local_path} does not exist")
+            shutil.copyfile(local_path, tmp)
+        else:
+            import urllib.request
+
+            log.info("downloading %s", url)
+            try:
+                with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                    shutil.copyfileobj(r, f)
+            except OSError as e:
+                raise UserError(f"could not download {url}: {e}") from e
+        if sha256 is not None:
+            got = sha256_file(tmp)
+            if got != sha256:
+                raise UserError(f"{local_path or url}: sha256 is {got}, expected {sha256}")
+    return dest

@@ -1,0 +1,65 @@
+AE = EVAL["alpaca_eval"]
+
+
+rule fetch_alpaca_eval:
+    """AlpacaEval instructions and reference outputs (1.0 and 2.0) plus the length-control inputs."""
+    output:
+        directory(f"{R}/data/alpaca_eval"),
+    params:
+        revision=AE["revision"],
+        local_dir=AE["local_dir"],
+    log:
+        f"{R}/logs/fetch_alpaca_eval.log",
+    resources:
+        gpu=0,
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/fetch_alpaca_eval.py"
+
+
+rule generate_alpaca_eval:
+    """Model outputs for every AlpacaEval instruction (alpaca_eval's JSON, in the data's order), resumable."""
+    input:
+        model=model_for,
+        data=rules.fetch_alpaca_eval.output[0],
+    output:
+        f"{R}/eval/{{stage}}/alpaca_eval_outputs.json",
+    params:
+        generator=lambda w: f"{config['run_name']}-{w.stage}",
+        temperature=AE["temperature"],
+        top_p=AE["top_p"],
+        max_new_tokens=AE["max_new_tokens"],
+        batch_size=EVAL["generation_batch_size"],
+    log:
+        f"{R}/logs/generate_alpaca_eval/{{stage}}.log",
+    benchmark:
+        f"{R}/benchmarks/generate_alpaca_eval/{{stage}}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=120,
+    script:
+        "../scripts/generate_alpaca_eval.py"
+
+
+rule judge_alpaca_eval:
+    """Win rates (1.0) and length-controlled win rates (2.0) with the alpaca_eval library; its annotation
+    cache lives beside the output so a rerun pays only for what is missing."""
+    input:
+        outputs=answers_for("alpaca_eval_outputs.json"),
+        data=rules.fetch_alpaca_eval.output[0],
+    output:
+        f"{R}/eval/{{stagedir}}alpacaeval.json",
+    params:
+        judge=JUDGE,
+        annotators=AE["annotators"],
+        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/alpaca_eval_cache",
+    log:
+        f"{R}/logs/judge_alpaca_eval/{{stagedir}}judge.log",
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=240,
+    script:
+        "../scripts/judge_alpaca_eval.py"

@@ -1,0 +1,67 @@
+import os
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+from mamba_align import layout
+from mamba_align.recipes import as_dict, load_recipe
+
+min_version("9.0")
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+R = config["results_dir"]
+BASE = config["base_model"]
+EVAL = config["eval"]
+JUDGE = config["judge"]
+
+
+def recipe_dir():
+    """config['recipe'] is a folder name under config/recipes/ (or a path to a recipe folder)."""
+    name = config["recipe"]
+    return name if Path(name).is_dir() else str(Path(workflow.basedir) / "config" / "recipes" / name)
+
+
+# Parsed strictly now, so a bad recipe fails before any job (and any GPU time).
+SFT = as_dict(load_recipe(recipe_dir(), "sft", config["recipe_overrides"].get("sft")))
+DPO = as_dict(load_recipe(recipe_dir(), "dpo", config["recipe_overrides"].get("dpo")))
+
+
+# Secrets reach cluster jobs through envvars (never config, logs or results). The judge key is
+# checked now, so a missing key fails before training starts rather than after it.
+if JUDGE["backend"] == "openai" and JUDGE["api_key_env"] not in os.environ and not workflow.dryrun:
+    raise WorkflowError(
+        f"judge.backend is 'openai' but the environment variable {JUDGE['api_key_env']} (judge.api_key_env) "
+        "is not set; export it (any value if you do not run the judge rules)."
+    )
+
+
+envvars:
+    *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) if v in os.environ],
+
+
+wildcard_constraints:
+    stage="|".join(layout.STAGES),
+    stagedir="(base/|sft/)?",
+
+
+def demo_inputs():
+    return [f"{R}/demo"] if config["demo"] else []
+
+
+def model_of(stage):
+    return layout.model_dir(R, stage)
+
+
+def model_for(wildcards):
+    return model_of(wildcards.stage)
+
+
+def answers_for(name):
+    """Input function: the per-stage generation output a judge rule reads."""
+    return lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/{name}"
+
+
+def all_targets():
+    return [layout.eval_summary(R, s, b) for s in EVAL["stages"] for b in layout.BENCHMARKS]

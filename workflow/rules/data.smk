@@ -1,0 +1,44 @@
+rule prepare_sft_data:
+    """Chat data (UltraChat schema) rendered with the model's chat template, written as parquet."""
+    input:
+        demo_inputs(),
+        model=model_of("base"),
+    output:
+        train=f"{R}/data/sft/train.parquet",
+        test=f"{R}/data/sft/test.parquet",
+        stats=f"{R}/data/sft/stats.json",
+    params:
+        dataset=SFT["dataset"],
+        max_seq_length=SFT["max_seq_length"],
+        packing=SFT["packing"],
+    log:
+        f"{R}/logs/prepare_sft_data.log",
+    resources:
+        gpu=0,
+        mem_mb=16000,
+        runtime=60,
+    script:
+        "../scripts/prepare_sft_data.py"
+
+
+rule prepare_preference_data:
+    """Preference pairs (UltraFeedback schema) as templated prompt / chosen / rejected, as parquet."""
+    input:
+        demo_inputs(),
+        model=model_of("base"),
+    output:
+        train=f"{R}/data/dpo/train.parquet",
+        test=f"{R}/data/dpo/test.parquet",
+        stats=f"{R}/data/dpo/stats.json",
+    params:
+        dataset=DPO["dataset"],
+        max_length=DPO["max_length"],
+        max_prompt_length=DPO["max_prompt_length"],
+    log:
+        f"{R}/logs/prepare_preference_data.log",
+    resources:
+        gpu=0,
+        mem_mb=16000,
+        runtime=60,
+    script:
+        "../scripts/prepare_preference_data.py"

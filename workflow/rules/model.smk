@@ -1,0 +1,18 @@
+rule prepare_base_model:
+    """Download (or read) the base model, convert it to a transformers checkpoint with tokenizer and
+    chat template, and check that the logits did not change."""
+    input:
+        demo_inputs(),
+    output:
+        model=directory(model_of("base")),
+        report=f"{R}/models/base.verify.json",
+    params:
+        base=BASE,
+    log:
+        f"{R}/logs/prepare_base_model.log",
+    resources:
+        gpu=0,
+        mem_mb=64000,
+        runtime=120,
+    script:
+        "../scripts/prepare_base_model.py"

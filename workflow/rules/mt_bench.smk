@@ -1,0 +1,67 @@
+MTB = EVAL["mt_bench"]
+
+
+rule fetch_mt_bench:
+    """MT-Bench questions, judge prompts and GPT-4 reference answers from FastChat at a pinned commit."""
+    output:
+        questions=f"{R}/data/mt_bench/question.jsonl",
+        judge_prompts=f"{R}/data/mt_bench/judge_prompts.jsonl",
+        reference=f"{R}/data/mt_bench/reference_answer.jsonl",
+    params:
+        commit=MTB["fastchat_commit"],
+        local_dir=MTB["local_dir"],
+    log:
+        f"{R}/logs/fetch_mt_bench.log",
+    resources:
+        gpu=0,
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/fetch_mt_bench.py"
+
+
+rule generate_mt_bench:
+    """Answers to both turns of every MT-Bench question (FastChat's answer format), resumable."""
+    input:
+        model=model_for,
+        questions=rules.fetch_mt_bench.output.questions,
+    output:
+        f"{R}/eval/{{stage}}/mt_bench_answers.jsonl",
+    params:
+        model_id=lambda w: f"{config['run_name']}-{w.stage}",
+        max_new_tokens=MTB["max_new_tokens"],
+        batch_size=EVAL["generation_batch_size"],
+    log:
+        f"{R}/logs/generate_mt_bench/{{stage}}.log",
+    benchmark:
+        f"{R}/benchmarks/generate_mt_bench/{{stage}}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=60,
+    script:
+        "../scripts/generate_mt_bench.py"
+
+
+rule judge_mt_bench:
+    """Single-answer grading as FastChat does it; judgments cached in a JSONL beside the output so a
+    rerun pays only for what is missing."""
+    input:
+        answers=answers_for("mt_bench_answers.jsonl"),
+        questions=rules.fetch_mt_bench.output.questions,
+        judge_prompts=rules.fetch_mt_bench.output.judge_prompts,
+        reference=rules.fetch_mt_bench.output.reference,
+    output:
+        f"{R}/eval/{{stagedir}}mtbench.json",
+    params:
+        judge=JUDGE,
+        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judge_cache.jsonl",
+        judgments=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judgments.jsonl",
+    log:
+        f"{R}/logs/judge_mt_bench/{{stagedir}}judge.log",
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=120,
+    script:
+        "../scripts/judge_mt_bench.py"

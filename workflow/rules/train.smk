@@ -1,0 +1,54 @@
+# Training resumes from its newest complete checkpoint (results/checkpoints/<stage>-<settings hash>/),
+# which is not a declared output, so a failed or pre-empted job keeps it for the retry.
+# The GPU count is the `gpu` resource (set per cluster in profiles/); the recipe's global batch holds
+# whatever it is, through gradient accumulation.
+
+
+rule train_sft:
+    """Supervised fine-tuning (TRL SFTTrainer) of the base model."""
+    input:
+        model=model_of("base"),
+        train=rules.prepare_sft_data.output.train,
+        test=rules.prepare_sft_data.output.test,
+    output:
+        model=directory(model_of("sft")),
+        metrics=f"{R}/metrics/sft.json",
+    params:
+        recipe=SFT,
+        checkpoints=layout.checkpoint_dir(R, "sft", {"recipe": SFT, "base": BASE}),
+    log:
+        f"{R}/logs/train_sft.log",
+    benchmark:
+        f"{R}/benchmarks/train_sft.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=60,
+    script:
+        "../scripts/train_sft.py"
+
+
+rule train_dpo:
+    """Direct preference optimisation (TRL DPOTrainer) of the SFT model against itself as reference."""
+    input:
+        model=model_of("sft"),
+        train=rules.prepare_preference_data.output.train,
+        test=rules.prepare_preference_data.output.test,
+    output:
+        model=directory(model_of("dpo")),
+        metrics=f"{R}/metrics/dpo.json",
+    params:
+        recipe=DPO,
+        checkpoints=layout.checkpoint_dir(R, "dpo", {"recipe": DPO, "sft": SFT, "base": BASE}),
+    log:
+        f"{R}/logs/train_dpo.log",
+    benchmark:
+        f"{R}/benchmarks/train_dpo.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=60,
+    script:
+        "../scripts/train_dpo.py"
