@@ -5,15 +5,17 @@ rule fetch_alpaca_eval:
     """AlpacaEval instructions and reference outputs (1.0 and 2.0) plus the length-control inputs."""
     output:
         directory(f"{R}/data/alpaca_eval"),
-    params:
-        revision=AE["revision"],
-        local_dir=AE["local_dir"],
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/fetch_alpaca_eval.log",
     resources:
         gpu=0,
         mem_mb=1000,
         runtime=10,
+    params:
+        revision=AE["revision"],
+        local_dir=AE["local_dir"],
     script:
         "../scripts/fetch_alpaca_eval.py"
 
@@ -25,12 +27,8 @@ rule generate_alpaca_eval:
         data=rules.fetch_alpaca_eval.output[0],
     output:
         f"{R}/eval/{{stage}}/alpaca_eval_outputs.json",
-    params:
-        generator=lambda w: f"{config['run_name']}-{w.stage}",
-        temperature=AE["temperature"],
-        top_p=AE["top_p"],
-        max_new_tokens=AE["max_new_tokens"],
-        batch_size=EVAL["generation_batch_size"],
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/generate_alpaca_eval/{{stage}}.log",
     benchmark:
@@ -39,6 +37,12 @@ rule generate_alpaca_eval:
         gpu=1,
         mem_mb=32000,
         runtime=120,
+    params:
+        generator=lambda w: f"{config['run_name']}-{w.stage}",
+        temperature=AE["temperature"],
+        top_p=AE["top_p"],
+        max_new_tokens=AE["max_new_tokens"],
+        batch_size=EVAL["generation_batch_size"],
     script:
         "../scripts/generate_alpaca_eval.py"
 
@@ -51,15 +55,17 @@ rule judge_alpaca_eval:
         data=rules.fetch_alpaca_eval.output[0],
     output:
         f"{R}/eval/{{stagedir}}alpacaeval.json",
-    params:
-        judge=JUDGE,
-        annotators=AE["annotators"],
-        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/alpaca_eval_cache",
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/judge_alpaca_eval/{{stagedir}}judge.log",
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=240,
+    params:
+        judge=JUDGE,
+        annotators=AE["annotators"],
+        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/alpaca_eval_cache",
     script:
         "../scripts/judge_alpaca_eval.py"

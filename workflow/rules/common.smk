@@ -20,7 +20,11 @@ JUDGE = config["judge"]
 def recipe_dir():
     """config['recipe'] is a folder name under config/recipes/ (or a path to a recipe folder)."""
     name = config["recipe"]
-    return name if Path(name).is_dir() else str(Path(workflow.basedir) / "config" / "recipes" / name)
+    return (
+        name
+        if Path(name).is_dir()
+        else str(Path(workflow.basedir) / "config" / "recipes" / name)
+    )
 
 
 # Parsed strictly now, so a bad recipe fails before any job (and any GPU time).
@@ -30,7 +34,11 @@ DPO = as_dict(load_recipe(recipe_dir(), "dpo", config["recipe_overrides"].get("d
 
 # Secrets reach cluster jobs through envvars (never config, logs or results). The judge key is
 # checked now, so a missing key fails before training starts rather than after it.
-if JUDGE["backend"] == "openai" and JUDGE["api_key_env"] not in os.environ and not workflow.dryrun:
+if (
+    JUDGE["backend"] == "openai"
+    and JUDGE["api_key_env"] not in os.environ
+    and not workflow.dryrun
+):
     raise WorkflowError(
         f"judge.backend is 'openai' but the environment variable {JUDGE['api_key_env']} (judge.api_key_env) "
         "is not set; export it (any value if you do not run the judge rules)."
@@ -64,4 +72,6 @@ def answers_for(name):
 
 
 def all_targets():
-    return [layout.eval_summary(R, s, b) for s in EVAL["stages"] for b in layout.BENCHMARKS]
+    return [
+        layout.eval_summary(R, s, b) for s in EVAL["stages"] for b in layout.BENCHMARKS
+    ]

@@ -7,16 +7,18 @@ rule prepare_sft_data:
         train=f"{R}/data/sft/train.parquet",
         test=f"{R}/data/sft/test.parquet",
         stats=f"{R}/data/sft/stats.json",
-    params:
-        dataset=SFT["dataset"],
-        max_seq_length=SFT["max_seq_length"],
-        packing=SFT["packing"],
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/prepare_sft_data.log",
     resources:
         gpu=0,
         mem_mb=16000,
         runtime=60,
+    params:
+        dataset=SFT["dataset"],
+        max_seq_length=SFT["max_seq_length"],
+        packing=SFT["packing"],
     script:
         "../scripts/prepare_sft_data.py"
 
@@ -30,15 +32,17 @@ rule prepare_preference_data:
         train=f"{R}/data/dpo/train.parquet",
         test=f"{R}/data/dpo/test.parquet",
         stats=f"{R}/data/dpo/stats.json",
-    params:
-        dataset=DPO["dataset"],
-        max_length=DPO["max_length"],
-        max_prompt_length=DPO["max_prompt_length"],
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/prepare_preference_data.log",
     resources:
         gpu=0,
         mem_mb=16000,
         runtime=60,
+    params:
+        dataset=DPO["dataset"],
+        max_length=DPO["max_length"],
+        max_prompt_length=DPO["max_prompt_length"],
     script:
         "../scripts/prepare_preference_data.py"

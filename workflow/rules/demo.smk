@@ -7,6 +7,8 @@ rule build_demo_inputs:
         ],
     output:
         directory(f"{R}/demo"),
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/build_demo_inputs.log",
     resources:

@@ -6,13 +6,15 @@ rule prepare_base_model:
     output:
         model=directory(model_of("base")),
         report=f"{R}/models/base.verify.json",
-    params:
-        base=BASE,
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/prepare_base_model.log",
     resources:
         gpu=0,
         mem_mb=64000,
         runtime=120,
+    params:
+        base=BASE,
     script:
         "../scripts/prepare_base_model.py"

@@ -7,15 +7,17 @@ rule fetch_mt_bench:
         questions=f"{R}/data/mt_bench/question.jsonl",
         judge_prompts=f"{R}/data/mt_bench/judge_prompts.jsonl",
         reference=f"{R}/data/mt_bench/reference_answer.jsonl",
-    params:
-        commit=MTB["fastchat_commit"],
-        local_dir=MTB["local_dir"],
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/fetch_mt_bench.log",
     resources:
         gpu=0,
         mem_mb=1000,
         runtime=10,
+    params:
+        commit=MTB["fastchat_commit"],
+        local_dir=MTB["local_dir"],
     script:
         "../scripts/fetch_mt_bench.py"
 
@@ -27,10 +29,8 @@ rule generate_mt_bench:
         questions=rules.fetch_mt_bench.output.questions,
     output:
         f"{R}/eval/{{stage}}/mt_bench_answers.jsonl",
-    params:
-        model_id=lambda w: f"{config['run_name']}-{w.stage}",
-        max_new_tokens=MTB["max_new_tokens"],
-        batch_size=EVAL["generation_batch_size"],
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/generate_mt_bench/{{stage}}.log",
     benchmark:
@@ -39,6 +39,10 @@ rule generate_mt_bench:
         gpu=1,
         mem_mb=32000,
         runtime=60,
+    params:
+        model_id=lambda w: f"{config['run_name']}-{w.stage}",
+        max_new_tokens=MTB["max_new_tokens"],
+        batch_size=EVAL["generation_batch_size"],
     script:
         "../scripts/generate_mt_bench.py"
 
@@ -53,15 +57,17 @@ rule judge_mt_bench:
         reference=rules.fetch_mt_bench.output.reference,
     output:
         f"{R}/eval/{{stagedir}}mtbench.json",
-    params:
-        judge=JUDGE,
-        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judge_cache.jsonl",
-        judgments=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judgments.jsonl",
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/judge_mt_bench/{{stagedir}}judge.log",
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=120,
+    params:
+        judge=JUDGE,
+        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judge_cache.jsonl",
+        judgments=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judgments.jsonl",
     script:
         "../scripts/judge_mt_bench.py"

@@ -13,9 +13,8 @@ rule train_sft:
     output:
         model=directory(model_of("sft")),
         metrics=f"{R}/metrics/sft.json",
-    params:
-        recipe=SFT,
-        checkpoints=layout.checkpoint_dir(R, "sft", {"recipe": SFT, "base": BASE}),
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/train_sft.log",
     benchmark:
@@ -25,6 +24,9 @@ rule train_sft:
         gpu=1,
         mem_mb=32000,
         runtime=60,
+    params:
+        recipe=SFT,
+        checkpoints=layout.checkpoint_dir(R, "sft", {"recipe": SFT, "base": BASE}),
     script:
         "../scripts/train_sft.py"
 
@@ -38,9 +40,8 @@ rule train_dpo:
     output:
         model=directory(model_of("dpo")),
         metrics=f"{R}/metrics/dpo.json",
-    params:
-        recipe=DPO,
-        checkpoints=layout.checkpoint_dir(R, "dpo", {"recipe": DPO, "sft": SFT, "base": BASE}),
+    conda:
+        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/train_dpo.log",
     benchmark:
@@ -50,5 +51,10 @@ rule train_dpo:
         gpu=1,
         mem_mb=32000,
         runtime=60,
+    params:
+        recipe=DPO,
+        checkpoints=layout.checkpoint_dir(
+            R, "dpo", {"recipe": DPO, "sft": SFT, "base": BASE}
+        ),
     script:
         "../scripts/train_dpo.py"

@@ -1,9 +1,12 @@
 from pathlib import Path
 
 from mamba_align.generate import generate_alpaca_eval
+from mamba_align.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])
 p = snakemake.params
 generate_alpaca_eval(snakemake.input.model, Path(snakemake.input.data) / "alpaca_eval.json", snakemake.output[0],
                      p.generator, p.temperature, p.top_p, p.max_new_tokens, p.batch_size)
+
+record_snakemake_job(snakemake)

@@ -1,7 +1,10 @@
 from mamba_align.generate import generate_mt_bench
+from mamba_align.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])
 p = snakemake.params
 generate_mt_bench(snakemake.input.model, snakemake.input.questions, snakemake.output[0], p.model_id,
                   max_new_tokens=p.max_new_tokens, batch_size=p.batch_size)
+
+record_snakemake_job(snakemake)

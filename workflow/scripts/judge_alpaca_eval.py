@@ -1,6 +1,9 @@
 from mamba_align.alpacaeval import judge_alpaca_eval
+from mamba_align.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])
 p = snakemake.params
 judge_alpaca_eval(snakemake.input.outputs, snakemake.input.data, p.annotators, p.judge, snakemake.output[0], p.cache)
+
+record_snakemake_job(snakemake)

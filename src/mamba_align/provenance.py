@@ -1,0 +1,120 @@
+"""Provenance: what produced an output (code, config, data, packages, hardware, scheduler job)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .utils import read_json, sha256_file, write_json
+
+PACKAGES = ("mamba-align", "torch", "transformers", "trl", "accelerate", "datasets", "mamba-ssm", "causal-conv1d",
+            "alpaca-eval", "openai", "snakemake", "snakemake-executor-plugin-slurm",
+            "snakemake-executor-plugin-htcondor")
+HASH_LIMIT = 2 << 30  # hash files up to 2 GiB; larger ones (model weights) are listed with size and mtime
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(path: str | Path) -> str | None:
+    try:
+        rev = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def hardware() -> dict:
+    info = {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # torch missing or broken CUDA: record what we can
+        pass
+    info.setdefault("gpus", [])
+    return info
+
+
+def scheduler_job() -> dict:
+    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_PARTITION", "SLURM_JOB_NODELIST",
+            "_CONDOR_JOB_AD", "CONDOR_ID", "_CONDOR_SLOT_NAME")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def describe_file(path) -> dict | list:
+    if isinstance(path, (list, tuple)):
+        return [describe_file(p) for p in path]
+    p = Path(path)
+    if p.is_dir():
+        return {"path": str(p), "files": {str(f.relative_to(p)): describe_file(f) for f in sorted(p.rglob("*"))
+                                          if f.is_file() and not f.name.startswith(".")}}
+    if not p.exists():
+        return {"path": str(p), "missing": True}
+    st = p.stat()
+    d = {"size": st.st_size}
+    if st.st_size <= HASH_LIMIT:
+        d["sha256"] = sha256_file(p)
+    else:
+        d["mtime"] = st.st_mtime
+    return d
+
+
+def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, out_path: str | Path,
+           workflow_dir: str | Path = ".") -> Path:
+    """Write the provenance record of one step and add a `provenance` key to its JSON outputs."""
+    rec = {
+        "step": step,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": git_commit(workflow_dir),
+        "inputs": {k: describe_file(v) for k, v in inputs.items()},
+        "outputs": {k: str(v) for k, v in outputs.items()},
+        "params": params,
+        "config": config,
+        "packages": package_versions(),
+        "hardware": hardware(),
+        "scheduler": scheduler_job(),
+    }
+    write_json(out_path, rec)
+    for path in outputs.values():
+        if isinstance(path, str) and path.endswith(".json") and Path(path).is_file():
+            data = read_json(path)
+            if isinstance(data, dict):
+                data["provenance"] = str(out_path)
+                write_json(path, data)
+    return Path(out_path)
+
+
+def record_snakemake_job(smk) -> Path:
+    """`record` for a Snakemake `script:` job: results/provenance/<rule>[-<wildcards>].json."""
+    workflow_dir = Path(getattr(smk, "scriptdir", "workflow/scripts")).parents[1]
+    wc = "-".join(str(v).strip("/") for v in dict(smk.wildcards).values() if str(v).strip("/"))
+    name = smk.rule + (f"-{wc}" if wc else "")
+    results = smk.config.get("results_dir", "results")
+    return record(smk.rule, _named(smk.input), _named(smk.output), dict(smk.params), dict(smk.config),
+                  f"{results}/provenance/{name}.json", workflow_dir)
+
+
+def _named(files) -> dict:
+    """Named inputs/outputs by name, the unnamed ones by position."""
+    named = {k: (list(v) if isinstance(v, list) else str(v)) for k, v in files.items()}
+    covered = {str(f) for v in named.values() for f in (v if isinstance(v, list) else [v])}
+    named.update({str(i): str(f) for i, f in enumerate(files) if str(f) not in covered})
+    return named

@@ -1,0 +1,184 @@
+"""The report: stages side by side with published reference rows, plots, and provenance links."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+
+from .utils import atomic_path, read_json, setup_logging, write_json
+
+log = logging.getLogger(__name__)
+
+# Published numbers, each with its source. AlpacaEval rows are read from the leaderboard CSVs that the
+# alpaca-eval package ships (see leaderboard_rows), so they match the installed package exactly.
+PAPER_ROWS = [
+    {"model": "zephyr-7b-beta (paper)", "mt_bench_overall": 7.34, "alpaca_eval_1_win_rate": 90.60,
+     "source": "Tunstall et al. 2023, Zephyr: Direct Distillation of LM Alignment, Table 1"},
+]
+LEADERBOARD_MODELS = ("zephyr-7b-beta", "Mistral-7B-Instruct-v0.2")
+LEADERBOARDS = {
+    "alpaca_eval_1": "leaderboards/data_AlpacaEval/alpaca_eval_gpt4_leaderboard.csv",
+    "alpaca_eval_2": "leaderboards/data_AlpacaEval_2/weighted_alpaca_eval_gpt4_turbo_leaderboard.csv",
+}
+COLUMNS = ["model", "stage", "mt_bench_turn_1", "mt_bench_turn_2", "mt_bench_overall", "mt_bench_unrated",
+           "alpaca_eval_1_win_rate", "alpaca_eval_1_standard_error", "alpaca_eval_2_win_rate",
+           "alpaca_eval_2_lc_win_rate", "judge", "source"]
+
+
+def leaderboard_rows(models=LEADERBOARD_MODELS) -> list[dict]:
+    """Reference rows from the alpaca-eval package's own leaderboard CSVs."""
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec("alpaca_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(list(spec.submodule_search_locations)[0])
+    version = importlib.metadata.version("alpaca-eval")
+    rows: dict[str, dict] = {}
+    for key, rel in LEADERBOARDS.items():
+        path = root / rel
+        if not path.exists():
+            continue
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                name = r.get("") or r.get("name")
+                if name not in models:
+                    continue
+                row = rows.setdefault(name, {"model": f"{name} (leaderboard)",
+                                             "source": f"alpaca-eval {version} leaderboard CSVs"})
+                row[f"{key}_win_rate"] = round(float(r["win_rate"]), 2)
+                if key == "alpaca_eval_1":
+                    row["alpaca_eval_1_standard_error"] = round(float(r["standard_error"]), 2)
+                elif r.get("length_controlled_winrate"):
+                    row["alpaca_eval_2_lc_win_rate"] = round(float(r["length_controlled_winrate"]), 2)
+    return list(rows.values())
+
+
+def stage_row(run_name: str, stage: str, mtbench: dict | None, alpacaeval: dict | None) -> dict:
+    row = {"model": f"{run_name}-{stage}", "stage": stage, "source": "this run"}
+    prov = []
+    if mtbench:
+        s = mtbench["scores"]
+        row.update(mt_bench_turn_1=s.get("turn_1"), mt_bench_turn_2=s.get("turn_2"),
+                   mt_bench_overall=s.get("overall"), mt_bench_unrated=mtbench.get("n_unrated"))
+        row["judge"] = (mtbench.get("judge") or {}).get("model_reported") or (mtbench.get("judge") or {}).get("model")
+        prov.append(mtbench.get("provenance"))
+    if alpacaeval:
+        for version, res in _alpaca_results(alpacaeval).items():
+            row[f"alpaca_eval_{version}_win_rate"] = _round(res.get("win_rate"))
+            if version == "1":
+                row["alpaca_eval_1_standard_error"] = _round(res.get("standard_error"))
+            else:
+                row["alpaca_eval_2_lc_win_rate"] = _round(res.get("length_controlled_winrate"))
+        prov.append(alpacaeval.get("provenance"))
+    row["provenance"] = [p for p in prov if p]
+    return row
+
+
+def _round(x):
+    return None if x is None else round(float(x), 2)
+
+
+def _alpaca_results(data: dict) -> dict[str, dict]:
+    """{"1": {...}, "2": {...}} from the AlpacaEval summary (keyed by annotator config name)."""
+    out = {}
+    for name, res in (data.get("results") or {}).items():
+        if not isinstance(res, dict):
+            continue
+        out["1" if name == "alpaca_eval_gpt4" or res.get("version") == "1.0" else "2"] = res
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return "–"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def write_tables(rows: list[dict], out_dir: Path, demo: bool) -> None:
+    with atomic_path(out_dir / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    head = ["model", "MT-Bench T1", "T2", "overall", "unrated", "AE 1.0 win %", "± SE", "AE 2.0 win %",
+            "AE 2.0 LC %", "judge", "source"]
+    keys = ["model", "mt_bench_turn_1", "mt_bench_turn_2", "mt_bench_overall", "mt_bench_unrated",
+            "alpaca_eval_1_win_rate", "alpaca_eval_1_standard_error", "alpaca_eval_2_win_rate",
+            "alpaca_eval_2_lc_win_rate", "judge", "source"]
+    lines = ["# Scores", ""]
+    if demo:
+        lines += ["**Demo run: a tiny random model judged by a 135M model. These numbers mean nothing; "
+                  "they show that every stage ran.**", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    lines += ["", "Rows from this run link their provenance records (git commit, config, data hashes, "
+              "package versions, hardware, scheduler job):", ""]
+    lines += [f"- {r['model']}: " + ", ".join(f"`{p}`" for p in r.get("provenance", [])) for r in rows
+              if r.get("provenance")]
+    with atomic_path(out_dir / "scores.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def plot_training_curves(metrics: dict[str, str], out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("sft", ["loss", "eval_loss"]), ("dpo", ["loss", "eval_loss"]),
+              ("dpo", ["rewards/accuracies", "eval_rewards/accuracies"]),
+              ("dpo", ["rewards/margins", "rewards/chosen", "rewards/rejected"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (stage, keys) in zip(axes, panels):
+        history = read_json(metrics[stage]).get("log_history", []) if stage in metrics else []
+        for key in keys:
+            pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=key)
+        ax.set_title(f"{stage.upper()}: {keys[0].split('/')[-1]}")
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[str, str], out_dir,
+                 demo: bool = False) -> list[dict]:
+    """evals: {stage: {"mtbench": path, "alpacaeval": path}}; metrics: {"sft": path, "dpo": path}."""
+    from .mtbench import plot_radar
+
+    out_dir = Path(out_dir)
+    rows = [stage_row(run_name, stage, *(read_json(p[b]) if p.get(b) else None for b in ("mtbench", "alpacaeval")))
+            for stage, p in evals.items()]
+    rows += PAPER_ROWS + leaderboard_rows()
+    write_tables(rows, out_dir, demo)
+    radar = [(stage, p["mtbench"]) for stage, p in evals.items() if p.get("mtbench")]
+    plot_radar(radar, out_dir / "mt_bench_radar.png")
+    plot_training_curves(metrics, out_dir / "training_curves.png")
+    write_json(out_dir / "scores.json", rows)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--run-name", required=True)
+    p.add_argument("--eval", nargs=3, action="append", metavar=("STAGE", "MTBENCH_JSON", "ALPACAEVAL_JSON"),
+                   default=[])
+    p.add_argument("--metrics", nargs=2, action="append", metavar=("STAGE", "METRICS_JSON"), default=[])
+    p.add_argument("--out", required=True)
+    p.add_argument("--demo", action="store_true")
+    p.add_argument("--log", default=None)
+    a = p.parse_args(argv)
+    setup_logging(a.log)
+    build_report(a.run_name, {s: {"mtbench": m, "alpacaeval": e} for s, m, e in a.eval}, dict(a.metrics),
+                 a.out, a.demo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+rule report:
+    """Scores of every evaluated stage beside published rows, MT-Bench radar and training curves."""
+    input:
+        evals=[
+            layout.eval_summary(R, s, b)
+            for s in EVAL["stages"]
+            for b in layout.BENCHMARKS
+        ],
+        metrics=[f"{R}/metrics/sft.json", f"{R}/metrics/dpo.json"],
+    output:
+        table=report(
+            f"{R}/report/scores.md", caption="../report/scores.rst", category="Scores"
+        ),
+        csv=f"{R}/report/scores.csv",
+        radar=report(
+            f"{R}/report/mt_bench_radar.png",
+            caption="../report/radar.rst",
+            category="Scores",
+        ),
+        curves=report(
+            f"{R}/report/training_curves.png",
+            caption="../report/curves.rst",
+            category="Training",
+        ),
+    conda:
+        "../envs/mamba-align.yaml"
+    log:
+        f"{R}/logs/report.log",
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=10,
+    params:
+        run_name=config["run_name"],
+        stages=EVAL["stages"],
+        demo=config["demo"],
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,14 @@
+from pathlib import Path
+
+from mamba_align import layout
+from mamba_align.provenance import record_snakemake_job
+from mamba_align.report import build_report
+from mamba_align.utils import setup_logging
+
+setup_logging(snakemake.log[0])
+p = snakemake.params
+results = snakemake.config["results_dir"]
+evals = {s: {b: layout.eval_summary(results, s, b) for b in layout.BENCHMARKS} for s in p.stages}
+metrics = {Path(m).stem: m for m in snakemake.input.metrics}
+build_report(p.run_name, evals, metrics, Path(snakemake.output.table).parent, demo=p.demo)
+record_snakemake_job(snakemake)
