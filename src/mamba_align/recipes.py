@@ -154,3 +154,18 @@ def gradient_accumulation_steps(recipe: TrainCommon, num_processes: int) -> int:
 
 def as_dict(recipe) -> dict:
     return dataclasses.asdict(recipe)
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """Command-line overrides `key=value` / `dataset.revision=abc` as a nested dict (values read as YAML)."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value")
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,226 @@
+"""Training throughput of mamba_align.train (train_sft / train_dpo) on synthetic data, random weights.
+
+Default: the Mamba-2.8B shape (d_model 2560, 64 layers, vocab 50280) on one GPU, with transformers'
+MambaForCausalLM (mamba_ssm / causal_conv1d kernels when installed), fp32 weights + bf16 autocast,
+gradient checkpointing; SFT rows packed to 2048 tokens, DPO pairs at max_length 1024. Reports tokens/s,
+seconds per optimizer step (mean over steps after the first) and peak GPU memory as JSON.
+
+    python bench/train_throughput.py --out bench.json                         # GPU, 2.8B shape
+    python bench/train_throughput.py --out bench.json --precompute-ref        # + DPO with precomputed ref
+    python bench/train_throughput.py --tiny --device cpu --out /tmp/tiny.json # smoke run on CPU
+
+The synthetic-model helpers (write_tokenizer, write_model, write_sft_rows, write_dpo_rows) are also the
+tests' tiny fixtures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SPECIALS = ["<|endoftext|>", "<|padding|>", "[UNK]", "<|system|>", "<|user|>", "<|assistant|>"]
+EOS = SPECIALS[0]
+SHAPES = {
+    # state-spaces/mamba-2.8b-slimpj: d_model 2560, n_layer 64, vocab 50277 padded to 50280
+    "2.8b": dict(hidden_size=2560, num_hidden_layers=64, state_size=16, vocab_size=50280),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, state_size=16, vocab_size=512),
+}
+ZEPHYR_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def words(vocab_size: int) -> list[str]:
+    return [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
+
+
+def write_tokenizer(out_dir, vocab_size: int):
+    """A word-level tokenizer: <|endoftext|>=0 (eos), <|padding|>=1 (pad), one id per word `w<i>`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + words(vocab_size))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, pad_token="<|padding|>", unk_token="[UNK]",
+                                  additional_special_tokens=SPECIALS[3:])
+    tok.chat_template = ZEPHYR_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def write_model(out_dir, hidden_size: int, num_hidden_layers: int, state_size: int, vocab_size: int,
+                seed: int = 0, dtype: str = "float32") -> int:
+    """Random-init MambaForCausalLM + tokenizer in `out_dir`; returns the parameter count."""
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(seed)
+    config = MambaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                         state_size=state_size, eos_token_id=0, bos_token_id=0, pad_token_id=1,
+                         tie_word_embeddings=True)
+    with torch.device("cuda" if dtype != "float32" and torch.cuda.is_available() else "cpu"):
+        model = MambaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(out_dir)
+    write_tokenizer(out_dir, vocab_size)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _turn(role: str, text: str) -> str:
+    return f"<|{role}|>\n{text}{EOS}\n"
+
+
+def _sentence(rng: random.Random, vocab: list[str], lo: int, hi: int) -> list[str]:
+    return [rng.choice(vocab) for _ in range(rng.randint(lo, hi))]
+
+
+def write_sft_rows(path, n: int, vocab: list[str], seed: int = 0, lo: int = 4, hi: int = 24) -> None:
+    """Rows with `messages` and `text`; the answer repeats the question reversed (learnable)."""
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        q = _sentence(rng, vocab, lo, hi)
+        a = " ".join(reversed(q))
+        q = " ".join(q)
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                     "text": _turn("user", q) + _turn("assistant", a)})
+    pd.DataFrame(rows).to_parquet(path)
+
+
+def write_dpo_rows(path, n: int, vocab: list[str], seed: int = 0, lo: int = 4, hi: int = 24,
+                   answer: tuple[int, int] | None = None) -> None:
+    """Rows with `prompt` (ending in the generation prompt), `chosen` (question reversed) and `rejected`
+    (words from the other half of the vocabulary), each response closed by eos."""
+    import pandas as pd
+
+    rng = random.Random(seed)
+    half = len(vocab) // 2
+    alo, ahi = answer or (lo, hi)
+    rows = []
+    for _ in range(n):
+        q = _sentence(rng, vocab[:half], lo, hi)
+        chosen = list(reversed(q)) + _sentence(rng, vocab[:half], max(0, alo - len(q)), max(0, ahi - len(q)))
+        rows.append({"prompt": _turn("user", " ".join(q)) + "<|assistant|>\n",
+                     "chosen": " ".join(chosen) + EOS,
+                     "rejected": " ".join(_sentence(rng, vocab[half:], len(chosen), len(chosen))) + EOS})
+    pd.DataFrame(rows).to_parquet(path)
+
+
+def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompute: bool = False) -> dict:
+    import torch
+
+    from mamba_align.train import train_dpo, train_sft
+
+    tag = f"{stage}{'-precompute' if precompute else ''}"
+    out, ckpt, metrics = work / f"out-{tag}", work / f"ckpt-{tag}", work / f"{tag}.json"
+    t0 = time.time()
+    if stage == "sft":
+        m = train_sft(model_dir, data, None, recipe, out, ckpt, metrics)
+    else:
+        m = train_dpo(model_dir, model_dir, data, None, recipe, out, ckpt, metrics)
+    shutil.rmtree(out, ignore_errors=True)  # 11 GB at the 2.8B shape
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    keep = ("tokens_per_second", "seconds_per_step", "peak_gpu_memory_gib", "steps_this_run", "tokens_this_run")
+    return {**{k: m[k] for k in keep}, "wall_time_s": round(time.time() - t0, 1), "final": m["final"],
+            "per_device_train_batch_size": recipe.per_device_train_batch_size, "step_times_s": m["step_times_s"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON results")
+    p.add_argument("--tiny", action="store_true", help="tiny shape and sequence lengths (smoke test)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per stage (the first is not timed)")
+    p.add_argument("--sft-batch", type=int, default=4, help="per-device SFT rows (of max_seq_length tokens)")
+    p.add_argument("--dpo-batch", type=int, default=4, help="per-device DPO pairs")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--precompute-ref", action="store_true", help="also time DPO with precompute_ref_log_probs")
+    p.add_argument("--stages", default="sft,dpo", help="comma-separated subset of sft,dpo")
+    p.add_argument("--workdir", help="where the synthetic model and runs go (default: a temporary folder)")
+    return p
+
+
+def main(argv=None) -> dict:
+    a = build_parser().parse_args(argv)
+    if a.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import torch
+
+    from mamba_align.recipes import DatasetSpec, DPORecipe, SFTRecipe
+    from mamba_align.utils import setup_logging, write_json
+
+    setup_logging()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --device cpu (with --tiny)")
+    shape = SHAPES["tiny" if a.tiny else "2.8b"]
+    seq, dpo_len, dpo_prompt = (128, 128, 64) if a.tiny else (2048, 1024, 512)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="mamba-bench-"))
+    model_dir = work / "model"
+    t0 = time.time()
+    params = write_model(model_dir, **shape, dtype="bfloat16" if a.device == "cuda" else "float32")
+    print(f"random model: {params / 1e6:.1f}M parameters in {time.time() - t0:.0f}s", file=sys.stderr)
+    vocab = words(shape["vocab_size"])
+    common = dict(dataset=DatasetSpec(source="synthetic"), max_steps=a.steps, learning_rate=1e-5,
+                  warmup_ratio=0.0, logging_steps=1, save_steps=10**9, bf16=True,
+                  gradient_checkpointing=not a.no_gradient_checkpointing)
+    result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+              "shape": shape, "parameters": params, "steps": a.steps,
+              "gradient_checkpointing": not a.no_gradient_checkpointing,
+              "mamba_ssm_kernels": _importable("mamba_ssm") and _importable("causal_conv1d"),
+              "versions": {m: _version(m) for m in ("torch", "transformers", "trl", "mamba_ssm", "causal_conv1d")}}
+    stages = a.stages.split(",")
+    if "sft" in stages:
+        # enough documents of ~seq/4 tokens to fill steps x batch packed rows
+        docs = 4 * a.steps * a.sft_batch + 8
+        write_sft_rows(work / "sft.parquet", docs, vocab, lo=seq // 16, hi=seq // 6)
+        recipe = SFTRecipe(**common, max_seq_length=seq, packing=True, per_device_train_batch_size=a.sft_batch,
+                           global_batch_size=a.sft_batch)
+        result["sft"] = {"max_seq_length": seq, **_bench("sft", work, model_dir, work / "sft.parquet", recipe)}
+    if "dpo" in stages:
+        pairs = a.steps * a.dpo_batch
+        # prompts up to max_prompt_length, answers long enough that most pairs are truncated to max_length
+        write_dpo_rows(work / "dpo.parquet", pairs, vocab, lo=dpo_prompt // 2, hi=dpo_prompt,
+                       answer=(dpo_len // 2, dpo_len))
+        for precompute in [False, True] if a.precompute_ref else [False]:
+            recipe = DPORecipe(**common, max_length=dpo_len, max_prompt_length=dpo_prompt, beta=0.1,
+                               per_device_train_batch_size=a.dpo_batch, global_batch_size=a.dpo_batch,
+                               precompute_ref_log_probs=precompute)
+            key = "dpo_precompute_ref" if precompute else "dpo"
+            result[key] = {"max_length": dpo_len, **_bench("dpo", work, model_dir, work / "dpo.parquet", recipe,
+                                                           precompute)}
+    write_json(a.out, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "versions"}, indent=1, default=str))
+    return result
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name.replace("_", "-"))
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

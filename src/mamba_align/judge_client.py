@@ -1,0 +1,227 @@
+"""The one judge interface: OpenAI chat completions, against the real API or our local judge server.
+
+`JudgeClient.complete_many` sends every request that is not already in the JSONL cache, with
+bounded concurrency and its own retries (jittered exponential backoff, Retry-After honoured), and
+appends each finished judgment to the cache at once (fsync). A rerun after a crash therefore sends
+only what is missing. Failed calls are never cached. The API key is read from the environment and
+never written anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from mamba_align.utils import UserError, append_jsonl, read_jsonl
+
+log = logging.getLogger(__name__)
+
+# Request keys a caller may set per request; everything else comes from the judge config.
+REQUEST_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs")
+MAX_RETRY_AFTER_S = 300.0
+
+
+class JudgeError(Exception):
+    """One request failed for good (retries exhausted or a non-retryable answer)."""
+
+
+def request_key(model: str, messages: list[dict], params: dict, repeat: int) -> str:
+    """Cache key: sha256 of the judge model, messages, sampling parameters and repeat index."""
+    blob = json.dumps({"model": model, "messages": messages, "params": params, "repeat": repeat},
+                      sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class JudgeClient:
+    """Usage::
+
+        with JudgeClient(judge_cfg, "results/.../judge_cache.jsonl") as judge:
+            results = judge.complete_many([{"messages": [...]}, ...])
+        # results[i] is a list of `repeats` rows: {"content", "model_reported", "usage", ...}
+
+    With backend "local" and no `base_url`, the local judge server is started on the first
+    request that is not cached, and stopped when the `with` block ends.
+    """
+
+    def __init__(self, judge_cfg: dict, cache_path: str | os.PathLike, base_url: str | None = None,
+                 *, backoff_s: float = 1.0, max_backoff_s: float = 60.0):
+        self.cfg = judge_cfg
+        self.model = judge_cfg["model"]
+        self.backend = judge_cfg["backend"]
+        if self.backend not in ("openai", "local"):
+            raise UserError(f"judge.backend is {self.backend!r}; expected 'openai' or 'local'")
+        self.base_url = base_url or judge_cfg.get("base_url")
+        if self.backend == "openai":
+            env = judge_cfg.get("api_key_env") or "OPENAI_API_KEY"
+            self._api_key = os.environ.get(env, "")
+            if not self._api_key:
+                raise UserError(f"judge.backend is 'openai' but the environment variable {env} "
+                                f"(judge.api_key_env) is not set; export it or use backend 'local'")
+        else:
+            self._api_key = "local-judge"  # our local server ignores it
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.cache_path = Path(cache_path)
+        self._cache: dict[str, dict] = {row["key"]: row for row in read_jsonl(self.cache_path)}
+        self._stack = contextlib.ExitStack()
+        self.n_attempts = 0  # HTTP calls made by this object, retries included
+        self._count_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> "JudgeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def _endpoint(self) -> str | None:
+        if self.base_url is None and self.backend == "local":
+            from mamba_align.judge_server import serve_local_judge
+
+            self.base_url = self._stack.enter_context(serve_local_judge(self.cfg["local"], self.model))
+        return self.base_url
+
+    # -- requests ----------------------------------------------------------------------------
+    def params(self, request: dict) -> dict:
+        """Sampling parameters sent with `request`: the config's, overridden per request."""
+        params = {"temperature": self.cfg["temperature"], "max_tokens": self.cfg["max_tokens"]}
+        params.update({k: request[k] for k in REQUEST_PARAMS if k in request})
+        return params
+
+    def keys(self, request: dict) -> list[str]:
+        params = self.params(request)
+        return [request_key(self.model, request["messages"], params, r)
+                for r in range(self.cfg.get("repeats", 1))]
+
+    def pending(self, requests: list[dict]) -> int:
+        """How many calls `complete_many(requests)` would send (cache misses, de-duplicated)."""
+        return len({k for req in requests for k in self.keys(req) if k not in self._cache})
+
+    def complete_many(self, requests: list[dict]) -> list[list[dict]]:
+        """Judge each request `repeats` times; return, per request, its list of cached result rows.
+
+        A request is {"messages": [...]} plus optional overrides of REQUEST_PARAMS. Raises
+        UserError after all other requests finished if some failed for good; those that
+        succeeded stay in the cache for the rerun.
+        """
+        all_keys = [self.keys(req) for req in requests]
+        todo: dict[str, dict] = {}
+        for req, keys in zip(requests, all_keys):
+            for repeat, key in enumerate(keys):
+                if key not in self._cache:
+                    todo[key] = dict(req, repeat=repeat)
+        n_cached = sum(len(k) for k in all_keys) - len(todo)
+        log.info("judge %s: %d calls to make, %d answered from cache %s",
+                 self.model, len(todo), n_cached, self.cache_path)
+        if todo:
+            self._run(todo)
+        return [[self._cache[k] for k in keys] for keys in all_keys]
+
+    def _run(self, todo: dict[str, dict]) -> None:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=self._endpoint(), api_key=self._api_key, max_retries=0,
+                        timeout=float(self.cfg["timeout_s"]))
+        failures: list[str] = []
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        pool = ThreadPoolExecutor(max_workers=int(self.cfg["concurrency"]))
+        t0, done = time.monotonic(), 0
+        try:
+            with open(self.cache_path, "a", encoding="utf-8") as fh:
+                futures = {pool.submit(self._complete_one, client, key, req): key
+                           for key, req in todo.items()}
+                for fut in as_completed(futures):
+                    try:
+                        row = fut.result()
+                    except JudgeError as e:
+                        failures.append(str(e))
+                        continue
+                    append_jsonl(self.cache_path, row, fh=fh)
+                    self._cache[row["key"]] = row
+                    done += 1
+                    if done % 20 == 0 or done == len(todo):
+                        log.info("judge: %d/%d done (%.1f s)", done, len(todo), time.monotonic() - t0)
+        finally:
+            # on Ctrl-C or a crash, do not start the queued requests
+            pool.shutdown(wait=True, cancel_futures=True)
+        if failures:
+            raise UserError(f"{len(failures)} of {len(todo)} judge calls failed; the {done} that "
+                            f"succeeded are cached in {self.cache_path} and a rerun sends only the "
+                            f"rest. First failure: {failures[0]}")
+
+    def _complete_one(self, client, key: str, req: dict) -> dict:
+        import openai
+
+        params = self.params(req)
+        max_retries = int(self.cfg["max_retries"])
+        for attempt in range(max_retries + 1):
+            retry_after = None
+            with self._count_lock:
+                self.n_attempts += 1
+            try:
+                resp = client.chat.completions.create(model=self.model, messages=req["messages"],
+                                                      n=1, **params)
+                choice = resp.choices[0]
+                if choice.message.content is None:
+                    raise ValueError("the answer has no message content")
+                return {
+                    "key": key,
+                    "repeat": req["repeat"],
+                    "model_requested": self.model,
+                    "model_reported": resp.model,
+                    "content": choice.message.content,
+                    "finish_reason": choice.finish_reason,
+                    "logprobs": choice.logprobs.model_dump(mode="json") if choice.logprobs else None,
+                    "usage": resp.usage.model_dump(mode="json", exclude_none=True) if resp.usage else None,
+                    "tstamp": time.time(),
+                }
+            except openai.APIStatusError as e:
+                if not (e.status_code in (408, 409, 429) or e.status_code >= 500):
+                    raise JudgeError(self._redact(f"HTTP {e.status_code}: {e.message}")) from None
+                error = f"HTTP {e.status_code}: {e.message}"
+                retry_after = _retry_after_s(e.response.headers)
+            except openai.APIConnectionError as e:  # includes APITimeoutError
+                error = f"{type(e).__name__}: {e}"
+            except (ValueError, IndexError, AttributeError, TypeError) as e:  # unparseable answer
+                error = f"unparseable answer: {type(e).__name__}: {e}"
+            if attempt == max_retries:
+                break
+            backoff = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+            wait = retry_after if retry_after is not None else backoff
+            log.warning("judge call failed (%s); retry %d/%d in %.2f s",
+                        self._redact(error), attempt + 1, max_retries, wait)
+            time.sleep(wait)
+        raise JudgeError(self._redact(f"{error} (after {max_retries} retries)"))
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if len(self._api_key) >= 8 else text
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    try:
+        if headers.get("retry-after-ms"):
+            return min(float(headers["retry-after-ms"]) / 1000, MAX_RETRY_AFTER_S)
+        value = headers.get("retry-after")
+        if not value:
+            return None
+        try:
+            return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value).timestamp()
+            return min(max(when - time.time(), 0.0), MAX_RETRY_AFTER_S)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,253 @@
+"""Plan before you spend: GPU-hours, wall time and memory per job, judge requests and cost.
+
+Estimates come from token counts (the prepared data's stats.json, else the dataset's published size),
+the recipe, the GPU type and count of each job (from the active profile's resources), and measured
+throughput (docs/benchmarks.md). The same numbers size each job's `runtime` resource.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .utils import UserError, read_json, write_json
+
+# Training tokens/s per GPU at the 2.8B shape, fp32 params + bf16 autocast, measured on one H100 with
+# mamba_ssm kernels (docs/benchmarks.md: transformers MambaForCausalLM, batch 8 with gradient checkpointing).
+H100_TRAIN_TOKENS_PER_S_2P8B = 9342.0
+# Batched CUDA-graph decoding at the 2.8B shape, batch 64 (docs/benchmarks.md).
+H100_GENERATE_TOKENS_PER_S_2P8B = 11241.0
+REF_PARAMS = 2.77e9
+# Relative speed and memory per GPU type. A100 figures are derived from H100 ones by the ratio of dense
+# bf16 peak (312 / 989 TFLOP/s is 0.32; memory-bound kernels fare better, so 0.45 is used) until measured.
+GPUS = {
+    "H100-80GB": {"speed": 1.0, "mem_gib": 80},
+    "H200": {"speed": 1.1, "mem_gib": 141},
+    "A100-80GB": {"speed": 0.45, "mem_gib": 80},
+    "A100-40GB": {"speed": 0.45, "mem_gib": 40},
+    "cpu": {"speed": 0.0005, "mem_gib": 16},
+}
+# Published sizes for datasets not yet prepared: rows and mean tokens per row (GPT-NeoX tokenizer, estimated
+# from the datasets' character counts at ~4 characters per token).
+PUBLISHED = {
+    ("HuggingFaceH4/ultrachat_200k", "train_sft"): (207_865, 1_400),
+    ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"): (61_135, 520),
+    ("HuggingFaceH4/deita-10k-v0-sft", "train_sft"): (9_500, 2_000),
+    ("argilla/dpo-mix-7k", "train"): (6_750, 700),
+}
+KNOWN_PARAMS = {"state-spaces/mamba-2.8b-slimpj": 2.77e9, "state-spaces/mamba-2.8b-hf": 2.77e9,
+                "state-spaces/mamba-1.4b-hf": 1.37e9, "state-spaces/mamba-130m-hf": 1.29e8}
+# Memory per trainable parameter with fp32 weights, fp32 grads and AdamW states; activations per token per
+# (d_model x layer) from the H100 measurement (52.6 GiB at batch 2 x 2048 for the 2.8B shape).
+BYTES_PER_PARAM = 16
+ACT_BYTES_PER_TOKEN_PER_PARAM = (52.6 * 2**30 - 16 * REF_PARAMS) / 4096 / REF_PARAMS
+# Judge: requests per benchmark and mean tokens per request (prompt, completion), from FastChat's and
+# alpaca_eval's prompts with answers of ~300 tokens.
+JUDGE_TOKENS = {"mt_bench": (1_300, 250), "alpaca_eval_gpt4": (1_500, 60),
+                "weighted_alpaca_eval_gpt4_turbo": (1_500, 1)}
+MT_BENCH_TURNS = 160
+ALPACA_EVAL_PROMPTS = 805
+
+
+@dataclass
+class JobPlan:
+    rule: str
+    gpus: int
+    gpu_type: str
+    hours: float
+    gpu_hours: float
+    peak_mem_gib: float | None = None
+    runtime_min: int = 0
+    resubmissions: int = 0
+    note: str = ""
+
+
+def sft_tokens(recipe: dict, stats: dict | None) -> tuple[float, str]:
+    ds = recipe["dataset"]
+    if stats and "train" in stats:
+        tokens, source = stats["train"]["tokens"], "prepared data (stats.json)"
+    else:
+        rows, per_row = _published(ds)
+        rows = min(rows, ds.get("max_train_samples") or rows)
+        tokens, source = rows * per_row, "published dataset size"
+    if recipe.get("packing"):  # wrapped packing: every row is max_seq_length tokens
+        tokens = math.ceil(tokens / recipe["max_seq_length"]) * recipe["max_seq_length"]
+    return tokens * recipe["num_train_epochs"], source
+
+
+def dpo_tokens(recipe: dict, stats: dict | None) -> tuple[float, str]:
+    """Token-equivalents of policy forward+backward: chosen and rejected sequences, plus the reference
+    model's forward (1/3 of a forward+backward) every step, or once when precomputed."""
+    ds = recipe["dataset"]
+    if stats and "train" in stats and "tokens" in stats["train"]:
+        pairs, per_seq, source = stats["train"]["rows_out"], stats["train"]["tokens"] / stats["train"]["rows_out"], "prepared data"
+    else:
+        pairs, per_seq = _published(ds)
+        pairs = min(pairs, ds.get("max_train_samples") or pairs)
+        source = "published dataset size"
+    per_seq = min(per_seq, recipe["max_length"])
+    policy = 2 * pairs * per_seq * recipe["num_train_epochs"]
+    ref = 2 * pairs * per_seq / 3 * (1 if recipe.get("precompute_ref_log_probs") else recipe["num_train_epochs"])
+    return policy + ref, source
+
+
+def _published(ds: dict) -> tuple[int, int]:
+    key = (ds["source"], ds["train_split"])
+    if key not in PUBLISHED:
+        raise UserError(f"no token count for dataset {key[0]} split {key[1]}: prepare the data first "
+                        f"(snakemake results/data/...) so the plan reads its stats.json")
+    return PUBLISHED[key]
+
+
+def train_throughput(params: float, gpu_type: str) -> float:
+    return H100_TRAIN_TOKENS_PER_S_2P8B * REF_PARAMS / params * _gpu(gpu_type)["speed"]
+
+
+def _gpu(gpu_type: str) -> dict:
+    if gpu_type not in GPUS:
+        raise UserError(f"unknown GPU type {gpu_type!r}; known: {', '.join(GPUS)}")
+    return GPUS[gpu_type]
+
+
+def train_memory_gib(params: float, tokens_per_device_batch: int, checkpointing: bool) -> float:
+    act = ACT_BYTES_PER_TOKEN_PER_PARAM * params * tokens_per_device_batch
+    if checkpointing:
+        act /= 4  # measured 51.1 GiB at batch 8 with checkpointing vs 52.6 at batch 2 without
+    return (BYTES_PER_PARAM * params + act) / 2**30
+
+
+def plan_job(rule: str, tokens: float, params: float, gpus: int, gpu_type: str, margin: float,
+             max_job_minutes: int, overhead_min: float = 10.0, efficiency: float = 0.9) -> JobPlan:
+    speed = train_throughput(params, gpu_type) * gpus * (efficiency if gpus > 1 else 1.0)
+    hours = tokens / speed / 3600
+    runtime = math.ceil(hours * 60 * (1 + margin) + overhead_min)
+    jp = JobPlan(rule, gpus, gpu_type, hours, hours * gpus)
+    if runtime > max_job_minutes:
+        jp.resubmissions = math.ceil(runtime / max_job_minutes) - 1
+        jp.note = (f"longer than the {max_job_minutes}-minute job limit: runs as {jp.resubmissions + 1} jobs, "
+                   f"each resuming from the last checkpoint (needs --retries >= {jp.resubmissions})")
+        runtime = max_job_minutes
+    jp.runtime_min = runtime
+    return jp
+
+
+def generation_hours(params: float, gpu_type: str, mt_bench_tokens: int, alpaca_tokens: int) -> dict:
+    speed = H100_GENERATE_TOKENS_PER_S_2P8B * REF_PARAMS / params * _gpu(gpu_type)["speed"]
+    return {"generate_mt_bench": MT_BENCH_TURNS * mt_bench_tokens / speed / 3600,
+            "generate_alpaca_eval": ALPACA_EVAL_PROMPTS * alpaca_tokens / speed / 3600}
+
+
+def judge_cost(cfg: dict, n_stages: int) -> dict:
+    judge, plan = cfg["judge"], cfg["plan"]
+    rows = {}
+    items = [("mt_bench", MT_BENCH_TURNS * judge["repeats"])]
+    items += [(a, ALPACA_EVAL_PROMPTS) for a in cfg["eval"]["alpaca_eval"]["annotators"]]
+    for name, n in items:
+        tin, tout = JUDGE_TOKENS.get(name, (1_500, 100))
+        n *= n_stages
+        cost = n * (tin * plan["judge_price_per_1m_input"] + tout * plan["judge_price_per_1m_output"]) / 1e6
+        rows[name] = {"requests": n, "input_tokens": n * tin, "output_tokens": n * tout, "usd": round(cost, 2)}
+    return rows
+
+
+def base_params(cfg: dict, results: str) -> float:
+    verify = Path(results) / "models" / "base.verify.json"
+    if verify.exists():
+        return float(read_json(verify)["n_params"])
+    src = cfg["base_model"]["source"]
+    if src in KNOWN_PARAMS:
+        return KNOWN_PARAMS[src]
+    raise UserError(f"unknown size of base model {src}: prepare it first (results/models/base.verify.json)")
+
+
+def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: str, results: str = "results") -> dict:
+    """gpus: GPUs per rule (from the active profile's resources)."""
+    p = cfg["plan"]
+    params = base_params(cfg, results)
+    stats = {s: (read_json(f) if (f := Path(results) / "data" / s / "stats.json").exists() else None)
+             for s in ("sft", "dpo")}
+    jobs, sources = [], {}
+    for rule, (tokens, source), recipe in (("train_sft", sft_tokens(sft, stats["sft"]), sft),
+                                           ("train_dpo", dpo_tokens(dpo, stats["dpo"]), dpo)):
+        n = max(1, gpus.get(rule, 1))
+        jp = plan_job(rule, tokens, params, n, gpu_type, p["safety_margin"], p["max_job_minutes"])
+        seq = recipe.get("max_seq_length") or recipe["max_length"] * 2
+        jp.peak_mem_gib = round(train_memory_gib(params, recipe["per_device_train_batch_size"] * seq,
+                                                 recipe["gradient_checkpointing"]), 1)
+        if jp.peak_mem_gib > _gpu(gpu_type)["mem_gib"]:
+            jp.note += f" peak memory {jp.peak_mem_gib} GiB exceeds the GPU's {_gpu(gpu_type)['mem_gib']} GiB"
+        jobs.append(jp)
+        sources[rule] = {"tokens": tokens, "from": source}
+    ev = cfg["eval"]
+    for rule, hours in generation_hours(params, gpu_type, ev["mt_bench"]["max_new_tokens"],
+                                       ev["alpaca_eval"]["max_new_tokens"]).items():
+        per_stage = JobPlan(rule, 1, gpu_type, hours, hours,
+                            runtime_min=math.ceil(hours * 60 * (1 + p["safety_margin"]) + 10),
+                            note="upper bound: every answer at max_new_tokens")
+        jobs += [per_stage] * len(ev["stages"])
+    judge = judge_cost(cfg, len(ev["stages"]))
+    return {
+        "gpu_type": gpu_type,
+        "base_params": params,
+        "assumptions": {
+            "train_tokens_per_s_per_gpu": round(train_throughput(params, gpu_type)),
+            "gpu_speed_vs_h100": _gpu(gpu_type)["speed"],
+            "safety_margin": p["safety_margin"],
+            "max_job_minutes": p["max_job_minutes"],
+            "multi_gpu_efficiency": 0.9,
+            "token_sources": sources,
+        },
+        "jobs": [vars(j) | {"hours": round(j.hours, 2), "gpu_hours": round(j.gpu_hours, 2)} for j in jobs],
+        "total_gpu_hours": round(sum(j.gpu_hours for j in jobs), 1),
+        "judge": judge,
+        "judge_usd": round(sum(r["usd"] for r in judge.values()), 2),
+    }
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"Plan on {plan['gpu_type']} ({plan['base_params'] / 1e9:.2f}B parameters):", "",
+             f"{'rule':<22}{'GPUs':>5}{'wall h':>9}{'GPU-h':>9}{'peak GiB':>10}{'--time min':>11}  note"]
+    for j in plan["jobs"]:
+        mem = f"{j['peak_mem_gib']:.1f}" if j.get("peak_mem_gib") else "–"
+        lines.append(f"{j['rule']:<22}{j['gpus']:>5}{j['hours']:>9.2f}{j['gpu_hours']:>9.2f}{mem:>10}"
+                     f"{j['runtime_min']:>11}  {j['note']}")
+    lines += ["", f"total GPU-hours: {plan['total_gpu_hours']}", "",
+              f"{'judge':<34}{'requests':>9}{'tokens in':>12}{'tokens out':>12}{'USD':>9}"]
+    for name, r in plan["judge"].items():
+        lines.append(f"{name:<34}{r['requests']:>9}{r['input_tokens']:>12}{r['output_tokens']:>12}{r['usd']:>9.2f}")
+    lines.append(f"judge total: ${plan['judge_usd']}")
+    return "\n".join(lines)
+
+
+def write_plan(plan: dict, out_json, out_txt=None) -> None:
+    write_json(out_json, plan)
+    if out_txt:
+        Path(out_txt).write_text(format_plan(plan) + "\n")
+    print(format_plan(plan))
+
+
+def main(argv=None):
+    import yaml
+
+    from .recipes import as_dict, load_recipe
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs per training job")
+    ap.add_argument("--gpu-type", default="A100-80GB", choices=sorted(GPUS))
+    ap.add_argument("--out", default="results/plan.json")
+    a = ap.parse_args(argv)
+    cfg = yaml.safe_load(Path(a.config).read_text())
+    cfg.setdefault("plan", {})
+    cfg["plan"] = {"safety_margin": 0.25, "max_job_minutes": 2880, "judge_price_per_1m_input": 30.0,
+                   "judge_price_per_1m_output": 60.0} | cfg["plan"]
+    cfg["judge"] = {"repeats": 1} | cfg.get("judge", {})
+    rdir = Path("config/recipes") / cfg["recipe"]
+    sft, dpo = (as_dict(load_recipe(rdir, s, (cfg.get("recipe_overrides") or {}).get(s))) for s in ("sft", "dpo"))
+    write_plan(make_plan(cfg, sft, dpo, {"train_sft": a.gpus, "train_dpo": a.gpus}, a.gpu_type), a.out)
+
+
+if __name__ == "__main__":
+    main()

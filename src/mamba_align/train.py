@@ -1,0 +1,503 @@
+"""SFT and DPO of Mamba models with TRL's SFTTrainer / DPOTrainer (full fine-tuning).
+
+Each run checkpoints into `checkpoint_dir` (beside, not inside, the output) and a rerun resumes from the
+newest complete checkpoint; the model directory appears atomically only when training has finished.
+SIGTERM / SIGUSR1 (e.g. Slurm `--signal=B:USR1@120`) or a file `<checkpoint_dir>/STOP` make the run save a
+checkpoint at the end of the current optimizer step and exit with PREEMPTED_EXIT_CODE.
+
+    python -m mamba_align.train sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
+        --out results/sft --checkpoint-dir results/checkpoints/sft --metrics results/metrics/sft.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .recipes import DPORecipe, SFTRecipe, TrainCommon, as_dict, gradient_accumulation_steps, load_recipe, \
+    parse_overrides
+from .utils import UserError, atomic_path, read_json, setup_logging, write_json
+
+log = logging.getLogger("mamba_align.train")
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: Snakemake (--retries) resubmits the job, which resumes
+STOP_FILE = "STOP"
+COLUMNS = {"sft": ("text",), "dpo": ("prompt", "chosen", "rejected")}
+
+
+def train_sft(model_dir, train_path, test_path, recipe: SFTRecipe, out_dir, checkpoint_dir, metrics_path,
+              num_processes: int = 1, fsdp: bool = False) -> dict:
+    """Supervised fine-tuning on `text` rows, packed into max_seq_length rows; returns the metrics."""
+    return _train("sft", model_dir, None, train_path, test_path, recipe, out_dir, checkpoint_dir, metrics_path,
+                  num_processes, fsdp)
+
+
+def train_dpo(model_dir, ref_model_dir, train_path, test_path, recipe: DPORecipe, out_dir, checkpoint_dir,
+              metrics_path, num_processes: int = 1, fsdp: bool = False) -> dict:
+    """DPO on `prompt`/`chosen`/`rejected` rows against the frozen reference model; returns the metrics."""
+    return _train("dpo", model_dir, ref_model_dir or model_dir, train_path, test_path, recipe, out_dir,
+                  checkpoint_dir, metrics_path, num_processes, fsdp)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def _in_distributed_launch() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _check_model_dir(model_dir, what: str) -> dict:
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        raise UserError(f"{what} {model_dir}: no config.json (expected a transformers checkpoint directory)")
+    return json.loads(config.read_text())
+
+
+def _check_tokenizer(tokenizer, model_dir) -> None:
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"tokenizer of {model_dir} has no pad token; set one other than eos (e.g. <|padding|>)")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError(f"tokenizer of {model_dir}: pad token id {tokenizer.pad_token_id} equals the eos token id; "
+                        "padding is masked from the loss, so the model would never learn to stop")
+
+
+def _check_columns(path, stage: str) -> None:
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        raise UserError(f"{stage} data file {path} does not exist")
+    names = pq.read_schema(path).names
+    missing = [c for c in COLUMNS[stage] if c not in names]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} needed for {stage} "
+                        f"(expected {', '.join(COLUMNS[stage])}; found {', '.join(names)})")
+
+
+def _check_length(recipe: TrainCommon, config: dict, model_dir) -> None:
+    length = recipe.max_seq_length if isinstance(recipe, SFTRecipe) else recipe.max_length
+    name = "max_seq_length" if isinstance(recipe, SFTRecipe) else "max_length"
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):  # Mamba declares none
+        if config.get(key) and length > config[key]:
+            raise UserError(f"recipe {name} {length} exceeds the model's {key} {config[key]} ({model_dir})")
+    if isinstance(recipe, DPORecipe) and recipe.max_prompt_length >= recipe.max_length:
+        raise UserError(f"recipe max_prompt_length {recipe.max_prompt_length} must be below max_length {recipe.max_length}")
+
+
+def _complete(ckpt: Path) -> bool:
+    """The Trainer writes trainer_state.json last (after model, optimizer, scheduler, RNG states)."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_complete_checkpoint(checkpoint_dir) -> Path | None:
+    """Newest complete `checkpoint-N` (a job killed while saving leaves an incomplete one)."""
+    done = [c for c in Path(checkpoint_dir).glob("checkpoint-*") if c.name[11:].isdigit() and _complete(c)]
+    return max(done, key=lambda c: int(c.name[11:]), default=None)
+
+
+def _prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon) -> None:
+    """Outermost process only: refuse another recipe's checkpoints, drop stale stop requests and torn saves."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    run_file = checkpoint_dir / "run.json"
+    run = json.loads(json.dumps({"stage": stage, "recipe": as_dict(recipe)}))
+    if run_file.exists() and read_json(run_file) != run:
+        raise UserError(f"{checkpoint_dir} holds checkpoints of another {stage} recipe (see {run_file}); "
+                        "delete the folder to start afresh, or use another checkpoint directory")
+    write_json(run_file, run)
+    (checkpoint_dir / STOP_FILE).unlink(missing_ok=True)
+    for ckpt in checkpoint_dir.glob("checkpoint-*"):
+        if not _complete(ckpt):
+            log.warning("removing incomplete checkpoint %s (killed while saving)", ckpt)
+            shutil.rmtree(ckpt)
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir, checkpoint_dir, metrics_path,
+           num_processes, fsdp) -> dict:
+    launched = _in_distributed_launch()
+    if launched:
+        num_processes = int(os.environ["WORLD_SIZE"])
+    accumulation = gradient_accumulation_steps(recipe, num_processes)  # UserError if the batch doesn't divide
+    config = _check_model_dir(model_dir, "model")
+    if ref_model_dir is not None and Path(ref_model_dir) != Path(model_dir):
+        _check_model_dir(ref_model_dir, "reference model")
+    _check_length(recipe, config, model_dir)
+    for path in (train_path, test_path):
+        if path is not None:
+            _check_columns(path, stage)
+    checkpoint_dir = Path(checkpoint_dir)
+    if not launched:
+        _prepare_checkpoint_dir(checkpoint_dir, stage, recipe)
+        if num_processes > 1:
+            return _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir,
+                             checkpoint_dir, metrics_path, num_processes, fsdp)
+    return _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, Path(out_dir), checkpoint_dir,
+                Path(metrics_path), num_processes, accumulation)
+
+
+def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir, checkpoint_dir,
+              metrics_path, num_processes, fsdp) -> dict:
+    """Re-run this module under `accelerate launch`; forward SIGTERM/SIGUSR1 to the ranks as the STOP file."""
+    import torch
+    import yaml
+
+    recipe_dir = checkpoint_dir / "launch"  # the resolved recipe, read back by every rank
+    recipe_dir.mkdir(parents=True, exist_ok=True)
+    (recipe_dir / f"{stage}.yaml").write_text(yaml.safe_dump(as_dict(recipe), sort_keys=False))
+    cuda = torch.cuda.is_available()
+    if fsdp:
+        # FSDP1 wrapping each MambaBlock; sharded checkpoints for resume, a full state dict for the output
+        dist = ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
+                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
+                "MambaBlock", "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_use_orig_params", "true",
+                "--fsdp_sync_module_states", "true"]
+    else:
+        dist = ["--multi_gpu"] if cuda else ["--cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "bf16" if recipe.bf16 and cuda else "no", *dist,
+           "-m", "mamba_align.train", stage, "--model", str(model_dir), "--train", str(train_path),
+           "--recipe-dir", str(recipe_dir), "--out", str(out_dir), "--checkpoint-dir", str(checkpoint_dir),
+           "--metrics", str(metrics_path), "--num-processes", str(num_processes)]
+    if test_path is not None:
+        cmd += ["--test", str(test_path)]
+    if stage == "dpo":
+        cmd += ["--ref-model", str(ref_model_dir)]
+    signalled = []
+
+    def forward(signum, _frame):
+        log.warning("signal %d: asking the %d ranks to checkpoint and stop", signum, num_processes)
+        signalled.append(signum)
+        (checkpoint_dir / STOP_FILE).touch()
+
+    previous = _on_signals(forward)
+    try:
+        log.info("launching: %s", " ".join(cmd))
+        rc = subprocess.call(cmd)
+    finally:
+        _restore_signals(previous)
+    if signalled or rc == PREEMPTED_EXIT_CODE:
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+    if rc != 0:
+        raise SystemExit(f"training processes failed with exit code {rc} (see the log above)")
+    return read_json(metrics_path)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _load_model(model_dir, cpu: bool):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    saved = {k: getattr(config, k, None) for k in ("use_cache", "use_mambapy")}
+    config.use_cache = False
+    if cpu and hasattr(config, "use_mambapy"):
+        config.use_mambapy = True  # parallel scan: ~16x faster than the sequential loop on CPU
+    # fp32 master weights always; bf16 only as autocast (the SSM recurrence is precision-sensitive)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    return model, saved
+
+
+def _callbacks(stop_file: Path, throughput: dict):
+    """(stop callback, logging + timing callback). The stop callback sets `.stopped` when it stopped training."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        """SIGTERM/SIGUSR1 or the STOP file: all ranks agree, save a checkpoint at this step's end, stop."""
+
+        def __init__(self):
+            self.requested = self.stopped = False
+
+        def handle(self, signum, _frame):
+            log.warning("received signal %d: will checkpoint at the end of this step", signum)
+            self.requested = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stop = self.requested or stop_file.exists()
+            if dist.is_available() and dist.is_initialized():  # every rank must stop at the same step
+                flag = torch.tensor([int(stop)], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if stop:
+                log.warning("stop requested: saving a checkpoint at step %d, then exiting", state.global_step)
+                self.stopped = control.should_save = control.should_training_stop = True
+
+    class LogAndTime(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                log.info("step %d: %s", state.global_step, json.dumps(logs, default=str))
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            throughput.update(step0=state.global_step, tokens0=state.num_input_tokens_seen, steps=[])
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            throughput["t"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            throughput["steps"].append(time.perf_counter() - throughput["t"])
+
+        def on_train_end(self, args, state, control, **kwargs):
+            throughput.update(step1=state.global_step, tokens1=state.num_input_tokens_seen)
+
+    return StopOnSignal(), LogAndTime()
+
+
+def _on_signals(handler) -> dict:
+    """Install `handler` for SIGTERM and SIGUSR1; returns the previous handlers (for _restore_signals)."""
+    previous = {}
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread: the STOP file still works
+            log.warning("cannot install a handler for signal %d outside the main thread", s)
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def _decay_parameter_names(model) -> list[str]:
+    """Weight decay only on matrices: not on A_log and D (as mamba_ssm's _no_weight_decay), norms or biases."""
+    return [n for n, _ in model.named_parameters()
+            if not (n.endswith(("A_log", ".D", "bias")) or any("norm" in part for part in n.split(".")))]
+
+
+def _trainer_classes():
+    from trl import DPOTrainer, SFTTrainer
+
+    class MambaSFTTrainer(SFTTrainer):
+        def get_decay_parameter_names(self, model):
+            return _decay_parameter_names(model)
+
+    class MambaDPOTrainer(DPOTrainer):
+        def __init__(self, *args, max_prompt_length: int, **kwargs):
+            self.max_prompt_length = max_prompt_length
+            super().__init__(*args, **kwargs)
+
+        def get_decay_parameter_names(self, model):
+            return _decay_parameter_names(model)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # TRL >= 1.0 dropped max_prompt_length; apply the rule of the TRL 0.7 the handbook ran
+            # (trl/trainer/utils.py, DPODataCollatorWithPadding, truncation_mode="keep_end").
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            max_len, max_prompt = args.max_length, self.max_prompt_length
+
+            def truncate(row):
+                prompt, chosen, rejected = row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]
+                longer = max(len(chosen), len(rejected))
+                if len(prompt) + longer > max_len:
+                    prompt = prompt[-max_prompt:]
+                if len(prompt) + longer > max_len:
+                    chosen, rejected = chosen[: max_len - max_prompt], rejected[: max_len - max_prompt]
+                return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+            return dataset.map(truncate, desc=f"Truncating {dataset_name} prompts to max_prompt_length")
+
+    return MambaSFTTrainer, MambaDPOTrainer
+
+
+def _training_args(recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, cuda: bool, has_eval: bool) -> dict:
+    if not has_eval:
+        eval_strategy = "no"
+    else:
+        eval_strategy = "epoch" if recipe.eval_steps is None else "steps"
+    return dict(
+        output_dir=str(checkpoint_dir), num_train_epochs=recipe.num_train_epochs, max_steps=recipe.max_steps,
+        learning_rate=recipe.learning_rate, lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_ratio,  # transformers 5: a float < 1 is the warmup ratio
+        weight_decay=recipe.weight_decay, optim=recipe.optim, max_grad_norm=recipe.max_grad_norm,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        per_device_eval_batch_size=recipe.per_device_eval_batch_size,
+        gradient_accumulation_steps=accumulation, gradient_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=recipe.bf16 and cuda, seed=recipe.seed, use_cpu=not cuda,
+        logging_steps=recipe.logging_steps, logging_first_step=True, disable_tqdm=True, report_to="none",
+        save_strategy="steps", save_steps=recipe.save_steps, save_total_limit=recipe.save_total_limit,
+        eval_strategy=eval_strategy, eval_steps=recipe.eval_steps,
+        include_num_input_tokens_seen="non_padding", ddp_find_unused_parameters=False,
+    )
+
+
+def _load_rows(path, stage: str, cache_dir: Path):
+    from datasets import Dataset
+
+    ds = Dataset.from_parquet(str(path), columns=list(COLUMNS[stage]), cache_dir=str(cache_dir))
+    if stage == "sft":
+        # The chat template closes each turn with eos then "\n"; drop the trailing newline so TRL does not
+        # append a second eos: documents are then joined by exactly one eos when packed.
+        ds = ds.map(lambda r: {"text": r["text"].rstrip()}, desc="Stripping trailing whitespace")
+    return ds
+
+
+def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir: Path, checkpoint_dir: Path,
+         metrics_path: Path, num_processes: int, accumulation: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, SFTConfig
+
+    started = time.time()
+    cuda = torch.cuda.is_available()
+    if recipe.bf16 and not cuda:
+        log.info("no CUDA: training in fp32 (recipe bf16 applies on GPU only)")
+    if not cuda:
+        import importlib.util
+
+        if importlib.util.find_spec("mambapy") is None:
+            log.warning("mambapy is not installed: CPU training uses the slow sequential scan")
+    else:
+        torch.cuda.reset_peak_memory_stats()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _check_tokenizer(tokenizer, model_dir)
+    tokenizer.padding_side = "right"
+    model, saved_config = _load_model(model_dir, cpu=not cuda)
+    cache = checkpoint_dir / "cache"
+    train_ds = _load_rows(train_path, stage, cache)
+    eval_ds = _load_rows(test_path, stage, cache) if test_path is not None else None
+    common = _training_args(recipe, checkpoint_dir, accumulation, cuda, eval_ds is not None)
+    sft_cls, dpo_cls = _trainer_classes()
+    throughput: dict = {}
+    stopper, timer = _callbacks(checkpoint_dir / STOP_FILE, throughput)
+    callbacks = [stopper, timer]
+    if stage == "sft":
+        args = SFTConfig(**common, dataset_text_field="text", max_length=recipe.max_seq_length,
+                         packing=recipe.packing, packing_strategy="wrapped", completion_only_loss=False)
+        trainer = sft_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, callbacks=callbacks)
+    else:
+        ref_model = None
+        if not (recipe.precompute_ref_log_probs and Path(ref_model_dir) == Path(model_dir)):
+            ref_model, _ = _load_model(ref_model_dir, cpu=not cuda)
+        args = DPOConfig(**common, beta=recipe.beta, loss_type=[recipe.loss_type], max_length=recipe.max_length,
+                         precompute_ref_log_probs=recipe.precompute_ref_log_probs)
+        trainer = dpo_cls(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
+                          eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks,
+                          max_prompt_length=recipe.max_prompt_length)
+    resume = last_complete_checkpoint(checkpoint_dir)
+    log.info("%s: %d processes x %d per device x %d accumulation = global batch %d; %s", stage, num_processes,
+             recipe.per_device_train_batch_size, accumulation, recipe.global_batch_size,
+             f"resuming from {resume}" if resume else "starting from scratch")
+    previous = _on_signals(stopper.handle)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        _restore_signals(previous)
+    if stopper.stopped:
+        log.warning("stopped early with a checkpoint in %s; exiting %d so the job is retried",
+                    checkpoint_dir, PREEMPTED_EXIT_CODE)
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if eval_ds is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
+        trainer.evaluate()
+
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective under FSDP: every rank
+    if not trainer.accelerator.is_main_process:
+        return {}
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped.config.use_cache = True
+    if saved_config["use_mambapy"] is not None:
+        unwrapped.config.use_mambapy = saved_config["use_mambapy"]  # the base's value, not the CPU switch
+    with atomic_path(out_dir) as tmp:
+        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+    metrics = _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, resume, started, cuda,
+                       dict(model_dir=str(model_dir), ref_model_dir=ref_model_dir and str(ref_model_dir),
+                            train_path=str(train_path), test_path=test_path and str(test_path)))
+    write_json(metrics_path, metrics)
+    log.info("%s done: %s", stage, json.dumps(metrics["final"]))
+    return metrics
+
+
+FINAL_KEYS = ("loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+              "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies", "eval_rewards/margins",
+              "mean_token_accuracy", "eval_mean_token_accuracy", "train_loss")
+
+
+def _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, resume, started, cuda, inputs):
+    import torch
+    import transformers
+    import trl
+
+    history = trainer.state.log_history
+    final = {}
+    for entry in history:  # the last value of each key
+        final.update({k: entry[k] for k in FINAL_KEYS if k in entry})
+    steps = throughput.get("steps", [])
+    timed = steps[1:] or steps  # the first step includes warm-up (kernels, allocator)
+    step_time = sum(timed) / len(timed) if timed else None
+    tokens = throughput.get("tokens1", 0) - throughput.get("tokens0", 0)
+    return {
+        "stage": stage, **inputs, "recipe": as_dict(recipe),
+        "num_processes": num_processes, "gradient_accumulation_steps": accumulation,
+        "per_device_train_batch_size": recipe.per_device_train_batch_size,
+        "global_batch_size": recipe.global_batch_size,
+        "resumed_from": str(resume) if resume else None,
+        "global_step": trainer.state.global_step,
+        "steps_this_run": throughput.get("step1", 0) - throughput.get("step0", 0),
+        "tokens_this_run": tokens,
+        "tokens_per_second": tokens / sum(steps) if steps and sum(steps) > 0 else None,
+        "seconds_per_step": step_time,
+        "step_times_s": [round(t, 4) for t in steps],
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "wall_time_s": time.time() - started,
+        "final": final,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "log_history": history,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mamba_align.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=["sft", "dpo"])
+    p.add_argument("--model", required=True, help="transformers checkpoint directory (with tokenizer)")
+    p.add_argument("--ref-model", help="DPO reference model directory (default: --model)")
+    p.add_argument("--train", required=True, help="train.parquet from the prepare step")
+    p.add_argument("--test", help="test.parquet (evaluated once per epoch or every eval_steps)")
+    p.add_argument("--recipe-dir", required=True, help="folder holding <stage>.yaml, e.g. config/recipes/demo")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="recipe override, repeatable (e.g. max_steps=10, dataset.revision=abc)")
+    p.add_argument("--out", required=True, help="final model directory (written atomically)")
+    p.add_argument("--checkpoint-dir", required=True, help="resumable checkpoints, beside the output")
+    p.add_argument("--metrics", required=True, help="metrics JSON")
+    p.add_argument("--num-processes", type=int, default=1, help="GPUs; >1 relaunches with accelerate")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP when multi-GPU")
+    p.add_argument("--log", help="also log to this file")
+    return p
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
+    setup_logging(a.log)
+    try:
+        recipe = load_recipe(a.recipe_dir, a.stage, parse_overrides(a.override))
+        if a.stage == "sft":
+            train_sft(a.model, a.train, a.test, recipe, a.out, a.checkpoint_dir, a.metrics, a.num_processes, a.fsdp)
+        else:
+            train_dpo(a.model, a.ref_model, a.train, a.test, recipe, a.out, a.checkpoint_dir, a.metrics,
+                      a.num_processes, a.fsdp)
+    except UserError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

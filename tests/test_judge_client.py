@@ -1,0 +1,132 @@
+"""JudgeClient against the fake OpenAI server: requests, retries, Retry-After, cache and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+
+import pytest
+
+from fake_openai import FakeOpenAI, logprob_entry
+from mamba_align.judge_client import JudgeClient, request_key
+from mamba_align.utils import UserError, read_jsonl
+
+KEY = "sk-test-secret-0123456789"
+
+
+def judge_cfg(**overrides) -> dict:
+    cfg = {"backend": "openai", "model": "gpt-4", "base_url": None, "api_key_env": "OPENAI_API_KEY",
+           "concurrency": 8, "repeats": 1, "max_retries": 8, "timeout_s": 0.5, "temperature": 0.0,
+           "max_tokens": 2048, "local": {"model_path": None, "gguf_package": None, "gguf_file": None,
+                                          "rating_from_logprobs": False, "device": "cpu"}}
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+def requests_(n: int, tag: str = "q") -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                          {"role": "user", "content": f"{tag} {i}"}]} for i in range(n)]
+
+
+def canon(body) -> str:
+    return json.dumps(body, sort_keys=True)
+
+
+def test_missing_api_key_is_a_user_error_before_any_request(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with FakeOpenAI() as fake:
+        with pytest.raises(UserError, match="MY_JUDGE_KEY"):
+            JudgeClient(judge_cfg(api_key_env="MY_JUDGE_KEY"), tmp_path / "c.jsonl", base_url=fake.base_url)
+        assert fake.log == []
+
+
+def test_request_body_result_and_no_key_anywhere(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    with FakeOpenAI(lambda body: "Fine. Rating: [[7]]", faults={"500": 0.5}, seed=1) as fake:
+        with JudgeClient(judge_cfg(), tmp_path / "c.jsonl", base_url=fake.base_url, backoff_s=0.001) as judge:
+            [[row]] = judge.complete_many(requests_(1))
+    assert fake.answered_bodies() == [{"model": "gpt-4", "messages": requests_(1)[0]["messages"], "n": 1,
+                                       "temperature": 0.0, "max_tokens": 2048}]
+    assert row["content"] == "Fine. Rating: [[7]]"
+    assert row["model_requested"] == "gpt-4" and row["model_reported"] == "fake-judge-0613"
+    assert row["usage"]["total_tokens"] == row["usage"]["prompt_tokens"] + row["usage"]["completion_tokens"] > 0
+    assert row["key"] == request_key("gpt-4", requests_(1)[0]["messages"],
+                                     {"temperature": 0.0, "max_tokens": 2048}, 0)
+    assert KEY not in (tmp_path / "c.jsonl").read_text()
+    assert KEY not in caplog.text
+
+
+def test_faults_retried_until_every_request_answered_once(tmp_path):
+    n = 120
+    faults = {"429": 0.1, "500": 0.1, "timeout": 0.05, "garbage": 0.05}  # 30 %
+    with FakeOpenAI(faults=faults, seed=3, hang_s=1.0, retry_after_s=0.01) as fake:
+        with JudgeClient(judge_cfg(timeout_s=0.3), tmp_path / "c.jsonl", base_url=fake.base_url,
+                         backoff_s=0.005) as judge:
+            results = judge.complete_many(requests_(n))
+    kinds = Counter(r.fault for r in fake.log)
+    assert all(kinds[k] > 0 for k in faults), kinds
+    answered = Counter(canon(b) for b in fake.answered_bodies())
+    assert len(answered) == n and max(answered.values()) == 1  # all answered, none twice
+    assert len(results) == n and all(len(r) == 1 for r in results)
+    cached = read_jsonl(tmp_path / "c.jsonl")
+    assert len(cached) == n and len({r["key"] for r in cached}) == n
+    assert judge.n_attempts == len(fake.log)
+
+
+def test_retry_after_is_honoured_and_a_failed_call_is_not_cached(tmp_path):
+    with FakeOpenAI(faults={"429": 1.0}, retry_after_s=0.3) as fake:
+        judge = JudgeClient(judge_cfg(max_retries=2), tmp_path / "c.jsonl", base_url=fake.base_url,
+                            backoff_s=0.001)
+        with pytest.raises(UserError, match="1 of 1 judge calls failed.*HTTP 429"):
+            judge.complete_many(requests_(1))
+    times = [r.time for r in fake.log]
+    assert len(times) == 3 and all(b - a >= 0.29 for a, b in zip(times, times[1:]))
+    assert read_jsonl(tmp_path / "c.jsonl") == []
+
+
+def test_rerun_sends_only_missing_requests_and_dedups(tmp_path):
+    cache = tmp_path / "c.jsonl"
+    with FakeOpenAI() as fake:
+        JudgeClient(judge_cfg(), cache, base_url=fake.base_url).complete_many(requests_(10))
+        fake.reset()
+        # a torn last line (killed mid-write) is ignored, and that request is sent again
+        rows = cache.read_text().splitlines()
+        cache.write_text("\n".join(rows[:-1]) + "\n" + rows[-1][:30])
+        judge = JudgeClient(judge_cfg(), cache, base_url=fake.base_url)
+        reqs = requests_(12) + requests_(12)  # duplicates in one call are sent once
+        assert judge.pending(reqs) == 3
+        results = judge.complete_many(reqs)
+    assert sorted(b["messages"][1]["content"] for b in fake.bodies()) == ["q 10", "q 11", "q 9"]
+    assert [r[0]["key"] for r in results[:12]] == [r[0]["key"] for r in results[12:]]
+
+
+def test_repeats_and_parameters_are_part_of_the_key(tmp_path):
+    with FakeOpenAI() as fake:
+        judge = JudgeClient(judge_cfg(repeats=3), tmp_path / "c.jsonl", base_url=fake.base_url)
+        [res] = judge.complete_many(requests_(1))
+        assert len(res) == 3 and len({r["key"] for r in res}) == 3 and len(fake.log) == 3
+        judge.complete_many([dict(requests_(1)[0], temperature=0.7)])
+        assert len(fake.log) == 6 and fake.bodies()[-1]["temperature"] == 0.7
+
+
+def test_logprobs_are_passed_through(tmp_path):
+    def responder(body):
+        return {"content": "m", "logprobs": [logprob_entry("m", {"m": 0.7, "M": 0.2, "x": 0.1})]}
+
+    with FakeOpenAI(responder) as fake:
+        judge = JudgeClient(judge_cfg(), tmp_path / "c.jsonl", base_url=fake.base_url)
+        [[row]] = judge.complete_many([dict(requests_(1)[0], logprobs=True, top_logprobs=2, max_tokens=1)])
+    assert fake.bodies()[0]["logprobs"] is True and fake.bodies()[0]["top_logprobs"] == 2
+    top = row["logprobs"]["content"][0]["top_logprobs"]
+    assert [t["token"] for t in top] == ["m", "M"] and top[1]["logprob"] == pytest.approx(-1.6094, abs=1e-4)
+
+
+def test_unknown_backend_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="judge.backend"):
+        JudgeClient(judge_cfg(backend="anthropic"), tmp_path / "c.jsonl")
