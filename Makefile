@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/snakemake --configfile config/demo.yaml --cores 2 results/eval/mtbench.json results/eval/alpacaeval.json
+	$(VENV)/bin/snakemake --cores 2 --configfile config/demo.yaml
+	@cat results/plan.txt; echo; cat results/report/scores.md
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -12,6 +12,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
@@ -25,3 +26,4 @@ rule all:
     input:
         all_targets(),
         rules.report.output,
+        rules.plan.output,

@@ -205,6 +205,17 @@ def test_no_logprobs_falls_back_to_ranking_and_says_so(tmp_path, data_dir):
     assert len(annotations_sent(server)) == 8 and not any(b.get("logprobs") for b in annotations_sent(server))
 
 
+def test_unparsable_judge_answers_are_left_out(tmp_path, data_dir):
+    def responder(body):
+        return "I cannot decide." if "answer 7" in body["messages"][-1]["content"] else judge_responder(body)
+
+    with FakeOpenAI(responder) as fake:
+        m = alpacaeval.judge_alpaca_eval(write_outputs(tmp_path / "o.json"), data_dir, ["alpaca_eval_gpt4"],
+                                         judge_cfg(), tmp_path / "m.json", tmp_path / "cache", base_url=fake.base_url)
+    r = m["results"]["alpaca_eval_gpt4"]
+    assert (r["n"], r["n_instructions"], r["n_wins"], r["win_rate"]) == (7, 8, 6, pytest.approx(600 / 7))
+
+
 def test_crash_mid_run_keeps_finished_chunks(tmp_path, data_dir):
     import openai
 

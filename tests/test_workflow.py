@@ -12,11 +12,20 @@ CHAIN = ["prepare_base_model", "prepare_sft_data", "train_sft", "prepare_prefere
 
 
 def test_real_config_dry_run_lists_the_full_chain(workflow_copy):
-    out = snakemake(workflow_copy, "-n", "--configfile", "config/config.yaml", "results/eval/mtbench.json",
-                    env={"OPENAI_API_KEY": ""}).stdout
+    # targets before --configfile: it takes several values
+    out = snakemake(workflow_copy, "-n", "results/eval/mtbench.json", "--configfile", "config/config.yaml").stdout
     jobs = planned_jobs(out)
     assert all(jobs.get(rule) == 1 for rule in CHAIN), jobs
     assert "build_demo_inputs" not in jobs
+    # the base model's conversion feeds SFT
+    assert "results/models/base" in out
+
+
+def test_job_runtime_comes_from_the_plan(workflow_copy):
+    out = snakemake(workflow_copy, "-n", "results/models/sft", "--configfile", "config/config.yaml").stdout
+    block = out[out.index("rule train_sft:"):]
+    runtime = int(block.split("runtime=")[1].split(",")[0])
+    assert runtime > 600  # ~19 A100-hours on the one GPU the rule asks for without a profile
 
 
 def test_real_config_all_targets_score_sft_and_dpo(workflow_copy):

@@ -98,7 +98,7 @@ def fetch_alpaca_eval(revision: str, local_dir: str | os.PathLike | None, out_di
     hashes_path = out_dir / "hashes.json"
     if hashes_path.exists():
         old = read_json(hashes_path)
-        if old.get("source") == source and all(
+        if old.get("source") == source and set(sha256) <= set(old["files"]) and all(
             (out_dir / name).exists() and sha256_file(out_dir / name) == h == sha256.get(name, h)
             for name, h in old["files"].items()
         ):

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # Request keys a caller may set per request; everything else comes from the judge config.
 REQUEST_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs")
 MAX_RETRY_AFTER_S = 300.0
+BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0  # retry n waits BACKOFF_S * 2**n (capped), times a jitter in [0.5, 1]
 
 
 class JudgeError(Exception):
@@ -54,7 +55,7 @@ class JudgeClient:
     """
 
     def __init__(self, judge_cfg: dict, cache_path: str | os.PathLike, base_url: str | None = None,
-                 *, backoff_s: float = 1.0, max_backoff_s: float = 60.0):
+                 *, backoff_s: float | None = None, max_backoff_s: float | None = None):
         self.cfg = judge_cfg
         self.model = judge_cfg["model"]
         self.backend = judge_cfg["backend"]
@@ -69,8 +70,8 @@ class JudgeClient:
                                 f"(judge.api_key_env) is not set; export it or use backend 'local'")
         else:
             self._api_key = "local-judge"  # our local server ignores it
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.backoff_s = BACKOFF_S if backoff_s is None else backoff_s
+        self.max_backoff_s = MAX_BACKOFF_S if max_backoff_s is None else max_backoff_s
         self.cache_path = Path(cache_path)
         self._cache: dict[str, dict] = {row["key"]: row for row in read_jsonl(self.cache_path)}
         self._stack = contextlib.ExitStack()

@@ -227,7 +227,7 @@ def serve_local_judge(local_cfg: dict, model_name: str) -> Iterator[str]:
     judge = LocalJudge(tokenizer, model, model_name, bool(local_cfg.get("rating_from_logprobs")))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(judge))
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     log.info("local judge %s serving at %s", model_name, base_url)

@@ -198,7 +198,7 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], categories: list[str] | None = None) -> dict:
     """show_result.py's single-mode means (turn 1, turn 2, overall over rated rows) plus the
     same per category and the rows without a rating. `rows` have category, turn and score."""
     rated = [r for r in rows if r["score"] != -1]
@@ -208,7 +208,7 @@ def summarize(rows: list[dict]) -> dict:
                 "turn_2": _mean([r["score"] for r in rs if r["turn"] == 2]),
                 "overall": _mean([r["score"] for r in rs])}
 
-    categories = list(dict.fromkeys(r["category"] for r in rows))
+    categories = categories or list(dict.fromkeys(r["category"] for r in rows))
     return {
         "scores": means(rated),
         "per_category": {c: means([r for r in rated if r["category"] == c]) for c in categories},
@@ -259,7 +259,8 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
             row["repeat_scores"] = ratings
             row["repeat_judgments"] = [r["content"] for r in res]
         judgments.append(row)
-    summary = summarize([dict(j, category=m["category"]) for j, m in zip(judgments, matches)])
+    summary = summarize([dict(j, category=m["category"]) for j, m in zip(judgments, matches)],
+                        list(dict.fromkeys(q["category"] for q in questions)))
     reported = sorted({r["model_reported"] for res in results for r in res})
     usage = {}
     for res in results:

@@ -94,11 +94,28 @@ def dpo_tokens(recipe: dict, stats: dict | None) -> tuple[float, str]:
 
 
 def _published(ds: dict) -> tuple[int, int]:
+    """(rows, mean tokens per row) of a train split not yet prepared: counted from local files
+    (~4 characters per token), else the table of published sizes."""
+    if Path(ds["source"]).is_dir():
+        return _count_local(Path(ds["source"]), ds["train_split"])
     key = (ds["source"], ds["train_split"])
     if key not in PUBLISHED:
         raise UserError(f"no token count for dataset {key[0]} split {key[1]}: prepare the data first "
                         f"(snakemake results/data/...) so the plan reads its stats.json")
     return PUBLISHED[key]
+
+
+def _count_local(folder: Path, split: str) -> tuple[int, int]:
+    import pandas as pd
+
+    files = [folder / f"{split}.{ext}" for ext in ("parquet", "jsonl", "json")]
+    path = next((f for f in files if f.exists()), None)
+    if path is None:
+        raise UserError(f"dataset folder {folder} has no {split}.parquet / .jsonl / .json")
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=path.suffix == ".jsonl")
+    col = "messages" if "messages" in df.columns else "chosen"
+    chars = sum(len(m["content"]) for conv in df[col] for m in conv)
+    return len(df), max(1, round(chars / 4 / max(1, len(df))))
 
 
 def train_throughput(params: float, gpu_type: str) -> float:
@@ -159,7 +176,21 @@ def base_params(cfg: dict, results: str) -> float:
     src = cfg["base_model"]["source"]
     if src in KNOWN_PARAMS:
         return KNOWN_PARAMS[src]
+    if (Path(src) / "config.json").exists():
+        return params_from_config(read_json(Path(src) / "config.json"))
     raise UserError(f"unknown size of base model {src}: prepare it first (results/models/base.verify.json)")
+
+
+def params_from_config(c: dict) -> float:
+    """Parameter count of a Mamba-1 model from a mamba_ssm or transformers config."""
+    d = c.get("d_model") or c["hidden_size"]
+    layers = c.get("n_layer") or c["num_hidden_layers"]
+    vocab = c["vocab_size"]
+    n = (c.get("ssm_cfg") or {}).get("d_state") or c.get("state_size", 16)
+    e = c.get("intermediate_size") or 2 * d
+    r = c.get("time_step_rank") or math.ceil(d / 16)
+    per_layer = d * 2 * e + e * 5 + e * (r + 2 * n) + r * e + e + e * n + e + e * d + d
+    return float(layers * per_layer + vocab * d + d)
 
 
 def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: str, results: str = "results") -> dict:

@@ -5,10 +5,10 @@ rule fetch_alpaca_eval:
     """AlpacaEval instructions and reference outputs (1.0 and 2.0) plus the length-control inputs."""
     output:
         directory(f"{R}/data/alpaca_eval"),
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/fetch_alpaca_eval.log",
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=0,
         mem_mb=1000,
@@ -27,16 +27,16 @@ rule generate_alpaca_eval:
         data=rules.fetch_alpaca_eval.output[0],
     output:
         f"{R}/eval/{{stage}}/alpaca_eval_outputs.json",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/generate_alpaca_eval/{{stage}}.log",
     benchmark:
         f"{R}/benchmarks/generate_alpaca_eval/{{stage}}.tsv"
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=1,
         mem_mb=32000,
-        runtime=120,
+        runtime=planned_runtime("generate_alpaca_eval", 120),
     params:
         generator=lambda w: f"{config['run_name']}-{w.stage}",
         temperature=AE["temperature"],
@@ -55,10 +55,10 @@ rule judge_alpaca_eval:
         data=rules.fetch_alpaca_eval.output[0],
     output:
         f"{R}/eval/{{stagedir}}alpacaeval.json",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/judge_alpaca_eval/{{stagedir}}judge.log",
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=0,
         mem_mb=4000,

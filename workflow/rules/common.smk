@@ -32,21 +32,26 @@ SFT = as_dict(load_recipe(recipe_dir(), "sft", config["recipe_overrides"].get("s
 DPO = as_dict(load_recipe(recipe_dir(), "dpo", config["recipe_overrides"].get("dpo")))
 
 
-# Secrets reach cluster jobs through envvars (never config, logs or results). The judge key is
-# checked now, so a missing key fails before training starts rather than after it.
-if (
-    JUDGE["backend"] == "openai"
-    and JUDGE["api_key_env"] not in os.environ
-    and not workflow.dryrun
-):
-    raise WorkflowError(
-        f"judge.backend is 'openai' but the environment variable {JUDGE['api_key_env']} (judge.api_key_env) "
-        "is not set; export it (any value if you do not run the judge rules)."
-    )
-
-
+# Secrets reach cluster jobs through envvars (never config, logs or results).
 envvars:
     *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) if v in os.environ],
+
+
+onstart:
+    # Checked before the first job (not in dry runs) when judge jobs will run, so a missing judge key
+    # fails before training, not after it.
+    judging = any(
+        j.rule.name.startswith("judge_") for j in workflow.dag.needrun_jobs()
+    )
+    if (
+        judging
+        and JUDGE["backend"] == "openai"
+        and JUDGE["api_key_env"] not in os.environ
+    ):
+        raise WorkflowError(
+            f"judge.backend is 'openai' but the environment variable {JUDGE['api_key_env']} "
+            "(judge.api_key_env) is not set; export it before running the judge rules."
+        )
 
 
 wildcard_constraints:

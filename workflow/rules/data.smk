@@ -7,10 +7,10 @@ rule prepare_sft_data:
         train=f"{R}/data/sft/train.parquet",
         test=f"{R}/data/sft/test.parquet",
         stats=f"{R}/data/sft/stats.json",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/prepare_sft_data.log",
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=0,
         mem_mb=16000,
@@ -32,10 +32,10 @@ rule prepare_preference_data:
         train=f"{R}/data/dpo/train.parquet",
         test=f"{R}/data/dpo/test.parquet",
         stats=f"{R}/data/dpo/stats.json",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/prepare_preference_data.log",
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=0,
         mem_mb=16000,

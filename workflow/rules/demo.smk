@@ -7,10 +7,10 @@ rule build_demo_inputs:
         ],
     output:
         directory(f"{R}/demo"),
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/build_demo_inputs.log",
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=0,
         mem_mb=2000,

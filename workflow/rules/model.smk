@@ -6,10 +6,10 @@ rule prepare_base_model:
     output:
         model=directory(model_of("base")),
         report=f"{R}/models/base.verify.json",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/prepare_base_model.log",
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=0,
         mem_mb=64000,

@@ -7,10 +7,10 @@ rule fetch_mt_bench:
         questions=f"{R}/data/mt_bench/question.jsonl",
         judge_prompts=f"{R}/data/mt_bench/judge_prompts.jsonl",
         reference=f"{R}/data/mt_bench/reference_answer.jsonl",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/fetch_mt_bench.log",
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=0,
         mem_mb=1000,
@@ -29,16 +29,16 @@ rule generate_mt_bench:
         questions=rules.fetch_mt_bench.output.questions,
     output:
         f"{R}/eval/{{stage}}/mt_bench_answers.jsonl",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/generate_mt_bench/{{stage}}.log",
     benchmark:
         f"{R}/benchmarks/generate_mt_bench/{{stage}}.tsv"
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=1,
         mem_mb=32000,
-        runtime=60,
+        runtime=planned_runtime("generate_mt_bench", 60),
     params:
         model_id=lambda w: f"{config['run_name']}-{w.stage}",
         max_new_tokens=MTB["max_new_tokens"],
@@ -57,10 +57,10 @@ rule judge_mt_bench:
         reference=rules.fetch_mt_bench.output.reference,
     output:
         f"{R}/eval/{{stagedir}}mtbench.json",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/judge_mt_bench/{{stagedir}}judge.log",
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=0,
         mem_mb=4000,

@@ -22,10 +22,10 @@ rule report:
             caption="../report/curves.rst",
             category="Training",
         ),
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/report.log",
+    conda:
+        "../envs/mamba-align.yaml"
     resources:
         gpu=0,
         mem_mb=2000,

@@ -13,17 +13,17 @@ rule train_sft:
     output:
         model=directory(model_of("sft")),
         metrics=f"{R}/metrics/sft.json",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/train_sft.log",
     benchmark:
         f"{R}/benchmarks/train_sft.tsv"
+    conda:
+        "../envs/mamba-align.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=32000,
-        runtime=60,
+        runtime=planned_runtime("train_sft", 60),
     params:
         recipe=SFT,
         checkpoints=layout.checkpoint_dir(R, "sft", {"recipe": SFT, "base": BASE}),
@@ -40,17 +40,17 @@ rule train_dpo:
     output:
         model=directory(model_of("dpo")),
         metrics=f"{R}/metrics/dpo.json",
-    conda:
-        "../envs/mamba-align.yaml"
     log:
         f"{R}/logs/train_dpo.log",
     benchmark:
         f"{R}/benchmarks/train_dpo.tsv"
+    conda:
+        "../envs/mamba-align.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=32000,
-        runtime=60,
+        runtime=planned_runtime("train_dpo", 60),
     params:
         recipe=DPO,
         checkpoints=layout.checkpoint_dir(

@@ -1,0 +1,83 @@
+"""The plan against hand-computed numbers for a small config."""
+
+import math
+
+import pytest
+
+from mamba_align import plan
+from mamba_align.utils import UserError
+
+CFG = {
+    "base_model": {"source": "state-spaces/mamba-2.8b-slimpj"},
+    "judge": {"repeats": 1},
+    "eval": {"stages": ["sft", "dpo"], "mt_bench": {"max_new_tokens": 1024},
+             "alpaca_eval": {"max_new_tokens": 2048, "annotators": ["alpaca_eval_gpt4"]}},
+    "plan": {"safety_margin": 0.25, "max_job_minutes": 600, "judge_price_per_1m_input": 30.0,
+             "judge_price_per_1m_output": 60.0},
+}
+SFT = {"dataset": {"source": "HuggingFaceH4/ultrachat_200k", "train_split": "train_sft", "max_train_samples": None},
+       "num_train_epochs": 1, "max_seq_length": 2048, "packing": True, "per_device_train_batch_size": 4,
+       "gradient_checkpointing": True}
+DPO = {"dataset": {"source": "HuggingFaceH4/ultrafeedback_binarized", "train_split": "train_prefs",
+                   "max_train_samples": None},
+       "num_train_epochs": 3, "max_length": 1024, "precompute_ref_log_probs": False,
+       "per_device_train_batch_size": 2, "gradient_checkpointing": True}
+
+
+def test_sft_tokens_from_stats_with_packing():
+    stats = {"train": {"tokens": 5000, "rows_out": 10}}
+    tokens, source = plan.sft_tokens(SFT, stats)
+    assert tokens == 3 * 2048  # ceil(5000 / 2048) packed rows of 2048
+    assert "stats" in source
+
+
+def test_dpo_tokens_count_the_reference_forward():
+    stats = {"train": {"tokens": 1000, "rows_out": 10}}  # 100 tokens per pair
+    tokens, _ = plan.dpo_tokens(DPO, stats)
+    assert tokens == pytest.approx(2 * 10 * 100 * 3 + 2 * 10 * 100 / 3 * 3)
+    tokens_pre, _ = plan.dpo_tokens(DPO | {"precompute_ref_log_probs": True}, stats)
+    assert tokens_pre == pytest.approx(2 * 10 * 100 * 3 + 2 * 10 * 100 / 3)
+
+
+def test_job_hours_runtime_and_split_by_hand():
+    # 1e9 tokens on 8 A100s: 9342 * 0.45 tokens/s/GPU at 2.77B, x8 x0.9 efficiency
+    speed = 9342 * 0.45 * 8 * 0.9
+    jp = plan.plan_job("train_sft", 1e9, 2.77e9, 8, "A100-80GB", margin=0.25, max_job_minutes=600)
+    assert jp.hours == pytest.approx(1e9 / speed / 3600)
+    assert jp.gpu_hours == pytest.approx(8 * jp.hours)
+    full = math.ceil(jp.hours * 60 * 1.25 + 10)
+    assert jp.runtime_min == 600 and jp.resubmissions == math.ceil(full / 600) - 1
+    assert "resuming" in jp.note
+
+
+def test_judge_requests_and_cost_by_hand():
+    judge = plan.judge_cost(CFG, n_stages=2)
+    assert judge["mt_bench"]["requests"] == 320
+    assert judge["mt_bench"]["usd"] == pytest.approx(320 * (1300 * 30 + 250 * 60) / 1e6, abs=0.01)
+    assert judge["alpaca_eval_gpt4"]["requests"] == 1610
+
+
+def test_full_plan_and_memory_check():
+    p = plan.make_plan(CFG, SFT, DPO, {"train_sft": 8, "train_dpo": 8}, "A100-80GB", results="/nonexistent")
+    rules = [j["rule"] for j in p["jobs"]]
+    assert rules.count("train_sft") == 1 and rules.count("generate_mt_bench") == 2
+    sft = p["jobs"][0]
+    assert sft["peak_mem_gib"] < 80 and sft["gpus"] == 8
+    assert p["total_gpu_hours"] > 0 and "A100" in plan.format_plan(p)
+    p40 = plan.make_plan(CFG, SFT, DPO, {"train_sft": 8}, "A100-40GB", results="/nonexistent")
+    assert "exceeds" in p40["jobs"][0]["note"]
+
+
+def test_unknown_dataset_asks_to_prepare_first():
+    with pytest.raises(UserError, match="prepare the data first"):
+        plan.sft_tokens(SFT | {"dataset": {"source": "me/unknown", "train_split": "train"}}, None)
+
+
+def test_params_from_config_matches_a_real_model():
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    cfg = MambaConfig(vocab_size=304, hidden_size=64, num_hidden_layers=2, state_size=16)
+    n = sum(p.numel() for p in MambaForCausalLM(cfg).parameters())  # lm_head tied
+    torch.manual_seed(0)
+    assert plan.params_from_config(cfg.to_dict()) == n
