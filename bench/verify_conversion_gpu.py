@@ -11,8 +11,12 @@
 All fp32 with TF32 off. Writes a JSON with max/mean |dlogit| and greedy agreement for each pair;
 exits 1 if a pair is over --atol or a greedy continuation differs.
 
-On the device (H100, kit from shared/gpu), ~25 GB of disk, ~12 GB of GPU memory (one 2.8B copy at a time):
+On the device (H100, kit from shared/gpu copied to .gpu/, carry [".gpu"]):
     source .gpu/install.sh && PYTHONPATH=$PWD/src:$PYTHONPATH python3 bench/verify_conversion_gpu.py --out $OUT/verify.json
+Measured 2026-11-25 on one H100 (torch 2.11, transformers 5.17, mamba_ssm 2.3.2.post1): 104 s for the script
+(+25 s kit install), peak 10.8 GiB GPU, 11.9 GiB host RSS, ~22 GB temp disk; max |dlogit| 3.1e-5
+(transformers vs reference), 2.5e-5 (mamba_ssm vs reference), 2.3e-5 (transformers vs mamba_ssm),
+16-token greedy continuations identical for all three; max |logit| 28.7.
 Dry check here, same code at a tiny shape, no mamba_ssm needed:
     python bench/verify_conversion_gpu.py --device cpu --tiny --out /tmp/verify_tiny.json
 """
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--atol", type=float, default=1e-2, help="max |dlogit| allowed per pair (fp32, logits ~N(0,1))")
+    p.add_argument("--atol", type=float, default=1e-3, help="max |dlogit| allowed per pair (fp32; H100 measured 3e-5)")
     p.add_argument("--workdir", help="where the two checkpoints go (default: a temp dir); 2.8B needs ~25 GB")
     return p
 

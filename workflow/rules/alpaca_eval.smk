@@ -16,6 +16,7 @@ rule fetch_alpaca_eval:
     params:
         revision=AE["revision"],
         local_dir=AE["local_dir"],
+        sha256=AE["sha256"],
     script:
         "../scripts/fetch_alpaca_eval.py"
 
@@ -64,7 +65,7 @@ rule judge_alpaca_eval:
         mem_mb=4000,
         runtime=240,
     params:
-        judge=JUDGE,
+        judge={**JUDGE, "model": AE["judge_model"]},
         annotators=AE["annotators"],
         cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/alpaca_eval_cache",
     script:

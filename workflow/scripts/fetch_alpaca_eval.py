@@ -3,6 +3,7 @@ from mamba_align.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])
-fetch_alpaca_eval(snakemake.params.revision, snakemake.params.local_dir, snakemake.output[0])
+p = snakemake.params
+fetch_alpaca_eval(p.revision, p.local_dir, snakemake.output[0], sha256=p.sha256)
 
 record_snakemake_job(snakemake)
