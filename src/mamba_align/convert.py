@@ -116,7 +116,8 @@ class _Source:
         if not HUB_ID.match(name):
             raise UserError(f"{what} {name!r}: no such local directory, and not a Hub id of the form owner/name")
         if not revision:
-            raise UserError(f"{what} {name!r}: a Hub source needs a pinned revision (a commit sha or tag)")
+            raise UserError(f"{what} {name!r}: no such local directory; as a Hub id it needs a pinned revision "
+                            "(a commit sha or tag)")
         from huggingface_hub import HfApi, constants
 
         if constants.HF_HUB_OFFLINE:  # offline nodes: the revision must be in the HF cache already

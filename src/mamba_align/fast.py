@@ -23,6 +23,8 @@ import importlib.util
 import logging
 import types
 
+import torch
+
 log = logging.getLogger(__name__)
 
 _PATCH_ATTR = "_mamba_align_fast_path"
@@ -30,8 +32,6 @@ _PATCH_ATTR = "_mamba_align_fast_path"
 
 def fast_path_unavailable(model=None) -> str | None:
     """Why the fast path cannot be enabled here (for this model), or None."""
-    import torch
-
     if not torch.cuda.is_available():
         return "no CUDA device"
     if importlib.util.find_spec("mamba_ssm") is None:
@@ -68,7 +68,7 @@ def disable_fast_path(model) -> None:
     if saved is None:
         return
     backbone_forward, model_forward = saved
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.backbone
+    backbone = model.backbone
     for obj, fwd in ((backbone, backbone_forward), (model, model_forward)):
         if fwd is None:
             obj.__dict__.pop("forward", None)
@@ -87,8 +87,6 @@ def _triton_add_rms_norm(layer_norm_fn, x, weight, residual, eps, prenorm, resid
 def reference_add_rms_norm(x, weight, residual, eps, prenorm, residual_in_fp32):
     """What the Triton kernel computes, in plain PyTorch: r = x + residual (fp32 if asked);
     y = rmsnorm(r) * weight in fp32, returned in x's dtype; (y, r) when prenorm."""
-    import torch
-
     r = x if residual is None else x + residual
     r = r.float() if residual_in_fp32 else r.to(residual.dtype if residual is not None else x.dtype)
     rf = r.float()
@@ -102,8 +100,6 @@ def reference_add_rms_norm(x, weight, residual, eps, prenorm, residual_in_fp32):
 def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True) -> None:
     """Install the fast forwards with a given add+norm implementation (the Triton one, or the reference one
     in CPU tests). `cuda_only`: tensors elsewhere take the original forward."""
-    import torch
-
     if _PATCH_ATTR in model.__dict__:
         disable_fast_path(model)
     backbone = model.backbone
@@ -118,8 +114,8 @@ def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True)
         cache = kwargs.get("cache", kwargs.get("cache_params"))
         if use_cache is None:
             use_cache = self.config.use_cache if not self.training else False
-        if cache is not None or use_cache or output_hidden_states or (input_ids is None) == (inputs_embeds is None) \
-                or any(v is not None for k, v in kwargs.items() if k not in ("cache", "cache_params")):
+        # other keyword arguments (position_ids, ...) are ignored, as transformers' MambaModel ignores them
+        if cache is not None or use_cache or output_hidden_states or (input_ids is None) == (inputs_embeds is None):
             return original_backbone_forward(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                              output_hidden_states=output_hidden_states, return_dict=return_dict,
                                              attention_mask=attention_mask, **kwargs)
@@ -149,8 +145,9 @@ def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True)
     @functools.wraps(type(model).forward)
     def model_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                       num_items_in_batch=None, return_dict=None, logits_to_keep=0, **kwargs):
-        plain = {k: v for k, v in kwargs.items() if k not in ("use_cache", "output_hidden_states")}
-        if labels is None or plain or kwargs.get("use_cache") or kwargs.get("output_hidden_states") \
+        # keyword arguments the original passes on to its loss, or that need the original path
+        special = any(kwargs.get(k) is not None for k in ("shift_labels", "ignore_index", "cache", "cache_params"))
+        if labels is None or special or kwargs.get("use_cache") or kwargs.get("output_hidden_states") \
                 or not isinstance(logits_to_keep, int) or logits_to_keep != 0:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
@@ -190,13 +187,10 @@ def _layer_step(layer, add_norm, hidden, residual, attention_mask):
 def causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, chunk_size: int = 4096):
     """transformers' causal LM loss (shift by one, ignore -100, sum / num_items_in_batch or mean) from the last
     hidden state and the LM head weight, without the full logits. Only positions with a label are projected."""
-    import torch
-
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].to(hidden.device).reshape(-1)
     valid = y != -100
-    h, y = h[valid], y[valid]
-    total = LinearCrossEntropy.apply(h, weight, y, chunk_size)
+    total = LinearCrossEntropy.apply(h[valid], weight, y[valid], chunk_size)
     if num_items_in_batch is None:
         return total / valid.sum().clamp(min=1)
     if torch.is_tensor(num_items_in_batch):
@@ -204,79 +198,47 @@ def causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, chunk_size: 
     return total / num_items_in_batch
 
 
-class _LinearCrossEntropyFn:
-    pass
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross_entropy(hidden @ weight.T, labels), `chunk_size` rows at a time.
 
+    A chunk's logits are computed in the autocast dtype (what the model's `lm_head` gives under autocast),
+    reduced in fp32 and dropped. The gradients are computed in the same pass (softmax minus one-hot, cast to
+    the autocast dtype for the two matrix products, as autograd would) and only scaled in backward, so
+    nothing of size (rows, vocab) lives until backward. The weight gradient is accumulated in fp32."""
 
-def _compute_dtype(hidden, weight):
-    import torch
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        dev = hidden.device.type
+        cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        with torch.autocast(dev, enabled=False):
+            w = weight.to(cdtype)
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start : start + chunk_size].to(cdtype)
+                y = labels[start : start + chunk_size]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w):
+                    continue
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                g = probs.to(cdtype)
+                del logits, probs
+                if need_h:
+                    grad_h[start : start + chunk_size] = (g @ w).to(grad_h.dtype)
+                if need_w:
+                    grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
 
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return weight.dtype
-
-
-def _make_linear_ce():
-    import torch
-
-    class LinearCrossEntropy(torch.autograd.Function):
-        """sum over rows of cross_entropy(hidden @ weight.T, labels), `chunk_size` rows at a time.
-
-        The logits of a chunk are computed in the autocast dtype (as the model's `lm_head` would under
-        autocast), reduced in fp32, and discarded; the gradients are computed in the same pass (softmax minus
-        one-hot, in the autocast dtype for the two matrix products) and scaled in backward, so nothing of size
-        (rows, vocab) is kept for backward. The weight gradient is accumulated over chunks in fp32."""
-
-        @staticmethod
-        def forward(ctx, hidden, weight, labels, chunk_size):
-            need_h = hidden.requires_grad and torch.is_grad_enabled() or ctx.needs_input_grad[0]
-            need_w = ctx.needs_input_grad[1]
-            cdtype = _compute_dtype(hidden, weight)
-            n = hidden.shape[0]
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            with torch.autocast(hidden.device.type, enabled=False):
-                w = weight.to(cdtype)
-                for start in range(0, n, chunk_size):
-                    h = hidden[start : start + chunk_size].to(cdtype)
-                    y = labels[start : start + chunk_size]
-                    logits = (h @ w.t()).float()
-                    lse = torch.logsumexp(logits, dim=-1)
-                    total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-                    if grad_h is None and grad_w is None:
-                        continue
-                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                    probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                    g = probs.to(cdtype)
-                    del logits, probs
-                    if grad_h is not None:
-                        grad_h[start : start + chunk_size] = (g @ w).to(grad_h.dtype)
-                    if grad_w is not None:
-                        grad_w += (g.t() @ h).float()
-            del need_h
-            ctx.save_for_backward(grad_h, grad_w)
-            ctx.weight_dtype = weight.dtype
-            return total
-
-        @staticmethod
-        def backward(ctx, grad_total):
-            grad_h, grad_w = ctx.saved_tensors
-            gh = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
-            gw = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
-            return gh, gw, None, None
-
-    return LinearCrossEntropy
-
-
-class _Lazy:
-    """`LinearCrossEntropy` is built on first use so that importing this module does not import torch."""
-
-    def __getattr__(self, name):
-        global LinearCrossEntropy
-        LinearCrossEntropy = _make_linear_ce()
-        return getattr(LinearCrossEntropy, name)
-
-
-LinearCrossEntropy = _Lazy()
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
+        return gh, gw, None, None
