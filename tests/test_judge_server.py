@@ -102,7 +102,6 @@ def test_smollm2_gguf_judge_answers_and_rates(tmp_path):
     assert all(len(e["top_logprobs"]) == 3 and e["top_logprobs"][0]["logprob"] >= e["logprob"] - 1e-6
                for e in entries)
     assert models["data"][0]["id"] == "SmolLM2-135M-Instruct"
-    assert elapsed < 30
 
 
 def post_chat(base_url: str, messages: list[dict]) -> str:

@@ -392,7 +392,8 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
     `base_url` overrides judge_cfg["base_url"]; without either, backend "local" starts the local judge server.
     """
     start = time.time()
-    data_dir, cache_dir = Path(data_dir), Path(cache_dir)
+    # absolute: alpaca_eval resolves relative config paths against its own package folder
+    data_dir, cache_dir = Path(data_dir).resolve(), Path(cache_dir).resolve()
     unknown = [a for a in annotators if a not in ANNOTATORS]
     if unknown or not annotators:
         raise UserError(f"unknown AlpacaEval annotators {unknown}; expected some of {list(ANNOTATORS)}")

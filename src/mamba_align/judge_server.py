@@ -53,6 +53,34 @@ def resolve_model_source(local_cfg: dict) -> tuple[Path, str | None]:
     return folder, gguf_file
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """While loading: parse each GGUF file once and build each tensor-name map once.
+
+    transformers 5 reads a GGUF file's metadata three times (tokenizer, config, weights) and
+    rebuilds gguf's tensor-name map for every module; for SmolLM2-135M that is about 10 of the
+    20 s a CPU load takes. Both are pure functions of their arguments, so caching is safe.
+    """
+    import functools
+
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def cached_reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_cls(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = cached_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+
+
 def load_judge_model(local_cfg: dict):
     """Tokenizer and causal LM (eval mode, on local_cfg['device'])."""
     import torch
@@ -63,9 +91,10 @@ def load_judge_model(local_cfg: dict):
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     log.info("loading local judge from %s%s on %s", folder, f" ({gguf_file})" if gguf_file else "", device)
     t0 = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     dtype = torch.float32 if device == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra).to(device).eval()
+    with _gguf_parsed_once() if gguf_file else contextlib.nullcontext():
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra).to(device).eval()
     if not tokenizer.chat_template:
         raise UserError(f"local judge model {folder} has no chat template")
     log.info("local judge loaded in %.1f s", time.monotonic() - t0)

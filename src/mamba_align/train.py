@@ -12,6 +12,7 @@ checkpoint at the end of the current optimizer step and exit with PREEMPTED_EXIT
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -49,8 +50,15 @@ def train_dpo(model_dir, ref_model_dir, train_path, test_path, recipe: DPORecipe
 
 # ---------------------------------------------------------------------------------------------- checks
 
+LAUNCHED_ENV = "MAMBA_ALIGN_LAUNCHED"  # set for the ranks we start, so they can never relaunch again
+
+
 def _in_distributed_launch() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return True
+    if os.environ.get(LAUNCHED_ENV):
+        raise RuntimeError("started by accelerate launch but without LOCAL_RANK/WORLD_SIZE: not relaunching again")
+    return False
 
 
 def _check_model_dir(model_dir, what: str) -> dict:
@@ -163,7 +171,7 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
                 "MambaBlock", "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_use_orig_params", "true",
                 "--fsdp_sync_module_states", "true"]
     else:
-        dist = ["--multi_gpu"] if cuda else ["--cpu"]
+        dist = ["--multi_gpu"]  # torch.distributed.run underneath; on a machine without CUDA, gloo on CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "bf16" if recipe.bf16 and cuda else "no", *dist,
            "-m", "mamba_align.train", stage, "--model", str(model_dir), "--train", str(train_path),
@@ -183,7 +191,7 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
     previous = _on_signals(forward)
     try:
         log.info("launching: %s", " ".join(cmd))
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
     finally:
         _restore_signals(previous)
     if signalled or rc == PREEMPTED_EXIT_CODE:
@@ -279,6 +287,19 @@ def _decay_parameter_names(model) -> list[str]:
             if not (n.endswith(("A_log", ".D", "bias")) or any("norm" in part for part in n.split(".")))]
 
 
+def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int) -> dict:
+    """TRL >= 1.0 has no max_prompt_length; this is the rule of the TRL 0.7 the handbook ran
+    (trl/trainer/utils.py DPODataCollatorWithPadding, default truncation_mode="keep_end"): when the prompt
+    plus the longer answer exceed max_length, keep the prompt's last max_prompt_length tokens; if still too
+    long, cut both answers to max_length - max_prompt_length."""
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_length:
+        prompt = prompt[-max_prompt_length:]
+    if len(prompt) + longer > max_length:
+        chosen, rejected = chosen[: max_length - max_prompt_length], rejected[: max_length - max_prompt_length]
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+
 def _trainer_classes():
     from trl import DPOTrainer, SFTTrainer
 
@@ -295,26 +316,23 @@ def _trainer_classes():
             return _decay_parameter_names(model)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            # TRL >= 1.0 dropped max_prompt_length; apply the rule of the TRL 0.7 the handbook ran
-            # (trl/trainer/utils.py, DPODataCollatorWithPadding, truncation_mode="keep_end").
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            max_len, max_prompt = args.max_length, self.max_prompt_length
-
-            def truncate(row):
-                prompt, chosen, rejected = row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]
-                longer = max(len(chosen), len(rejected))
-                if len(prompt) + longer > max_len:
-                    prompt = prompt[-max_prompt:]
-                if len(prompt) + longer > max_len:
-                    chosen, rejected = chosen[: max_len - max_prompt], rejected[: max_len - max_prompt]
-                return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
-
-            return dataset.map(truncate, desc=f"Truncating {dataset_name} prompts to max_prompt_length")
+            # TRL drops pairs whose prompt alone reaches max_length; TRL 0.7 kept them with the prompt cut
+            untruncated = copy.copy(args)
+            untruncated.max_length = None
+            dataset = super()._prepare_dataset(dataset, processing_class, untruncated, dataset_name)
+            return dataset.map(lambda r: truncate_pair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"],
+                                                       args.max_length, self.max_prompt_length),
+                               desc=f"Truncating {dataset_name} prompts to max_prompt_length")
 
     return MambaSFTTrainer, MambaDPOTrainer
 
 
 def _training_args(recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, cuda: bool, has_eval: bool) -> dict:
+    from transformers import TrainingArguments
+
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name deprecated)
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
     if not has_eval:
         eval_strategy = "no"
     else:
@@ -326,8 +344,8 @@ def _training_args(recipe: TrainCommon, checkpoint_dir: Path, accumulation: int,
         weight_decay=recipe.weight_decay, optim=recipe.optim, max_grad_norm=recipe.max_grad_norm,
         per_device_train_batch_size=recipe.per_device_train_batch_size,
         per_device_eval_batch_size=recipe.per_device_eval_batch_size,
-        gradient_accumulation_steps=accumulation, gradient_checkpointing=recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_accumulation_steps=accumulation, **{ckpt: recipe.gradient_checkpointing,
+                                                     f"{ckpt}_kwargs": {"use_reentrant": False}},
         bf16=recipe.bf16 and cuda, seed=recipe.seed, use_cpu=not cuda,
         logging_steps=recipe.logging_steps, logging_first_step=True, disable_tqdm=True, report_to="none",
         save_strategy="steps", save_steps=recipe.save_steps, save_total_limit=recipe.save_total_limit,
@@ -355,6 +373,8 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
 
     started = time.time()
     cuda = torch.cuda.is_available()
+    if int(os.environ.get("RANK", 0)) != 0:
+        logging.getLogger("mamba_align").setLevel(logging.WARNING)  # rank 0 speaks for the run
     if recipe.bf16 and not cuda:
         log.info("no CUDA: training in fp32 (recipe bf16 applies on GPU only)")
     if not cuda:
@@ -390,6 +410,9 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
         trainer = dpo_cls(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks,
                           max_prompt_length=recipe.max_prompt_length)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # LogAndTime logs instead (one format, to the rule's log)
     resume = last_complete_checkpoint(checkpoint_dir)
     log.info("%s: %d processes x %d per device x %d accumulation = global batch %d; %s", stage, num_processes,
              recipe.per_device_train_batch_size, accumulation, recipe.global_batch_size,

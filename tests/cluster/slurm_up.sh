@@ -87,8 +87,9 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=500
 # seconds between SIGTERM and SIGKILL when a job is cancelled or hits its time limit
 KillWait=30
-# finished jobs stay visible to squeue for 10 min (the plugin's squeue status mode needs >= 3x its poll interval)
-MinJobAge=600
+# finished jobs stay visible to squeue/scontrol for 1 h (the plugin's squeue status mode needs >= 3x its poll
+# interval; the test reads comments and GPU requests back from squeue)
+MinJobAge=3600
 $ACCT
 JobCompType=jobcomp/filetxt
 JobCompLoc=$S/log/jobcomp.txt
@@ -108,7 +109,7 @@ ln -sfn "$S/gres.conf" /etc/slurm/gres.conf
 
 if [ "$WITH_DBD" = 1 ]; then
   M=$BASE/mysql; mkdir -p "$M"
-  [ -d "$M/data/mysql" ] || mariadb-install-db --user=root --datadir="$M/data" >/dev/null
+  [ -d "$M/data/mysql" ] || mariadb-install-db --user=root --datadir="$M/data" >/dev/null 2>&1
   mariadbd --user=root --datadir="$M/data" --socket="$M/mysqld.sock" --pid-file="$M/mysqld.pid" \
     --bind-address=127.0.0.1 --port=3306 --log-error="$M/error.log" --skip-log-bin >/dev/null 2>&1 &
   echo "mariadbd $M/mysqld.pid" >> "$STARTED"

@@ -21,10 +21,12 @@ def gpu_type_of(rule):
     return config["plan"]["gpu_type"]
 
 
+def training_gpus():
+    return {r: int(profile_resources(r).get("gpu", 1)) for r in ("train_sft", "train_dpo")}
+
+
 def current_plan():
-    rules_ = ("train_sft", "train_dpo")
-    gpus = {r: int(profile_resources(r).get("gpu", 1)) for r in rules_}
-    return planner.make_plan(config, SFT, DPO, gpus, gpu_type_of("train_sft"), R)
+    return planner.make_plan(config, SFT, DPO, training_gpus(), gpu_type_of("train_sft"), R)
 
 
 def planned_runtime(rule, default):
@@ -56,6 +58,9 @@ rule plan:
         mem_mb=2000,
         runtime=10,
     params:
-        plan=lambda w: current_plan(),
+        sft=SFT,
+        dpo=DPO,
+        gpus=training_gpus(),
+        gpu_type=gpu_type_of("train_sft"),
     script:
         "../scripts/plan.py"

@@ -1,5 +1,9 @@
-from mamba_align.plan import write_plan
+from mamba_align.plan import make_plan, write_plan
+from mamba_align.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])
-write_plan(snakemake.params.plan, snakemake.output.json, snakemake.output.table)
+p = snakemake.params
+plan = make_plan(snakemake.config, p.sft, p.dpo, p.gpus, p.gpu_type, snakemake.config["results_dir"])
+write_plan(plan, snakemake.output.json, snakemake.output.table)
+record_snakemake_job(snakemake)

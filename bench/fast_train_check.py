@@ -1,0 +1,115 @@
+"""Correctness guard of the training fast path on one fixed batch: loss and gradients of
+transformers + `enable_fast_path` against transformers' own forward.
+
+Four runs of one model (same weights, same batch, labels with a masked prompt): the reference path and the
+fast path, each in fp32 and under bf16 autocast. In fp32 the two paths must agree closely (they differ only
+in kernels: Triton RMSNorm, chunked loss). Under bf16 autocast both round, so the check is that the fast
+path is no further from the fp32 result than the reference path is: err(fast_bf16) <= 1.5 err(ref_bf16) +
+5e-3, per parameter tensor (relative L2 error of its gradient) and for the loss.
+
+    PYTHONPATH=src python bench/fast_train_check.py                 # 2.8B shape, seq 2048, batch 1
+    PYTHONPATH=src python bench/fast_train_check.py --tiny          # CPU smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _benchutil import emit, environment, random_model
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--checkpointing", action="store_true", help="fast path with gradient checkpointing")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+
+    import torch
+
+    from mamba_align import fast
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    shape = "tiny" if a.tiny else "2.8b"
+    if a.tiny:
+        a.seq = 64
+    overrides = dict(use_cache=False, use_mambapy=not cuda)
+    if a.layers:
+        overrides["num_hidden_layers"] = a.layers
+    model = random_model(shape, device, torch.float32, seed=0, **overrides).train()
+    with torch.no_grad():  # non-trivial norm weights
+        for name, prm in model.named_parameters():
+            if "norm" in name:
+                prm.uniform_(0.5, 1.5)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g).to(device)
+    labels = ids.clone()
+    labels[:, : a.seq // 4] = -100  # a prompt that does not count
+
+    def run(bf16: bool):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        grads = {n: prm.grad.detach().to("cpu", copy=True) for n, prm in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    exact_loss, exact = run(False)
+    ref_loss, ref = run(True) if cuda else (exact_loss, exact)
+    if fast.enable_fast_path(model):
+        kernels = "triton (mamba_ssm layer_norm_fn)"
+    else:
+        fast.patch_model(model, fast.reference_add_rms_norm, cuda_only=False)
+        kernels = "plain PyTorch (no CUDA/mamba_ssm here: plumbing check only)"
+    if a.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast32_loss, fast32 = run(False)
+    fast16_loss, fast16 = run(True) if cuda else (fast32_loss, fast32)
+
+    def rel(x, y):
+        return ((x - y).norm() / y.norm().clamp(min=1e-30)).item()
+
+    def global_rel(gs, base):
+        num = sum(((gs[n] - base[n]).double().norm() ** 2).item() for n in base)
+        den = sum((base[n].double().norm() ** 2).item() for n in base)
+        return (num / den) ** 0.5
+
+    per_param = []
+    worst_ratio, failures = 0.0, []
+    for n in exact:
+        e_ref, e_fast, e_fp32 = rel(ref[n], exact[n]), rel(fast16[n], exact[n]), rel(fast32[n], exact[n])
+        per_param.append((n, e_ref, e_fast, e_fp32))
+        if e_fast > 1.5 * e_ref + 5e-3:
+            failures.append(f"{n}: bf16 fast {e_fast:.2e} vs reference {e_ref:.2e}")
+        if e_fp32 > 1e-3:
+            failures.append(f"{n}: fp32 fast vs fp32 reference {e_fp32:.2e}")
+        worst_ratio = max(worst_ratio, e_fast / max(e_ref, 1e-12))
+    loss_err_ref, loss_err_fast = abs(ref_loss - exact_loss), abs(fast16_loss - exact_loss)
+    if loss_err_fast > 1.5 * loss_err_ref + 5e-3 * abs(exact_loss):
+        failures.append(f"loss: bf16 fast {fast16_loss} vs reference {ref_loss} (fp32 {exact_loss})")
+    if abs(fast32_loss - exact_loss) > 1e-4 * abs(exact_loss):
+        failures.append(f"loss: fp32 fast {fast32_loss} vs fp32 reference {exact_loss}")
+    per_param.sort(key=lambda t: -t[2])
+    result = dict(
+        benchmark="fast_train_check", shape=shape, layers=model.config.num_hidden_layers, seq=a.seq,
+        batch=a.batch, gradient_checkpointing=a.checkpointing, kernels=kernels,
+        loss=dict(fp32_reference=exact_loss, fp32_fast=fast32_loss, bf16_reference=ref_loss, bf16_fast=fast16_loss),
+        grad_global_rel_err=dict(bf16_reference=global_rel(ref, exact), bf16_fast=global_rel(fast16, exact),
+                                 fp32_fast=global_rel(fast32, exact), bf16_fast_vs_bf16_reference=global_rel(fast16, ref)),
+        grad_worst_params=[dict(param=n, bf16_reference=round(r, 6), bf16_fast=round(f, 6), fp32_fast=round(x, 8))
+                           for n, r, f, x in per_param[:5]],
+        worst_ratio_fast_to_reference=round(worst_ratio, 3),
+        passed=not failures, failures=failures[:20], environment=environment())
+    emit("fast_train_check", result, a.out)
+    if failures:
+        raise SystemExit(1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

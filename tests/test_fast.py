@@ -1,0 +1,286 @@
+"""The training fast path: on CPU with the plain-PyTorch add+norm (the patched forward's logic, the chunked
+loss, checkpoint format, composition with TRL's fused LM head); on the GPU with mamba_ssm's Triton kernel
+(marked `gpu`)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba_align import fast
+
+HAS_GPU_KIT = torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm") is not None
+gpu = pytest.mark.skipif(not HAS_GPU_KIT, reason="needs CUDA and mamba_ssm")
+
+
+def tiny_model(seed=0, **overrides):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    kw = dict(hidden_size=64, num_hidden_layers=3, vocab_size=101, state_size=8, expand=2, conv_kernel=4,
+              time_step_rank=6, use_mambapy=True)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = MambaForCausalLM(MambaConfig(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.train()
+
+
+def batch(vocab=101, b=3, length=17, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, length), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt
+    labels[2, -4:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[2, -4:] = 0
+    return ids, labels, mask
+
+
+def loss_and_grads(model, ids, labels, mask, **kw):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels, **kw).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got, ref, rtol):
+    assert got.keys() == ref.keys()
+    for name in ref:
+        err = (got[name] - ref[name]).norm() / ref[name].norm().clamp(min=1e-12)
+        assert err < rtol, f"{name}: relative gradient error {err:.2e}"
+
+
+# ------------------------------------------------------------------------------------------------- CPU
+
+
+def test_enable_fast_path_is_a_no_op_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    model = tiny_model()
+    assert fast.enable_fast_path(model) is False
+    assert "forward" not in model.__dict__ and "forward" not in model.backbone.__dict__
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_patched_forward_equals_transformers(checkpointing, residual_in_fp32):
+    """Fused-order add+norm (here in plain PyTorch) and the chunked loss give transformers' loss and gradients."""
+    ref = tiny_model(residual_in_fp32=residual_in_fp32)
+    model = copy.deepcopy(ref)
+    fast.patch_model(model, fast.reference_add_rms_norm, chunk_size=7, cuda_only=False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, labels, mask = batch()
+    ref_loss, ref_grads = loss_and_grads(ref, ids, labels, mask)
+    loss, grads = loss_and_grads(model, ids, labels, mask)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads, 1e-4)
+    assert len(grads) == len(list(model.parameters()))  # every parameter got a gradient
+
+
+def test_chunked_loss_honours_num_items_in_batch():
+    ref = tiny_model()
+    model = copy.deepcopy(ref)
+    fast.patch_model(model, fast.reference_add_rms_norm, cuda_only=False)
+    ids, labels, mask = batch()
+    n = torch.tensor(123)
+    ref_loss, ref_grads = loss_and_grads(ref, ids, labels, mask, num_items_in_batch=n)
+    loss, grads = loss_and_grads(model, ids, labels, mask, num_items_in_batch=n)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads, 1e-4)
+
+
+def test_patched_model_keeps_the_checkpoint_format(tmp_path):
+    from transformers import MambaForCausalLM
+
+    ref = tiny_model()
+    model = copy.deepcopy(ref)
+    fast.patch_model(model, fast.reference_add_rms_norm, cuda_only=False)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    model.save_pretrained(tmp_path)
+    loaded = MambaForCausalLM.from_pretrained(tmp_path)
+    assert "forward" not in loaded.__dict__  # a plain transformers model again
+    for (n, a), (_, b) in zip(loaded.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_paths_the_fast_path_does_not_cover_are_the_original():
+    ref = tiny_model().eval()
+    model = copy.deepcopy(ref)
+    fast.patch_model(model, fast.reference_add_rms_norm, cuda_only=False)
+    ids, _, _ = batch()
+    with torch.no_grad():
+        # logits without labels, and generation (cache): the original forward
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+        gen = model.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(gen, ref.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0))
+        # the backbone's fast path gives the same last hidden state as the original one
+        h = model.backbone(ids, use_cache=False).last_hidden_state
+        torch.testing.assert_close(h, ref.backbone(ids, use_cache=False).last_hidden_state, rtol=1e-5, atol=1e-5)
+        assert model(ids, labels=ids).logits is None  # the chunked loss builds no logits
+
+
+def test_disable_fast_path_restores_the_instance():
+    model = tiny_model()
+    fast.patch_model(model, fast.reference_add_rms_norm, cuda_only=False)
+    assert "forward" in model.__dict__
+    fast.disable_fast_path(model)
+    assert "forward" not in model.__dict__ and "forward" not in model.backbone.__dict__
+
+
+def test_trl_fused_lm_head_runs_on_the_fast_backbone():
+    """SFTTrainer / DPOTrainer call `model(..., labels=..., fused_lm_head=True)`, which runs `model.backbone`:
+    patched or not, same log-probs and gradients."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    ref = tiny_model()
+    model = copy.deepcopy(ref)
+    fast.patch_model(model, fast.reference_add_rms_norm, cuda_only=False)
+    add_fused_lm_head(ref)
+    add_fused_lm_head(model)
+    ids, labels, mask = batch()
+    ref_loss, ref_grads = loss_and_grads(ref, ids, labels, mask, fused_lm_head=True, use_cache=False)
+    loss, grads = loss_and_grads(model, ids, labels, mask, fused_lm_head=True, use_cache=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads, 1e-4)
+
+
+@pytest.mark.parametrize("n, chunk", [(1, 4), (10, 3), (33, 33), (40, 64)])
+def test_linear_cross_entropy_matches_full_logits(n, chunk):
+    torch.manual_seed(n)
+    h = torch.randn(n, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (n,))
+    ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    ref_gh, ref_gw = torch.autograd.grad(ref * 0.37, (h, w))
+    got = fast.LinearCrossEntropy.apply(h, w, y, chunk)
+    gh, gw = torch.autograd.grad(got * 0.37, (h, w))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_follows_autocast_like_the_lm_head():
+    """Under bf16 autocast the logits are rounded to bf16 as `lm_head` under autocast would; the loss matches
+    that reference closely, not the fp32 one."""
+    torch.manual_seed(0)
+    h = torch.randn(64, 32)
+    w = torch.randn(80, 32)
+    y = torch.randint(0, 80, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
+        got = fast.LinearCrossEntropy.apply(h, w, y, 16)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    exact = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    assert (got - exact).abs() > 1e-3  # really computed in bf16
+
+
+def test_no_grad_forward_computes_no_gradients():
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    with torch.no_grad():
+        out = fast.LinearCrossEntropy.apply(h, w, torch.randint(0, 11, (5,)), 2)
+    assert not out.requires_grad
+
+
+def test_reference_add_rms_norm_is_transformers_block_math():
+    from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+
+    torch.manual_seed(0)
+    norm = MambaRMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x, r = torch.randn(4, 32), torch.randn(4, 32)
+    y, res = fast.reference_add_rms_norm(x, norm.weight, r, 1e-5, True, True)
+    torch.testing.assert_close(res, x + r)
+    torch.testing.assert_close(y, norm(x + r))
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_triton_add_norm_equals_reference():
+    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+
+    torch.manual_seed(0)
+    w = torch.rand(256, device="cuda") + 0.5
+    for xdt in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 50, 256, device="cuda", dtype=xdt)
+        r = torch.randn(3, 50, 256, device="cuda")
+        y, res = fast._triton_add_rms_norm(layer_norm_fn, x, w, r, 1e-5, True, True)
+        ry, rres = fast.reference_add_rms_norm(x, w, r, 1e-5, True, True)
+        assert y.dtype == ry.dtype == xdt and res.dtype == torch.float32
+        torch.testing.assert_close(res, rres)
+        tol = 1e-5 if xdt == torch.float32 else 1e-2
+        torch.testing.assert_close(y, ry, rtol=tol, atol=tol)
+
+
+def _gpu_models(**overrides):
+    ref = tiny_model(hidden_size=256, num_hidden_layers=4, vocab_size=1000, state_size=16, time_step_rank=16,
+                     use_mambapy=False, **overrides).cuda()
+    model = copy.deepcopy(ref)
+    assert fast.enable_fast_path(model) is True
+    return ref, model
+
+
+def _gpu_batch():
+    ids, labels, mask = batch(vocab=1000, b=2, length=256)
+    return ids.cuda(), labels.cuda(), mask.cuda()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gpu_fast_path_fp32_equals_reference(checkpointing):
+    ref, model = _gpu_models()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, labels, mask = _gpu_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, ids, labels, mask)
+    loss, grads = loss_and_grads(model, ids, labels, mask)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    assert_grads_close(grads, ref_grads, 1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fast_path_bf16_autocast_is_as_close_to_fp32_as_the_reference():
+    """Under bf16 autocast both paths round; the fast path must be no further from the fp32 result than the
+    reference path is (x1.5 + a floor), and close to the reference itself."""
+    ref, model = _gpu_models()
+    ids, labels, mask = _gpu_batch()
+    exact_loss, exact_grads = loss_and_grads(ref, ids, labels, mask)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref_loss, ref_grads = loss_and_grads(ref, ids, labels, mask)
+        loss, grads = loss_and_grads(model, ids, labels, mask)
+    assert abs(loss - exact_loss) <= 1.5 * abs(ref_loss - exact_loss) + 2e-3 * abs(exact_loss)
+    assert abs(loss - ref_loss) <= 5e-3 * abs(ref_loss)
+    for name in exact_grads:
+        e_ref = ((ref_grads[name] - exact_grads[name]).norm() / exact_grads[name].norm()).item()
+        e_fast = ((grads[name] - exact_grads[name]).norm() / exact_grads[name].norm()).item()
+        assert e_fast <= 1.5 * e_ref + 5e-3, f"{name}: fast {e_fast:.2e} vs reference {e_ref:.2e}"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fast_path_under_trl_fused_head():
+    from trl.trainer.utils import add_fused_lm_head
+
+    ref, model = _gpu_models()
+    add_fused_lm_head(ref)
+    add_fused_lm_head(model)
+    ids, labels, mask = _gpu_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, ids, labels, mask, fused_lm_head=True, use_cache=False)
+    loss, grads = loss_and_grads(model, ids, labels, mask, fused_lm_head=True, use_cache=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    assert_grads_close(grads, ref_grads, 1e-3)

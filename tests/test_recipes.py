@@ -1,0 +1,100 @@
+"""Shipped recipes load strictly and carry the numbers of their sources (config/recipes/README.md)."""
+
+from pathlib import Path
+
+import pytest
+
+from mamba_align.recipes import DPORecipe, SFTRecipe, gradient_accumulation_steps, load_recipe, parse_overrides
+from mamba_align.utils import UserError
+
+RECIPES = Path(__file__).resolve().parents[1] / "config" / "recipes"
+
+# (recipe, stage): expected values, from the Zephyr paper (section 4) and the alignment-handbook files cited in
+# config/recipes/README.md. Per-device sizes, logging and save steps are ours and not checked here.
+EXPECTED = {
+    ("zephyr-7b-beta", "sft"): dict(
+        dataset=("HuggingFaceH4/ultrachat_200k", "train_sft", "test_sft"), num_train_epochs=1.0,
+        learning_rate=2e-5, lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.0, optim="adamw_torch",
+        global_batch_size=512, max_seq_length=2048, packing=True, bf16=True, seed=42),
+    ("zephyr-7b-beta", "dpo"): dict(
+        dataset=("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs"), num_train_epochs=3.0,
+        learning_rate=5e-7, lr_scheduler_type="linear", warmup_ratio=0.1, weight_decay=0.0, optim="rmsprop",
+        global_batch_size=32, beta=0.1, loss_type="sigmoid", max_length=1024, max_prompt_length=512, bf16=True,
+        seed=42),
+    ("zephyr-7b-beta-2024", "sft"): dict(
+        dataset=("HuggingFaceH4/ultrachat_200k", "train_sft", "test_sft"), num_train_epochs=1.0,
+        learning_rate=2e-5, lr_scheduler_type="cosine", warmup_ratio=0.1, optim="adamw_torch",
+        global_batch_size=128, max_seq_length=2048, packing=True),
+    ("zephyr-7b-beta-2024", "dpo"): dict(
+        dataset=("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs"), num_train_epochs=1.0,
+        learning_rate=5e-7, lr_scheduler_type="cosine", warmup_ratio=0.1, optim="adamw_torch",
+        global_batch_size=128, beta=0.01, loss_type="sigmoid", max_length=1024, max_prompt_length=512),
+    ("zephyr-7b-gemma", "sft"): dict(
+        dataset=("HuggingFaceH4/deita-10k-v0-sft", "train_sft", "test_sft"), num_train_epochs=3.0,
+        learning_rate=2e-5, lr_scheduler_type="cosine", warmup_ratio=0.1, optim="adamw_torch",
+        global_batch_size=128, max_seq_length=2048, packing=True),
+    ("zephyr-7b-gemma", "dpo"): dict(
+        dataset=("argilla/dpo-mix-7k", "train", "test"), num_train_epochs=2.0, learning_rate=5e-7,
+        lr_scheduler_type="cosine", warmup_ratio=0.1, optim="adamw_torch", global_batch_size=128, beta=0.05,
+        loss_type="sigmoid", max_length=1024, max_prompt_length=512),
+    ("demo", "sft"): dict(global_batch_size=8, per_device_train_batch_size=4, max_seq_length=128, bf16=False,
+                          packing=True),
+    ("demo", "dpo"): dict(global_batch_size=8, per_device_train_batch_size=4, max_length=128, bf16=False),
+}
+
+
+@pytest.mark.parametrize("name,stage", sorted(EXPECTED))
+def test_recipe_matches_its_source(name, stage):
+    recipe = load_recipe(RECIPES / name, stage)
+    assert isinstance(recipe, SFTRecipe if stage == "sft" else DPORecipe)
+    for key, want in EXPECTED[(name, stage)].items():
+        if key == "dataset":
+            assert (recipe.dataset.source, recipe.dataset.train_split, recipe.dataset.test_split) == want
+        else:
+            assert getattr(recipe, key) == want, f"{name}/{stage}.yaml {key}"
+    # the global batch must be reachable on 1 and 2 GPUs (and 8 for the real recipes)
+    for gpus in (1, 2) if name == "demo" else (1, 2, 8):
+        gradient_accumulation_steps(recipe, gpus)
+    assert recipe.save_steps > 0
+
+
+def test_every_shipped_recipe_is_covered():
+    shipped = {(p.parent.name, p.stem) for p in RECIPES.glob("*/*.yaml")}
+    assert shipped == set(EXPECTED)
+    assert (RECIPES / "README.md").exists()
+
+
+def test_unknown_key_is_named(tmp_path):
+    text = (RECIPES / "demo" / "sft.yaml").read_text() + "learning_rat: 0.1\n"
+    (tmp_path / "sft.yaml").write_text(text)
+    with pytest.raises(UserError, match="learning_rat"):
+        load_recipe(tmp_path, "sft")
+
+
+def test_unknown_nested_and_override_keys_are_named():
+    with pytest.raises(UserError, match="revison"):
+        load_recipe(RECIPES / "demo", "dpo", {"dataset": {"revison": "abc"}})
+    with pytest.raises(UserError, match="betta"):
+        load_recipe(RECIPES / "demo", "dpo", {"betta": 0.2})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(UserError, match="global_batch_size"):
+        load_recipe(RECIPES / "demo", "sft", {"global_batch_size": "eight"})
+
+
+def test_overrides_from_the_command_line():
+    over = parse_overrides(["max_steps=3", "learning_rate=2e-5", "dataset.revision=abc", "eval_steps=null"])
+    assert over == {"max_steps": 3, "learning_rate": "2e-5", "dataset": {"revision": "abc"}, "eval_steps": None}
+    recipe = load_recipe(RECIPES / "demo", "sft", over)
+    assert (recipe.max_steps, recipe.learning_rate, recipe.dataset.revision) == (3, 2e-5, "abc")
+    with pytest.raises(UserError, match="key=value"):
+        parse_overrides(["max_steps"])
+
+
+@pytest.mark.parametrize("gpus,accumulation", [(1, 128), (2, 64), (8, 16)])
+def test_accumulation_keeps_the_global_batch(gpus, accumulation):
+    recipe = load_recipe(RECIPES / "zephyr-7b-beta", "sft")
+    assert gradient_accumulation_steps(recipe, gpus) == accumulation
+    with pytest.raises(UserError, match="not divisible"):
+        gradient_accumulation_steps(recipe, 3)
