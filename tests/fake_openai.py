@@ -5,6 +5,7 @@
         ...
         fake.bodies()       # every chat request body received, parsed, in arrival order
         fake.log            # one FakeRequest per chat request: body, raw bytes, fault, time
+        fake.max_in_flight  # most requests answered at once (checks a client's concurrency)
 
 The responder gets the parsed request body and returns the message content (str), or a dict
 {"content": str, "logprobs": [entry, ...]} where entries are OpenAI's `logprobs.content` items;
@@ -70,6 +71,8 @@ class FakeOpenAI:
         self.hang_s = hang_s
         self.delay_s = delay_s  # added to every answer, to keep requests in flight
         self.log: list[FakeRequest] = []
+        self.max_in_flight = 0  # most chat requests being answered at once
+        self._in_flight = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -155,28 +158,36 @@ class FakeOpenAI:
             fault = self._draw_fault()
             self.log.append(FakeRequest(h.path, raw, body, dict(h.headers), fault, time.time()))
             n = len(self.log)
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            reply = self._reply(body, fault, n)
+        finally:
+            with self._lock:  # before answering, so the client's next request never overlaps it
+                self._in_flight -= 1
+        if reply is None:  # "timeout": no answer at all
+            h.close_connection = True
+            return
+        status, data, headers = reply
+        self._send(h, status, data, headers)
+
+    def _reply(self, body, fault: str | None, n: int) -> tuple[int, dict | bytes, dict] | None:
         if self.delay_s:
             time.sleep(self.delay_s)
         if fault == "429":
-            self._send(h, 429, {"error": {"message": "Rate limit reached", "type": "requests"}},
-                       {"Retry-After": f"{self.retry_after_s:g}"})
-        elif fault == "500":
-            self._send(h, 500, {"error": {"message": "The server had an error", "type": "server_error"}})
-        elif fault == "timeout":
+            return 429, {"error": {"message": "Rate limit reached", "type": "requests"}}, {
+                "Retry-After": f"{self.retry_after_s:g}"}
+        if fault == "500":
+            return 500, {"error": {"message": "The server had an error", "type": "server_error"}}, {}
+        if fault == "timeout":
             self._stop.wait(self.hang_s)
-            h.close_connection = True
-        elif fault == "garbage":
-            data = b'{"id": "chatcmpl-garbage", "choices": [{"mess'
-            h.send_response(200)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            h.wfile.write(data)
-        elif body is None or not isinstance(body.get("messages"), list):
-            self._send(h, 400, {"error": {"message": "body must be JSON with a 'messages' list",
-                                          "type": "invalid_request_error"}})
-        else:
-            self._send(h, 200, self._completion(body, n))
+            return None
+        if fault == "garbage":
+            return 200, b'{"id": "chatcmpl-garbage", "choices": [{"mess', {}
+        if body is None or not isinstance(body.get("messages"), list):
+            return 400, {"error": {"message": "body must be JSON with a 'messages' list",
+                                   "type": "invalid_request_error"}}, {}
+        return 200, self._completion(body, n), {}
 
     def _completion(self, body: dict, n: int) -> dict:
         out = self.responder(body)
@@ -200,8 +211,8 @@ class FakeOpenAI:
         }
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, obj: dict, headers: dict | None = None) -> None:
-        data = json.dumps(obj).encode()
+    def _send(h: BaseHTTPRequestHandler, status: int, obj: dict | bytes, headers: dict | None = None) -> None:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         try:
             h.send_response(status)
             h.send_header("Content-Type", "application/json")

@@ -213,7 +213,7 @@ def test_full_run_sends_exactly_fastchats_160_requests(data, tmp_path):
         wall = time.monotonic() - t0
     print(f"\n80-question MT-Bench run, concurrency 8, fake judge latency 20 ms: {wall:.2f} s "
           f"({len(fake.log)} requests)")
-    assert wall < 0.75 * 160 * 0.02  # the requests overlapped
+    assert 1 < fake.max_in_flight <= 8  # concurrent, and bounded by judge.concurrency
 
     questions = read_jsonl(REF / "question.jsonl")
     refs = {r["question_id"]: r["choices"][0]["turns"] for r in read_jsonl(REF / "reference_answer_gpt-4.jsonl")}

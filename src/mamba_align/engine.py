@@ -155,16 +155,17 @@ def mamba_ssm_config_from_hf(hf_config) -> dict:
 def hf_to_mamba_ssm_state_dict(state_dict: dict, tie_embeddings: bool) -> dict:
     """Rename a transformers MambaForCausalLM state dict to mamba_ssm's MambaLMHeadModel keys.
 
-    Only the embedding differs (`backbone.embeddings` -> `backbone.embedding`); a tied `lm_head.weight`
-    is dropped (mamba_ssm ties it to the embedding itself)."""
+    Only the embedding differs (`backbone.embeddings` -> `backbone.embedding`). With tied embeddings,
+    `lm_head.weight` is the embedding (transformers' save_pretrained leaves the tied copy out; mamba_ssm's
+    state dict lists it under both names)."""
     out = {}
     for key, value in state_dict.items():
-        if key == "lm_head.weight" and tie_embeddings:
-            continue
         if key.startswith("backbone.embeddings."):
             key = "backbone.embedding." + key[len("backbone.embeddings."):]
         out[key] = value
-    if not tie_embeddings and "lm_head.weight" not in out:
+    if tie_embeddings:
+        out["lm_head.weight"] = out["backbone.embedding.weight"]
+    elif "lm_head.weight" not in out:
         raise ValueError("tie_word_embeddings is false but the checkpoint has no lm_head.weight")
     return out
 
@@ -205,7 +206,7 @@ def sample_next(logits, sampling: Sampling):
         return logits.argmax(dim=-1)
     logits = logits.float() / sampling.temperature
     if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
         drop = mass_before >= sampling.top_p  # keep the smallest prefix reaching top_p (and always the top one)

@@ -113,14 +113,22 @@ def last_complete_checkpoint(checkpoint_dir) -> Path | None:
     return max(done, key=lambda c: int(c.name[11:]), default=None)
 
 
+# May change between resubmissions of one run (e.g. onto other GPUs): they do not change what is learned.
+OPERATIONAL_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_checkpointing",
+                    "logging_steps", "save_steps", "save_total_limit", "eval_steps")
+
+
 def _prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon) -> None:
     """Outermost process only: refuse another recipe's checkpoints, drop stale stop requests and torn saves."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run_file = checkpoint_dir / "run.json"
-    run = json.loads(json.dumps({"stage": stage, "recipe": as_dict(recipe)}))
+    settings = {k: v for k, v in as_dict(recipe).items() if k not in OPERATIONAL_KEYS}
+    run = json.loads(json.dumps({"stage": stage, "recipe": settings}))
     if run_file.exists() and read_json(run_file) != run:
-        raise UserError(f"{checkpoint_dir} holds checkpoints of another {stage} recipe (see {run_file}); "
-                        "delete the folder to start afresh, or use another checkpoint directory")
+        old = read_json(run_file).get("recipe", {})
+        changed = sorted(k for k in set(old) | set(run["recipe"]) if old.get(k) != run["recipe"].get(k))
+        raise UserError(f"{checkpoint_dir} holds checkpoints of a {stage} run with other settings "
+                        f"({', '.join(changed) or 'stage'}); delete the folder to start afresh, or use another")
     write_json(run_file, run)
     (checkpoint_dir / STOP_FILE).unlink(missing_ok=True)
     for ckpt in checkpoint_dir.glob("checkpoint-*"):

@@ -31,6 +31,8 @@ def setup_logging(log_path: str | os.PathLike | None = None, level: int = loggin
         handlers=handlers,
         force=True,
     )
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one INFO line per judge request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

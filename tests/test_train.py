@@ -1,0 +1,316 @@
+"""mamba_align.train on a tiny random Mamba (CPU, offline): SFT and DPO learn and touch every parameter, a
+run killed mid-training resumes to the same weights, SIGTERM/SIGUSR1/STOP leave a resumable checkpoint, two
+ranks keep the global batch, bad inputs fail early. The tiny model and data come from bench/train_throughput.py.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mamba_align.recipes import load_recipe
+from mamba_align.train import (PREEMPTED_EXIT_CODE, _decay_parameter_names, last_complete_checkpoint, main,
+                               train_dpo, train_sft, truncate_pair)
+from mamba_align.utils import UserError, read_json
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "config" / "recipes" / "demo"
+_spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    bench.write_model(d / "model", **bench.SHAPES["tiny"])
+    vocab = bench.words(512)[:40]
+    bench.write_sft_rows(d / "sft_train.parquet", 320, vocab, seed=0)  # ~9 optimizer steps per epoch
+    bench.write_sft_rows(d / "sft_test.parquet", 8, vocab, seed=1)
+    bench.write_dpo_rows(d / "dpo_train.parquet", 64, vocab, seed=0)
+    bench.write_dpo_rows(d / "dpo_test.parquet", 8, vocab, seed=1)
+    return d
+
+
+def weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(model_dir) / "model.safetensors")
+
+
+def losses(metrics, key="loss"):
+    return [h[key] for h in metrics["log_history"] if key in h]
+
+
+def assert_every_parameter_changed(base, trained):
+    before, after = weights(base), weights(trained)
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters not updated: {unchanged}"
+
+
+# ------------------------------------------------------------------------------------------------ learning
+
+def test_sft_learns_updates_every_parameter_and_writes_a_clean_model(tiny, tmp_path):
+    recipe = load_recipe(DEMO, "sft", {"max_steps": 16, "save_steps": 8, "logging_steps": 1})
+    m = train_sft(tiny / "model", tiny / "sft_train.parquet", tiny / "sft_test.parquet", recipe,
+                  tmp_path / "sft", tmp_path / "ckpt", tmp_path / "metrics.json")
+    loss = losses(m)
+    assert loss[-1] < loss[0] - 0.5, loss
+    assert_every_parameter_changed(tiny / "model", tmp_path / "sft")
+    config = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert config["use_cache"] is True and config["use_mambapy"] is False  # the base's, not the CPU switch
+    assert config["dtype"] == "float32"
+    assert (tmp_path / "sft" / "tokenizer.json").exists() and (tmp_path / "sft" / "chat_template.jinja").exists()
+    assert not list((tmp_path / "sft").glob("checkpoint-*"))
+    assert last_complete_checkpoint(tmp_path / "ckpt").name == "checkpoint-16"
+    saved = read_json(tmp_path / "metrics.json")
+    assert saved["final"] == m["final"] and "eval_loss" in saved["final"]
+    assert (saved["num_processes"], saved["gradient_accumulation_steps"], saved["global_batch_size"]) == (1, 2, 8)
+    assert saved["global_step"] == 16 and saved["wall_time_s"] > 0 and saved["tokens_per_second"] > 0
+    # wrapped packing: every row has max_seq_length tokens but one short tail row per epoch
+    assert 15 * 8 * 128 < saved["tokens_this_run"] < 16 * 8 * 128
+
+
+def test_dpo_raises_reward_accuracy_and_updates_every_parameter(tiny, tmp_path):
+    recipe = load_recipe(DEMO, "dpo", {"max_steps": 12, "logging_steps": 1})
+    m = train_dpo(tiny / "model", tiny / "model", tiny / "dpo_train.parquet", tiny / "dpo_test.parquet", recipe,
+                  tmp_path / "dpo", tmp_path / "ckpt", tmp_path / "metrics.json")
+    accuracy, loss = losses(m, "rewards/accuracies"), losses(m)
+    assert accuracy[0] == 0.0 and loss[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
+    assert sum(accuracy[-3:]) / 3 > 0.8 and loss[-1] < 0.6, (accuracy, loss)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "eval_rewards/accuracies", "eval_loss"):
+        assert key in m["final"]
+    assert m["final"]["rewards/margins"] > 0
+    assert_every_parameter_changed(tiny / "model", tmp_path / "dpo")
+
+
+def test_dpo_with_precomputed_reference_matches(tiny, tmp_path):
+    runs = {}
+    for precompute in (False, True):
+        recipe = load_recipe(DEMO, "dpo", {"max_steps": 4, "logging_steps": 1,
+                                           "precompute_ref_log_probs": precompute})
+        out = tmp_path / str(precompute)
+        runs[precompute] = train_dpo(tiny / "model", tiny / "model", tiny / "dpo_train.parquet", None, recipe,
+                                     out / "dpo", out / "ckpt", out / "metrics.json")
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), abs=1e-5)
+    assert losses(runs[True], "rewards/margins") == pytest.approx(losses(runs[False], "rewards/margins"), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ pre-emption
+
+def cli(tiny, out: Path, stage="sft", *overrides) -> list[str]:
+    data = "sft" if stage == "sft" else "dpo"
+    return [sys.executable, "-m", "mamba_align.train", stage, "--model", str(tiny / "model"),
+            "--train", str(tiny / f"{data}_train.parquet"), "--recipe-dir", str(DEMO),
+            "--out", str(out / "model"), "--checkpoint-dir", str(out / "ckpt"), "--metrics", str(out / "m.json"),
+            "--log", str(out / "log.txt"), *[a for o in overrides for a in ("--override", o)]]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT / "src")}
+
+
+def wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, f"finished before it could be interrupted (rc {proc.returncode})"
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path):
+    over = ("max_steps=16", "save_steps=4", "num_train_epochs=10")  # crosses an epoch boundary
+    subprocess.run(cli(tiny, tmp_path / "ref", "sft", *over), check=True, env=ENV, capture_output=True)
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cli(tiny, run, "sft", *over), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for(lambda: (run / "ckpt" / "checkpoint-4" / "trainer_state.json").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model").exists()
+    killed_at = last_complete_checkpoint(run / "ckpt")
+    torn = run / "ckpt" / "checkpoint-1000"  # as if killed while saving: no trainer_state.json yet
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+
+    subprocess.run(cli(tiny, run, "sft", *over), check=True, env=ENV, capture_output=True)
+    m = read_json(run / "m.json")
+    assert m["resumed_from"] == str(killed_at) and m["global_step"] == 16 and not torn.exists()
+    ref, resumed = weights(tmp_path / "ref" / "model"), weights(run / "model")
+    delta = max((ref[k] - resumed[k]).abs().max().item() for k in ref)
+    print(f"resumed from {killed_at.name}: max |delta| vs uninterrupted = {delta:.3g}")
+    assert delta <= 1e-6
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_exits_75_and_resumes(tiny, tmp_path, signum):
+    over = ("max_steps=20", "save_steps=1000", "logging_steps=1")
+    proc = subprocess.Popen(cli(tiny, tmp_path, "sft", *over), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "log.txt"
+    wait_for(lambda: log.exists() and "step 1:" in log.read_text(), proc)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE
+    ckpt = last_complete_checkpoint(tmp_path / "ckpt")
+    assert ckpt is not None and 1 <= int(ckpt.name.split("-")[1]) < 20
+    assert not (tmp_path / "model").exists() and not (tmp_path / "m.json").exists()
+
+    subprocess.run(cli(tiny, tmp_path, "sft", *over), check=True, env=ENV, capture_output=True)
+    m = read_json(tmp_path / "m.json")
+    assert m["resumed_from"] == str(ckpt) and m["global_step"] == 20
+    assert m["steps_this_run"] == 20 - int(ckpt.name.split("-")[1])
+
+
+def test_stop_file_stops_in_process(tiny, tmp_path):
+    """The STOP file is how a multi-GPU launcher passes a signal on to its ranks."""
+    ckpt = tmp_path / "ckpt"
+
+    def stop_after_first_checkpoint():
+        while not (ckpt / "checkpoint-2" / "trainer_state.json").exists():
+            time.sleep(0.01)
+        (ckpt / "STOP").touch()
+
+    threading.Thread(target=stop_after_first_checkpoint, daemon=True).start()
+    recipe = load_recipe(DEMO, "sft", {"max_steps": 200, "save_steps": 2, "num_train_epochs": 100})
+    with pytest.raises(SystemExit) as stopped:
+        train_sft(tiny / "model", tiny / "sft_train.parquet", None, recipe, tmp_path / "sft", ckpt,
+                  tmp_path / "m.json")
+    assert stopped.value.code == PREEMPTED_EXIT_CODE
+    assert 2 < int(last_complete_checkpoint(ckpt).name.split("-")[1]) < 200
+    assert not (tmp_path / "sft").exists()
+
+
+# ------------------------------------------------------------------------------------------------ multi-process
+
+def test_two_ranks_keep_the_global_batch(tiny, tmp_path):
+    """--num-processes 2 relaunches through `accelerate launch` (DDP over gloo here): rank 0 writes, and
+    2 ranks x 4 rows x 1 accumulation follow the same losses as 1 process x 4 rows x 2 accumulation."""
+    over = ("max_steps=4", "logging_steps=1")
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(cli(tiny, one, "sft", *over), check=True, env=ENV, capture_output=True)
+    subprocess.run([*cli(tiny, two, "sft", *over), "--num-processes", "2"], check=True, env=ENV,
+                   capture_output=True, timeout=300)
+    m1, m2 = read_json(one / "m.json"), read_json(two / "m.json")
+    assert (m2["num_processes"], m2["gradient_accumulation_steps"]) == (2, 1)
+    assert losses(m2) == pytest.approx(losses(m1), abs=1e-4)
+    assert (two / "model" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+def _train(tiny, tmp_path, recipe=None, **kw):
+    args = dict(model_dir=tiny / "model", train_path=tiny / "sft_train.parquet", test_path=None,
+                recipe=recipe or load_recipe(DEMO, "sft"), out_dir=tmp_path / "out",
+                checkpoint_dir=tmp_path / "ckpt", metrics_path=tmp_path / "m.json")
+    return train_sft(**{**args, **kw})
+
+
+def test_missing_column_names_file_and_column(tiny, tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"messages": ["x"]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match=r"bad\.parquet: missing column\(s\) text"):
+        _train(tiny, tmp_path, train_path=tmp_path / "bad.parquet")
+    pd.DataFrame({"prompt": ["p"], "chosen": ["c"]}).to_parquet(tmp_path / "pairs.parquet")
+    with pytest.raises(UserError, match=r"pairs\.parquet: missing column\(s\) rejected"):
+        train_dpo(tiny / "model", None, tmp_path / "pairs.parquet", None, load_recipe(DEMO, "dpo"),
+                  tmp_path / "o", tmp_path / "c", tmp_path / "m.json")
+    with pytest.raises(UserError, match="does not exist"):
+        _train(tiny, tmp_path, test_path=tmp_path / "nope.parquet")
+
+
+def test_batch_not_divisible_by_processes(tiny, tmp_path):
+    with pytest.raises(UserError, match=r"not divisible by 3 processes x per_device_train_batch_size 4"):
+        _train(tiny, tmp_path, num_processes=3)
+
+
+def test_missing_model_dir(tiny, tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        _train(tiny, tmp_path, model_dir=tmp_path / "nowhere")
+
+
+def test_sequence_length_above_the_models_limit(tiny, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    with pytest.raises(UserError, match="max_seq_length 128 exceeds the model's max_position_embeddings 64"):
+        _train(tiny, tmp_path, model_dir=model)
+
+
+@pytest.mark.parametrize("pad,match", [("<|endoftext|>", "equals the eos token id"), (None, "no pad token")])
+def test_pad_token_must_differ_from_eos(tiny, tmp_path, pad, match):
+    model = tmp_path / "model"
+    shutil.copytree(tiny / "model", model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["pad_token"] = pad
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=match):
+        _train(tiny, tmp_path, model_dir=model)
+
+
+def test_checkpoints_of_other_settings_are_refused(tiny, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "run.json").write_text(json.dumps({"stage": "sft", "recipe": {"learning_rate": 1.0}}))
+    with pytest.raises(UserError, match="other settings.*learning_rate"):
+        _train(tiny, tmp_path)
+
+
+def test_cli_reports_user_errors(tiny, tmp_path, caplog):
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--model", str(tiny / "model"), "--train", str(tiny / "sft_train.parquet"),
+              "--recipe-dir", str(DEMO), "--out", str(tmp_path / "o"), "--checkpoint-dir", str(tmp_path / "c"),
+              "--metrics", str(tmp_path / "m.json"), "--override", "learning_rat=1"])
+    assert e.value.code == 2 and "learning_rat" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+def test_last_complete_checkpoint_skips_torn_saves(tmp_path):
+    assert last_complete_checkpoint(tmp_path) is None
+    for step, state in [(5, "{}"), (10, "{}"), (15, '{"trunc'), (20, None)]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-10"
+
+
+@pytest.mark.parametrize("prompt,answer,expected", [
+    (10, 20, (10, 20)),    # fits: untouched
+    (40, 20, (40, 20)),    # 60 = max_length: untouched
+    (50, 20, (30, 20)),    # too long: keep the prompt's last 30 tokens
+    (50, 45, (30, 30)),    # still too long: answers cut to max_length - max_prompt_length
+    (20, 45, (20, 30)),    # short prompt, long answer: prompt kept, answers cut
+])
+def test_truncate_pair_follows_trl_0_7(prompt, answer, expected):
+    out = truncate_pair(list(range(prompt)), list(range(answer)), list(range(answer - 5)), 60, 30)
+    assert (len(out["prompt_ids"]), len(out["chosen_ids"])) == expected
+    assert out["prompt_ids"] == list(range(prompt))[-expected[0]:]  # the prompt's end is kept
+
+
+def test_no_weight_decay_on_A_log_D_norms_biases(tiny):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    decay = set(_decay_parameter_names(model))
+    names = {n for n, _ in model.named_parameters()}
+    assert {n for n in names if n.endswith(("A_log", ".D", "bias")) or "norm" in n}.isdisjoint(decay)
+    assert "backbone.layers.0.mixer.in_proj.weight" in decay and "backbone.embeddings.weight" in decay
+
+
+def test_bench_runs_tiny_on_cpu(tmp_path):
+    result = bench.main(["--tiny", "--device", "cpu", "--steps", "3", "--precompute-ref", "--out",
+                         str(tmp_path / "bench.json"), "--workdir", str(tmp_path / "work")])
+    for key in ("sft", "dpo", "dpo_precompute_ref"):
+        assert result[key]["tokens_per_second"] > 0 and result[key]["steps_this_run"] == 3
+    assert read_json(tmp_path / "bench.json")["parameters"] == result["parameters"]
