@@ -4,7 +4,9 @@ from pathlib import Path
 from snakemake.utils import min_version, validate
 
 from mamba_align import layout
+from mamba_align import plan as planner
 from mamba_align.recipes import as_dict, load_recipe
+from mamba_align.utils import UserError
 
 min_version("9.0")
 
@@ -80,3 +82,48 @@ def all_targets():
     return [
         layout.eval_summary(R, s, b) for s in EVAL["stages"] for b in layout.BENCHMARKS
     ]
+
+
+def profile_resources(rule):
+    """The active profile's set-resources for `rule` (what the scheduler will be asked for)."""
+    over = workflow.resource_settings.overwrite_resources.get(rule) or {}
+    items = over.items() if hasattr(over, "items") else []
+    return {k: getattr(v, "raw", v) for k, v in items}
+
+
+def gpu_type_of(rule):
+    res = profile_resources(rule)
+    label = f"{res.get('gpu_model', '')} {res.get('constraint', '')}".lower()
+    for key, gpu_type in (
+        ("h200", "H200"),
+        ("h100", "H100-80GB"),
+        ("a100", "A100-80GB"),
+    ):
+        if key in label:
+            return "A100-40GB" if key == "a100" and "40" in label else gpu_type
+    return config["plan"]["gpu_type"]
+
+
+def training_gpus():
+    return {
+        r: int(profile_resources(r).get("gpu", 1)) for r in ("train_sft", "train_dpo")
+    }
+
+
+def current_plan():
+    return planner.make_plan(
+        config, SFT, DPO, training_gpus(), gpu_type_of("train_sft"), R
+    )
+
+
+def planned_runtime(rule, default):
+    """Minutes to ask for: the plan's estimate plus the safety margin (default when not estimable)."""
+
+    def runtime(wildcards, attempt):
+        try:
+            jobs = [j for j in current_plan()["jobs"] if j["rule"] == rule]
+        except UserError:
+            return default
+        return jobs[0]["runtime_min"] if jobs else default
+
+    return runtime
