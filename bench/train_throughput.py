@@ -173,6 +173,9 @@ def main(argv=None) -> dict:
     t0 = time.time()
     params = write_model(model_dir, **shape, dtype="bfloat16" if a.device == "cuda" else "float32")
     print(f"random model: {params / 1e6:.1f}M parameters in {time.time() - t0:.0f}s", file=sys.stderr)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     vocab = words(shape["vocab_size"])
     common = dict(dataset=DatasetSpec(source="synthetic"), max_steps=a.steps, learning_rate=1e-5,
                   warmup_ratio=0.0, logging_steps=1, save_steps=10**9, bf16=True,

@@ -11,6 +11,7 @@ Variants (--variants, comma-separated, each NAME or NAME:BATCH or NAME:BATCH:ckp
   mamba_ssm      MambaLMHeadModel(input_ids).logits -> F.cross_entropy(logits.float()), its fused add+norm
   fast           transformers + enable_fast_path: fused add+norm, chunked loss (no full logits)
   fast_trl       fast + TRL's fused LM head (what SFTTrainer/DPOTrainer call: fused_lm_head=True)
+  fast_layout    fast + native_mixer_layout=True (experimental: mamba_ssm's in_proj layout)
 
     PYTHONPATH=src python bench/training_speed.py
     PYTHONPATH=src python bench/training_speed.py --tiny
@@ -50,10 +51,10 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
 
         with torch.device(device):
             model = MambaForCausalLM(cfg)
-        if variant in ("fast", "fast_trl"):
+        if variant in ("fast", "fast_trl", "fast_layout"):
             from mamba_align.fast import enable_fast_path, patch_model, reference_add_rms_norm
 
-            if not enable_fast_path(model):
+            if not enable_fast_path(model, native_mixer_layout=variant == "fast_layout"):
                 if cuda:
                     raise RuntimeError("enable_fast_path returned False on a CUDA machine")
                 patch_model(model, reference_add_rms_norm, cuda_only=False)  # CPU smoke test of the plumbing

@@ -191,6 +191,28 @@ def test_no_grad_forward_computes_no_gradients():
     assert not out.requires_grad
 
 
+def test_native_mixer_layout_feeds_mamba_inner_fn_what_transformers_does():
+    """Same xz values as transformers' in_proj(x).transpose(1, 2), but with the sequence contiguous, and the
+    same other arguments."""
+    m = tiny_model(use_bias=True).backbone.layers[0].mixer
+    hidden = torch.randn(2, 9, 64)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, -3:] = 0
+    seen = {}
+
+    def inner(xz, *args, **kw):
+        seen["xz"], seen["args"], seen["kw"] = xz, args, kw
+        return torch.zeros(2, 9, 64)
+
+    fast.mixer_native_layout(m, hidden, mask, inner)
+    expected = m.in_proj(hidden * mask[:, :, None]).transpose(1, 2)
+    torch.testing.assert_close(seen["xz"], expected, rtol=1e-6, atol=1e-6)
+    assert seen["xz"].stride(-1) == 1 and expected.stride(-1) != 1
+    assert seen["args"][0] is m.conv1d.weight and seen["args"][2] is m.x_proj.weight
+    torch.testing.assert_close(seen["args"][6], -torch.exp(m.A_log.float()))
+    assert seen["kw"] == dict(delta_bias=seen["kw"]["delta_bias"], delta_softplus=True)
+
+
 def test_reference_add_rms_norm_is_transformers_block_math():
     from transformers.models.mamba.modeling_mamba import MambaRMSNorm
 
@@ -225,24 +247,25 @@ def test_gpu_triton_add_norm_equals_reference():
         torch.testing.assert_close(y, ry, rtol=tol, atol=tol)
 
 
-def _gpu_models(**overrides):
+def _gpu_models(native_mixer_layout=False, **overrides):
     ref = tiny_model(hidden_size=256, num_hidden_layers=4, vocab_size=1000, state_size=16, time_step_rank=16,
                      use_mambapy=False, **overrides).cuda()
     model = copy.deepcopy(ref)
-    assert fast.enable_fast_path(model) is True
+    assert fast.enable_fast_path(model, native_mixer_layout=native_mixer_layout) is True
     return ref, model
 
 
 def _gpu_batch():
-    ids, labels, mask = batch(vocab=1000, b=2, length=256)
+    ids, labels, mask = batch(vocab=1000, b=3, length=256)
     return ids.cuda(), labels.cuda(), mask.cuda()
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_gpu_fast_path_fp32_equals_reference(checkpointing):
-    ref, model = _gpu_models()
+@pytest.mark.parametrize("native_mixer_layout", [False, True])
+def test_gpu_fast_path_fp32_equals_reference(checkpointing, native_mixer_layout):
+    ref, model = _gpu_models(native_mixer_layout)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, labels, mask = _gpu_batch()

@@ -47,17 +47,26 @@ def fast_path_unavailable(model=None) -> str | None:
     return None
 
 
-def enable_fast_path(model, chunk_size: int = 4096) -> bool:
+def enable_fast_path(model, chunk_size: int = 4096, native_mixer_layout: bool = False) -> bool:
     """Patch `model` (a transformers MambaForCausalLM) to train with mamba_ssm's fused add+RMSNorm and a chunked
     LM loss. Returns False, changing nothing, where CUDA or mamba_ssm is missing. Call it before building the
-    trainer (before DDP / TRL wrap the model); gradient checkpointing set later is honoured."""
+    trainer (before DDP / TRL wrap the model); gradient checkpointing set later is honoured.
+
+    `native_mixer_layout` (experimental, not yet measured on a GPU): in training, produce the mixer's input
+    projection in mamba_ssm's layout (see `mixer_native_layout`) instead of calling transformers' mixer."""
     reason = fast_path_unavailable(model)
     if reason is not None:
         log.info("mamba_ssm fast path not enabled: %s", reason)
         return False
     from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
-    patch_model(model, functools.partial(_triton_add_rms_norm, layer_norm_fn), chunk_size, cuda_only=True)
+    mixer = None
+    if native_mixer_layout:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
+        mixer = functools.partial(mixer_native_layout, inner_fn=mamba_inner_fn)
+    patch_model(model, functools.partial(_triton_add_rms_norm, layer_norm_fn), chunk_size, cuda_only=True,
+                mixer=mixer)
     log.info("mamba_ssm fast path enabled (fused add+RMSNorm, chunked LM loss)")
     return True
 
@@ -97,9 +106,10 @@ def reference_add_rms_norm(x, weight, residual, eps, prenorm, residual_in_fp32):
 # -------------------------------------------------------------------------------------------- patching
 
 
-def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True) -> None:
+def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True, mixer=None) -> None:
     """Install the fast forwards with a given add+norm implementation (the Triton one, or the reference one
-    in CPU tests). `cuda_only`: tensors elsewhere take the original forward."""
+    in CPU tests). `cuda_only`: tensors elsewhere take the original forward. `mixer(module, hidden, mask)`
+    replaces the call of transformers' mixer in training (None: transformers' own)."""
     if _PATCH_ATTR in model.__dict__:
         disable_fast_path(model)
     backbone = model.backbone
@@ -126,7 +136,7 @@ def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True)
                                              attention_mask=attention_mask, **kwargs)
         residual = None
         for layer in self.layers:
-            step = functools.partial(_layer_step, layer, add_norm)
+            step = functools.partial(_layer_step, layer, add_norm, mixer if self.training else None)
             if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
                 hidden, residual = layer._gradient_checkpointing_func(step, hidden, residual, attention_mask)
             else:
@@ -174,11 +184,31 @@ def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True)
     model.forward = types.MethodType(model_forward, model)
 
 
-def _layer_step(layer, add_norm, hidden, residual, attention_mask):
-    """Block i: (fused) residual add + RMSNorm, then transformers' mixer. Returns (mixer output, residual)."""
+def _layer_step(layer, add_norm, mixer, hidden, residual, attention_mask):
+    """Block i: (fused) residual add + RMSNorm, then the mixer. Returns (mixer output, residual)."""
     normed, residual = add_norm(hidden, layer.norm.weight, residual, layer.norm.variance_epsilon, True,
                                 layer.residual_in_fp32)
-    return layer.mixer(normed, attention_mask=attention_mask), residual
+    if mixer is None:
+        return layer.mixer(normed, attention_mask=attention_mask), residual
+    return mixer(layer.mixer, normed, attention_mask), residual
+
+
+def mixer_native_layout(m, hidden, attention_mask, inner_fn):
+    """transformers' MambaMixer training forward (no cache), with the input projection computed as mamba_ssm
+    does: xz = W_in @ X^T, a (batch, 2*d_inner, L) view with L contiguous. transformers computes
+    in_proj(X).transpose(1, 2), whose last stride is 2*d_inner, and mamba_inner_fn then copies it to
+    contiguous (and its gradient back) in every layer. Same arguments to `inner_fn` (mamba_inner_fn) as
+    transformers passes."""
+    if attention_mask is not None:
+        hidden = (hidden * attention_mask[:, :, None]).to(hidden.dtype)
+    batch, seqlen, _ = hidden.shape
+    xz = (m.in_proj.weight @ hidden.reshape(batch * seqlen, -1).t()).view(-1, batch, seqlen).transpose(0, 1)
+    if m.in_proj.bias is not None:
+        xz = xz + m.in_proj.bias.to(xz.dtype)[:, None]
+    return inner_fn(
+        xz, m.conv1d.weight, m.conv1d.bias if m.use_conv_bias else None, m.x_proj.weight, m.dt_proj.weight,
+        m.out_proj.weight, m.out_proj.bias.float() if m.use_bias else None, -torch.exp(m.A_log.float()),
+        None, None, m.D.float(), delta_bias=m.dt_proj.bias.float(), delta_softplus=True)
 
 
 # ----------------------------------------------------------------------------------------- chunked loss

@@ -18,6 +18,10 @@ from .utils import UserError, append_jsonl, read_jsonl, setup_logging, write_jso
 
 log = logging.getLogger(__name__)
 
+# Prompts handed to the engine per call, and the unit of resumption. Larger than the engine's batch so
+# that a slot freed by a short answer is refilled at once (the GPU engine decodes continuously).
+CHUNK = 256
+
 # FastChat's llm_judge temperature per MT-Bench category (gen_model_answer.py / common.py)
 MT_BENCH_TEMPERATURE = {
     "writing": 0.7, "roleplay": 0.7,
@@ -69,8 +73,8 @@ def generate_mt_bench(model_dir, question_path, out_path, model_id, max_new_toke
             by_temp.setdefault(MT_BENCH_TEMPERATURE.get(q["category"], 0.7), []).append(q)
         for temp, qs in by_temp.items():
             sampling = Sampling(temperature=temp, max_new_tokens=max_new_tokens, seed=seed)
-            for start in range(0, len(qs), batch_size):
-                chunk = qs[start : start + batch_size]
+            for start in range(0, len(qs), max(batch_size, CHUNK)):
+                chunk = qs[start : start + max(batch_size, CHUNK)]
                 convs = [[] for _ in chunk]
                 answers = [[] for _ in chunk]
                 for turn in range(max(len(q["turns"]) for q in chunk)):
@@ -122,14 +126,15 @@ def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temp
         engine = engine or load_engine(model_dir, device=device, batch_size=batch_size)
         tok = engine.tokenizer
         sampling = Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
+        step = max(batch_size, CHUNK)
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
             prompts = [_encode(tok, [{"role": "user", "content": examples[i]["instruction"]}]) for i in chunk]
             outs = engine.generate(prompts, sampling)
             with open(progress, "a", encoding="utf-8") as fh:
                 for i, ids in zip(chunk, outs):
                     append_jsonl(progress, {"index": i, "output": _decode(tok, ids)}, fh=fh)
-            log.info("AlpacaEval: %d/%d", min(start + batch_size, len(todo)) + len(done), len(examples))
+            log.info("AlpacaEval: %d/%d", min(start + step, len(todo)) + len(done), len(examples))
     done = {r["index"]: r for r in read_jsonl(progress)}
     outputs = [
         {"instruction": ex["instruction"], "output": done[i]["output"], "generator": generator,

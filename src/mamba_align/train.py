@@ -95,7 +95,8 @@ def _check_length(recipe: TrainCommon, config: dict, model_dir) -> None:
         if config.get(key) and length > config[key]:
             raise UserError(f"recipe {name} {length} exceeds the model's {key} {config[key]} ({model_dir})")
     if isinstance(recipe, DPORecipe) and recipe.max_prompt_length >= recipe.max_length:
-        raise UserError(f"recipe max_prompt_length {recipe.max_prompt_length} must be below max_length {recipe.max_length}")
+        raise UserError(f"recipe max_prompt_length {recipe.max_prompt_length} must be below "
+                        f"max_length {recipe.max_length}")
 
 
 def _complete(ckpt: Path) -> bool:
@@ -152,6 +153,9 @@ def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_d
     for path in (train_path, test_path):
         if path is not None:
             _check_columns(path, stage)
+    from transformers import AutoTokenizer
+
+    _check_tokenizer(AutoTokenizer.from_pretrained(model_dir), model_dir)
     checkpoint_dir = Path(checkpoint_dir)
     if not launched:
         _prepare_checkpoint_dir(checkpoint_dir, stage, recipe)
@@ -189,6 +193,9 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
         cmd += ["--test", str(test_path)]
     if stage == "dpo":
         cmd += ["--ref-model", str(ref_model_dir)]
+    log_files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if log_files:  # the ranks log to the rule's log file too
+        cmd += ["--log", log_files[0]]
     signalled = []
 
     def forward(signum, _frame):
@@ -199,7 +206,9 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
     previous = _on_signals(forward)
     try:
         log.info("launching: %s", " ".join(cmd))
-        rc = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+        # own session: a signal to our process group reaches us, not torchrun (which would kill the ranks
+        # 30 s later, maybe mid-save); we pass it on as the STOP file instead
+        rc = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"}, start_new_session=True)
     finally:
         _restore_signals(previous)
     if signalled or rc == PREEMPTED_EXIT_CODE:
@@ -393,8 +402,7 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
     else:
         torch.cuda.reset_peak_memory_stats()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    _check_tokenizer(tokenizer, model_dir)
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = "right"  # Mamba is causal: right padding never reaches the real tokens
     model, saved_config = _load_model(model_dir, cpu=not cuda)
     cache = checkpoint_dir / "cache"
     train_ds = _load_rows(train_path, stage, cache)
