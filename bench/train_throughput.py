@@ -3,11 +3,15 @@
 Default: the Mamba-2.8B shape (d_model 2560, 64 layers, vocab 50280) on one GPU, with transformers'
 MambaForCausalLM (mamba_ssm / causal_conv1d kernels when installed), fp32 weights + bf16 autocast,
 gradient checkpointing; SFT rows packed to 2048 tokens, DPO pairs at max_length 1024. Reports tokens/s,
-seconds per optimizer step (mean over steps after the first) and peak GPU memory as JSON.
+seconds per optimizer step (mean over steps after the first, which warms up), steady tokens/s (tokens per
+step / seconds per step) and peak GPU memory as JSON.
 
     python bench/train_throughput.py --out bench.json                         # GPU, 2.8B shape
     python bench/train_throughput.py --out bench.json --precompute-ref        # + DPO with precomputed ref
     python bench/train_throughput.py --tiny --device cpu --out /tmp/tiny.json # smoke run on CPU
+
+Measured on one H100 80GB (torch 2.11, transformers 5.17, trl 1.16, mamba_ssm 2.3.2, `--stages sft --steps 3`):
+SFT 4 x 2048 tokens per step with gradient checkpointing, 1.00 s/step (8.2k tokens/s), peak 51.6 GiB.
 
 The synthetic-model helpers (write_tokenizer, write_model, write_sft_rows, write_dpo_rows) are also the
 tests' tiny fixtures.
@@ -134,7 +138,8 @@ def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompu
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     keep = ("tokens_per_second", "seconds_per_step", "peak_gpu_memory_gib", "steps_this_run", "tokens_this_run")
-    return {**{k: m[k] for k in keep}, "wall_time_s": round(time.time() - t0, 1), "final": m["final"],
+    per_step = m["tokens_this_run"] / max(1, m["steps_this_run"])
+    return {**{k: m[k] for k in keep}, "steady_tokens_per_second": per_step / m["seconds_per_step"], "wall_time_s": round(time.time() - t0, 1), "final": m["final"],
             "per_device_train_batch_size": recipe.per_device_train_batch_size, "step_times_s": m["step_times_s"]}
 
 

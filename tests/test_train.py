@@ -100,9 +100,10 @@ def test_dpo_with_precomputed_reference_matches(tiny, tmp_path):
         recipe = load_recipe(DEMO, "dpo", {"max_steps": 4, "logging_steps": 1,
                                            "precompute_ref_log_probs": precompute})
         out = tmp_path / str(precompute)
-        runs[precompute] = train_dpo(tiny / "model", tiny / "model", tiny / "dpo_train.parquet", None, recipe,
-                                     out / "dpo", out / "ckpt", out / "metrics.json")
+        runs[precompute] = train_dpo(tiny / "model", tiny / "model", tiny / "dpo_train.parquet",
+                                     tiny / "dpo_test.parquet", recipe, out / "dpo", out / "ckpt", out / "metrics.json")
     assert losses(runs[True]) == pytest.approx(losses(runs[False]), abs=1e-5)
+    assert runs[True]["final"]["eval_loss"] == pytest.approx(runs[False]["final"]["eval_loss"], abs=1e-5)
     assert losses(runs[True], "rewards/margins") == pytest.approx(losses(runs[False], "rewards/margins"), abs=1e-4)
 
 

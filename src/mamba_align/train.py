@@ -2,7 +2,7 @@
 
 Each run checkpoints into `checkpoint_dir` (beside, not inside, the output) and a rerun resumes from the
 newest complete checkpoint; the model directory appears atomically only when training has finished.
-SIGTERM / SIGUSR1 (e.g. Slurm `--signal=B:USR1@120`) or a file `<checkpoint_dir>/STOP` make the run save a
+SIGTERM / SIGUSR1 (e.g. Slurm `--signal=TERM@900`, see profiles/README.md) or a file `<checkpoint_dir>/STOP` make the run save a
 checkpoint at the end of the current optimizer step and exit with PREEMPTED_EXIT_CODE.
 
     python -m mamba_align.train sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
@@ -166,6 +166,11 @@ def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_d
                 Path(metrics_path), num_processes, accumulation)
 
 
+# torchrun answers SIGTERM by signalling the workers and killing them 30 s later by default; saving a
+# 2.8B model with its optimizer state across 8 ranks can take longer.
+LAUNCH_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}
+
+
 def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir, checkpoint_dir,
               metrics_path, num_processes, fsdp) -> dict:
     """Re-run this module under `accelerate launch`; forward SIGTERM/SIGUSR1 to the ranks as the STOP file."""
@@ -208,7 +213,7 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
         log.info("launching: %s", " ".join(cmd))
         # own session: a signal to our process group reaches us, not torchrun (which would kill the ranks
         # 30 s later, maybe mid-save); we pass it on as the STOP file instead
-        rc = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"}, start_new_session=True)
+        rc = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1", **LAUNCH_ENV}, start_new_session=True)
     finally:
         _restore_signals(previous)
     if signalled or rc == PREEMPTED_EXIT_CODE:
@@ -404,6 +409,10 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"  # Mamba is causal: right padding never reaches the real tokens
     model, saved_config = _load_model(model_dir, cpu=not cuda)
+    from .fast import enable_fast_path  # mamba_ssm's fused add+RMSNorm and a chunked LM loss, on GPU only
+
+    if enable_fast_path(model):
+        log.info("mamba_ssm fast path on (fused add+RMSNorm, chunked LM loss)")
     cache = checkpoint_dir / "cache"
     train_ds = _load_rows(train_path, stage, cache)
     eval_ds = _load_rows(test_path, stage, cache) if test_path is not None else None
@@ -421,6 +430,7 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
         ref_model = None
         if not (recipe.precompute_ref_log_probs and Path(ref_model_dir) == Path(model_dir)):
             ref_model, _ = _load_model(ref_model_dir, cpu=not cuda)
+            enable_fast_path(ref_model)
         args = DPOConfig(**common, beta=recipe.beta, loss_type=[recipe.loss_type], max_length=recipe.max_length,
                          precompute_ref_log_probs=recipe.precompute_ref_log_probs)
         trainer = dpo_cls(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,

@@ -56,6 +56,18 @@ onstart:
         )
 
 
+# Downloads and judge API calls run where snakemake runs (compute nodes often have no internet);
+# they hold no GPU either way.
+localrules:
+    build_demo_inputs,
+    plan,
+    fetch_mt_bench,
+    fetch_alpaca_eval,
+    judge_mt_bench,
+    judge_alpaca_eval,
+    report,
+
+
 wildcard_constraints:
     stage="|".join(layout.STAGES),
     stagedir="(base/|sft/)?",
@@ -124,6 +136,7 @@ def planned_runtime(rule, default):
             jobs = [j for j in current_plan()["jobs"] if j["rule"] == rule]
         except UserError:
             return default
-        return jobs[0]["runtime_min"] if jobs else default
+        # at least 30 min: more than the 15-min lead of the profile's pre-emption signal
+        return max(jobs[0]["runtime_min"], 30) if jobs else default
 
     return runtime
