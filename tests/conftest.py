@@ -1,55 +1,12 @@
-"""Shared test helpers: a copy of the workflow in a temp dir, and running snakemake in it."""
+"""Fixtures shared by the test tiers."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "results", ".snakemake", "__pycache__", ".pytest_cache",
-                                     ".gpu", ".whl", "*.egg-info")
-
-os.environ.setdefault("CONDOR_CONFIG", "/dev/null")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def copy_workflow(dest: Path) -> Path:
-    """The workflow as a user would have it (no results), in `dest`."""
-    shutil.copytree(REPO, dest, ignore=COPY_IGNORE, dirs_exist_ok=True)
-    return dest
-
-
-def snakemake(cwd: Path, *args: str, timeout: int = 1800, check: bool = True, env: dict | None = None):
-    cmd = [*SNAKEMAKE, *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}")
-    return proc
-
-
-def planned_jobs(output: str) -> dict[str, int]:
-    """Parse the 'Job stats' table of a dry run into {rule: count}."""
-    jobs: dict[str, int] = {}
-    lines = output.splitlines()
-    for i, line in enumerate(lines):
-        if line.strip() == "Job stats:":
-            for row in lines[i + 3:]:
-                parts = row.split()
-                if len(parts) != 2 or not parts[1].isdigit():
-                    break
-                if parts[0] != "total":
-                    jobs[parts[0]] = int(parts[1])
-            break
-    return jobs
+from wfhelpers import copy_workflow
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import copy_workflow, planned_jobs, snakemake
+from wfhelpers import copy_workflow, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
 DEMO = ("--configfile", "config/demo.yaml")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO, planned_jobs, snakemake
+from wfhelpers import REPO, planned_jobs, snakemake
 
 CHAIN = ["prepare_base_model", "prepare_sft_data", "train_sft", "prepare_preference_data", "train_dpo",
          "fetch_mt_bench", "generate_mt_bench", "judge_mt_bench"]
