@@ -14,11 +14,12 @@ from pathlib import Path
 
 from .utils import UserError, read_json, write_json
 
-# Training tokens/s per GPU at the 2.8B shape, fp32 params + bf16 autocast, measured on one H100 with
-# mamba_ssm kernels (docs/benchmarks.md: transformers MambaForCausalLM, batch 8 with gradient checkpointing).
-H100_TRAIN_TOKENS_PER_S_2P8B = 9342.0
-# Batched CUDA-graph decoding at the 2.8B shape, batch 64 (docs/benchmarks.md).
-H100_GENERATE_TOKENS_PER_S_2P8B = 11241.0
+# Training tokens/s per GPU at the 2.8B shape through the pipeline's own train_sft (TRL, wrapped packing to
+# 2,048, fp32 params + bf16 autocast, gradient checkpointing, mamba_ssm kernels), one H100
+# (docs/benchmarks.md section 7).
+H100_TRAIN_TOKENS_PER_S_2P8B = 8200.0
+# Batched CUDA-graph decoding at the 2.8B shape, 128 slots (docs/benchmarks.md section 1).
+H100_GENERATE_TOKENS_PER_S_2P8B = 14949.0
 REF_PARAMS = 2.77e9
 # Relative speed and memory per GPU type. A100 figures are derived from H100 ones by the ratio of dense
 # bf16 peak (312 / 989 TFLOP/s is 0.32; memory-bound kernels fare better, so 0.45 is used) until measured.
