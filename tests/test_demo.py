@@ -84,3 +84,41 @@ def test_dpo_change_reruns_dpo_and_evals_only(demo_run):
     assert jobs.get("train_dpo") == 1
     assert "train_sft" not in jobs and "prepare_sft_data" not in jobs and "prepare_base_model" not in jobs
     assert jobs.get("judge_mt_bench") == 1 and jobs.get("generate_mt_bench") == 1  # the DPO model's only
+
+
+def test_report_matches_the_eval_jsons_with_provenance(demo_run):
+    import csv
+
+    wf, _ = demo_run
+    r = wf / "results"
+    rows = {row["model"]: row for row in csv.DictReader(open(r / "report/scores.csv"))}
+    for stage, prefix in (("sft", "sft/"), ("dpo", "")):
+        row = rows[f"demo-{stage}"]
+        mt = json.loads((r / f"eval/{prefix}mtbench.json").read_text())
+        ae = json.loads((r / f"eval/{prefix}alpacaeval.json").read_text())
+        assert float(row["mt_bench_overall"]) == pytest.approx(mt["scores"]["overall"])
+        assert float(row["mt_bench_turn_1"]) == pytest.approx(mt["scores"]["turn_1"])
+        assert int(row["mt_bench_unrated"]) == mt["n_unrated"]
+        win = ae["results"]["weighted_alpaca_eval_gpt4_turbo"]["win_rate"]
+        assert float(row["alpaca_eval_2_win_rate"]) == pytest.approx(win, abs=0.005)
+        for summary in (mt, ae):  # every number has a provenance record
+            prov = json.loads((wf / summary["provenance"]).read_text())
+            assert "git_commit" in prov  # None here: the temp copy is no git checkout
+            assert prov["packages"]["transformers"] and prov["config"]["run_name"] == "demo"
+            assert prov["hardware"]["cpus"] and prov["inputs"]
+    assert any("paper" in m for m in rows) and any("leaderboard" in m for m in rows)
+
+
+def test_snakemake_report_builds_html(demo_run):
+    wf, _ = demo_run
+    snakemake(wf, *DEMO, "--report", "results/report.html")
+    html = (wf / "results/report.html").read_text(errors="replace")
+    assert len(html) > 100_000 and "scores.md" in html
+
+
+def test_finished_models_and_scores_are_protected(demo_run):
+    import os
+
+    wf, _ = demo_run
+    for path in ("results/models/dpo", "results/models/sft", "results/eval/mtbench.json"):
+        assert not os.stat(wf / path).st_mode & 0o222, path

@@ -55,7 +55,7 @@ rule judge_alpaca_eval:
         outputs=answers_for("alpaca_eval_outputs.json"),
         data=rules.fetch_alpaca_eval.output[0],
     output:
-        f"{R}/eval/{{stagedir}}alpacaeval.json",
+        protected(f"{R}/eval/{{stagedir}}alpacaeval.json"),
     log:
         f"{R}/logs/judge_alpaca_eval/{{stagedir}}judge.log",
     conda:

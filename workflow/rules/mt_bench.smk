@@ -56,7 +56,7 @@ rule judge_mt_bench:
         judge_prompts=rules.fetch_mt_bench.output.judge_prompts,
         reference=rules.fetch_mt_bench.output.reference,
     output:
-        f"{R}/eval/{{stagedir}}mtbench.json",
+        protected(f"{R}/eval/{{stagedir}}mtbench.json"),
     log:
         f"{R}/logs/judge_mt_bench/{{stagedir}}judge.log",
     conda:

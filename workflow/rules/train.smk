@@ -1,4 +1,5 @@
-# Training resumes from its newest complete checkpoint (results/checkpoints/<stage>-<settings hash>/),
+# Finished models are protected (read-only): a mistaken rerun cannot delete them; remove one by hand to
+# retrain it. Training resumes from its newest complete checkpoint (results/checkpoints/<stage>-<settings hash>/),
 # which is not a declared output, so a failed or pre-empted job keeps it for the retry.
 # The GPU count is the `gpu` resource (set per cluster in profiles/); the recipe's global batch holds
 # whatever it is, through gradient accumulation.
@@ -11,7 +12,7 @@ rule train_sft:
         train=rules.prepare_sft_data.output.train,
         test=rules.prepare_sft_data.output.test,
     output:
-        model=directory(model_of("sft")),
+        model=protected(directory(model_of("sft"))),
         metrics=f"{R}/metrics/sft.json",
     log:
         f"{R}/logs/train_sft.log",
@@ -38,7 +39,7 @@ rule train_dpo:
         train=rules.prepare_preference_data.output.train,
         test=rules.prepare_preference_data.output.test,
     output:
-        model=directory(model_of("dpo")),
+        model=protected(directory(model_of("dpo"))),
         metrics=f"{R}/metrics/dpo.json",
     log:
         f"{R}/logs/train_dpo.log",
