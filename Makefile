@@ -24,7 +24,7 @@ demo: setup
 	@cat results/plan.txt; echo; cat results/report/scores.md
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -rs --durations=10
 
 lint: setup
 	$(VENV)/bin/snakemake --lint --configfile config/demo.yaml
