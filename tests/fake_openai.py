@@ -223,3 +223,16 @@ class FakeOpenAI:
             h.wfile.write(data)
         except OSError:  # the client gave up (timed out) and closed the socket
             pass
+
+
+# The judge settings and API key the judge tests use (the schema's judge section, short timeouts).
+KEY = "sk-test-secret-0123456789"
+
+
+def judge_cfg(**overrides) -> dict:
+    cfg = {"backend": "openai", "model": "gpt-4", "base_url": None, "api_key_env": "OPENAI_API_KEY",
+           "concurrency": 8, "repeats": 1, "max_retries": 8, "timeout_s": 0.5, "temperature": 0.0,
+           "max_tokens": 2048, "local": {"model_path": None, "gguf_package": None, "gguf_file": None,
+                                          "rating_from_logprobs": False, "device": "cpu"}}
+    cfg.update(overrides)
+    return cfg

@@ -8,20 +8,10 @@ from collections import Counter
 
 import pytest
 
-from fake_openai import FakeOpenAI, logprob_entry
+from fake_openai import KEY, judge_cfg, FakeOpenAI, logprob_entry
 from mamba_align.judge_client import JudgeClient, request_key
 from mamba_align.utils import UserError, read_jsonl
 
-KEY = "sk-test-secret-0123456789"
-
-
-def judge_cfg(**overrides) -> dict:
-    cfg = {"backend": "openai", "model": "gpt-4", "base_url": None, "api_key_env": "OPENAI_API_KEY",
-           "concurrency": 8, "repeats": 1, "max_retries": 8, "timeout_s": 0.5, "temperature": 0.0,
-           "max_tokens": 2048, "local": {"model_path": None, "gguf_package": None, "gguf_file": None,
-                                          "rating_from_logprobs": False, "device": "cpu"}}
-    cfg.update(overrides)
-    return cfg
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_openai import FakeOpenAI
+from fake_openai import KEY, judge_cfg, FakeOpenAI
 from mamba_align import judge_client, mtbench
 from mamba_align.judge_client import request_key
 from mamba_align.utils import UserError, read_json, read_jsonl
@@ -24,17 +24,7 @@ from mamba_align.utils import UserError, read_json, read_jsonl
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mt_bench"
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo" / "mt_bench"
 needs_ref = pytest.mark.skipif(not REF.is_dir(), reason="no ../shared/reference/mt_bench")
-KEY = "sk-test-secret-0123456789"
 PARAMS = {"temperature": 0.0, "max_tokens": 2048}
-
-
-def judge_cfg(**overrides) -> dict:
-    cfg = {"backend": "openai", "model": "gpt-4", "base_url": None, "api_key_env": "OPENAI_API_KEY",
-           "concurrency": 8, "repeats": 1, "max_retries": 8, "timeout_s": 0.5, "temperature": 0.0,
-           "max_tokens": 2048, "local": {"model_path": None, "gguf_package": None, "gguf_file": None,
-                                          "rating_from_logprobs": False, "device": "cpu"}}
-    cfg.update(overrides)
-    return cfg
 
 
 @pytest.fixture(autouse=True)
