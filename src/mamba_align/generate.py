@@ -7,6 +7,7 @@ and the declared output is written atomically once every item is done.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -31,9 +32,16 @@ MT_BENCH_TEMPERATURE = {
 }
 
 
-def progress_path(out_path: str | Path) -> Path:
+def progress_path(out_path: str | Path, model_dir: str | Path, *settings) -> Path:
+    """The progress file of one generation run, keyed by the model's files and the settings, so answers of
+    an earlier model (retrained since) or other settings are never resumed into this one."""
     out_path = Path(out_path)
-    return out_path.with_name(out_path.name + ".progress.jsonl")
+    h = hashlib.sha256(json.dumps([str(s) for s in settings]).encode())
+    for f in sorted(Path(model_dir).rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return out_path.with_name(f"{out_path.name}.progress-{h.hexdigest()[:12]}.jsonl")
 
 
 def _encode(tokenizer, messages: list[dict]) -> list[int]:
@@ -60,7 +68,7 @@ def generate_mt_bench(model_dir, question_path, out_path, model_id, max_new_toke
                       batch_size=8, device=None, seed=0, engine=None) -> Path:
     """Answer every MT-Bench question (turn 2 sees turn 1) in FastChat's answer format."""
     questions = load_mt_bench_questions(question_path)
-    progress = progress_path(out_path)
+    progress = progress_path(out_path, model_dir, model_id, max_new_tokens, seed, json.dumps(questions))
     done = {r["question_id"]: r for r in read_jsonl(progress)}
     todo = [q for q in questions if q["question_id"] not in done]
     log.info("MT-Bench: %d questions, %d already answered, %d to go", len(questions), len(done), len(todo))
@@ -118,7 +126,8 @@ def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temp
                          max_new_tokens=2048, batch_size=8, device=None, seed=0, engine=None) -> Path:
     """Write alpaca_eval's model-outputs JSON (instruction, output, generator, dataset) in the data's order."""
     examples = load_alpaca_eval_instructions(instructions_path)
-    progress = progress_path(out_path)
+    progress = progress_path(out_path, model_dir, generator, temperature, top_p, max_new_tokens, seed,
+                             json.dumps(examples))
     done = {r["index"]: r for r in read_jsonl(progress)}
     todo = [i for i in range(len(examples)) if i not in done]
     log.info("AlpacaEval: %d instructions, %d done, %d to go", len(examples), len(done), len(todo))

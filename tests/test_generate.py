@@ -1,0 +1,110 @@
+"""Generation steps with a scripted engine: FastChat's answer format, turns, temperatures, resumption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mamba_align import generate
+from mamba_align.utils import read_jsonl
+
+
+class StubTokenizer:
+    """Token ids are the UTF-8 bytes of the last user message (enough to see what was asked)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return list(json.dumps(messages).encode())
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode()
+
+
+class ScriptedEngine:
+    def __init__(self, fail_after_calls=None):
+        self.tokenizer = StubTokenizer()
+        self.calls = []
+        self.fail_after_calls = fail_after_calls
+
+    def generate(self, prompts, sampling):
+        if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:
+            raise RuntimeError("node lost")
+        self.calls.append((len(prompts), sampling.temperature))
+        outs = []
+        for p in prompts:
+            msgs = json.loads(bytes(p).decode())
+            outs.append(list(f"A{len(msgs)}:{msgs[-1]['content']}@{sampling.temperature}".encode()))
+        return outs
+
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["w1", "w2"]},
+    {"question_id": 2, "category": "math", "turns": ["m1", "m2"]},
+    {"question_id": 3, "category": "stem", "turns": ["s1", "s2"]},
+]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    qpath = tmp_path / "question.jsonl"
+    qpath.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return tmp_path, qpath
+
+
+def test_mt_bench_answers_in_fastchat_format_with_per_category_temperature(setup):
+    tmp, qpath = setup
+    out = tmp / "answers.jsonl"
+    generate.generate_mt_bench(tmp / "model", qpath, out, "m-dpo", engine=ScriptedEngine())
+    rows = read_jsonl(out)
+    assert [r["question_id"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+    by_id = {r["question_id"]: r["choices"][0]["turns"] for r in rows}
+    assert by_id[1] == ["A1:w1@0.7", "A3:w2@0.7"]  # turn 2 sees user 1, answer 1, user 2
+    assert by_id[2] == ["A1:m1@0.0", "A3:m2@0.0"]
+    assert by_id[3] == ["A1:s1@0.1", "A3:s2@0.1"]
+
+
+def test_mt_bench_resumes_after_a_crash_and_never_reuses_another_models_answers(setup, monkeypatch):
+    tmp, qpath = setup
+    monkeypatch.setattr(generate, "CHUNK", 1)  # one question per engine round (2 turns = 2 calls)
+    out = tmp / "answers.jsonl"
+    with pytest.raises(RuntimeError):
+        generate.generate_mt_bench(tmp / "model", qpath, out, "m", batch_size=1,
+                                   engine=ScriptedEngine(fail_after_calls=2))
+    assert not out.exists()
+    engine = ScriptedEngine()
+    generate.generate_mt_bench(tmp / "model", qpath, out, "m", batch_size=1, engine=engine)
+    assert len(engine.calls) == 4  # the first question was kept; two questions x two turns remain
+    assert len(read_jsonl(out)) == 3
+    # the model is retrained: its files change, so nothing of the old progress is reused
+    (tmp / "model" / "config.json").write_text('{"retrained": true}')
+    engine = ScriptedEngine()
+    generate.generate_mt_bench(tmp / "model", qpath, out, "m", batch_size=1, engine=engine)
+    assert len(engine.calls) == 6
+
+
+def test_alpaca_eval_outputs_in_order_and_resumable(setup, monkeypatch):
+    tmp, _ = setup
+    monkeypatch.setattr(generate, "CHUNK", 2)
+    data = tmp / "alpaca_eval.json"
+    data.write_text(json.dumps([{"instruction": f"i{k}", "output": "ref", "generator": "ref", "dataset": "d"}
+                                for k in range(5)]))
+    out = tmp / "outputs.json"
+    with pytest.raises(RuntimeError):
+        generate.generate_alpaca_eval(tmp / "model", data, out, "m-sft", batch_size=2,
+                                      engine=ScriptedEngine(fail_after_calls=1))
+    engine = ScriptedEngine()
+    generate.generate_alpaca_eval(tmp / "model", data, out, "m-sft", batch_size=2, engine=engine)
+    assert [n for n, _ in engine.calls] == [2, 1]  # the first chunk of two was kept
+    rows = json.loads(out.read_text())
+    assert [r["instruction"] for r in rows] == [f"i{k}" for k in range(5)]
+    assert rows[3] == {"instruction": "i3", "output": "A1:i3@0.7", "generator": "m-sft", "dataset": "d"}
+
+
+def test_bad_question_file_is_named(tmp_path):
+    bad = tmp_path / "question.jsonl"
+    bad.write_text('{"question_id": 1, "turns": ["x"]}\n')
+    with pytest.raises(Exception, match="category"):
+        generate.load_mt_bench_questions(bad)
