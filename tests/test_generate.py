@@ -11,7 +11,9 @@ from mamba_align.utils import read_jsonl
 
 
 class StubTokenizer:
-    """Token ids are the UTF-8 bytes of the last user message (enough to see what was asked)."""
+    """Token ids are the UTF-8 bytes of the conversation's JSON (enough to see what was asked)."""
+
+    chat_template = "{{ user }}"  # a template without a system turn
 
     def apply_chat_template(self, messages, add_generation_prompt, tokenize):
         return list(json.dumps(messages).encode())
@@ -108,3 +110,28 @@ def test_bad_question_file_is_named(tmp_path):
     bad.write_text('{"question_id": 1, "turns": ["x"]}\n')
     with pytest.raises(Exception, match="category"):
         generate.load_mt_bench_questions(bad)
+
+
+def test_prompts_get_the_empty_system_turn_training_had(setup):
+    tmp, qpath = setup
+    tok = StubTokenizer()
+    tok.chat_template = "<|system|> <|user|> <|assistant|>"
+    engine = ScriptedEngine()
+    engine.tokenizer = tok
+    out = tmp / "answers.jsonl"
+    generate.generate_mt_bench(tmp / "model", qpath, out, "m", engine=engine)
+    turns = {r["question_id"]: r["choices"][0]["turns"] for r in read_jsonl(out)}
+    assert turns[2] == ["A2:m1@0.0", "A4:m2@0.0"]  # system + user; system + user + assistant + user
+
+
+def test_mt_bench_samples_with_fastchat_top_k(setup):
+    tmp, qpath = setup
+    seen = []
+
+    class Recording(ScriptedEngine):
+        def generate(self, prompts, sampling):
+            seen.append(sampling.top_k)
+            return super().generate(prompts, sampling)
+
+    generate.generate_mt_bench(tmp / "model", qpath, tmp / "a.jsonl", "m", engine=Recording())
+    assert set(seen) == {50}

@@ -57,7 +57,7 @@ def _valid_conversation(msgs) -> bool:
     )
 
 
-def _with_system(tokenizer, msgs: list[dict]) -> list[dict]:
+def with_system_turn(tokenizer, msgs: list[dict]) -> list[dict]:
     # As the alignment-handbook does for Zephyr: an empty system turn when the template has one.
     if msgs[0]["role"] != "system" and "system" in (tokenizer.chat_template or ""):
         return [{"role": "system", "content": ""}] + msgs
@@ -90,7 +90,7 @@ def prepare_sft_data(spec: DatasetSpec, model_dir, out_dir, max_seq_length: int,
         n_malformed = n_in - len(ds)
 
         def render(row):
-            text = tok.apply_chat_template(_with_system(tok, row["messages"]), tokenize=False)
+            text = tok.apply_chat_template(with_system_turn(tok, row["messages"]), tokenize=False)
             return {"text": text, "n_tokens": len(tok(text, add_special_tokens=False)["input_ids"])}
 
         ds = ds.map(render)
@@ -127,7 +127,7 @@ def prepare_preference_data(spec: DatasetSpec, model_dir, out_dir, max_length: i
         n_malformed = n_in - len(ds)
 
         def render(row):
-            prompt = tok.apply_chat_template(_with_system(tok, row["chosen"][:-1]), tokenize=False,
+            prompt = tok.apply_chat_template(with_system_turn(tok, row["chosen"][:-1]), tokenize=False,
                                              add_generation_prompt=True)
             chosen = row["chosen"][-1]["content"] + tok.eos_token
             rejected = row["rejected"][-1]["content"] + tok.eos_token

@@ -29,6 +29,9 @@ class Sampling:
     temperature: float = 0.0
     """< 1e-4 means greedy (FastChat's rule)."""
     top_p: float = 1.0
+    top_k: int = 0
+    """0: off. FastChat and alpaca_eval's local decoder call transformers' generate without top_k, so its
+    default of 50 applies there."""
     max_new_tokens: int = 1024
     seed: int = 0
 
@@ -93,7 +96,7 @@ class TransformersEngine:
                 ids = torch.tensor([prompts[i] for i in chunk], device=self.device)
                 torch.manual_seed(sampling.seed)
                 kwargs = dict(do_sample=False) if sampling.greedy else dict(
-                    do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+                    do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
                 with torch.inference_mode():
                     gen = self.model.generate(
                         input_ids=ids,
@@ -195,8 +198,8 @@ def read_checkpoint_state_dict(model_dir: str | Path) -> dict:
 
 
 def sample_next(logits, sampling: Sampling):
-    """Next token per row of `logits` (batch, vocab): argmax when greedy, else temperature + nucleus (top_p)
-    sampling with no top-k (transformers' `do_sample=True, top_k=0` and FastChat's semantics).
+    """Next token per row of `logits` (batch, vocab): argmax when greedy, else temperature, top-k (when
+    `sampling.top_k` > 0) and nucleus (top_p) filtering in transformers' order, then sampling.
 
     Sampling draws Exp(1) noise and takes argmax(p / noise), which samples from p exactly without a host
     sync (torch.multinomial would need one to validate its input)."""
@@ -205,6 +208,9 @@ def sample_next(logits, sampling: Sampling):
     if sampling.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         probs = torch.softmax(sorted_logits, dim=-1)

@@ -14,11 +14,14 @@ import time
 import uuid
 from pathlib import Path
 
+from .data import with_system_turn
 from .engine import Sampling, load_engine
 from .utils import UserError, append_jsonl, read_jsonl, setup_logging, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
+# FastChat's gen_model_answer calls transformers' generate without top_k: its default of 50 applies.
+FASTCHAT_TOP_K = 50
 # Prompts handed to the engine per call, and the unit of resumption. Larger than the engine's batch so
 # that a slot freed by a short answer is refilled at once (the GPU engine decodes continuously).
 CHUNK = 256
@@ -45,7 +48,8 @@ def progress_path(out_path: str | Path, model_dir: str | Path, *settings) -> Pat
 
 
 def _encode(tokenizer, messages: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # the same conversation shape as in training (an empty system turn where the template has one)
+    ids = tokenizer.apply_chat_template(with_system_turn(tokenizer, messages), add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)
@@ -80,7 +84,7 @@ def generate_mt_bench(model_dir, question_path, out_path, model_id, max_new_toke
         for q in todo:
             by_temp.setdefault(MT_BENCH_TEMPERATURE.get(q["category"], 0.7), []).append(q)
         for temp, qs in by_temp.items():
-            sampling = Sampling(temperature=temp, max_new_tokens=max_new_tokens, seed=seed)
+            sampling = Sampling(temperature=temp, top_k=FASTCHAT_TOP_K, max_new_tokens=max_new_tokens, seed=seed)
             for start in range(0, len(qs), max(batch_size, CHUNK)):
                 chunk = qs[start : start + max(batch_size, CHUNK)]
                 convs = [[] for _ in chunk]
@@ -123,10 +127,10 @@ def load_alpaca_eval_instructions(path: str | Path) -> list[dict]:
 
 
 def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temperature=0.7, top_p=1.0,
-                         max_new_tokens=2048, batch_size=8, device=None, seed=0, engine=None) -> Path:
+                         max_new_tokens=2048, batch_size=8, device=None, seed=0, engine=None, top_k=50) -> Path:
     """Write alpaca_eval's model-outputs JSON (instruction, output, generator, dataset) in the data's order."""
     examples = load_alpaca_eval_instructions(instructions_path)
-    progress = progress_path(out_path, model_dir, generator, temperature, top_p, max_new_tokens, seed,
+    progress = progress_path(out_path, model_dir, generator, temperature, top_p, top_k, max_new_tokens, seed,
                              json.dumps(examples))
     done = {r["index"]: r for r in read_jsonl(progress)}
     todo = [i for i in range(len(examples)) if i not in done]
@@ -134,7 +138,8 @@ def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temp
     if todo:
         engine = engine or load_engine(model_dir, device=device, batch_size=batch_size)
         tok = engine.tokenizer
-        sampling = Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                            seed=seed)
         step = max(batch_size, CHUNK)
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]

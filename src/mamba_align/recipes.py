@@ -118,6 +118,16 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 RECIPE_CLASSES = {"sft": SFTRecipe, "dpo": DPORecipe}
 
+# Settings that may change between resubmissions of one training run (other GPUs, an OOM retry): they
+# change how the run is executed, not what it learns.
+OPERATIONAL_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_checkpointing",
+                    "logging_steps", "save_steps", "save_total_limit", "eval_steps")
+
+
+def learning_settings(recipe: dict) -> dict:
+    """The recipe without its OPERATIONAL_KEYS: what identifies a training run's checkpoints."""
+    return {k: v for k, v in recipe.items() if k not in OPERATIONAL_KEYS}
+
 
 def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = None):
     """Load config/recipes/<name>/<stage>.yaml strictly, apply `overrides`, return the dataclass."""

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .recipes import DPORecipe, SFTRecipe, TrainCommon, as_dict, gradient_accumulation_steps, load_recipe, \
+from .recipes import OPERATIONAL_KEYS, DPORecipe, SFTRecipe, TrainCommon, as_dict, gradient_accumulation_steps, load_recipe, \
     parse_overrides
 from .utils import UserError, atomic_path, read_json, setup_logging, write_json
 
@@ -115,8 +115,6 @@ def last_complete_checkpoint(checkpoint_dir) -> Path | None:
 
 
 # May change between resubmissions of one run (e.g. onto other GPUs): they do not change what is learned.
-OPERATIONAL_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_checkpointing",
-                    "logging_steps", "save_steps", "save_total_limit", "eval_steps")
 
 
 def _prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon) -> None:

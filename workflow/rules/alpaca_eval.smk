@@ -42,6 +42,7 @@ rule generate_alpaca_eval:
         generator=lambda w: f"{config['run_name']}-{w.stage}",
         temperature=AE["temperature"],
         top_p=AE["top_p"],
+        top_k=AE["top_k"],
         max_new_tokens=AE["max_new_tokens"],
         batch_size=EVAL["generation_batch_size"],
     script:

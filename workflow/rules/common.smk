@@ -5,7 +5,7 @@ from snakemake.utils import min_version, validate
 
 from mamba_align import layout
 from mamba_align import plan as planner
-from mamba_align.recipes import as_dict, load_recipe
+from mamba_align.recipes import as_dict, learning_settings, load_recipe
 from mamba_align.utils import UserError
 
 min_version("9.0")

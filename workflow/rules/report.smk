@@ -6,7 +6,7 @@ rule report:
             for s in EVAL["stages"]
             for b in layout.BENCHMARKS
         ],
-        metrics=[f"{R}/metrics/sft.json", f"{R}/metrics/dpo.json"],
+        metrics=[f"{R}/metrics/{s}.json" for s in EVAL["stages"] if s != "base"],
     output:
         table=report(
             f"{R}/report/scores.md", caption="../report/scores.rst", category="Scores"

@@ -27,7 +27,9 @@ rule train_sft:
         runtime=planned_runtime("train_sft", 60),
     params:
         recipe=SFT,
-        checkpoints=layout.checkpoint_dir(R, "sft", {"recipe": SFT, "base": BASE}),
+        checkpoints=layout.checkpoint_dir(
+            R, "sft", {"recipe": learning_settings(SFT), "base": BASE}
+        ),
     script:
         "../scripts/train_sft.py"
 
@@ -55,7 +57,13 @@ rule train_dpo:
     params:
         recipe=DPO,
         checkpoints=layout.checkpoint_dir(
-            R, "dpo", {"recipe": DPO, "sft": SFT, "base": BASE}
+            R,
+            "dpo",
+            {
+                "recipe": learning_settings(DPO),
+                "sft": learning_settings(SFT),
+                "base": BASE,
+            },
         ),
     script:
         "../scripts/train_dpo.py"

@@ -7,6 +7,6 @@ from mamba_align.utils import setup_logging
 setup_logging(snakemake.log[0])
 p = snakemake.params
 generate_alpaca_eval(snakemake.input.model, Path(snakemake.input.data) / "alpaca_eval.json", snakemake.output[0],
-                     p.generator, p.temperature, p.top_p, p.max_new_tokens, p.batch_size)
+                     p.generator, p.temperature, p.top_p, p.max_new_tokens, p.batch_size, top_k=p.top_k)
 
 record_snakemake_job(snakemake)
