@@ -57,6 +57,14 @@ def test_judge_requests_and_cost_by_hand():
     assert judge["alpaca_eval_gpt4"]["requests"] == 1610
 
 
+def test_local_data_and_local_judge(tmp_path):
+    (tmp_path / "question.jsonl").write_text('{"question_id": 1, "category": "math", "turns": ["a", "b"]}\n')
+    cfg = CFG | {"judge": {"repeats": 1, "backend": "local"},
+                 "eval": CFG["eval"] | {"mt_bench": {"max_new_tokens": 8, "local_dir": str(tmp_path)}}}
+    judge = plan.judge_cost(cfg, n_stages=2)
+    assert judge["mt_bench"]["requests"] == 4 and judge["mt_bench"]["usd"] == 0
+
+
 def test_full_plan_and_memory_check():
     p = plan.make_plan(CFG, SFT, DPO, {"train_sft": 8, "train_dpo": 8}, "A100-80GB", results="/nonexistent")
     rules = [j["rule"] for j in p["jobs"]]

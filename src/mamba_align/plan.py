@@ -8,6 +8,7 @@ throughput (docs/benchmarks.md). The same numbers size each job's `runtime` reso
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,14 +159,23 @@ def generation_hours(params: float, gpu_type: str, mt_bench_tokens: int, alpaca_
 
 
 def judge_cost(cfg: dict, n_stages: int) -> dict:
-    judge, plan = cfg["judge"], cfg["plan"]
+    """Requests, tokens and dollars per benchmark; question counts from local data folders when set.
+    A local judge costs nothing."""
+    judge, plan, ev = cfg["judge"], cfg["plan"], cfg["eval"]
+    turns, prompts = MT_BENCH_TURNS, ALPACA_EVAL_PROMPTS
+    if (ev["mt_bench"].get("local_dir") and (q := Path(ev["mt_bench"]["local_dir"]) / "question.jsonl").exists()):
+        turns = sum(len(json.loads(line)["turns"]) for line in q.read_text().splitlines() if line.strip())
+    if (ev["alpaca_eval"].get("local_dir") and (a := Path(ev["alpaca_eval"]["local_dir"]) / "alpaca_eval.json").exists()):
+        prompts = len(json.loads(a.read_text()))
+    price = (0.0, 0.0) if judge.get("backend") == "local" else (plan["judge_price_per_1m_input"],
+                                                                plan["judge_price_per_1m_output"])
     rows = {}
-    items = [("mt_bench", MT_BENCH_TURNS * judge["repeats"])]
-    items += [(a, ALPACA_EVAL_PROMPTS) for a in cfg["eval"]["alpaca_eval"]["annotators"]]
+    items = [("mt_bench", turns * judge["repeats"])]
+    items += [(a, prompts) for a in ev["alpaca_eval"]["annotators"]]
     for name, n in items:
         tin, tout = JUDGE_TOKENS.get(name, (1_500, 100))
         n *= n_stages
-        cost = n * (tin * plan["judge_price_per_1m_input"] + tout * plan["judge_price_per_1m_output"]) / 1e6
+        cost = n * (tin * price[0] + tout * price[1]) / 1e6
         rows[name] = {"requests": n, "input_tokens": n * tin, "output_tokens": n * tout, "usd": round(cost, 2)}
     return rows
 
