@@ -89,3 +89,14 @@ def test_params_from_config_matches_a_real_model():
     n = sum(p.numel() for p in MambaForCausalLM(cfg).parameters())  # lm_head tied
     torch.manual_seed(0)
     assert plan.params_from_config(cfg.to_dict()) == n
+
+
+def test_command_line_plans_the_real_config(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    plan.main(["--out", str(tmp_path / "plan.json")])
+    p = json.loads((tmp_path / "plan.json").read_text())
+    assert p["gpu_type"] == "A100-80GB" and p["jobs"][0]["gpus"] == 8
+    assert p["assumptions"]["safety_margin"] == 0.25  # the schema's default

@@ -277,15 +277,16 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--schema", default="workflow/schemas/config.schema.yaml",
+                    help="the workflow's config schema: validates the config and fills its defaults")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per training job")
     ap.add_argument("--gpu-type", default="A100-80GB", choices=sorted(GPUS))
     ap.add_argument("--out", default="results/plan.json")
     a = ap.parse_args(argv)
+    from snakemake.utils import validate
+
     cfg = yaml.safe_load(Path(a.config).read_text())
-    cfg.setdefault("plan", {})
-    cfg["plan"] = {"safety_margin": 0.25, "max_job_minutes": 2880, "judge_price_per_1m_input": 30.0,
-                   "judge_price_per_1m_output": 60.0} | cfg["plan"]
-    cfg["judge"] = {"repeats": 1} | cfg.get("judge", {})
+    validate(cfg, a.schema)  # the same defaults as a workflow run, not a copy of them
     rdir = Path("config/recipes") / cfg["recipe"]
     sft, dpo = (as_dict(load_recipe(rdir, s, (cfg.get("recipe_overrides") or {}).get(s))) for s in ("sft", "dpo"))
     write_plan(make_plan(cfg, sft, dpo, {"train_sft": a.gpus, "train_dpo": a.gpus}, a.gpu_type), a.out)
