@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import random
 import shutil
@@ -121,26 +122,84 @@ def write_dpo_rows(path, n: int, vocab: list[str], seed: int = 0, lo: int = 4, h
     pd.DataFrame(rows).to_parquet(path)
 
 
-def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompute: bool = False) -> dict:
+class _PreemptAt(logging.Handler):
+    """Touches the trainer's STOP file when it logs step `k - 1` (seen at the end of step k: checkpoint-k, exit
+    75, what SIGTERM from Slurm does) and records the checkpoint-save times it logs."""
+
+    def __init__(self, stop_file: Path, k: int):
+        super().__init__()
+        self.stop_file, self.k, self.saves = stop_file, k, []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith(f"step {self.k - 1}: ") and self.k > 0:
+            self.stop_file.touch()
+            self.k = 0
+        elif msg.startswith("checkpoint-") and " saved in " in msg:
+            self.saves.append(msg)
+
+
+def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompute: bool = False,
+           preempt_at: int = 0) -> dict:
     import torch
 
-    from mamba_align.train import train_dpo, train_sft
+    from mamba_align.train import PREEMPTED_EXIT_CODE, STOP_FILE, train_dpo, train_sft
 
     tag = f"{stage}{'-precompute' if precompute else ''}"
     out, ckpt, metrics = work / f"out-{tag}", work / f"ckpt-{tag}", work / f"{tag}.json"
+
+    def run():
+        shutil.rmtree(out, ignore_errors=True)  # 11 GB at the 2.8B shape
+        if stage == "sft":
+            return train_sft(model_dir, data, None, recipe, out, ckpt, metrics)
+        return train_dpo(model_dir, model_dir, data, None, recipe, out, ckpt, metrics)
+
+    res = {}
     t0 = time.time()
-    if stage == "sft":
-        m = train_sft(model_dir, data, None, recipe, out, ckpt, metrics)
-    else:
-        m = train_dpo(model_dir, model_dir, data, None, recipe, out, ckpt, metrics)
-    shutil.rmtree(out, ignore_errors=True)  # 11 GB at the 2.8B shape
+    if preempt_at:  # stop at step k as on SIGTERM, then rerun: it must resume from checkpoint-k
+        watcher = _PreemptAt(ckpt / STOP_FILE, preempt_at)
+        logging.getLogger("mamba_align.train").addHandler(watcher)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        try:
+            run()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            logging.getLogger("mamba_align.train").removeHandler(watcher)
+        res["preempted"] = {"exit_code": code, "expected_exit_code": PREEMPTED_EXIT_CODE,
+                            "checkpoints": sorted(c.name for c in ckpt.glob("checkpoint-*")),
+                            "log": watcher.saves, "wall_time_s": round(time.time() - t0, 1)}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        t0 = time.time()
+    m = run()
+    wall = round(time.time() - t0, 1)
+    # the Trainer saves a full checkpoint (fp32 weights + optimizer state) at the last step
+    sizes = {c.name: round(_du(c) / 1e9, 2) for c in sorted(ckpt.glob("checkpoint-*"))}
+    keep = ("tokens_per_second", "seconds_per_step", "peak_gpu_memory_gib", "steps_this_run", "tokens_this_run",
+            "global_step", "resumed_from", "checkpoint_saves")
+    per_step = m["tokens_this_run"] / max(1, m["steps_this_run"])
+    res.update({k: m.get(k) for k in keep}, steady_tokens_per_second=per_step / m["seconds_per_step"],
+               wall_time_s=wall, final=m["final"], optim=recipe.optim, step_times_s=m["step_times_s"],
+               per_device_train_batch_size=recipe.per_device_train_batch_size, checkpoint_gb=sizes,
+               disk_free_gb_after=round(shutil.disk_usage(work).free / 1e9, 1))
+    if preempt_at:
+        res["preempted"]["resume_ok"] = bool(
+            res["preempted"]["exit_code"] == PREEMPTED_EXIT_CODE and m["resumed_from"]
+            and m["resumed_from"].endswith(f"checkpoint-{preempt_at}") and m["global_step"] == recipe.max_steps
+            and m["steps_this_run"] == recipe.max_steps - preempt_at)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(ckpt, ignore_errors=True)  # tens of GB each at the 2.8B shape: the disk holds only a few
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    keep = ("tokens_per_second", "seconds_per_step", "peak_gpu_memory_gib", "steps_this_run", "tokens_this_run")
-    per_step = m["tokens_this_run"] / max(1, m["steps_this_run"])
-    return {**{k: m[k] for k in keep}, "steady_tokens_per_second": per_step / m["seconds_per_step"], "wall_time_s": round(time.time() - t0, 1), "final": m["final"],
-            "per_device_train_batch_size": recipe.per_device_train_batch_size, "step_times_s": m["step_times_s"]}
+    return res
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--precompute-ref", action="store_true", help="also time DPO with precompute_ref_log_probs")
     p.add_argument("--stages", default="sft,dpo", help="comma-separated subset of sft,dpo")
+    p.add_argument("--optim", default="adamw_torch", help="Trainer optimizer (zephyr-7b-beta's DPO: rmsprop)")
+    p.add_argument("--dpo-optim", default=None, help="optimizer for DPO only (default: --optim)")
+    p.add_argument("--preempt-at", type=int, default=0, metavar="K",
+                   help="stop each stage at step K as SIGTERM would (checkpoint, exit 75), then rerun it: it must "
+                        "resume there; times then come from the resumed run (steps K+1..)")
     p.add_argument("--workdir", help="where the synthetic model and runs go (default: a temporary folder)")
     return p
 
@@ -183,7 +247,7 @@ def main(argv=None) -> dict:
         torch.cuda.empty_cache()
     vocab = words(shape["vocab_size"])
     common = dict(dataset=DatasetSpec(source="synthetic"), max_steps=a.steps, learning_rate=1e-5,
-                  warmup_ratio=0.0, logging_steps=1, save_steps=10**9, bf16=True,
+                  warmup_ratio=0.0, logging_steps=1, save_steps=10**9, save_total_limit=1, bf16=True,
                   gradient_checkpointing=not a.no_gradient_checkpointing)
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
               "shape": shape, "parameters": params, "steps": a.steps,
@@ -196,20 +260,24 @@ def main(argv=None) -> dict:
         docs = 4 * a.steps * a.sft_batch + 8
         write_sft_rows(work / "sft.parquet", docs, vocab, lo=seq // 16, hi=seq // 6)
         recipe = SFTRecipe(**common, max_seq_length=seq, packing=True, per_device_train_batch_size=a.sft_batch,
-                           global_batch_size=a.sft_batch)
-        result["sft"] = {"max_seq_length": seq, **_bench("sft", work, model_dir, work / "sft.parquet", recipe)}
+                           global_batch_size=a.sft_batch, optim=a.optim)
+        result["sft"] = {"max_seq_length": seq, **_bench("sft", work, model_dir, work / "sft.parquet", recipe,
+                                                         preempt_at=a.preempt_at)}
     if "dpo" in stages:
-        pairs = a.steps * a.dpo_batch
+        pairs = (a.steps + 1) * a.dpo_batch
         # prompts up to max_prompt_length, answers long enough that most pairs are truncated to max_length
         write_dpo_rows(work / "dpo.parquet", pairs, vocab, lo=dpo_prompt // 2, hi=dpo_prompt,
                        answer=(dpo_len // 2, dpo_len))
         for precompute in [False, True] if a.precompute_ref else [False]:
             recipe = DPORecipe(**common, max_length=dpo_len, max_prompt_length=dpo_prompt, beta=0.1,
                                per_device_train_batch_size=a.dpo_batch, global_batch_size=a.dpo_batch,
-                               precompute_ref_log_probs=precompute)
+                               precompute_ref_log_probs=precompute, optim=a.dpo_optim or a.optim)
             key = "dpo_precompute_ref" if precompute else "dpo"
             result[key] = {"max_length": dpo_len, **_bench("dpo", work, model_dir, work / "dpo.parquet", recipe,
-                                                           precompute)}
+                                                           precompute, preempt_at=0 if precompute else a.preempt_at)}
+        if a.precompute_ref and "dpo" in result and "dpo_precompute_ref" in result:
+            result["dpo_step_time_ratio_precompute_vs_not"] = round(
+                result["dpo_precompute_ref"]["seconds_per_step"] / result["dpo"]["seconds_per_step"], 3)
     write_json(a.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "versions"}, indent=1, default=str))
     return result

@@ -9,9 +9,10 @@ torch.cuda.max_memory_allocated over the whole run (weights, gradients, optimize
 Variants (--variants, comma-separated, each NAME or NAME:BATCH or NAME:BATCH:ckpt):
   transformers   model(input_ids, labels=...).loss, transformers' forward (fp32 logits + loss)
   mamba_ssm      MambaLMHeadModel(input_ids).logits -> F.cross_entropy(logits.float()), its fused add+norm
-  fast           transformers + enable_fast_path: fused add+norm, chunked loss (no full logits)
+  fast           transformers + enable_fast_path (the pipeline's training path): fused add+norm, mamba_ssm's
+                 in_proj layout, chunked loss (no full logits)
   fast_trl       fast + TRL's fused LM head (what SFTTrainer/DPOTrainer call: fused_lm_head=True)
-  fast_layout    fast + native_mixer_layout=True (experimental: mamba_ssm's in_proj layout)
+  fast_hf_mixer  fast with native_mixer_layout=False (transformers' own mixer call: in_proj(x).transpose)
 
     PYTHONPATH=src python bench/training_speed.py
     PYTHONPATH=src python bench/training_speed.py --tiny
@@ -30,7 +31,8 @@ import time
 from _benchutil import emit, environment, hf_config
 
 
-def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: int, steps: int) -> dict:
+def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: int, steps: int,
+           profile: str | None = None) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -51,10 +53,10 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
 
         with torch.device(device):
             model = MambaForCausalLM(cfg)
-        if variant in ("fast", "fast_trl", "fast_layout"):
+        if variant in ("fast", "fast_trl", "fast_hf_mixer"):
             from mamba_align.fast import enable_fast_path, patch_model, reference_add_rms_norm
 
-            if not enable_fast_path(model, native_mixer_layout=variant == "fast_layout"):
+            if not enable_fast_path(model, native_mixer_layout=variant != "fast_hf_mixer"):
                 if cuda:
                     raise RuntimeError("enable_fast_path returned False on a CUDA machine")
                 patch_model(model, reference_add_rms_norm, cuda_only=False)  # CPU smoke test of the plumbing
@@ -95,6 +97,28 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
             times.append(time.perf_counter() - t0)
         losses.append(round(loss.item(), 4))
     step_s = statistics.median(times)
+    if profile:  # two more steps under torch.profiler: the kernels that take the time, appended to a text file
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(2):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                    loss = loss_fn()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+        except Exception:  # newer torch names it self_device_time_total
+            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40,
+                                              max_name_column_width=90)
+        with open(profile, "a") as f:
+            f.write(f"\n===== {variant} batch {batch} ckpt {ckpt}: 2 steps =====\n{table}\n")
     return dict(variant=variant, batch=batch, gradient_checkpointing=ckpt, params=params, seq=seq,
                 step_seconds=round(step_s, 4), tokens_per_s=round(batch * seq / step_s, 1),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
@@ -110,6 +134,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant")
+    p.add_argument("--profile", default=None, help="append a torch.profiler table of 2 steps per variant here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -119,7 +144,7 @@ def main(argv=None) -> dict:
 
     if a.worker:
         name, batch, ckpt = (a.worker.split(":") + ["", ""])[:3]
-        res = worker(name, int(batch), ckpt == "ckpt", shape, a.seq, a.warmup, a.steps)
+        res = worker(name, int(batch), ckpt == "ckpt", shape, a.seq, a.warmup, a.steps, a.profile)
         print("RESULT " + json.dumps(res), flush=True)
         return res
 
@@ -134,7 +159,8 @@ def main(argv=None) -> dict:
             rows.append(dict(variant=name, batch=batch, skipped="needs CUDA + mamba_ssm"))
             continue
         cmd = [sys.executable, __file__, "--worker", f"{name}:{batch}:{'ckpt' if ckpt else ''}",
-               "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--tiny"] if a.tiny else [])
+               "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--tiny"] if a.tiny else []) \
+            + (["--profile", a.profile] if a.profile else [])
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=os.environ.copy())

@@ -247,7 +247,7 @@ def test_gpu_triton_add_norm_equals_reference():
         torch.testing.assert_close(y, ry, rtol=tol, atol=tol)
 
 
-def _gpu_models(native_mixer_layout=False, **overrides):
+def _gpu_models(native_mixer_layout=True, **overrides):
     ref = tiny_model(hidden_size=256, num_hidden_layers=4, vocab_size=1000, state_size=16, time_step_rank=16,
                      use_mambapy=False, **overrides).cuda()
     model = copy.deepcopy(ref)

@@ -277,7 +277,15 @@ def _callbacks(stop_file: Path, throughput: dict):
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            throughput["steps"].append(time.perf_counter() - throughput["t"])
+            throughput["t_end"] = time.perf_counter()
+            throughput["steps"].append(throughput["t_end"] - throughput["t"])
+
+        def on_save(self, args, state, control, **kwargs):
+            # a 2.8B checkpoint (fp32 weights + optimizer state) is tens of GB: say how long it took
+            seconds = time.perf_counter() - throughput.get("t_end", time.perf_counter())
+            throughput.setdefault("saves", []).append({"step": state.global_step, "seconds": round(seconds, 1)})
+            if state.is_world_process_zero:
+                log.info("checkpoint-%d saved in %.1f s", state.global_step, seconds)
 
         def on_train_end(self, args, state, control, **kwargs):
             throughput.update(step1=state.global_step, tokens1=state.num_input_tokens_seen)
@@ -502,6 +510,7 @@ def _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, re
         "tokens_per_second": tokens / sum(steps) if steps and sum(steps) > 0 else None,
         "seconds_per_step": step_time,
         "step_times_s": [round(t, 4) for t in steps],
+        "checkpoint_saves": throughput.get("saves", []),
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "wall_time_s": time.time() - started,
         "final": final,
