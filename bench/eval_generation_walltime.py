@@ -31,6 +31,8 @@ class IdTokenizer:
     decode -> apply_chat_template round-trips the ids exactly, as a real tokenizer roughly does."""
 
     USER, ASSISTANT, END, SYSTEM = 1, 2, 3, 4
+    # has a system role, so the pipeline prepends the empty system turn (data.with_system_turn), as for zephyr
+    chat_template = "(ids) system / user / assistant markers"
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
         ids = []

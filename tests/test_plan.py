@@ -34,16 +34,16 @@ def test_sft_tokens_from_stats_with_packing():
 def test_dpo_tokens_count_the_reference_forward():
     stats = {"train": {"tokens": 1000, "rows_out": 10}}  # 100 tokens per pair
     tokens, _ = plan.dpo_tokens(DPO, stats)
-    assert tokens == pytest.approx(2 * 10 * 100 * 3 + 2 * 10 * 100 / 3 * 3)
+    assert tokens == pytest.approx(2 * 10 * 100 * 3)  # the reference forward is inside the measured DPO rate
     tokens_pre, _ = plan.dpo_tokens(DPO | {"precompute_ref_log_probs": True}, stats)
-    assert tokens_pre == pytest.approx(2 * 10 * 100 * 3 + 2 * 10 * 100 / 3)
+    assert tokens_pre == pytest.approx(2 * 10 * 100 * 3 + 2 * 10 * 100 / 3)  # + one forward pass to precompute
 
 
 def test_job_hours_runtime_and_split_by_hand():
-    # 1e9 tokens on 8 A100s: 8200 * 0.45 tokens/s/GPU at 2.77B, x8 x0.9 efficiency
-    speed = 8200 * 0.45 * 8 * 0.9
-    jp = plan.plan_job("train_sft", 1e9, 2.77e9, 8, "A100-80GB", margin=0.25, max_job_minutes=600)
-    assert jp.hours == pytest.approx(1e9 / speed / 3600)
+    # 2e9 tokens on 8 A100s: 13170 * 0.45 tokens/s/GPU at 2.77B (SFT without checkpointing), x8 x0.9 efficiency
+    speed = 13170 * 0.45 * 8 * 0.9
+    jp = plan.plan_job("train_sft", 2e9, 2.77e9, 8, "A100-80GB", margin=0.25, max_job_minutes=600)
+    assert jp.hours == pytest.approx(2e9 / speed / 3600)
     assert jp.gpu_hours == pytest.approx(8 * jp.hours)
     full = math.ceil(jp.hours * 60 * 1.25 + 10)
     assert jp.runtime_min == 600 and jp.resubmissions == math.ceil(full / 600) - 1
@@ -100,3 +100,21 @@ def test_command_line_plans_the_real_config(tmp_path, monkeypatch):
     p = json.loads((tmp_path / "plan.json").read_text())
     assert p["gpu_type"] == "A100-80GB" and p["jobs"][0]["gpus"] == 8
     assert p["assumptions"]["safety_margin"] == 0.25  # the schema's default
+
+
+def test_stage_throughput_and_checkpointing_by_hand():
+    assert plan.train_throughput(2.77e9, "H100-80GB", "sft") == pytest.approx(13170)
+    assert plan.train_throughput(2.77e9, "H100-80GB", "sft", checkpointing=True) == pytest.approx(13170 * 0.82)
+    assert plan.train_throughput(2.77e9, "H100-80GB", "dpo", checkpointing=True) == pytest.approx(5860)
+    assert plan.train_throughput(2.77e9, "A100-80GB", "dpo", checkpointing=False) == pytest.approx(
+        5860 / 0.82 * 0.45)
+    assert plan.train_throughput(1.385e9, "H100-80GB", "dpo_precomputed_ref", True) == pytest.approx(2 * 9345)
+
+
+def test_disk_per_stage_by_hand():
+    # measured at 2.77B: a checkpoint is 33.2 GB with AdamW, 22.15 GB with RMSprop
+    assert plan.checkpoint_gb(2.768e9, "adamw_torch") == pytest.approx(33.2, abs=0.05)
+    assert plan.checkpoint_gb(2.768e9, "rmsprop") == pytest.approx(22.15, abs=0.05)
+    # 2 kept + 1 being written + the final fp32 model
+    assert plan.disk_gb(2.768e9, {"optim": "adamw_torch", "save_total_limit": 2}) == pytest.approx(
+        3 * 33.216 + 11.072, abs=0.01)

@@ -252,6 +252,29 @@ def test_batch_not_divisible_by_processes(tiny, tmp_path):
         _train(tiny, tmp_path, num_processes=3)
 
 
+def test_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny, tmp_path, monkeypatch, caplog):
+    import collections
+
+    import mamba_align.train as train_mod
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(UserError, match=r"GB free, but one checkpoint of this 0\.\d+B-parameter model with optim "
+                                        r"adamw_torch is 0\.\d+ GB .*the first save would fail"):
+        _train(tiny, tmp_path)
+    assert not list((tmp_path / "ckpt").glob("checkpoint-*")) and not (tmp_path / "out").exists()
+    # enough for the first checkpoint but not for save_total_limit + 1 of them: a warning, and training runs
+    from mamba_align.plan import checkpoint_gb, params_from_config
+
+    cfg = json.loads((tiny / "model" / "config.json").read_text())
+    one = checkpoint_gb(params_from_config(cfg), "adamw_torch") * 1e9
+    final = params_from_config(cfg) * 4
+    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**12, 0, int(one + final + 1)))
+    caplog.set_level("WARNING", logger="mamba_align.train")
+    train_mod.check_disk(tmp_path / "ckpt2", tmp_path / "out2", cfg, load_recipe(DEMO, "sft"))
+    assert "lower save_total_limit" in caplog.text
+
+
 def test_missing_model_dir(tiny, tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         _train(tiny, tmp_path, model_dir=tmp_path / "nowhere")

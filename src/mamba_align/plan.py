@@ -15,11 +15,16 @@ from pathlib import Path
 
 from .utils import UserError, read_json, write_json
 
-# Training tokens/s per GPU at the 2.8B shape through the pipeline's own train_sft (TRL, wrapped packing to
-# 2,048, fp32 params + bf16 autocast, gradient checkpointing, mamba_ssm kernels), one H100
-# (docs/benchmarks.md section 7).
-H100_TRAIN_TOKENS_PER_S_2P8B = 8200.0
-# Batched CUDA-graph decoding at the 2.8B shape, 128 slots (docs/benchmarks.md section 1).
+# Training tokens/s per GPU at the 2.8B shape through the pipeline's own train_sft / train_dpo (TRL, fp32 params
+# + bf16 autocast, mamba_ssm kernels + the fast path), one H100, and whether gradient checkpointing was on
+# (docs/benchmarks.md section 1): SFT 4 x 2,048 packed tokens per step; DPO 4 pairs at max_length 1,024,
+# chosen + rejected tokens, the reference model's forward every step (or precomputed once before training).
+H100_TRAIN_TOKENS_PER_S_2P8B = {"sft": (13170.0, False), "dpo": (5860.0, True), "dpo_precomputed_ref": (9345.0, True)}
+# Gradient checkpointing's cost: fast path at batch 8 with it vs batch 4 without (docs/benchmarks.md section 2, run 0).
+CHECKPOINTING_SPEED = 0.82
+# Optimizer state bytes per parameter (fp32): AdamW two moments, RMSprop one, Adafactor factored (~0).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "rmsprop": 4, "sgd": 4, "adagrad": 4, "adafactor": 0}
+# Batched CUDA-graph decoding at the 2.8B shape, 128 slots (docs/benchmarks.md section 4).
 H100_GENERATE_TOKENS_PER_S_2P8B = 14949.0
 REF_PARAMS = 2.77e9
 # Relative speed and memory per GPU type. A100 figures are derived from H100 ones by the ratio of dense
@@ -61,6 +66,7 @@ class JobPlan:
     hours: float
     gpu_hours: float
     peak_mem_gib: float | None = None
+    disk_gb: float | None = None
     runtime_min: int = 0
     resubmissions: int = 0
     note: str = ""
@@ -80,8 +86,8 @@ def sft_tokens(recipe: dict, stats: dict | None) -> tuple[float, str]:
 
 
 def dpo_tokens(recipe: dict, stats: dict | None) -> tuple[float, str]:
-    """Token-equivalents of policy forward+backward: chosen and rejected sequences, plus the reference
-    model's forward (1/3 of a forward+backward) every step, or once when precomputed."""
+    """Token-equivalents of policy forward+backward (chosen and rejected sequences, every epoch), plus the pass
+    that precomputes the reference log-probs when the recipe asks for it."""
     ds = recipe["dataset"]
     if stats and "train" in stats and "tokens" in stats["train"]:
         pairs, per_seq, source = stats["train"]["rows_out"], stats["train"]["tokens"] / stats["train"]["rows_out"], "prepared data"
@@ -91,7 +97,9 @@ def dpo_tokens(recipe: dict, stats: dict | None) -> tuple[float, str]:
         source = "published dataset size"
     per_seq = min(per_seq, recipe["max_length"])
     policy = 2 * pairs * per_seq * recipe["num_train_epochs"]
-    ref = 2 * pairs * per_seq / 3 * (1 if recipe.get("precompute_ref_log_probs") else recipe["num_train_epochs"])
+    # the reference forward every step is inside the measured DPO rate; precomputed, it is one forward pass
+    # over the data before training (~1/3 of a training step's cost per token)
+    ref = 2 * pairs * per_seq / 3 if recipe.get("precompute_ref_log_probs") else 0.0
     return policy + ref, source
 
 
@@ -120,8 +128,26 @@ def _count_local(folder: Path, split: str) -> tuple[int, int]:
     return len(df), max(1, round(chars / 4 / max(1, len(df))))
 
 
-def train_throughput(params: float, gpu_type: str) -> float:
-    return H100_TRAIN_TOKENS_PER_S_2P8B * REF_PARAMS / params * _gpu(gpu_type)["speed"]
+def train_throughput(params: float, gpu_type: str, stage: str = "sft", checkpointing: bool = False) -> float:
+    """Tokens/s per GPU; stage is sft, dpo or dpo_precomputed_ref."""
+    rate, measured_with_ckpt = H100_TRAIN_TOKENS_PER_S_2P8B[stage]
+    if checkpointing != measured_with_ckpt:
+        rate = rate * CHECKPOINTING_SPEED if checkpointing else rate / CHECKPOINTING_SPEED
+    return rate * REF_PARAMS / params * _gpu(gpu_type)["speed"]
+
+
+def checkpoint_gb(params: float, optim: str) -> float:
+    """One resumable checkpoint: fp32 weights + optimizer state (measured at 2.77B: 33.2 GB with AdamW, 22.15 GB
+    with RMSprop)."""
+    state = next((b for name, b in OPTIMIZER_STATE_BYTES.items() if optim.lower().startswith(name)), 8)
+    return params * (4 + state) / 1e9
+
+
+def disk_gb(params: float, recipe: dict) -> float:
+    """Peak disk of one training stage: save_total_limit checkpoints + the one being written (the oldest is
+    deleted only after) + the final fp32 model."""
+    return (recipe.get("save_total_limit", 2) + 1) * checkpoint_gb(params, recipe.get("optim", "adamw_torch")) \
+        + params * 4 / 1e9
 
 
 def _gpu(gpu_type: str) -> dict:
@@ -138,8 +164,10 @@ def train_memory_gib(params: float, tokens_per_device_batch: int, checkpointing:
 
 
 def plan_job(rule: str, tokens: float, params: float, gpus: int, gpu_type: str, margin: float,
-             max_job_minutes: int, overhead_min: float = 10.0, efficiency: float = 0.9) -> JobPlan:
-    speed = train_throughput(params, gpu_type) * gpus * (efficiency if gpus > 1 else 1.0)
+             max_job_minutes: int, overhead_min: float = 10.0, efficiency: float = 0.9,
+             per_gpu_speed: float | None = None) -> JobPlan:
+    per_gpu = per_gpu_speed if per_gpu_speed is not None else train_throughput(params, gpu_type)
+    speed = per_gpu * gpus * (efficiency if gpus > 1 else 1.0)
     hours = tokens / speed / 3600
     runtime = math.ceil(hours * 60 * (1 + margin) + overhead_min)
     jp = JobPlan(rule, gpus, gpu_type, hours, hours * gpus)
@@ -210,11 +238,17 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
     params = base_params(cfg, results)
     stats = {s: (read_json(f) if (f := Path(results) / "data" / s / "stats.json").exists() else None)
              for s in ("sft", "dpo")}
-    jobs, sources = [], {}
+    jobs, sources, train_speeds = [], {}, {}
     for rule, (tokens, source), recipe in (("train_sft", sft_tokens(sft, stats["sft"]), sft),
                                            ("train_dpo", dpo_tokens(dpo, stats["dpo"]), dpo)):
         n = max(1, gpus.get(rule, 1))
-        jp = plan_job(rule, tokens, params, n, gpu_type, p["safety_margin"], p["max_job_minutes"])
+        stage = "sft" if rule == "train_sft" else \
+            "dpo_precomputed_ref" if recipe.get("precompute_ref_log_probs") else "dpo"
+        per_gpu = train_throughput(params, gpu_type, stage, recipe["gradient_checkpointing"])
+        jp = plan_job(rule, tokens, params, n, gpu_type, p["safety_margin"], p["max_job_minutes"],
+                      per_gpu_speed=per_gpu)
+        jp.disk_gb = round(disk_gb(params, recipe), 1)
+        train_speeds[rule] = round(per_gpu)
         seq = recipe.get("max_seq_length") or recipe["max_length"] * 2
         jp.peak_mem_gib = round(train_memory_gib(params, recipe["per_device_train_batch_size"] * seq,
                                                  recipe["gradient_checkpointing"]), 1)
@@ -234,7 +268,7 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
         "gpu_type": gpu_type,
         "base_params": params,
         "assumptions": {
-            "train_tokens_per_s_per_gpu": round(train_throughput(params, gpu_type)),
+            "train_tokens_per_s_per_gpu": train_speeds,
             "gpu_speed_vs_h100": _gpu(gpu_type)["speed"],
             "safety_margin": p["safety_margin"],
             "max_job_minutes": p["max_job_minutes"],
@@ -250,10 +284,11 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
 
 def format_plan(plan: dict) -> str:
     lines = [f"Plan on {plan['gpu_type']} ({plan['base_params'] / 1e9:.2f}B parameters):", "",
-             f"{'rule':<22}{'GPUs':>5}{'wall h':>9}{'GPU-h':>9}{'peak GiB':>10}{'--time min':>11}  note"]
+             f"{'rule':<22}{'GPUs':>5}{'wall h':>9}{'GPU-h':>9}{'peak GiB':>10}{'disk GB':>9}{'--time min':>11}  note"]
     for j in plan["jobs"]:
         mem = f"{j['peak_mem_gib']:.1f}" if j.get("peak_mem_gib") else "–"
-        lines.append(f"{j['rule']:<22}{j['gpus']:>5}{j['hours']:>9.2f}{j['gpu_hours']:>9.2f}{mem:>10}"
+        disk = f"{j['disk_gb']:.0f}" if j.get("disk_gb") else "–"
+        lines.append(f"{j['rule']:<22}{j['gpus']:>5}{j['hours']:>9.2f}{j['gpu_hours']:>9.2f}{mem:>10}{disk:>9}"
                      f"{j['runtime_min']:>11}  {j['note']}")
     lines += ["", f"total GPU-hours: {plan['total_gpu_hours']}", "",
               f"{'judge':<34}{'requests':>9}{'tokens in':>12}{'tokens out':>12}{'USD':>9}"]

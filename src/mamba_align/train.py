@@ -88,6 +88,46 @@ def _check_columns(path, stage: str) -> None:
                         f"(expected {', '.join(COLUMNS[stage])}; found {', '.join(names)})")
 
 
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainCommon) -> None:
+    """Refuse to start a run whose first checkpoint or final model cannot fit on its filesystem (a 2.8B
+    checkpoint is 33 GB with AdamW: weights + optimizer state); warn when save_total_limit + 1 checkpoints
+    (the newest is written before the oldest goes) and the final model may not."""
+    from .plan import checkpoint_gb, params_from_config
+
+    try:
+        params = params_from_config(config)
+    except (KeyError, TypeError, ValueError):  # not a Mamba-1 config: no estimate, no check
+        return
+    one = checkpoint_gb(params, recipe.optim) * 1e9
+    final = params * 4
+    kept = len(list(Path(checkpoint_dir).glob("checkpoint-*")))
+    need: dict[int, list] = {}  # filesystem -> [folder, bytes needed at least, bytes needed at peak]
+    for path, least, peak in ((checkpoint_dir, one, max(0, recipe.save_total_limit + 1 - kept) * one),
+                              (Path(out_dir).parent, final, final)):
+        anc = _existing_ancestor(path)
+        entry = need.setdefault(anc.stat().st_dev, [anc, 0.0, 0.0])
+        entry[1] += least
+        entry[2] += peak
+    for anc, least, peak in need.values():
+        free = shutil.disk_usage(anc).free
+        sizes = (f"one checkpoint of this {params / 1e9:.2f}B-parameter model with optim {recipe.optim} is "
+                 f"{one / 1e9:.1f} GB (fp32 weights + optimizer state), the final model {final / 1e9:.1f} GB")
+        if free < least:
+            raise UserError(f"{anc}: {free / 1e9:.1f} GB free, but {sizes}; the first save would fail. Free "
+                            f"space, or put results/checkpoints on a larger filesystem (a symlink will do)")
+        if free < peak:
+            log.warning("%s: %.1f GB free; up to %d checkpoints + the final model need %.1f GB (%s): lower "
+                        "save_total_limit or free space before the later saves fail", anc, free / 1e9,
+                        recipe.save_total_limit + 1, peak / 1e9, sizes)
+
+
 def _check_length(recipe: TrainCommon, config: dict, model_dir) -> None:
     length = recipe.max_seq_length if isinstance(recipe, SFTRecipe) else recipe.max_length
     name = "max_seq_length" if isinstance(recipe, SFTRecipe) else "max_length"
@@ -157,6 +197,7 @@ def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_d
     checkpoint_dir = Path(checkpoint_dir)
     if not launched:
         _prepare_checkpoint_dir(checkpoint_dir, stage, recipe)
+        check_disk(checkpoint_dir, Path(out_dir), config, recipe)
         if num_processes > 1:
             return _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir,
                              checkpoint_dir, metrics_path, num_processes, fsdp)
