@@ -169,6 +169,10 @@ def test_chatml_adds_tokens_into_spare_rows(tiny, tmp_path):
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert tok("<|im_end|>")["input_ids"] == [301]
     assert tok.eos_token_id == 0 and tok.pad_token_id == 1
+    # generation stops at the end of the assistant's turn, not only at <|endoftext|>
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(tmp_path / "m").eos_token_id == [0, 301]
 
 
 def test_chat_templates_are_plain_strings():

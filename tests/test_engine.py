@@ -54,6 +54,8 @@ def test_sampling_greedy_threshold():
     ([5, 1], 5, []),
     ([1, 2, 3], 5, [1, 2, 3]),
     ([1, 5, 2], None, [1, 5, 2]),
+    ([1, 7, 5, 2], [5, 7], [1]),  # several stop ids (ChatML: <|endoftext|> and <|im_end|>): the first of any
+    ([1, 2], [], [1, 2]),
 ])
 def test_cut_at_eos(tokens, eos, expected):
     assert E._cut_at_eos(tokens, eos) == expected
@@ -207,6 +209,19 @@ def test_decode_loop_matches_sequences_run_alone(batch_size, sync_every):
     expected = [toy_reference(p, 40, eos) for p in prompts]
     assert out == expected
     assert any(len(o) < 40 for o in out) and any(len(o) == 40 for o in out)  # both stop reasons happened
+
+
+def test_decode_loop_stops_at_any_of_several_eos_ids():
+    rng = random.Random(7)
+    prompts = [[rng.randrange(31) for _ in range(rng.randint(1, 12))] for _ in range(17)]
+    out, _ = run_toy(prompts, 40, [4, 9], 4)
+
+    def alone(p):  # the toy model run alone, stopping at either id
+        a = toy_reference(p, 40, None)
+        return E._cut_at_eos(a, [4, 9])
+
+    assert out == [alone(p) for p in prompts]
+    assert out != [toy_reference(p, 40, 4) for p in prompts]  # the second id did stop some sequences
 
 
 def test_decode_loop_without_eos_runs_to_max_new_tokens():

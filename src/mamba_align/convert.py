@@ -296,7 +296,7 @@ def _canonical_state_dict(sd: dict[str, torch.Tensor], shapes: dict, tied: bool,
     return {k: sd[k].float().contiguous() for k in shapes}  # keep the config's order
 
 
-def _write_model(out: Path, ssm_sd: dict, hf_config) -> Path:
+def _write_model(out: Path, ssm_sd: dict, hf_config, stop_ids: tuple[int, ...] = ()) -> Path:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -307,7 +307,9 @@ def _write_model(out: Path, ssm_sd: dict, hf_config) -> Path:
     os.umask(umask)
     weights.chmod(0o666 & ~umask)  # safetensors writes 0600; others on a cluster must read the base model
     hf_config.save_pretrained(out)
-    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(out)
+    # generation stops at eos and at the chat template's end-of-turn token (ChatML's <|im_end|>), if any
+    eos = [EOS_ID, *stop_ids] if stop_ids else EOS_ID
+    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=eos, pad_token_id=PAD_ID).save_pretrained(out)
     return weights
 
 
@@ -449,7 +451,8 @@ def prepare_base_model(source: str, revision: str | None, tokenizer: str | None,
     del raw_sd
 
     with atomic_path(out_dir) as tmp:
-        weights = _write_model(tmp, ssm_sd, hf_config)
+        stop_ids = (tok.convert_tokens_to_ids("<|im_end|>"),) if chat_template == "chatml" else ()
+        weights = _write_model(tmp, ssm_sd, hf_config, stop_ids)
         if tok is not None:
             tok.save_pretrained(tmp)
         checks = None

@@ -75,11 +75,10 @@ class TransformersEngine:
 
     def _setup(self, model, batch_size: int) -> None:
         self.model = model
+        # one id or several (a ChatML model stops at <|im_end|> as well as at <|endoftext|>)
         self.eos_token_id = self.model.generation_config.eos_token_id
-        if isinstance(self.eos_token_id, list):
-            self.eos_token_id = self.eos_token_id[0]
         tok_pad = getattr(self.tokenizer, "pad_token_id", None)
-        self.pad_token_id = tok_pad if tok_pad is not None else self.eos_token_id
+        self.pad_token_id = tok_pad if tok_pad is not None else (_stop_ids(self.eos_token_id) or (None,))[0]
         if self.pad_token_id is None:
             self.pad_token_id = 0
         self.batch_size = batch_size
@@ -102,7 +101,7 @@ class TransformersEngine:
                         input_ids=ids,
                         attention_mask=torch.ones_like(ids),
                         max_new_tokens=sampling.max_new_tokens,
-                        eos_token_id=self.eos_token_id,
+                        eos_token_id=list(_stop_ids(self.eos_token_id)) or None,
                         pad_token_id=self.pad_token_id,
                         **kwargs,
                     )
@@ -111,8 +110,19 @@ class TransformersEngine:
         return out  # type: ignore[return-value]
 
 
-def _cut_at_eos(tokens: list[int], eos: int | None) -> list[int]:
-    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
+def _stop_ids(eos) -> tuple[int, ...]:
+    """generation_config.eos_token_id (None, one id or a list) as a tuple of ids."""
+    if eos is None:
+        return ()
+    if isinstance(eos, (list, tuple)):
+        return tuple(int(e) for e in eos if e is not None)
+    return (int(eos),)
+
+
+def _cut_at_eos(tokens: list[int], eos) -> list[int]:
+    """The tokens before the first stop id (eos: None, one id or several)."""
+    stops = set(_stop_ids(eos))
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
 
 
 # ---------------------------------------------------------------------------------- checkpoint mapping
@@ -242,7 +252,7 @@ def _fit(n: int, sizes: list[int]) -> int:
     return next((s for s in sizes if s >= n), sizes[-1])
 
 
-def decode_loop(prompts: list[list[int]], sampling: Sampling, eos_token_id: int | None, get_runner: Callable,
+def decode_loop(prompts: list[list[int]], sampling: Sampling, eos_token_id, get_runner: Callable,
                 batch_size: int, sync_every: int = 16, prefill_tokens: int = 16384) -> list[list[int]]:
     """Generate for every prompt with a fixed set of decode slots, refilling a slot as soon as its sequence ends.
 
@@ -265,6 +275,7 @@ def decode_loop(prompts: list[list[int]], sampling: Sampling, eos_token_id: int 
     sizes = _slot_sizes(batch_size)
     runner = get_runner(_fit(n, sizes))
     dev = runner.device
+    stops = torch.tensor(_stop_ids(eos_token_id), dtype=torch.long, device=dev)  # eos: None, one id or several
     # Longest first: prompts prefilled together then have similar lengths (little padding).
     queue = deque(sorted(range(n), key=lambda i: -len(prompts[i])))
 
@@ -297,7 +308,7 @@ def decode_loop(prompts: list[list[int]], sampling: Sampling, eos_token_id: int 
             out_buf[idx, 0] = tok
             last[idx] = tok
             pos[idx] = 1
-            done[idx] = (tok == eos_token_id) if eos_token_id is not None else False
+            done[idx] = torch.isin(tok, stops)
             for s, i in group:
                 owner[s] = i
                 count[s] = 1
@@ -339,8 +350,8 @@ def decode_loop(prompts: list[list[int]], sampling: Sampling, eos_token_id: int 
             tok = sample_next(logits, sampling)
             out_buf[arange, pos.clamp(max=max_new - 1)] = tok
             pos += 1
-            if eos_token_id is not None:
-                done |= tok == eos_token_id
+            if len(stops):
+                done |= torch.isin(tok, stops)
             last = tok
         for s in live:
             count[s] += steps
@@ -515,7 +526,7 @@ class MambaSSMEngine:
         self.dtype = dtype or torch.bfloat16
         self.state_dtype = state_dtype or torch.float32
         self.tokenizer = tokenizer
-        self.eos_token_id = eos[0] if isinstance(eos, list) else eos
+        self.eos_token_id = eos  # one id or several
         self.batch_size = batch_size
         self.cuda_graphs = cuda_graphs
         cfg = mamba_ssm_config_from_hf(hf_config)
