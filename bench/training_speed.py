@@ -79,6 +79,14 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
             return model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False).loss
         return model(input_ids=ids, labels=ids).loss
 
+    def train_step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -86,11 +94,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step()
         if cuda:
             torch.cuda.synchronize()
         if i >= warmup:
@@ -104,11 +108,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with torch_profile(activities=acts) as prof:
             for _ in range(2):
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-                    loss = loss_fn()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                train_step()
             if cuda:
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"

@@ -86,6 +86,17 @@ def test_dpo_change_reruns_dpo_and_evals_only(demo_run):
     assert jobs.get("judge_mt_bench") == 1 and jobs.get("generate_mt_bench") == 1  # the DPO model's only
 
 
+def test_operational_change_of_a_finished_stage_reruns_nothing(demo_run):
+    wf, _ = demo_run
+    (wf / "ops.yaml").write_text("recipe_overrides:\n  sft: {save_steps: 7, per_device_train_batch_size: 2}\n"
+                                 "  dpo: {logging_steps: 3}\n")
+    jobs = planned_jobs(snakemake(wf, "-n", "--configfile", "config/demo.yaml", "ops.yaml").stdout)
+    assert set(jobs) <= {"plan", "all"}  # only the plan, whose memory estimate depends on the batch size
+    (wf / "ops.yaml").write_text("recipe_overrides:\n  sft: {learning_rate: 0.002}\n")  # what is learned: retrain
+    jobs = planned_jobs(snakemake(wf, "-n", "--configfile", "config/demo.yaml", "ops.yaml").stdout)
+    assert jobs.get("train_sft") == 1 and jobs.get("train_dpo") == 1
+
+
 def test_report_matches_the_eval_jsons_with_provenance(demo_run):
     import csv
 

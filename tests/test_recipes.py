@@ -98,3 +98,21 @@ def test_accumulation_keeps_the_global_batch(gpus, accumulation):
     assert gradient_accumulation_steps(recipe, gpus) == accumulation
     with pytest.raises(UserError, match="not divisible"):
         gradient_accumulation_steps(recipe, 3)
+
+
+def test_stage_recipe_learns_from_params_and_runs_with_the_current_config():
+    from mamba_align.recipes import as_dict, learning_settings, stage_recipe
+
+    base = RECIPES.parents[1]
+    scheduled = as_dict(load_recipe(RECIPES / "zephyr-7b-beta", "sft"))
+    # the config now asks for another batch size and save_steps (operational), and another learning rate,
+    # which the finished job's params do not carry: the job keeps what it learned with
+    config = {"recipe": "zephyr-7b-beta",
+              "recipe_overrides": {"sft": {"per_device_train_batch_size": 8, "save_steps": 7, "learning_rate": 1.0}}}
+    r = stage_recipe(config, "sft", base, learning_settings(scheduled))
+    assert isinstance(r, SFTRecipe)
+    assert (r.per_device_train_batch_size, r.save_steps) == (8, 7)
+    assert r.learning_rate == scheduled["learning_rate"] == 2e-5 and r.global_batch_size == 512
+    with pytest.raises(UserError, match="not divisible by per_device_train_batch_size 3"):
+        stage_recipe({**config, "recipe_overrides": {"sft": {"per_device_train_batch_size": 3}}}, "sft", base,
+                     learning_settings(scheduled))

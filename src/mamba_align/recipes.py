@@ -129,6 +129,29 @@ def learning_settings(recipe: dict) -> dict:
     return {k: v for k, v in recipe.items() if k not in OPERATIONAL_KEYS}
 
 
+def recipe_dir(name: str, basedir: str | Path) -> Path:
+    """config['recipe']: a folder name under <workflow>/config/recipes/, or a path to a recipe folder."""
+    return Path(name) if Path(name).is_dir() else Path(basedir) / "config" / "recipes" / name
+
+
+def workflow_root(inside: str | Path) -> Path:
+    """The workflow folder (holding config/recipes/) that `inside` (a rule's or script's folder) lies in."""
+    here = Path(inside).resolve()
+    return next((d for d in (here, *here.parents) if (d / "config" / "recipes").is_dir()), here)
+
+
+def stage_recipe(config: dict, stage: str, basedir: str | Path, learned: dict) -> TrainCommon:
+    """A training job's recipe: what it learns from the rule's params (`learned`, which Snakemake compares to
+    decide on a rerun) and the operational keys from the config as it is now, so that changing a batch size or
+    save_steps after a stage finished reruns nothing, and a resubmission picks the new value up."""
+    current = load_recipe(recipe_dir(config["recipe"], basedir), stage,
+                          (config.get("recipe_overrides") or {}).get(stage))
+    merged = {**as_dict(current), **learned}
+    recipe = build(RECIPE_CLASSES[stage], merged, f"recipe {stage}")
+    validate(recipe, f"recipe {stage}")
+    return recipe
+
+
 def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = None):
     """Load config/recipes/<name>/<stage>.yaml strictly, apply `overrides`, return the dataclass."""
     path = Path(recipe_dir) / f"{stage}.yaml"

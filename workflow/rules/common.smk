@@ -5,6 +5,7 @@ from snakemake.utils import min_version, validate
 
 from mamba_align import layout
 from mamba_align import plan as planner
+from mamba_align import recipes
 from mamba_align.recipes import as_dict, learning_settings, load_recipe
 from mamba_align.utils import UserError
 
@@ -20,13 +21,7 @@ JUDGE = config["judge"]
 
 
 def recipe_dir():
-    """config['recipe'] is a folder name under config/recipes/ (or a path to a recipe folder)."""
-    name = config["recipe"]
-    return (
-        name
-        if Path(name).is_dir()
-        else str(Path(workflow.basedir) / "config" / "recipes" / name)
-    )
+    return recipes.recipe_dir(config["recipe"], workflow.basedir)
 
 
 # Parsed strictly now, so a bad recipe fails before any job (and any GPU time).

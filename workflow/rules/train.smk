@@ -26,7 +26,9 @@ rule train_sft:
         mem_mb=32000,
         runtime=planned_runtime("train_sft", 60),
     params:
-        recipe=SFT,
+        # what is learned only: an operational change (batch size, save_steps...) reruns nothing; the job
+        # reads those from the config when it runs (recipes.stage_recipe)
+        recipe=learning_settings(SFT),
         checkpoints=layout.checkpoint_dir(
             R, "sft", {"recipe": learning_settings(SFT), "base": BASE}
         ),
@@ -55,7 +57,7 @@ rule train_dpo:
         mem_mb=32000,
         runtime=planned_runtime("train_dpo", 60),
     params:
-        recipe=DPO,
+        recipe=learning_settings(DPO),
         checkpoints=layout.checkpoint_dir(
             R,
             "dpo",
