@@ -118,3 +118,16 @@ def test_disk_per_stage_by_hand():
     # 2 kept + 1 being written + the final fp32 model
     assert plan.disk_gb(2.768e9, {"optim": "adamw_torch", "save_total_limit": 2}) == pytest.approx(
         3 * 33.216 + 11.072, abs=0.01)
+
+
+def test_dpo_memory_counts_the_reference_model_unless_precomputed():
+    cfg = CFG | {"plan": CFG["plan"]}
+    gpus = {"train_sft": 1, "train_dpo": 1}
+    with_ref = plan.make_plan(cfg, SFT | {"save_total_limit": 2, "optim": "adamw_torch"},
+                              DPO | {"save_total_limit": 2, "optim": "rmsprop"}, gpus, "H100-80GB")
+    pre = plan.make_plan(cfg, SFT | {"save_total_limit": 2, "optim": "adamw_torch"},
+                         DPO | {"save_total_limit": 2, "optim": "rmsprop", "precompute_ref_log_probs": True},
+                         gpus, "H100-80GB")
+    mem = {p["rule"]: p["peak_mem_gib"] for p in with_ref["jobs"]}, {p["rule"]: p["peak_mem_gib"] for p in pre["jobs"]}
+    assert mem[0]["train_dpo"] - mem[1]["train_dpo"] == pytest.approx(2.77e9 * 4 / 2**30, abs=0.1)
+    assert mem[0]["train_sft"] == mem[1]["train_sft"]
