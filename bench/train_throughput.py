@@ -143,8 +143,6 @@ class _PreemptAt(logging.Handler):
 
 def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompute: bool = False,
            preempt_at: int = 0) -> dict:
-    import torch
-
     from mamba_align.train import PREEMPTED_EXIT_CODE, STOP_FILE, train_dpo, train_sft
 
     tag = f"{stage}{'-precompute' if precompute else ''}"
@@ -172,9 +170,7 @@ def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompu
         res["preempted"] = {"exit_code": code, "expected_exit_code": PREEMPTED_EXIT_CODE,
                             "checkpoints": sorted(c.name for c in ckpt.glob("checkpoint-*")),
                             "log": watcher.saves, "wall_time_s": round(time.time() - t0, 1)}
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _release_memory()
         t0 = time.time()
     m = run()
     wall = round(time.time() - t0, 1)
@@ -195,10 +191,17 @@ def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompu
             and m["steps_this_run"] == recipe.max_steps - preempt_at)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(ckpt, ignore_errors=True)  # tens of GB each at the 2.8B shape: the disk holds only a few
+    _release_memory()
+    return res
+
+
+def _release_memory() -> None:
+    """Between runs in one process: drop the last model's objects and cached GPU blocks."""
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return res
 
 
 def _du(path: Path) -> int:
@@ -245,9 +248,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     params = write_model(model_dir, **shape, dtype="bfloat16" if a.device == "cuda" else "float32")
     print(f"random model: {params / 1e6:.1f}M parameters in {time.time() - t0:.0f}s", file=sys.stderr)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _release_memory()
     vocab = words(shape["vocab_size"])
     common = dict(dataset=DatasetSpec(source="synthetic"), max_steps=a.steps, learning_rate=1e-5,
                   warmup_ratio=0.0, logging_steps=1, save_steps=10**9, save_total_limit=1, bf16=True,

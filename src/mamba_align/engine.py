@@ -78,9 +78,8 @@ class TransformersEngine:
         # one id or several (a ChatML model stops at <|im_end|> as well as at <|endoftext|>)
         self.eos_token_id = self.model.generation_config.eos_token_id
         tok_pad = getattr(self.tokenizer, "pad_token_id", None)
-        self.pad_token_id = tok_pad if tok_pad is not None else (_stop_ids(self.eos_token_id) or (None,))[0]
-        if self.pad_token_id is None:
-            self.pad_token_id = 0
+        stops = _stop_ids(self.eos_token_id)
+        self.pad_token_id = tok_pad if tok_pad is not None else (stops[0] if stops else 0)
         self.batch_size = batch_size
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:

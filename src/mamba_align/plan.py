@@ -143,11 +143,16 @@ def checkpoint_gb(params: float, optim: str) -> float:
     return params * (4 + state) / 1e9
 
 
+def model_gb(params: float) -> float:
+    """The final model: fp32 weights."""
+    return params * 4 / 1e9
+
+
 def disk_gb(params: float, recipe: dict) -> float:
     """Peak disk of one training stage: save_total_limit checkpoints + the one being written (the oldest is
     deleted only after) + the final fp32 model."""
     return (recipe.get("save_total_limit", 2) + 1) * checkpoint_gb(params, recipe.get("optim", "adamw_torch")) \
-        + params * 4 / 1e9
+        + model_gb(params)
 
 
 def _gpu(gpu_type: str) -> dict:
@@ -310,7 +315,7 @@ def write_plan(plan: dict, out_json, out_txt=None) -> None:
 def main(argv=None):
     import yaml
 
-    from .recipes import as_dict, load_recipe
+    from .recipes import as_dict, config_recipe
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="config/config.yaml")
@@ -324,8 +329,7 @@ def main(argv=None):
 
     cfg = yaml.safe_load(Path(a.config).read_text())
     validate(cfg, a.schema)  # the same defaults as a workflow run, not a copy of them
-    rdir = Path("config/recipes") / cfg["recipe"]
-    sft, dpo = (as_dict(load_recipe(rdir, s, (cfg.get("recipe_overrides") or {}).get(s))) for s in ("sft", "dpo"))
+    sft, dpo = (as_dict(config_recipe(cfg, s, ".")) for s in ("sft", "dpo"))
     write_plan(make_plan(cfg, sft, dpo, {"train_sft": a.gpus, "train_dpo": a.gpus}, a.gpu_type), a.out)
 
 

@@ -140,13 +140,16 @@ def workflow_root(inside: str | Path) -> Path:
     return next((d for d in (here, *here.parents) if (d / "config" / "recipes").is_dir()), here)
 
 
+def config_recipe(config: dict, stage: str, basedir: str | Path) -> TrainCommon:
+    """The stage's recipe as the config selects it (config['recipe'], with its recipe_overrides)."""
+    return load_recipe(recipe_dir(config["recipe"], basedir), stage, (config.get("recipe_overrides") or {}).get(stage))
+
+
 def stage_recipe(config: dict, stage: str, basedir: str | Path, learned: dict) -> TrainCommon:
     """A training job's recipe: what it learns from the rule's params (`learned`, which Snakemake compares to
     decide on a rerun) and the operational keys from the config as it is now, so that changing a batch size or
     save_steps after a stage finished reruns nothing, and a resubmission picks the new value up."""
-    current = load_recipe(recipe_dir(config["recipe"], basedir), stage,
-                          (config.get("recipe_overrides") or {}).get(stage))
-    merged = {**as_dict(current), **learned}
+    merged = {**as_dict(config_recipe(config, stage, basedir)), **learned}
     recipe = build(RECIPE_CLASSES[stage], merged, f"recipe {stage}")
     validate(recipe, f"recipe {stage}")
     return recipe

@@ -99,14 +99,14 @@ def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainC
     """Refuse to start a run whose first checkpoint or final model cannot fit on its filesystem (a 2.8B
     checkpoint is 33 GB with AdamW: weights + optimizer state); warn when save_total_limit + 1 checkpoints
     (the newest is written before the oldest goes) and the final model may not."""
-    from .plan import checkpoint_gb, params_from_config
+    from .plan import checkpoint_gb, model_gb, params_from_config
 
     try:
         params = params_from_config(config)
     except (KeyError, TypeError, ValueError):  # not a Mamba-1 config: no estimate, no check
         return
     one = checkpoint_gb(params, recipe.optim) * 1e9
-    final = params * 4
+    final = model_gb(params) * 1e9
     kept = len(list(Path(checkpoint_dir).glob("checkpoint-*")))
     need: dict[int, list] = {}  # filesystem -> [folder, bytes needed at least, bytes needed at peak]
     for path, least, peak in ((checkpoint_dir, one, max(0, recipe.save_total_limit + 1 - kept) * one),

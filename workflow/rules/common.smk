@@ -6,7 +6,7 @@ from snakemake.utils import min_version, validate
 from mamba_align import layout
 from mamba_align import plan as planner
 from mamba_align import recipes
-from mamba_align.recipes import as_dict, learning_settings, load_recipe
+from mamba_align.recipes import as_dict, learning_settings
 from mamba_align.utils import UserError
 
 min_version("9.0")
@@ -20,13 +20,9 @@ EVAL = config["eval"]
 JUDGE = config["judge"]
 
 
-def recipe_dir():
-    return recipes.recipe_dir(config["recipe"], workflow.basedir)
-
-
 # Parsed strictly now, so a bad recipe fails before any job (and any GPU time).
-SFT = as_dict(load_recipe(recipe_dir(), "sft", config["recipe_overrides"].get("sft")))
-DPO = as_dict(load_recipe(recipe_dir(), "dpo", config["recipe_overrides"].get("dpo")))
+SFT = as_dict(recipes.config_recipe(config, "sft", workflow.basedir))
+DPO = as_dict(recipes.config_recipe(config, "dpo", workflow.basedir))
 
 
 # Secrets reach cluster jobs through envvars (never config, logs or results).
