@@ -10,9 +10,14 @@ Variants (--variants, comma-separated, each NAME or NAME:BATCH or NAME:BATCH:ckp
   transformers   model(input_ids, labels=...).loss, transformers' forward (fp32 logits + loss)
   mamba_ssm      MambaLMHeadModel(input_ids).logits -> F.cross_entropy(logits.float()), its fused add+norm
   fast           transformers + enable_fast_path (the pipeline's training path): fused add+norm, mamba_ssm's
-                 in_proj layout, chunked loss (no full logits)
+                 in_proj layout, mixer activations kept for backward, chunked loss (no full logits)
+  fast_recompute fast with save_mixer_activations=False (recomputes the convolution and time steps in
+                 backward, as mamba_ssm does)
   fast_trl       fast + TRL's fused LM head (what SFTTrainer/DPOTrainer call: fused_lm_head=True)
   fast_hf_mixer  fast with native_mixer_layout=False (transformers' own mixer call: in_proj(x).transpose)
+
+--max-grad-norm N clips every step as the recipes do (max_grad_norm 1.0): clip_grad_norm_ then step, or for the
+fast variants fast.fused_clip_grad_norm_ (the scale applied inside the fused AdamW step, as the trainer does).
 
     PYTHONPATH=src python bench/training_speed.py
     PYTHONPATH=src python bench/training_speed.py --tiny
@@ -28,11 +33,12 @@ import subprocess
 import sys
 import time
 
+FAST_VARIANTS = ("fast", "fast_recompute", "fast_trl", "fast_hf_mixer")
 from _benchutil import emit, environment, hf_config
 
 
 def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: int, steps: int,
-           profile: str | None = None) -> dict:
+           profile: str | None = None, max_grad_norm: float = 0.0) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -53,10 +59,11 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
 
         with torch.device(device):
             model = MambaForCausalLM(cfg)
-        if variant in ("fast", "fast_trl", "fast_hf_mixer"):
+        if variant in FAST_VARIANTS:
             from mamba_align.fast import enable_fast_path, patch_model, reference_add_rms_norm
 
-            if not enable_fast_path(model, native_mixer_layout=variant != "fast_hf_mixer"):
+            if not enable_fast_path(model, native_mixer_layout=variant != "fast_hf_mixer",
+                                    save_mixer_activations=variant != "fast_recompute"):
                 if cuda:
                     raise RuntimeError("enable_fast_path returned False on a CUDA machine")
                 patch_model(model, reference_add_rms_norm, cuda_only=False)  # CPU smoke test of the plumbing
@@ -83,6 +90,11 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
             loss = loss_fn()
         loss.backward()
+        if max_grad_norm > 0:
+            from mamba_align.fast import fused_clip_grad_norm_
+
+            if variant not in FAST_VARIANTS or fused_clip_grad_norm_(model.parameters(), opt, max_grad_norm) is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -120,6 +132,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
         with open(profile, "a") as f:
             f.write(f"\n===== {variant} batch {batch} ckpt {ckpt}: 2 steps =====\n{table}\n")
     return dict(variant=variant, batch=batch, gradient_checkpointing=ckpt, params=params, seq=seq,
+                max_grad_norm=max_grad_norm,
                 step_seconds=round(step_s, 4), tokens_per_s=round(batch * seq / step_s, 1),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
                 first_losses=losses[:3], steps_timed=steps)
@@ -135,6 +148,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant")
     p.add_argument("--profile", default=None, help="append a torch.profiler table of 2 steps per variant here")
+    p.add_argument("--max-grad-norm", type=float, default=0.0, help="clip every step (recipes: 1.0); 0: no clipping")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -144,7 +158,7 @@ def main(argv=None) -> dict:
 
     if a.worker:
         name, batch, ckpt = (a.worker.split(":") + ["", ""])[:3]
-        res = worker(name, int(batch), ckpt == "ckpt", shape, a.seq, a.warmup, a.steps, a.profile)
+        res = worker(name, int(batch), ckpt == "ckpt", shape, a.seq, a.warmup, a.steps, a.profile, a.max_grad_norm)
         print("RESULT " + json.dumps(res), flush=True)
         return res
 
@@ -159,7 +173,8 @@ def main(argv=None) -> dict:
             rows.append(dict(variant=name, batch=batch, skipped="needs CUDA + mamba_ssm"))
             continue
         cmd = [sys.executable, __file__, "--worker", f"{name}:{batch}:{'ckpt' if ckpt else ''}",
-               "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--tiny"] if a.tiny else []) \
+               "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps),
+               "--max-grad-norm", str(a.max_grad_norm)] + (["--tiny"] if a.tiny else []) \
             + (["--profile", a.profile] if a.profile else [])
         t0 = time.time()
         try:
@@ -178,14 +193,17 @@ def main(argv=None) -> dict:
         print(row, flush=True)
     base = next((r for r in rows if r.get("variant") == "transformers" and "tokens_per_s" in r
                  and not r.get("gradient_checkpointing")), None)
-    native = next((r for r in rows if r.get("variant") == "mamba_ssm" and "tokens_per_s" in r), None)
+    native = {}  # the first mamba_ssm row of each batch size and checkpointing setting
+    for r in rows:
+        if r.get("variant") == "mamba_ssm" and "tokens_per_s" in r:
+            native.setdefault((r["batch"], r["gradient_checkpointing"]), r)
     for r in rows:
         if "tokens_per_s" in r:
             if base:
                 r["vs_transformers"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
-            if native:
-                r["vs_mamba_ssm"] = round(r["tokens_per_s"] / native["tokens_per_s"], 3)
-    result = dict(benchmark="training_speed", shape=shape, seq=a.seq,
+            if (key := (r["batch"], r["gradient_checkpointing"])) in native:
+                r["vs_mamba_ssm_same_batch"] = round(r["tokens_per_s"] / native[key]["tokens_per_s"], 3)
+    result = dict(benchmark="training_speed", shape=shape, seq=a.seq, max_grad_norm=a.max_grad_norm,
                   recipe="fp32 params, bf16 autocast, fused AdamW, random weights", rows=rows,
                   environment=environment())
     emit("training_speed", result, a.out)

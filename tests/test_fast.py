@@ -127,6 +127,57 @@ def test_paths_the_fast_path_does_not_cover_are_the_original():
         assert model(ids, labels=ids).logits is None  # the chunked loss builds no logits
 
 
+def test_an_all_ones_mask_is_not_applied():
+    """Packed rows carry an all-ones attention mask: the mixers get none (no multiply per layer); a mask with
+    zeros still reaches them."""
+    model = tiny_model()
+    fast.patch_model(model, fast.reference_add_rms_norm, cuda_only=False)
+    seen = []
+    for layer in model.backbone.layers:
+        layer.mixer.forward = (lambda f: lambda h, attention_mask=None, **kw: (seen.append(attention_mask),
+                                                                               f(h, attention_mask=attention_mask,
+                                                                                 **kw))[1])(layer.mixer.forward)
+    ids, labels, mask = batch()
+    model(input_ids=ids, attention_mask=torch.ones_like(mask), labels=labels)
+    assert seen == [None] * 3
+    seen.clear()
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert all(m is mask for m in seen) and len(seen) == 3
+
+
+def _two_models_and_optimizers(fused=True):
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    b = copy.deepcopy(a)
+    return a, b, torch.optim.AdamW(a.parameters(), lr=1e-2, fused=fused), \
+        torch.optim.AdamW(b.parameters(), lr=1e-2, fused=fused)
+
+
+def test_clipping_inside_the_fused_adamw_step_equals_clipping_first():
+    ref, model, ref_opt, opt = _two_models_and_optimizers()
+    for step in range(6):  # norms far above and below max_norm
+        x = torch.randn(8, 16) * (10.0 if step % 2 else 0.01)
+        for m in (ref, model):
+            m(x).pow(2).sum().backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        norm = fast.fused_clip_grad_norm_(model.parameters(), opt, 1.0)
+        torch.testing.assert_close(norm, ref_norm)
+        ref_opt.step(), opt.step()
+        ref_opt.zero_grad(), opt.zero_grad()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_clipping_leaves_other_optimizers_to_clip_grad_norm():
+    _, model, _, opt = _two_models_and_optimizers(fused=False)
+    model(torch.randn(2, 16)).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    assert fast.fused_clip_grad_norm_(model.parameters(), opt, 1e-3) is None
+    assert fast.fused_clip_grad_norm_(model.parameters(), torch.optim.RMSprop(model.parameters()), 1e-3) is None
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+    assert not hasattr(opt, "grad_scale")
+
+
 def test_disable_fast_path_restores_the_instance():
     model = tiny_model()
     fast.patch_model(model, fast.reference_add_rms_norm, cuda_only=False)
@@ -247,11 +298,12 @@ def test_gpu_triton_add_norm_equals_reference():
         torch.testing.assert_close(y, ry, rtol=tol, atol=tol)
 
 
-def _gpu_models(native_mixer_layout=True, **overrides):
+def _gpu_models(native_mixer_layout=True, save_mixer_activations=True, **overrides):
     ref = tiny_model(hidden_size=256, num_hidden_layers=4, vocab_size=1000, state_size=16, time_step_rank=16,
                      use_mambapy=False, **overrides).cuda()
     model = copy.deepcopy(ref)
-    assert fast.enable_fast_path(model, native_mixer_layout=native_mixer_layout) is True
+    assert fast.enable_fast_path(model, native_mixer_layout=native_mixer_layout,
+                                 save_mixer_activations=save_mixer_activations) is True
     return ref, model
 
 
@@ -263,9 +315,9 @@ def _gpu_batch():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("native_mixer_layout", [False, True])
-def test_gpu_fast_path_fp32_equals_reference(checkpointing, native_mixer_layout):
-    ref, model = _gpu_models(native_mixer_layout)
+@pytest.mark.parametrize("native_mixer_layout,save_mixer_activations", [(False, False), (True, False), (True, True)])
+def test_gpu_fast_path_fp32_equals_reference(checkpointing, native_mixer_layout, save_mixer_activations):
+    ref, model = _gpu_models(native_mixer_layout, save_mixer_activations)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, labels, mask = _gpu_batch()

@@ -107,6 +107,31 @@ def test_dpo_with_precomputed_reference_matches(tiny, tmp_path):
     assert losses(runs[True], "rewards/margins") == pytest.approx(losses(runs[False], "rewards/margins"), abs=1e-4)
 
 
+def test_fused_adamw_clips_inside_its_step_with_the_same_result(tiny, tmp_path, monkeypatch):
+    """With a fused AdamW the trainer folds gradient clipping into the optimizer's kernel (fast.py): same losses,
+    gradient norms and weights as the Trainer's own clip-then-step."""
+    from mamba_align import fast
+
+    recipe = load_recipe(DEMO, "sft", {"max_steps": 4, "logging_steps": 1, "optim": "adamw_torch_fused",
+                                       "max_grad_norm": 0.05})  # every step clips
+    calls = []
+    folded = fast.fused_clip_grad_norm_
+    runs = {}
+    for mode in ("fused", "trainer"):
+        monkeypatch.setattr(fast, "fused_clip_grad_norm_", (lambda *a: calls.append(1) or folded(*a))
+                            if mode == "fused" else (lambda *a: None))
+        out = tmp_path / mode
+        runs[mode] = train_sft(tiny / "model", tiny / "sft_train.parquet", None, recipe, out / "sft",
+                               out / "ckpt", out / "metrics.json")
+    assert len(calls) == 4
+    assert losses(runs["fused"]) == pytest.approx(losses(runs["trainer"]), abs=1e-5)
+    assert losses(runs["fused"], "grad_norm") == pytest.approx(losses(runs["trainer"], "grad_norm"), rel=1e-5)
+    assert min(losses(runs["fused"], "grad_norm")) > 0.05
+    a, b = weights(tmp_path / "fused" / "sft"), weights(tmp_path / "trainer" / "sft")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ pre-emption
 
 def cli(tiny, out: Path, stage="sft", *overrides) -> list[str]:

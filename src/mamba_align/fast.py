@@ -10,6 +10,11 @@ and `save_pretrained` / `from_pretrained` stay ordinary transformers):
   `mixer_native_layout`) and calls `mamba_inner_fn` with the arguments transformers passes: no per-layer
   copy of the projection to contiguous and back (H100, 2.8B shape, batch 2: 0.994x the tokens/s of mamba_ssm's
   own model, against 0.82x with transformers' mixer call; docs/benchmarks.md §2);
+- by default each mixer keeps its convolution output and time steps for the backward pass
+  (`mamba_inner_fn(checkpoint_lvl=0)`) where mamba_ssm recomputes them (`checkpoint_lvl=1`): two
+  (batch, d_inner, seq) bf16 tensors more per layer (10 GiB at the 2.8B shape and 8,192 tokens per step; none
+  under gradient checkpointing, which frees the layer anyway) for one convolution and one projection less per
+  layer in backward;
 - `model(input_ids, labels=...)` computes the causal LM loss in row chunks straight from the last hidden
   state (`LinearCrossEntropy`): no (batch, seq, vocab) fp32 logits are materialised; it returns `logits=None`.
   TRL's own fused LM head (`fused_lm_head=True`, used by SFTTrainer / DPOTrainer) runs on top of the fast
@@ -50,13 +55,16 @@ def fast_path_unavailable(model=None) -> str | None:
     return None
 
 
-def enable_fast_path(model, chunk_size: int = 4096, native_mixer_layout: bool = True) -> bool:
+def enable_fast_path(model, chunk_size: int = 4096, native_mixer_layout: bool = True,
+                     save_mixer_activations: bool = True) -> bool:
     """Patch `model` (a transformers MambaForCausalLM) to train with mamba_ssm's fused add+RMSNorm and a chunked
     LM loss. Returns False, changing nothing, where CUDA or mamba_ssm is missing. Call it before building the
     trainer (before DDP / TRL wrap the model); gradient checkpointing set later is honoured.
 
     `native_mixer_layout`: in training, produce the mixer's input projection in mamba_ssm's layout (see
-    `mixer_native_layout`) instead of calling transformers' mixer (False: transformers' own mixer call)."""
+    `mixer_native_layout`) instead of calling transformers' mixer (False: transformers' own mixer call).
+    `save_mixer_activations` (with the native layout): keep the convolution output and time steps for backward
+    instead of recomputing them (more memory without gradient checkpointing, less time)."""
     reason = fast_path_unavailable(model)
     if reason is not None:
         log.info("mamba_ssm fast path not enabled: %s", reason)
@@ -67,11 +75,14 @@ def enable_fast_path(model, chunk_size: int = 4096, native_mixer_layout: bool = 
     if native_mixer_layout:
         from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
-        mixer = functools.partial(mixer_native_layout, inner_fn=mamba_inner_fn)
+        inner = functools.partial(mamba_inner_fn, checkpoint_lvl=0 if save_mixer_activations else 1)
+        mixer = functools.partial(mixer_native_layout, inner_fn=inner)
     patch_model(model, functools.partial(_triton_add_rms_norm, layer_norm_fn), chunk_size, cuda_only=True,
                 mixer=mixer)
     log.info("mamba_ssm fast path enabled (fused add+RMSNorm, %s, chunked LM loss)",
-             "mamba_ssm's in_proj layout" if native_mixer_layout else "transformers' mixer")
+             ("mamba_ssm's in_proj layout, mixer activations " + ("saved" if save_mixer_activations else
+                                                                   "recomputed")) if native_mixer_layout
+             else "transformers' mixer")
     return True
 
 
@@ -138,6 +149,8 @@ def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True,
             return original_backbone_forward(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                              output_hidden_states=output_hidden_states, return_dict=return_dict,
                                              attention_mask=attention_mask, **kwargs)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # packed rows: nothing to mask, skip one multiply per layer and its backward
         residual = None
         for layer in self.layers:
             step = functools.partial(_layer_step, layer, add_norm, mixer if self.training else None)
@@ -280,3 +293,26 @@ class LinearCrossEntropy(torch.autograd.Function):
         gh = None if grad_h is None else grad_h.mul_(grad_total.to(grad_h.dtype))
         gw = None if grad_w is None else grad_w.mul_(grad_total).to(ctx.weight_dtype)
         return gh, gw, None, None
+
+
+# ------------------------------------------------------------------------------------ gradient clipping
+
+
+def fused_clip_grad_norm_(parameters, optimizer, max_norm: float):
+    """`torch.nn.utils.clip_grad_norm_` folded into a fused Adam/AdamW step: one pass over the gradients for the
+    total norm, then the optimizer's fused kernel divides each gradient by max(1, (norm + 1e-6) / max_norm) as it
+    reads it (its `grad_scale`, the hook GradScaler uses to unscale), instead of a second pass that scales every
+    gradient in place (2 x the gradients' bytes of memory traffic: ~7 ms per step at the 2.8B shape on an H100).
+    Same update as clipping then stepping, up to rounding. Returns the total norm before clipping, as
+    clip_grad_norm_ does, or None (nothing done) where `optimizer` is not a fused torch Adam/AdamW or a GradScaler
+    already uses its `grad_scale`; call it right before `optimizer.step()`, on every step."""
+    fused = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups)
+    if not fused or getattr(optimizer, "found_inf", None) is not None:
+        return None
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
+    optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+    return norm
