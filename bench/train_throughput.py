@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "resume there; times then come from the resumed run (steps K+1..)")
     p.add_argument("--workdir", help="where the synthetic model and runs go (default: a temporary folder)")
     p.add_argument("--profile", metavar="FILE", help="append a torch.profiler table of steps 3-4 of each stage")
+    p.add_argument("--trace", metavar="FILE", help="with --profile: also write a gzipped Chrome trace of those steps")
     p.add_argument("--no-checkpoint-save", action="store_true",
                    help="skip the Trainer's end-of-training checkpoint (33 GB, ~50 s at 2.8B): throughput only")
     p.add_argument("--no-fused-optimizer", action="store_true",
@@ -312,14 +313,14 @@ def _ablations(a) -> None:
 
         def add_profiler(cls):
             def __init__(self, *args, callbacks=None, **kw):
-                cls.__init__(self, *args, callbacks=[*(callbacks or []), _step_profiler(a.profile)], **kw)
+                cls.__init__(self, *args, callbacks=[*(callbacks or []), _step_profiler(a.profile, a.trace)], **kw)
 
             return type(cls.__name__, (cls,), {"__init__": __init__})
 
         train._trainer_classes = lambda: tuple(add_profiler(c) for c in classes())
 
 
-def _step_profiler(path, first: int = 3, count: int = 2):
+def _step_profiler(path, trace=None, first: int = 3, count: int = 2):
     """A TrainerCallback: torch.profiler over optimizer steps `first`..; appends the kernel table to `path`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -348,9 +349,19 @@ def _step_profiler(path, first: int = 3, count: int = 2):
             except Exception:  # newer torch names it self_device_time_total
                 table = self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=45,
                                                        max_name_column_width=90)
+            cpu = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90)
             with open(path, "a") as f:
-                optim = getattr(args.optim, 'value', args.optim)
-                f.write(f"\n===== pipeline steps {first}-{last} (optim {optim}) =====\n{table}\n")
+                optim = getattr(args.optim, "value", args.optim)
+                f.write(f"\n===== pipeline steps {first}-{last} (optim {optim}) =====\n{table}\n"
+                        f"\n----- by CPU time -----\n{cpu}\n")
+            if trace:
+                import gzip
+                import shutil as sh
+
+                self.prof.export_chrome_trace(str(trace) + ".tmp")
+                with open(str(trace) + ".tmp", "rb") as src, gzip.open(trace, "wb") as dst:
+                    sh.copyfileobj(src, dst)
+                os.remove(str(trace) + ".tmp")
             self.prof = None
 
     return StepProfiler()
