@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="FILE", help="with --profile: also write a gzipped Chrome trace of those steps")
     p.add_argument("--no-checkpoint-save", action="store_true",
                    help="skip the Trainer's end-of-training checkpoint (33 GB, ~50 s at 2.8B): throughput only")
+    p.add_argument("--no-mask-check", action="store_true",
+                   help="ablation: the fast path multiplies by the attention mask even when it is all ones")
+    p.add_argument("--logging-steps", type=int, default=5, help="the recipes' value (1 with --preempt-at)")
     p.add_argument("--no-fused-optimizer", action="store_true",
                    help="ablation: the recipe's optimizer as written (no fused kernel, no clipping folded into it)")
     return p
@@ -258,12 +261,14 @@ def main(argv=None) -> dict:
     _release_memory()
     vocab = words(shape["vocab_size"])
     common = dict(dataset=DatasetSpec(source="synthetic"), max_steps=a.steps, learning_rate=1e-5,
-                  warmup_ratio=0.0, logging_steps=1, save_steps=10**9, save_total_limit=1, bf16=True,
+                  warmup_ratio=0.0, save_steps=10**9,
+                  logging_steps=1 if a.preempt_at else a.logging_steps, save_total_limit=1, bf16=True,
                   gradient_checkpointing=not a.no_gradient_checkpointing)
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
               "shape": shape, "parameters": params, "steps": a.steps,
               "gradient_checkpointing": not a.no_gradient_checkpointing,
               "fused_optimizer": not a.no_fused_optimizer, "checkpoint_save": not a.no_checkpoint_save,
+              "mask_check": not a.no_mask_check, "logging_steps": common["logging_steps"],
               "mamba_ssm_kernels": _importable("mamba_ssm") and _importable("causal_conv1d"),
               "versions": {m: _version(m) for m in ("torch", "transformers", "trl", "mamba_ssm", "causal_conv1d")}}
     stages = a.stages.split(",")
@@ -304,6 +309,8 @@ def _ablations(a) -> None:
     if a.no_fused_optimizer:
         train.FUSED_OPTIMIZERS = {}
         fast.fused_clip_grad_norm_ = lambda *args: None
+    if a.no_mask_check:
+        fast.mask_with_padding = lambda mask: mask
     if a.no_checkpoint_save:
         from transformers import Trainer
 

@@ -149,8 +149,7 @@ def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True,
             return original_backbone_forward(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                              output_hidden_states=output_hidden_states, return_dict=return_dict,
                                              attention_mask=attention_mask, **kwargs)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # packed rows: nothing to mask, skip one multiply per layer and its backward
+        attention_mask = mask_with_padding(attention_mask)
         residual = None
         for layer in self.layers:
             step = functools.partial(_layer_step, layer, add_norm, mixer if self.training else None)
@@ -199,6 +198,14 @@ def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True,
 
     backbone.forward = types.MethodType(backbone_forward, backbone)
     model.forward = types.MethodType(model_forward, model)
+
+
+def mask_with_padding(attention_mask):
+    """None for an all-ones mask (packed rows: nothing to mask, one multiply per layer and its backward saved;
+    the check reads one flag back from the GPU), else the mask."""
+    if attention_mask is not None and bool(attention_mask.all()):
+        return None
+    return attention_mask
 
 
 def _layer_step(layer, add_norm, mixer, hidden, residual, attention_mask):
