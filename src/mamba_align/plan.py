@@ -16,10 +16,11 @@ from pathlib import Path
 from .utils import UserError, read_json, write_json
 
 # Training tokens/s per GPU at the 2.8B shape through the pipeline's own train_sft / train_dpo (TRL, fp32 params
-# + bf16 autocast, mamba_ssm kernels + the fast path), one H100, and whether gradient checkpointing was on
-# (docs/benchmarks.md section 1): SFT 4 x 2,048 packed tokens per step; DPO 4 pairs at max_length 1,024,
-# chosen + rejected tokens, the reference model's forward every step (or precomputed once before training).
-H100_TRAIN_TOKENS_PER_S_2P8B = {"sft": (13170.0, False), "dpo": (5860.0, True), "dpo_precomputed_ref": (9345.0, True)}
+# + bf16 autocast, mamba_ssm kernels + the fast path, fused AdamW), one H100, median step, and whether gradient
+# checkpointing was on (docs/benchmarks.md section 1, run I): SFT 4 x 2,048 packed tokens per step; DPO 4 pairs
+# at max_length 1,024, chosen + rejected tokens, RMSprop, the reference model's forward every step (or
+# precomputed once before training).
+H100_TRAIN_TOKENS_PER_S_2P8B = {"sft": (15250.0, False), "dpo": (7000.0, True), "dpo_precomputed_ref": (9405.0, True)}
 # Gradient checkpointing's cost: fast path at batch 8 with it vs batch 4 without (docs/benchmarks.md section 2, run 0).
 CHECKPOINTING_SPEED = 0.82
 # Optimizer state bytes per parameter (fp32): AdamW two moments, RMSprop one, Adafactor factored (~0).
@@ -46,10 +47,13 @@ PUBLISHED = {
 }
 KNOWN_PARAMS = {"state-spaces/mamba-2.8b-slimpj": 2.77e9, "state-spaces/mamba-2.8b-hf": 2.77e9,
                 "state-spaces/mamba-1.4b-hf": 1.37e9, "state-spaces/mamba-130m-hf": 1.29e8}
-# Memory per trainable parameter with fp32 weights, fp32 grads and AdamW states; activations per token per
-# (d_model x layer) from the H100 measurement (52.6 GiB at batch 2 x 2048 for the 2.8B shape).
-BYTES_PER_PARAM = 16
-ACT_BYTES_PER_TOKEN_PER_PARAM = (52.6 * 2**30 - 16 * REF_PARAMS) / 4096 / REF_PARAMS
+# Peak training memory: fp32 weights and gradients (8 bytes per parameter), the optimizer's state, and
+# activations per token and parameter, from the same runs: SFT 4 x 2,048 tokens without checkpointing, AdamW,
+# 70.1 GiB; DPO 4 pairs x 2 x <= 1,024 tokens with checkpointing, RMSprop, reference log-probs precomputed,
+# 41.3 GiB (51.6 with the fp32 reference model on the GPU).
+WEIGHT_AND_GRAD_BYTES = 8
+ACT_BYTES_PER_TOKEN_PER_PARAM = (70.1 * 2**30 - 16 * REF_PARAMS) / 8192 / REF_PARAMS
+ACT_BYTES_PER_TOKEN_PER_PARAM_CHECKPOINTED = (41.3 * 2**30 - 12 * REF_PARAMS) / 8192 / REF_PARAMS
 # Judge: requests per benchmark and mean tokens per request (prompt, completion), from FastChat's and
 # alpaca_eval's prompts with answers of ~300 tokens.
 JUDGE_TOKENS = {"mt_bench": (1_300, 250), "alpaca_eval_gpt4": (1_500, 60),
@@ -139,8 +143,12 @@ def train_throughput(params: float, gpu_type: str, stage: str = "sft", checkpoin
 def checkpoint_gb(params: float, optim: str) -> float:
     """One resumable checkpoint: fp32 weights + optimizer state (measured at 2.77B: 33.2 GB with AdamW, 22.15 GB
     with RMSprop)."""
-    state = next((b for name, b in OPTIMIZER_STATE_BYTES.items() if optim.lower().startswith(name)), 8)
-    return params * (4 + state) / 1e9
+    return params * (4 + optimizer_state_bytes(optim)) / 1e9
+
+
+def optimizer_state_bytes(optim: str) -> int:
+    """Optimizer state bytes per parameter (a transformers `optim` name; unknown ones count as AdamW)."""
+    return next((b for name, b in OPTIMIZER_STATE_BYTES.items() if optim.lower().startswith(name)), 8)
 
 
 def model_gb(params: float) -> float:
@@ -161,11 +169,11 @@ def _gpu(gpu_type: str) -> dict:
     return GPUS[gpu_type]
 
 
-def train_memory_gib(params: float, tokens_per_device_batch: int, checkpointing: bool) -> float:
-    act = ACT_BYTES_PER_TOKEN_PER_PARAM * params * tokens_per_device_batch
-    if checkpointing:
-        act /= 4  # measured 51.1 GiB at batch 8 with checkpointing vs 52.6 at batch 2 without
-    return (BYTES_PER_PARAM * params + act) / 2**30
+def train_memory_gib(params: float, tokens_per_device_batch: int, checkpointing: bool,
+                     optim: str = "adamw_torch") -> float:
+    per_token = ACT_BYTES_PER_TOKEN_PER_PARAM_CHECKPOINTED if checkpointing else ACT_BYTES_PER_TOKEN_PER_PARAM
+    static = (WEIGHT_AND_GRAD_BYTES + optimizer_state_bytes(optim)) * params
+    return (static + per_token * params * tokens_per_device_batch) / 2**30
 
 
 def plan_job(rule: str, tokens: float, params: float, gpus: int, gpu_type: str, margin: float,
@@ -255,7 +263,8 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
         jp.disk_gb = round(disk_gb(params, recipe), 1)
         train_speeds[rule] = round(per_gpu)
         seq = recipe.get("max_seq_length") or recipe["max_length"] * 2
-        mem = train_memory_gib(params, recipe["per_device_train_batch_size"] * seq, recipe["gradient_checkpointing"])
+        mem = train_memory_gib(params, recipe["per_device_train_batch_size"] * seq, recipe["gradient_checkpointing"],
+                               recipe.get("optim", "adamw_torch"))
         if rule == "train_dpo" and not recipe.get("precompute_ref_log_probs"):
             mem += params * 4 / 2**30  # the fp32 reference model (measured: 51.6 GiB with it, 41.3 without)
         jp.peak_mem_gib = round(mem, 1)
