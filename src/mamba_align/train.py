@@ -33,8 +33,8 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: Snakemake (--retries) resubmits the job
 STOP_FILE = "STOP"
 COLUMNS = {"sft": ("text",), "dpo": ("prompt", "chosen", "rejected")}
 # On GPU a recipe's optimizer runs as its fused CUDA kernel where torch has one: the same update in one pass over
-# weights, gradients and moments instead of a dozen (docs/benchmarks.md: ~40 ms per step at the 2.8B shape on an
-# H100), and gradient clipping folds into it (MambaTrainerMixin._clip_grad_norm).
+# weights, gradients and moments instead of a dozen, with gradient clipping folded into it
+# (MambaTrainerMixin._clip_grad_norm); docs/benchmarks.md §1b: SFT step 0.589 -> 0.537 s at 2.8B on an H100.
 FUSED_OPTIMIZERS = {"adamw_torch": "adamw_torch_fused"}
 
 
@@ -410,8 +410,8 @@ def _trainer_classes():
             return super()._clip_grad_norm(model) if norm is None else norm
 
         # The Trainer reads the tokens of every micro-batch back from the GPU right after its backward, so the GPU
-        # idles while the CPU then clips and launches the optimizer (~15 ms per step at 2.8B on an H100). On one
-        # process the count stays on the GPU until the next log, save or the end of training.
+        # idles while the CPU then clips and launches the optimizer (~16 ms per step at 2.8B on an H100,
+        # docs/benchmarks.md §1b). On one process the count stays on the GPU until the next log, save or the end.
         def _track_num_input_tokens(self, inputs):
             mask = inputs.get("attention_mask")
             if self.args.include_num_input_tokens_seen != "non_padding" or mask is None \
