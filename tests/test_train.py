@@ -132,6 +132,30 @@ def test_fused_adamw_clips_inside_its_step_with_the_same_result(tiny, tmp_path, 
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+def test_token_count_read_at_log_time_equals_the_trainers(tiny, tmp_path, monkeypatch):
+    """The count of non-padding tokens kept on the device until the next log equals the Trainer's own per-step
+    read-back (DPO batches are padded, so the count is not rows x length)."""
+    from transformers import Trainer
+
+    from mamba_align import train
+
+    recipe = load_recipe(DEMO, "dpo", {"max_steps": 3, "logging_steps": 2})
+    runs = {}
+    for mode in ("deferred", "trainer"):
+        if mode == "trainer":
+            classes = train._trainer_classes
+            monkeypatch.setattr(train, "_trainer_classes", lambda: tuple(
+                type(c.__name__, (c,), {"_track_num_input_tokens": Trainer._track_num_input_tokens})
+                for c in classes()))
+        out = tmp_path / mode
+        runs[mode] = train_dpo(tiny / "model", tiny / "model", tiny / "dpo_train.parquet", None, recipe,
+                               out / "dpo", out / "ckpt", out / "metrics.json")
+    assert runs["deferred"]["tokens_this_run"] == runs["trainer"]["tokens_this_run"] > 0
+    seen = [h["num_input_tokens_seen"] for h in runs["deferred"]["log_history"] if "num_input_tokens_seen" in h]
+    assert seen == [h["num_input_tokens_seen"] for h in runs["trainer"]["log_history"] if "num_input_tokens_seen" in h]
+    assert seen and seen[-1] == runs["deferred"]["tokens_this_run"]
+
+
 # ------------------------------------------------------------------------------------------------ pre-emption
 
 def cli(tiny, out: Path, stage="sft", *overrides) -> list[str]:

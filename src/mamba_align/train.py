@@ -553,6 +553,9 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
     log.info("%s: %d processes x %d per device x %d accumulation = global batch %d; %s", stage, num_processes,
              recipe.per_device_train_batch_size, accumulation, recipe.global_batch_size,
              f"resuming from {resume}" if resume else "starting from scratch")
+    optim = getattr(trainer.args.optim, "value", trainer.args.optim)
+    if optim != recipe.optim:
+        log.info("optimizer: the recipe's %s runs as %s (the same update, one fused kernel)", recipe.optim, optim)
     previous = _on_signals(stopper.handle)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
