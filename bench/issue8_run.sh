@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every figure issue #8 asks for, on one device machine, in two parts that each fit one device call (run the
+# second right after the first so that the machine stays the same). Results go to $OUT (default ./bench-out).
+#   bash bench/issue8_run.sh train      # ~7 min: raw training loops, the pipeline's SFT, DPO +- precomputed ref
+#   bash bench/issue8_run.sh generate   # generation throughput, MT-Bench + AlpacaEval generation wall time
+# Setup first (docs/benchmarks.md): source .gpu/install.sh; export PYTHONPATH=$PWD/src:$PYTHONPATH HF_HUB_OFFLINE=1
+set -euo pipefail
+OUT=${OUT:-bench-out}
+WORK=${WORK:-/dev/shm/mamba-bench}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+case "${1:-}" in
+  train)
+    python3 bench/training_speed.py --variants mamba_ssm:4,fast:4 --warmup 3 --steps 10 --timeout 90 --out "$OUT/training_speed.json"
+    python3 bench/training_speed.py --variants mamba_ssm:4,fast:4 --max-grad-norm 1.0 --warmup 3 --steps 10 --timeout 90 --out "$OUT/training_speed-clip.json"
+    python3 bench/train_throughput.py --stages sft --sft-batch 4 --no-gradient-checkpointing --steps 10 --no-checkpoint-save --workdir "$WORK" --out "$OUT/train_throughput-sft.json"
+    python3 bench/train_throughput.py --stages dpo --steps 6 --precompute-ref --dpo-optim rmsprop --no-checkpoint-save --workdir "$WORK" --out "$OUT/train_throughput-dpo.json"
+    ;;
+  generate)
+    python3 bench/generation_throughput.py --out "$OUT/generation_throughput.json"
+    python3 bench/eval_generation_walltime.py --batch-size 128 --rate-batches 64 --out "$OUT/eval_generation_walltime.json"
+    ;;
+  *) echo "usage: bash bench/issue8_run.sh train|generate" >&2; exit 2 ;;
+esac
+rm -rf "$WORK"
