@@ -7,6 +7,7 @@
 set -euo pipefail
 OUT=${OUT:-bench-out}
 WORK=${WORK:-/dev/shm/mamba-bench}
+case "${1:-}" in train|generate) ;; *) echo "usage: bash bench/issue8_run.sh train|generate" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 case "${1:-}" in
@@ -20,6 +21,5 @@ case "${1:-}" in
     python3 bench/generation_throughput.py --out "$OUT/generation_throughput.json"
     python3 bench/eval_generation_walltime.py --batch-size 128 --rate-batches 64 --out "$OUT/eval_generation_walltime.json"
     ;;
-  *) echo "usage: bash bench/issue8_run.sh train|generate" >&2; exit 2 ;;
 esac
 rm -rf "$WORK"
