@@ -83,3 +83,12 @@ def cuda_sync():
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def profile_table(prof, cuda: bool, rows: int = 40) -> str:
+    """A torch.profiler key-average table, the kernels taking the most GPU time first (CPU time without CUDA)."""
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    try:
+        return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90)
+    except Exception:  # newer torch names it self_device_time_total
+        return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=90)

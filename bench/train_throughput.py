@@ -333,6 +333,9 @@ def _step_profiler(path, trace=None, first: int = 3, count: int = 2):
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _benchutil import profile_table
+
     last = first + count - 1
     cuda = torch.cuda.is_available()
 
@@ -350,13 +353,8 @@ def _step_profiler(path, trace=None, first: int = 3, count: int = 2):
             if cuda:
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
-            try:
-                table = self.prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                                       row_limit=45, max_name_column_width=90)
-            except Exception:  # newer torch names it self_device_time_total
-                table = self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=45,
-                                                       max_name_column_width=90)
-            cpu = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90)
+            table = profile_table(self.prof, cuda, rows=45)
+            cpu = profile_table(self.prof, False, rows=25)
             with open(path, "a") as f:
                 optim = getattr(args.optim, "value", args.optim)
                 f.write(f"\n===== pipeline steps {first}-{last} (optim {optim}) =====\n{table}\n"

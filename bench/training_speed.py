@@ -33,8 +33,9 @@ import subprocess
 import sys
 import time
 
+from _benchutil import emit, environment, hf_config, profile_table
+
 FAST_VARIANTS = ("fast", "fast_recompute", "fast_trl", "fast_hf_mixer")
-from _benchutil import emit, environment, hf_config
 
 
 def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: int, steps: int,
@@ -123,12 +124,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
                 train_step()
             if cuda:
                 torch.cuda.synchronize()
-        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        try:
-            table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
-        except Exception:  # newer torch names it self_device_time_total
-            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40,
-                                              max_name_column_width=90)
+        table = profile_table(prof, cuda)
         with open(profile, "a") as f:
             f.write(f"\n===== {variant} batch {batch} ckpt {ckpt}: 2 steps =====\n{table}\n")
     return dict(variant=variant, batch=batch, gradient_checkpointing=ckpt, params=params, seq=seq,
