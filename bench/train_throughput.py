@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logging-steps", type=int, default=5, help="the recipes' value (1 with --preempt-at)")
     p.add_argument("--no-fused-optimizer", action="store_true",
                    help="ablation: the recipe's optimizer as written (no fused kernel, no clipping folded into it)")
+    p.add_argument("--trl-loss", action="store_true",
+                   help="ablation: SFT through TRL's fused LM head and per-step metric read-backs, not the fast "
+                        "path's own loss")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (the recipes': 1.0; 0: none)")
     return p
 
 
@@ -261,14 +265,15 @@ def main(argv=None) -> dict:
     _release_memory()
     vocab = words(shape["vocab_size"])
     common = dict(dataset=DatasetSpec(source="synthetic"), max_steps=a.steps, learning_rate=1e-5,
-                  warmup_ratio=0.0, save_steps=10**9,
+                  warmup_ratio=0.0, save_steps=10**9, max_grad_norm=a.max_grad_norm,
                   logging_steps=1 if a.preempt_at else a.logging_steps, save_total_limit=1, bf16=True,
                   gradient_checkpointing=not a.no_gradient_checkpointing)
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
               "shape": shape, "parameters": params, "steps": a.steps,
               "gradient_checkpointing": not a.no_gradient_checkpointing,
               "fused_optimizer": not a.no_fused_optimizer, "checkpoint_save": not a.no_checkpoint_save,
-              "mask_check": not a.no_mask_check, "logging_steps": common["logging_steps"],
+              "mask_check": not a.no_mask_check, "sft_loss": "trl" if a.trl_loss else "fast path",
+              "max_grad_norm": a.max_grad_norm, "logging_steps": common["logging_steps"],
               "mamba_ssm_kernels": _importable("mamba_ssm") and _importable("causal_conv1d"),
               "versions": {m: _version(m) for m in ("torch", "transformers", "trl", "mamba_ssm", "causal_conv1d")}}
     stages = a.stages.split(",")
@@ -303,9 +308,15 @@ def main(argv=None) -> dict:
 
 
 def _ablations(a) -> None:
-    """Patch the trainer for --profile, --no-checkpoint-save and --no-fused-optimizer."""
+    """Patch the trainer for --profile, --no-checkpoint-save, --no-fused-optimizer, --no-mask-check, --trl-loss."""
     from mamba_align import fast, train
 
+    if a.trl_loss:
+        from trl import SFTTrainer
+
+        sft_cls, dpo_cls = train._trainer_classes()
+        trl_loss = type(sft_cls.__name__, (sft_cls,), {"compute_loss": SFTTrainer.compute_loss})
+        train._trainer_classes = lambda: (trl_loss, dpo_cls)
     if a.no_fused_optimizer:
         train.FUSED_OPTIMIZERS = {}
         fast.fused_clip_grad_norm_ = lambda *args: None

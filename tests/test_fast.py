@@ -211,11 +211,31 @@ def test_linear_cross_entropy_matches_full_logits(n, chunk):
     y = torch.randint(0, 50, (n,))
     ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
     ref_gh, ref_gw = torch.autograd.grad(ref * 0.37, (h, w))
-    got = fast.LinearCrossEntropy.apply(h, w, y, chunk)
+    got, stats = fast.LinearCrossEntropy.apply(h, w, y, chunk)
     gh, gw = torch.autograd.grad(got * 0.37, (h, w))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+    logits = (h @ w.t()).detach()
+    entropy = torch.distributions.Categorical(logits=logits).entropy().sum()
+    top1 = (logits.argmax(-1) == y).sum().float()
+    torch.testing.assert_close(stats, torch.stack([entropy, top1]), rtol=1e-5, atol=1e-4)
+    assert not stats.requires_grad
+
+
+def test_causal_lm_loss_counts_what_sft_trainer_logs():
+    """token_stats = [sum of entropies, top-1 hits, labels] over the shifted, unmasked positions: what TRL's
+    SFTTrainer divides into its `entropy` and `mean_token_accuracy`."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 17, 16), torch.randn(101, 16)
+    _, labels, _ = batch()
+    loss, stats = fast.causal_lm_loss(hidden, weight, labels)
+    logits, y = (hidden @ weight.t())[:, :-1], labels[:, 1:]
+    valid = y != -100
+    torch.testing.assert_close(loss, F.cross_entropy(logits[valid], y[valid]))
+    entropy = torch.distributions.Categorical(logits=logits[valid]).entropy().sum()
+    top1 = (logits[valid].argmax(-1) == y[valid]).sum()
+    torch.testing.assert_close(stats, torch.stack([entropy, top1.float(), valid.sum().float()]))
 
 
 def test_linear_cross_entropy_follows_autocast_like_the_lm_head():
@@ -227,7 +247,7 @@ def test_linear_cross_entropy_follows_autocast_like_the_lm_head():
     y = torch.randint(0, 80, (64,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
-        got = fast.LinearCrossEntropy.apply(h, w, y, 16)
+        got, _ = fast.LinearCrossEntropy.apply(h, w, y, 16)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     exact = F.cross_entropy(h @ w.t(), y, reduction="sum")
@@ -238,8 +258,8 @@ def test_no_grad_forward_computes_no_gradients():
     h = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(11, 8, requires_grad=True)
     with torch.no_grad():
-        out = fast.LinearCrossEntropy.apply(h, w, torch.randint(0, 11, (5,)), 2)
-    assert not out.requires_grad
+        out, stats = fast.LinearCrossEntropy.apply(h, w, torch.randint(0, 11, (5,)), 2)
+    assert not out.requires_grad and stats[1] <= 5
 
 
 def test_native_mixer_layout_feeds_mamba_inner_fn_what_transformers_does():
@@ -359,3 +379,45 @@ def test_gpu_fast_path_under_trl_fused_head():
     loss, grads = loss_and_grads(model, ids, labels, mask, fused_lm_head=True, use_cache=False)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     assert_grads_close(grads, ref_grads, 1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_cross_entropy_rows_equal_the_torch_ones(dtype):
+    """The Triton kernel against the plain-PyTorch rows at the 2.8B vocabulary (50,280: a ragged last block):
+    loss, entropy and top-1 sums, and the gradient written over the logits."""
+    torch.manual_seed(0)
+    logits = (torch.randn(300, 50280, device="cuda") * 3).to(dtype)
+    labels = torch.randint(0, 50280, (300,), device="cuda")
+    labels[:20] = logits[:20].float().argmax(-1)  # some top-1 hits
+    ref_grad, grad = logits.clone(), logits.clone()
+    ref = fast._cross_entropy_rows_torch(ref_grad, labels, True)
+    got = fast._cross_entropy_rows_triton(grad, labels, True)
+    torch.testing.assert_close(got[:2], ref[:2], rtol=1e-5, atol=1e-3)
+    assert got[2] == ref[2] >= 20
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol * 1e-3)
+    untouched = logits.clone()
+    torch.testing.assert_close(fast._cross_entropy_rows_triton(untouched, labels, False), got)
+    assert torch.equal(untouched, logits)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_linear_cross_entropy_matches_full_logits():
+    torch.manual_seed(0)
+    h = torch.randn(1000, 64, device="cuda", requires_grad=True)
+    w = torch.randn(5000, 64, device="cuda", requires_grad=True)
+    y = torch.randint(0, 5000, (1000,), device="cuda")
+    ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    ref_gh, ref_gw = torch.autograd.grad(ref * 0.37, (h, w))
+    got, stats = fast.LinearCrossEntropy.apply(h, w, y, 384)
+    gh, gw = torch.autograd.grad(got * 0.37, (h, w))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-5)
+    logits = (h @ w.t()).detach()
+    entropy = torch.distributions.Categorical(logits=logits).entropy().sum()
+    torch.testing.assert_close(stats, torch.stack([entropy, (logits.argmax(-1) == y).sum().float()]),
+                               rtol=1e-5, atol=1e-2)
