@@ -132,6 +132,29 @@ def test_fused_adamw_clips_inside_its_step_with_the_same_result(tiny, tmp_path, 
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+def test_without_clipping_the_logged_norm_is_the_trainers(tiny, tmp_path, monkeypatch):
+    """max_grad_norm 0: the norm is still logged, computed in one pass (the Trainer's clip_grad_norm_(inf) also
+    rescales every gradient by 1); same norms and losses."""
+    from transformers import Trainer
+
+    from mamba_align import train
+
+    recipe = load_recipe(DEMO, "sft", {"max_steps": 3, "logging_steps": 1, "max_grad_norm": 0.0})
+    runs = {}
+    for mode in ("norm only", "trainer"):
+        if mode == "trainer":
+            classes = train._trainer_classes
+            monkeypatch.setattr(train, "_trainer_classes", lambda: tuple(
+                type(c.__name__, (c,), {"_get_grad_norm": Trainer._get_grad_norm}) for c in classes()))
+        out = tmp_path / mode
+        runs[mode] = train_sft(tiny / "model", tiny / "sft_train.parquet", None, recipe, out / "sft", out / "ckpt",
+                               out / "metrics.json")
+    norms = losses(runs["norm only"], "grad_norm")
+    assert len(norms) == 3 and min(norms) > 0
+    assert norms == pytest.approx(losses(runs["trainer"], "grad_norm"), rel=1e-5)
+    assert losses(runs["norm only"]) == pytest.approx(losses(runs["trainer"]), abs=1e-6)
+
+
 def test_sft_with_the_fast_paths_own_loss_logs_what_trl_logs(tiny, tmp_path, monkeypatch):
     """With the fast path on, the SFT loss is the model's chunked one and TRL's metrics (entropy, token accuracy,
     token count) are read at log time: the same losses, metrics and weights as TRL's fused LM head. (The fast

@@ -400,9 +400,14 @@ def fused_clip_grad_norm_(parameters, optimizer, max_norm: float):
         g.get("fused") for g in optimizer.param_groups)
     if not fused or getattr(optimizer, "found_inf", None) is not None:
         return None
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    norm = total_grad_norm(parameters)
+    if norm is None:
         return None
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
     optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
     return norm
+
+
+def total_grad_norm(parameters):
+    """The L2 norm of all gradients (fp32 tensor), one pass over them; None where no parameter has one."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, foreach=True).float() if grads else None
