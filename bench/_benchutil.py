@@ -67,13 +67,13 @@ def environment() -> dict:
 
 
 def emit(name: str, result: dict, out: str | None = None) -> None:
-    """Print the result as JSON and write it to `out` and/or $OUT/<name>.json."""
+    """Print the result as JSON and write it to `out`, or without `out` to $OUT/<name>.json (the device's
+    folder that comes back). Never both: two runs of one script with different `out` must not overwrite each
+    other's results there."""
     text = json.dumps(result, indent=1, default=str)
     print(text, flush=True)
-    targets = [Path(out)] if out else []
-    if os.environ.get("OUT"):
-        targets.append(Path(os.environ["OUT"]) / f"{name}.json")
-    for path in targets:
+    if out or os.environ.get("OUT"):
+        path = Path(out) if out else Path(os.environ["OUT"]) / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
 

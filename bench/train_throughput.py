@@ -10,9 +10,9 @@ step / seconds per step) and peak GPU memory as JSON.
     python bench/train_throughput.py --out bench.json --precompute-ref        # + DPO with precomputed ref
     python bench/train_throughput.py --tiny --device cpu --out /tmp/tiny.json # smoke run on CPU
 
-Measured on one H100 80GB (torch 2.11, transformers 5.17, trl 1.16, mamba_ssm 2.3.2; docs/benchmarks.md §1, run I):
-SFT 4 x 2048 tokens per step, no checkpointing, 0.537 s/step median (15.25k tokens/s), peak 70.1 GiB; DPO 4 pairs
-at 1,024 with checkpointing and RMSprop, 1.07 s/step (median), 0.80 s with precomputed reference log-probs.
+Measured on one H100 80GB (torch 2.11, transformers 5.17, trl 1.16, mamba_ssm 2.3.2; docs/benchmarks.md §1, run L):
+SFT 4 x 2048 tokens per step, no checkpointing, 0.525 s/step median (15.62k tokens/s), peak 70.9 GiB; DPO 4 pairs
+at 1,024 with checkpointing and RMSprop, 1.10 s/step (median), 0.79 s with precomputed reference log-probs.
 
 The synthetic-model helpers (write_tokenizer, write_model, write_sft_rows, write_dpo_rows) are also the
 tests' tiny fixtures.

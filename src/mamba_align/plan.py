@@ -17,10 +17,10 @@ from .utils import UserError, read_json, write_json
 
 # Training tokens/s per GPU at the 2.8B shape through the pipeline's own train_sft / train_dpo (TRL, fp32 params
 # + bf16 autocast, mamba_ssm kernels + the fast path, fused AdamW), one H100, median step, and whether gradient
-# checkpointing was on (docs/benchmarks.md section 1, run I): SFT 4 x 2,048 packed tokens per step; DPO 4 pairs
+# checkpointing was on (docs/benchmarks.md section 1, run L): SFT 4 x 2,048 packed tokens per step; DPO 4 pairs
 # at max_length 1,024, chosen + rejected tokens, RMSprop, the reference model's forward every step (or
 # precomputed once before training).
-H100_TRAIN_TOKENS_PER_S_2P8B = {"sft": (15250.0, False), "dpo": (7000.0, True), "dpo_precomputed_ref": (9405.0, True)}
+H100_TRAIN_TOKENS_PER_S_2P8B = {"sft": (15620.0, False), "dpo": (6820.0, True), "dpo_precomputed_ref": (9435.0, True)}
 # Gradient checkpointing's cost: fast path at batch 8 with it vs batch 4 without (docs/benchmarks.md section 2, run 0).
 CHECKPOINTING_SPEED = 0.82
 # Optimizer state bytes per parameter (fp32): AdamW two moments, RMSprop one, Adafactor factored (~0).
@@ -49,10 +49,10 @@ KNOWN_PARAMS = {"state-spaces/mamba-2.8b-slimpj": 2.77e9, "state-spaces/mamba-2.
                 "state-spaces/mamba-1.4b-hf": 1.37e9, "state-spaces/mamba-130m-hf": 1.29e8}
 # Peak training memory: fp32 weights and gradients (8 bytes per parameter), the optimizer's state, and
 # activations per token and parameter, from the same runs: SFT 4 x 2,048 tokens without checkpointing, AdamW,
-# 70.1 GiB; DPO 4 pairs x 2 x <= 1,024 tokens with checkpointing, RMSprop, reference log-probs precomputed,
+# 70.9 GiB; DPO 4 pairs x 2 x <= 1,024 tokens with checkpointing, RMSprop, reference log-probs precomputed,
 # 41.3 GiB (51.6 with the fp32 reference model on the GPU).
 WEIGHT_AND_GRAD_BYTES = 8
-ACT_BYTES_PER_TOKEN_PER_PARAM = (70.1 * 2**30 - 16 * REF_PARAMS) / 8192 / REF_PARAMS
+ACT_BYTES_PER_TOKEN_PER_PARAM = (70.9 * 2**30 - 16 * REF_PARAMS) / 8192 / REF_PARAMS
 ACT_BYTES_PER_TOKEN_PER_PARAM_CHECKPOINTED = (41.3 * 2**30 - 12 * REF_PARAMS) / 8192 / REF_PARAMS
 # Judge: requests per benchmark and mean tokens per request (prompt, completion), from FastChat's and
 # alpaca_eval's prompts with answers of ~300 tokens.
