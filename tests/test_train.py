@@ -314,6 +314,30 @@ def test_two_ranks_keep_the_global_batch(tiny, tmp_path):
     assert (two / "model" / "model.safetensors").exists()
 
 
+def test_two_ranks_with_the_fast_paths_own_loss_log_what_trl_logs(tiny, tmp_path):
+    """Two ranks (DDP over gloo) with the fast path's own SFT loss, whose metrics are summed across ranks once
+    per log, log what TRL's fused head logs with its per-micro-batch gathers. The ranks get the fast path on
+    CPU (plain-PyTorch add+norm) from a sitecustomize on their PYTHONPATH."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import mamba_align.fast as fast\n"
+        "fast.enable_fast_path = lambda model, **kw: fast.patch_model(\n"
+        "    model, fast.reference_add_rms_norm, cuda_only=False) or True\n")
+    over = ("max_steps=4", "logging_steps=2")
+    runs = {}
+    for mode, path in (("fast", f"{site}{os.pathsep}{ROOT / 'src'}"), ("trl", str(ROOT / "src"))):
+        out = tmp_path / mode
+        subprocess.run([*cli(tiny, out, "sft", *over), "--num-processes", "2"], check=True,
+                       env={**ENV, "PYTHONPATH": path}, capture_output=True, timeout=300)
+        runs[mode] = read_json(out / "m.json")
+    assert "fast path on" in (tmp_path / "fast" / "log.txt").read_text()
+    for key in ("loss", "entropy", "mean_token_accuracy"):
+        got, ref = losses(runs["fast"], key), losses(runs["trl"], key)
+        assert len(got) == len(ref) == 3 and got == pytest.approx(ref, abs=1e-4), key
+    assert losses(runs["fast"], "num_tokens") == losses(runs["trl"], "num_tokens")
+
+
 def test_two_ranks_stop_together_when_the_launcher_is_signalled(tiny, tmp_path):
     """SIGTERM to the launching process reaches the ranks as the STOP file; they agree on the step."""
     over = ("max_steps=60", "save_steps=1000", "logging_steps=1", "num_train_epochs=10")
