@@ -203,24 +203,31 @@ def test_trl_fused_lm_head_runs_on_the_fast_backbone():
     assert_grads_close(grads, ref_grads, 1e-4)
 
 
+def check_linear_cross_entropy(h, w, y, chunk, loss_atol, grad_tol, stats_atol):
+    """LinearCrossEntropy against full logits: the summed loss, both gradients (scaled by an upstream 0.37) and
+    the [entropy sum, top-1 count] statistics. `grad_tol` = (rtol, atol) of the gradients."""
+    ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    ref_gh, ref_gw = torch.autograd.grad(ref * 0.37, (h, w))
+    got, stats = fast.LinearCrossEntropy.apply(h, w, y, chunk)
+    gh, gw = torch.autograd.grad(got * 0.37, (h, w))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=loss_atol)
+    rtol, atol = grad_tol
+    torch.testing.assert_close(gh, ref_gh, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gw, ref_gw, rtol=rtol, atol=atol)
+    logits = (h @ w.t()).detach()
+    entropy = torch.distributions.Categorical(logits=logits).entropy().sum()
+    top1 = (logits.argmax(-1) == y).sum().float()
+    torch.testing.assert_close(stats, torch.stack([entropy, top1]), rtol=1e-5, atol=stats_atol)
+    assert not stats.requires_grad
+
+
 @pytest.mark.parametrize("n, chunk", [(1, 4), (10, 3), (33, 33), (40, 64)])
 def test_linear_cross_entropy_matches_full_logits(n, chunk):
     torch.manual_seed(n)
     h = torch.randn(n, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
     y = torch.randint(0, 50, (n,))
-    ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
-    ref_gh, ref_gw = torch.autograd.grad(ref * 0.37, (h, w))
-    got, stats = fast.LinearCrossEntropy.apply(h, w, y, chunk)
-    gh, gw = torch.autograd.grad(got * 0.37, (h, w))
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
-    logits = (h @ w.t()).detach()
-    entropy = torch.distributions.Categorical(logits=logits).entropy().sum()
-    top1 = (logits.argmax(-1) == y).sum().float()
-    torch.testing.assert_close(stats, torch.stack([entropy, top1]), rtol=1e-5, atol=1e-4)
-    assert not stats.requires_grad
+    check_linear_cross_entropy(h, w, y, chunk, loss_atol=1e-5, grad_tol=(1e-5, 1e-6), stats_atol=1e-4)
 
 
 def test_causal_lm_loss_counts_what_sft_trainer_logs():
@@ -410,14 +417,4 @@ def test_gpu_linear_cross_entropy_matches_full_logits():
     h = torch.randn(1000, 64, device="cuda", requires_grad=True)
     w = torch.randn(5000, 64, device="cuda", requires_grad=True)
     y = torch.randint(0, 5000, (1000,), device="cuda")
-    ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
-    ref_gh, ref_gw = torch.autograd.grad(ref * 0.37, (h, w))
-    got, stats = fast.LinearCrossEntropy.apply(h, w, y, 384)
-    gh, gw = torch.autograd.grad(got * 0.37, (h, w))
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-5)
-    logits = (h @ w.t()).detach()
-    entropy = torch.distributions.Categorical(logits=logits).entropy().sum()
-    torch.testing.assert_close(stats, torch.stack([entropy, (logits.argmax(-1) == y).sum().float()]),
-                               rtol=1e-5, atol=1e-2)
+    check_linear_cross_entropy(h, w, y, 384, loss_atol=1e-3, grad_tol=(1e-4, 1e-5), stats_atol=1e-2)
