@@ -34,6 +34,7 @@ import logging
 import types
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.mamba.modeling_mamba import MambaCausalLMOutput
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,9 @@ def disable_fast_path(model) -> None:
     saved = model.__dict__.pop(_PATCH_ATTR, None)
     if saved is None:
         return
-    backbone_forward, model_forward = saved
+    backbone_forward, model_forward, layer_forwards = saved
     backbone = model.backbone
-    for obj, fwd in ((backbone, backbone_forward), (model, model_forward)):
+    for obj, fwd in ((backbone, backbone_forward), (model, model_forward), *zip(backbone.layers, layer_forwards)):
         if fwd is None:
             obj.__dict__.pop("forward", None)
         else:
@@ -144,8 +145,11 @@ def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True,
     if fast_path_enabled(model):
         disable_fast_path(model)
     backbone = model.backbone
-    saved = (backbone.__dict__.get("forward"), model.__dict__.get("forward"))
+    saved = (backbone.__dict__.get("forward"), model.__dict__.get("forward"),
+             [layer.__dict__.get("forward") for layer in backbone.layers])
     model.__dict__[_PATCH_ATTR] = saved
+    for layer in backbone.layers:
+        _patch_block(layer, add_norm, mixer)
     original_backbone_forward = backbone.forward
     original_model_forward = model.forward
 
@@ -168,11 +172,8 @@ def patch_model(model, add_norm, chunk_size: int = 4096, cuda_only: bool = True,
         attention_mask = mask_with_padding(attention_mask)
         residual = None
         for layer in self.layers:
-            step = functools.partial(_layer_step, layer, add_norm, mixer if self.training else None)
-            if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-                hidden, residual = layer._gradient_checkpointing_func(step, hidden, residual, attention_mask)
-            else:
-                hidden, residual = step(hidden, residual, attention_mask)
+            # through the module call, so that wrappers' hooks run (FSDP gathers the block's sharded weights)
+            hidden, residual = layer(hidden, residual, attention_mask, **{_FAST_BLOCK_KW: True})
         norm = self.norm_f
         # fp32 in, fp32 out, like transformers' final norm on its fp32 residual stream
         dtype = residual.dtype
@@ -218,6 +219,29 @@ def mask_with_padding(attention_mask):
     if attention_mask is not None and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+_FAST_BLOCK_KW = "mamba_align_fast_block"
+# transformers < 5.2x checkpoints a GradientCheckpointingLayer in its __call__ (around our forward); later
+# versions wrap the class's forward, which the instance forward below replaces, so it checkpoints itself there
+_CHECKPOINTS_IN_CALL = "__call__" in vars(GradientCheckpointingLayer)
+
+
+def _patch_block(layer, add_norm, mixer) -> None:
+    """Give one MambaBlock an instance forward that, called with `_FAST_BLOCK_KW`, runs `_layer_step` (fused add
+    + norm and the mixer: (hidden, residual) in and out) and otherwise the block's own forward (generation)."""
+    original = layer.forward
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not kwargs.pop(_FAST_BLOCK_KW, False):
+            return original(hidden_states, *args, **kwargs)
+        step = functools.partial(_layer_step, self, add_norm, mixer if self.training else None)
+        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled() \
+                and not _CHECKPOINTS_IN_CALL:
+            return self._gradient_checkpointing_func(step, hidden_states, *args)
+        return step(hidden_states, *args)
+
+    layer.forward = types.MethodType(forward, layer)
 
 
 def _layer_step(layer, add_norm, mixer, hidden, residual, attention_mask):

@@ -199,6 +199,11 @@ def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_d
 
     _check_tokenizer(AutoTokenizer.from_pretrained(model_dir), model_dir)
     checkpoint_dir = Path(checkpoint_dir)
+    if launched and not os.environ.get(LAUNCHED_ENV) and int(os.environ.get("RANK", 0)) == 0:
+        # started by the user's launcher (one per node, profiles/README.md), not by _relaunch: rank 0 does the
+        # outer process's pre-flight (the other ranks wait for it while rank 0 prepares the data)
+        _prepare_checkpoint_dir(checkpoint_dir, stage, recipe)
+        check_disk(checkpoint_dir, Path(out_dir), config, recipe)
     if not launched:
         _prepare_checkpoint_dir(checkpoint_dir, stage, recipe)
         check_disk(checkpoint_dir, Path(out_dir), config, recipe)
@@ -259,7 +264,8 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
         rc = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1", **LAUNCH_ENV}, start_new_session=True)
     finally:
         _restore_signals(previous)
-    if signalled or rc == PREEMPTED_EXIT_CODE:
+    # the ranks exit 75 after a requested stop, which torchrun reports as a failure (1): the STOP file tells
+    if signalled or rc == PREEMPTED_EXIT_CODE or (rc != 0 and (checkpoint_dir / STOP_FILE).exists()):
         raise SystemExit(PREEMPTED_EXIT_CODE)
     if rc != 0:
         raise SystemExit(f"training processes failed with exit code {rc} (see the log above)")
@@ -395,6 +401,16 @@ def _trainer_classes():
     class MambaTrainerMixin:
         def get_decay_parameter_names(self, model):
             return _decay_parameter_names(model)
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            # DDP otherwise keeps the gradients twice, in the parameters' .grad and in its all-reduce buckets:
+            # 10.3 GiB more per GPU at the 2.8B shape in fp32 (docs/benchmarks.md, multi-GPU)
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            if self.accelerator.ddp_handler is None:
+                self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=False)
+            self.accelerator.ddp_handler.gradient_as_bucket_view = True
 
         def _clip_grad_norm(self, model):
             # With a fused AdamW on one process or DDP (whole gradients on every rank), the clipping scale is
@@ -547,6 +563,16 @@ def _training_args(recipe: TrainCommon, checkpoint_dir: Path, accumulation: int,
     )
 
 
+def _one_gpu_per_process(args) -> None:
+    """Without a distributed launch, the Trainer wraps the model in nn.DataParallel when several GPUs are visible
+    (TRL refuses it; it would also be slower than DDP): train on the first GPU and say how to use them all."""
+    if args.n_gpu > 1:
+        log.warning("%d GPUs are visible to one training process: training on %s only. To train on all of them "
+                    "(DDP), set the rule's `gpu` resource (or --num-processes) to the GPU count; to choose the GPU, "
+                    "set CUDA_VISIBLE_DEVICES", args.n_gpu, args.device)
+        args._n_gpu = 1  # what the Trainer sets for a model split across devices: no DataParallel
+
+
 def _load_rows(path, stage: str, cache_dir: Path):
     from datasets import Dataset
 
@@ -595,6 +621,7 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
     if stage == "sft":
         args = SFTConfig(**common, dataset_text_field="text", max_length=recipe.max_seq_length,
                          packing=recipe.packing, packing_strategy="wrapped", completion_only_loss=False)
+        _one_gpu_per_process(args)
         trainer = sft_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=callbacks)
     else:
@@ -604,6 +631,7 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
             enable_fast_path(ref_model)
         args = DPOConfig(**common, beta=recipe.beta, loss_type=[recipe.loss_type], max_length=recipe.max_length,
                          precompute_ref_log_probs=recipe.precompute_ref_log_probs)
+        _one_gpu_per_process(args)
         trainer = dpo_cls(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks,
                           max_prompt_length=recipe.max_prompt_length)
@@ -631,6 +659,11 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
     if eval_ds is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
         trainer.evaluate()
 
+    peaks = None
+    if cuda:  # [allocated, reserved] of every rank (a collective: every rank)
+        mine = torch.tensor([[torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]],
+                            dtype=torch.float64, device=trainer.args.device)
+        peaks = [[round(b / 2**30, 2) for b in rank] for rank in trainer.accelerator.gather(mine).tolist()]
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective under FSDP: every rank
     if not trainer.accelerator.is_main_process:
         return {}
@@ -641,7 +674,7 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
     with atomic_path(out_dir) as tmp:
         unwrapped.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-    metrics = _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, resume, started, cuda,
+    metrics = _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, resume, started, peaks,
                        dict(model_dir=str(model_dir), ref_model_dir=ref_model_dir and str(ref_model_dir),
                             train_path=str(train_path), test_path=test_path and str(test_path)))
     write_json(metrics_path, metrics)
@@ -654,7 +687,7 @@ FINAL_KEYS = ("loss", "eval_loss", "rewards/chosen", "rewards/rejected", "reward
               "mean_token_accuracy", "eval_mean_token_accuracy", "train_loss")
 
 
-def _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, resume, started, cuda, inputs):
+def _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, resume, started, peaks, inputs):
     import torch
     import transformers
     import trl
@@ -681,7 +714,10 @@ def _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, re
         "seconds_per_step": step_time,
         "step_times_s": [round(t, 4) for t in steps],
         "checkpoint_saves": throughput.get("saves", []),
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if peaks else None,
+        # per rank: [allocated, reserved by the caching allocator] GiB; reserved is what must fit the GPU
+        "peak_gpu_memory_gib_per_rank": peaks,
+        "distributed_type": str(trainer.accelerator.distributed_type),
         "wall_time_s": time.time() - started,
         "final": final,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},

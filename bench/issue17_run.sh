@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue #17's multi-GPU figures on one 2-GPU host, through the pipeline's training command (bench/multigpu.py),
+# in parts that each fit one device call (run them back to back so the machine and its /dev/shm stay the same;
+# each part installs and sets up again if they did not). Results: one JSON per run in $OUT (default bench-out).
+#   bash bench/issue17_run.sh sft      # FSDP 2 GPUs; 1 process with both GPUs visible; DDP 2 GPUs   (SFT)
+#   bash bench/issue17_run.sh dpo      # 1 GPU; DDP 2 GPUs; FSDP 2 GPUs                              (DPO)
+#   bash bench/issue17_run.sh resume   # SFT at the recipe's per-device 4 on DDP; DDP stop/resume; 2 launchers
+# Setup (docs/benchmarks.md): the GPU kit in .gpu (../shared/gpu/README.md), carried with the call.
+set -euo pipefail
+OUT=${OUT:-bench-out}
+WORK=${WORK:-/dev/shm/mamba-mg}
+case "${1:-}" in sft|dpo|resume) ;; *) echo "usage: bash bench/issue17_run.sh sft|dpo|resume" >&2; exit 2 ;; esac
+mkdir -p "$OUT"
+[ -f /tmp/site/.kit ] || { source .gpu/install.sh >/dev/null && touch /tmp/site/.kit; }; set -euo pipefail
+export PYTHONPATH=/tmp/site:$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+[ -f "$WORK/setup.json" ] || python3 bench/multigpu.py setup --work "$WORK"
+run() { timeout 300 python3 bench/multigpu.py run --work "$WORK" --out "$OUT" "$@" || echo "run failed: $*"; }
+# the recipes' settings (zephyr-7b-beta), shortened: SFT global batch 32 (of the recipe's 512) and per-device 2;
+# DPO global batch 16 (of 32), its per-device 2 and gradient checkpointing
+SFT=(--stage sft --override max_steps=10 --override global_batch_size=32 --override per_device_train_batch_size=2)
+DPO=(--stage dpo --override max_steps=10 --override global_batch_size=16)
+case "$1" in
+  sft)
+    run --name sft-fsdp2 --nproc 2 --fsdp --gpus 0,1 "${SFT[@]}"
+    run --name sft-1gpu-2visible --nproc 1 --gpus all "${SFT[@]}"
+    run --name sft-ddp2 --nproc 2 --gpus 0,1 "${SFT[@]}"
+    ;;
+  dpo)
+    run --name dpo-1gpu --nproc 1 --gpus 0 "${DPO[@]}"
+    run --name dpo-ddp2 --nproc 2 --gpus 0,1 "${DPO[@]}"
+    run --name dpo-fsdp2 --nproc 2 --fsdp --gpus 0,1 "${DPO[@]}"
+    ;;
+  resume)
+    run --name sft-ddp2-pd4 --nproc 2 --gpus 0,1 --stage sft --override max_steps=10 --override global_batch_size=32
+    run --name sft-ddp2-resume --nproc 2 --gpus 0,1 --preempt-at 5 "${SFT[@]}"
+    run --name sft-2nodes-resume --nodes 2 --preempt-at 5 "${SFT[@]}"
+    ;;
+esac
