@@ -3,13 +3,13 @@
 # in parts that each fit one device call (run them back to back so the machine and its /dev/shm stay the same;
 # each part installs and sets up again if they did not). Results: one JSON per run in $OUT (default bench-out).
 #   bash bench/issue17_run.sh sft      # FSDP 2 GPUs; 1 process with both GPUs visible; DDP 2 GPUs   (SFT)
-#   bash bench/issue17_run.sh dpo      # 1 GPU; DDP 2 GPUs; FSDP 2 GPUs                              (DPO)
-#   bash bench/issue17_run.sh resume   # SFT at the recipe's per-device 4 on DDP; DDP stop/resume; 2 launchers
+#   bash bench/issue17_run.sh ddp      # SFT DDP 2 GPUs again (gradients in DDP's buckets); DPO 1 GPU and DDP 2 GPUs
+#   bash bench/issue17_run.sh resume   # DPO FSDP 2 GPUs; DDP stop at step 3 and resume; 2 launchers x 1 GPU, same
 # Setup (docs/benchmarks.md): the GPU kit in .gpu (../shared/gpu/README.md), carried with the call.
 set -euo pipefail
 OUT=${OUT:-bench-out}
 WORK=${WORK:-/dev/shm/mamba-mg}
-case "${1:-}" in sft|dpo|resume) ;; *) echo "usage: bash bench/issue17_run.sh sft|dpo|resume" >&2; exit 2 ;; esac
+case "${1:-}" in sft|ddp|resume) ;; *) echo "usage: bash bench/issue17_run.sh sft|ddp|resume" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 [ -f /tmp/site/.kit ] || { source .gpu/install.sh >/dev/null && touch /tmp/site/.kit; }; set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -26,14 +26,14 @@ case "$1" in
     run --name sft-1gpu-2visible --nproc 1 --gpus all "${SFT[@]}"
     run --name sft-ddp2 --nproc 2 --gpus 0,1 "${SFT[@]}"
     ;;
-  dpo)
+  ddp)
+    run --name sft-ddp2 --nproc 2 --gpus 0,1 "${SFT[@]}"
     run --name dpo-1gpu --nproc 1 --gpus 0 "${DPO[@]}"
     run --name dpo-ddp2 --nproc 2 --gpus 0,1 "${DPO[@]}"
-    run --name dpo-fsdp2 --nproc 2 --fsdp --gpus 0,1 "${DPO[@]}"
     ;;
   resume)
-    run --name sft-ddp2-pd4 --nproc 2 --gpus 0,1 --stage sft --override max_steps=10 --override global_batch_size=32
-    run --name sft-ddp2-resume --nproc 2 --gpus 0,1 --preempt-at 5 "${SFT[@]}"
-    run --name sft-2nodes-resume --nodes 2 --preempt-at 5 "${SFT[@]}"
+    run --name dpo-fsdp2 --nproc 2 --fsdp --gpus 0,1 "${DPO[@]}"
+    run --name sft-ddp2-resume --nproc 2 --gpus 0,1 --preempt-at 3 "${SFT[@]}" --override max_steps=6
+    run --name sft-2nodes-resume --nodes 2 --preempt-at 3 "${SFT[@]}" --override max_steps=6
     ;;
 esac

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
@@ -394,6 +395,30 @@ def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, m
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
 
 
+def _prepare_model_grads_in_buckets(prepare_model, model, *args, **kwargs):
+    """accelerate's prepare_model, for DDP with gradients that live in its all-reduce buckets all along.
+
+    DDP otherwise holds the gradients twice, in the parameters' .grad and in its buckets: 10.3 GiB more per GPU at
+    the 2.8B shape (docs/benchmarks.md, multi-GPU). `gradient_as_bucket_view` alone is not enough with gradient
+    accumulation: the Trainer sets .grad to None after every step, the micro-batches under no_sync then accumulate
+    into new tensors, and the last one copies them into the buckets (both copies alive). So the gradients exist
+    before DDP is built (DDP turns them into bucket views) and are zeroed in place instead of dropped."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    training = not kwargs.get("evaluation_mode", False)
+    if training:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    wrapped = prepare_model(model, *args, **kwargs)
+    if isinstance(wrapped, DistributedDataParallel) and wrapped.gradient_as_bucket_view:
+        wrapped.zero_grad = functools.partial(torch.nn.Module.zero_grad, wrapped, set_to_none=False)
+    elif training:
+        model.zero_grad(set_to_none=True)  # not wrapped in DDP after all: nothing to keep them for
+    return wrapped
+
+
 def _trainer_classes():
     import torch
     from trl import DPOTrainer, SFTTrainer
@@ -404,13 +429,15 @@ def _trainer_classes():
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
-            # DDP otherwise keeps the gradients twice, in the parameters' .grad and in its all-reduce buckets:
-            # 10.3 GiB more per GPU at the 2.8B shape in fp32 (docs/benchmarks.md, multi-GPU)
-            from accelerate.utils import DistributedDataParallelKwargs
+            from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
+            if self.accelerator.distributed_type != DistributedType.MULTI_GPU:
+                return
             if self.accelerator.ddp_handler is None:
                 self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=False)
             self.accelerator.ddp_handler.gradient_as_bucket_view = True
+            self.accelerator.prepare_model = functools.partial(_prepare_model_grads_in_buckets,
+                                                               self.accelerator.prepare_model)
 
         def _clip_grad_norm(self, model):
             # With a fused AdamW on one process or DDP (whole gradients on every rank), the clipping scale is
