@@ -353,6 +353,107 @@ def test_two_ranks_stop_together_when_the_launcher_is_signalled(tiny, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+def test_two_ranks_with_accumulation_keep_their_gradients_in_ddps_buckets(tiny, tmp_path):
+    """2 ranks x 2 rows x 2 accumulation (micro-batches under no_sync, gradients as DDP bucket views zeroed in
+    place) follow 1 process x 2 rows x 4 accumulation and end at the same weights."""
+    over = ("max_steps=3", "logging_steps=1", "per_device_train_batch_size=2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(cli(tiny, one, "sft", *over), check=True, env=ENV, capture_output=True)
+    subprocess.run([*cli(tiny, two, "sft", *over), "--num-processes", "2"], check=True, env=ENV,
+                   capture_output=True, timeout=300)
+    m1, m2 = read_json(one / "m.json"), read_json(two / "m.json")
+    assert (m2["num_processes"], m2["gradient_accumulation_steps"]) == (2, 2)
+    assert m2["distributed_type"].endswith("MULTI_CPU")  # DDP over gloo
+    assert losses(m2) == pytest.approx(losses(m1), abs=1e-4)
+    w1, w2 = weights(one / "model"), weights(two / "model")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_gradients_are_ddp_bucket_views_zeroed_in_place(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mamba_align.train import _prepare_model_grads_in_buckets
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+        ddp = _prepare_model_grads_in_buckets(
+            lambda m, **kw: DistributedDataParallel(m, gradient_as_bucket_view=True), model)
+        assert all(p.grad is not None for p in model.parameters())
+        ptrs = []
+        for _ in range(3):  # optimizer steps of two micro-batches
+            with ddp.no_sync():
+                ddp(torch.randn(3, 4)).sum().backward()
+            ddp(torch.randn(3, 4)).sum().backward()
+            ptrs.append([p.grad.data_ptr() for p in model.parameters()])
+            ddp.zero_grad()
+            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        # DDP re-buckets once after its first step; from then on no micro-batch allocates new gradients
+        assert ptrs[1] == ptrs[2]
+        plain = _prepare_model_grads_in_buckets(lambda m, **kw: m, torch.nn.Linear(2, 2))
+        assert all(p.grad is None for p in plain.parameters())  # not DDP: nothing kept
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_process_with_several_gpus_uses_one(caplog):
+    from types import SimpleNamespace
+
+    from mamba_align.train import _one_gpu_per_process
+
+    args = SimpleNamespace(n_gpu=2, _n_gpu=2, device="cuda:0")
+    args_n = type("Args", (), {"n_gpu": property(lambda self: self._n_gpu), "device": "cuda:0", "_n_gpu": 2})()
+    with caplog.at_level("WARNING"):
+        _one_gpu_per_process(args_n)
+    assert args_n.n_gpu == 1
+    assert "CUDA_VISIBLE_DEVICES" in caplog.text and "`gpu` resource" in caplog.text
+    one = SimpleNamespace(n_gpu=1, _n_gpu=1, device="cuda:0")
+    _one_gpu_per_process(one)
+    assert one._n_gpu == 1 and args.n_gpu == 2
+
+
+def test_a_recipe_too_big_for_the_gpu_is_refused_before_loading(tiny, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mamba_align.train import check_memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA A100-SXM4-80GB")
+    big = {"d_model": 2560, "n_layer": 64, "vocab_size": 50280}  # the 2.8B shape
+    recipe = load_recipe(ROOT / "config" / "recipes" / "zephyr-7b-beta", "sft", {"per_device_train_batch_size": 4})
+    with pytest.raises(UserError, match="A100-SXM4-80GB.*81.2 GiB.*per_device_train_batch_size: 2"):
+        check_memory(big, recipe, "sft", 8, fsdp=False)
+    check_memory(big, load_recipe(ROOT / "config" / "recipes" / "zephyr-7b-beta", "sft"), "sft", 8, fsdp=False)
+    check_memory(big, recipe, "sft", 8, fsdp=True)  # sharded: not modelled, not refused
+
+
+def test_two_launchers_as_two_nodes_train_and_resume(tiny, tmp_path):
+    """profiles/README.md's multi-node launch, as 2 nodes x 1 process meeting over localhost (gloo): rank 0 does
+    the pre-flight (a stale STOP file is cleared), a requested stop checkpoints, the same command resumes."""
+    (tmp_path / "ckpt").mkdir()
+    over = ("max_steps=4", "logging_steps=1", "save_steps=2")
+
+    def launch():
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+               "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", "29561"]
+        procs = [subprocess.Popen([*cmd, "--machine_rank", str(r), *cli(tiny, tmp_path, "sft", *over)[1:]],
+                                  env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for r in (0, 1)]
+        return [p.wait(timeout=300) for p in procs]
+
+    (tmp_path / "ckpt" / "STOP").touch()  # left by an earlier run: must not stop this one at its first step
+    assert launch() == [0, 0]
+    m = read_json(tmp_path / "m.json")
+    assert m["num_processes"] == 2 and m["global_step"] == 4 and m["resumed_from"] is None
+    shutil.rmtree(tmp_path / "model")
+    (tmp_path / "m.json").unlink()
+    shutil.rmtree(tmp_path / "ckpt" / "checkpoint-4")
+    assert launch() == [0, 0]
+    m = read_json(tmp_path / "m.json")
+    assert m["resumed_from"].endswith("checkpoint-2") and m["steps_this_run"] == 2
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 def _train(tiny, tmp_path, recipe=None, **kw):

@@ -47,13 +47,24 @@ PUBLISHED = {
 }
 KNOWN_PARAMS = {"state-spaces/mamba-2.8b-slimpj": 2.77e9, "state-spaces/mamba-2.8b-hf": 2.77e9,
                 "state-spaces/mamba-1.4b-hf": 1.37e9, "state-spaces/mamba-130m-hf": 1.29e8}
-# Peak training memory: fp32 weights and gradients (8 bytes per parameter), the optimizer's state, and
-# activations per token and parameter, from the same runs: SFT 4 x 2,048 tokens without checkpointing, AdamW,
-# 70.9 GiB; DPO 4 pairs x 2 x <= 1,024 tokens with checkpointing, RMSprop, reference log-probs precomputed,
-# 41.3 GiB (51.6 with the fp32 reference model on the GPU).
+# Peak training memory per GPU (allocated) as the recipes run, with gradient accumulation and DDP (gradients kept
+# between micro-batches, inside DDP's all-reduce buckets): fp32 weights and gradients (8 bytes per parameter), the
+# optimizer's state, a fixed part (LM-head chunks, kernel workspaces) and activations per token, both scaled by
+# the model's size. Fitted to the 2.8B-shape peaks of docs/benchmarks.md section 6 (runs N and O, 2 x H200) and
+# issue #17's table: SFT without checkpointing, AdamW, 2 x 2,048 tokens per device 64.39 GiB (DDP on 2 GPUs; 64.37
+# on 1 GPU), 4 x 2,048 81.2 GiB (1 GPU); DPO with checkpointing, RMSprop, 2 pairs x 2 x 1,024 tokens, the fp32
+# reference model on the GPU, 51.67 GiB (DDP on 2 GPUs; 51.63 on 1 GPU).
 WEIGHT_AND_GRAD_BYTES = 8
-ACT_BYTES_PER_TOKEN_PER_PARAM = (70.9 * 2**30 - 16 * REF_PARAMS) / 8192 / REF_PARAMS
-ACT_BYTES_PER_TOKEN_PER_PARAM_CHECKPOINTED = (41.3 * 2**30 - 12 * REF_PARAMS) / 8192 / REF_PARAMS
+_GIB_PER_PARAM = REF_PARAMS / 2**30
+ACT_GIB_PER_TOKEN = (81.2 - 64.39) / 4096  # at REF_PARAMS, without checkpointing
+FIXED_GIB = 64.39 - 16 * _GIB_PER_PARAM - ACT_GIB_PER_TOKEN * 4096
+ACT_GIB_PER_TOKEN_CHECKPOINTED = (51.67 - (12 + 4) * _GIB_PER_PARAM - FIXED_GIB) / 4096
+# A job is planned to fit when its modelled peak stays below this share of the GPU's memory (76 GiB of 80): the
+# caching allocator reserves more than it hands out (up to 7 GiB more in the DPO runs) and the model is fitted.
+MEMORY_FRACTION = 0.95
+# Per-GPU tokens/s on 2 GPUs (DDP, one host) over 1 GPU, the recipes' per-device batch and accumulation
+# (docs/benchmarks.md section 6, runs N/O on 2 x H200): SFT 14,139 / 14,996; DPO 4,856 / 5,378.
+MULTI_GPU_EFFICIENCY = {"sft": 0.943, "dpo": 0.903}
 # Judge: requests per benchmark and mean tokens per request (prompt, completion), from FastChat's and
 # alpaca_eval's prompts with answers of ~300 tokens.
 JUDGE_TOKENS = {"mt_bench": (1_300, 250), "alpaca_eval_gpt4": (1_500, 60),
@@ -171,13 +182,47 @@ def _gpu(gpu_type: str) -> dict:
 
 def train_memory_gib(params: float, tokens_per_device_batch: int, checkpointing: bool,
                      optim: str = "adamw_torch") -> float:
-    per_token = ACT_BYTES_PER_TOKEN_PER_PARAM_CHECKPOINTED if checkpointing else ACT_BYTES_PER_TOKEN_PER_PARAM
-    static = (WEIGHT_AND_GRAD_BYTES + optimizer_state_bytes(optim)) * params
-    return (static + per_token * params * tokens_per_device_batch) / 2**30
+    """Modelled peak GiB per GPU of a training job (without a reference model)."""
+    per_token = ACT_GIB_PER_TOKEN_CHECKPOINTED if checkpointing else ACT_GIB_PER_TOKEN
+    static = (WEIGHT_AND_GRAD_BYTES + optimizer_state_bytes(optim)) * params / 2**30
+    return static + (FIXED_GIB + per_token * tokens_per_device_batch) * params / REF_PARAMS
+
+
+def stage_memory_gib(params: float, recipe: dict, stage: str, per_device: int | None = None,
+                     checkpointing: bool | None = None) -> float:
+    """train_memory_gib for a recipe of `stage` (sft/dpo), optionally with another per-device batch or
+    checkpointing; DPO counts the fp32 reference model unless its log-probs are precomputed."""
+    per_device = recipe["per_device_train_batch_size"] if per_device is None else per_device
+    checkpointing = recipe["gradient_checkpointing"] if checkpointing is None else checkpointing
+    seq = recipe["max_seq_length"] if stage == "sft" else recipe["max_length"] * 2  # chosen + rejected
+    mem = train_memory_gib(params, per_device * seq, checkpointing, recipe.get("optim", "adamw_torch"))
+    if stage == "dpo" and not recipe.get("precompute_ref_log_probs"):
+        mem += params * 4 / 2**30
+    return mem
+
+
+def memory_fix(params: float, recipe: dict, stage: str, gpus: int, mem_gib: float) -> str | None:
+    """None when the stage fits a GPU of `mem_gib`; else what to change in the recipe (the largest per-device
+    batch that fits and still divides the global batch, or gradient checkpointing)."""
+    limit = MEMORY_FRACTION * mem_gib
+    peak = stage_memory_gib(params, recipe, stage)
+    if peak <= limit:
+        return None
+    per_gpu = recipe.get("global_batch_size", 0) // max(1, gpus)
+    for b in range(recipe["per_device_train_batch_size"] - 1, 0, -1):
+        if (not per_gpu or per_gpu % b == 0) and (m := stage_memory_gib(params, recipe, stage, per_device=b)) <= limit:
+            return (f"modelled peak {peak:.1f} GiB per GPU exceeds {limit:.0f} of the GPU's {mem_gib} GiB: set "
+                    f"per_device_train_batch_size: {b} ({m:.1f} GiB; the global batch stays, by accumulation)")
+    if not recipe["gradient_checkpointing"] and \
+            (m := stage_memory_gib(params, recipe, stage, per_device=1, checkpointing=True)) <= limit:
+        return (f"modelled peak {peak:.1f} GiB per GPU exceeds {limit:.0f} of the GPU's {mem_gib} GiB: set "
+                f"gradient_checkpointing: true and per_device_train_batch_size: 1 ({m:.1f} GiB)")
+    return (f"modelled peak {peak:.1f} GiB per GPU exceeds {limit:.0f} of the GPU's {mem_gib} GiB even at "
+            "per-device batch 1: a GPU with more memory, or a sharded run (--fsdp) is needed")
 
 
 def plan_job(rule: str, tokens: float, params: float, gpus: int, gpu_type: str, margin: float,
-             max_job_minutes: int, overhead_min: float = 10.0, efficiency: float = 0.9,
+             max_job_minutes: int, overhead_min: float = 10.0, efficiency: float = MULTI_GPU_EFFICIENCY["sft"],
              per_gpu_speed: float | None = None) -> JobPlan:
     per_gpu = per_gpu_speed if per_gpu_speed is not None else train_throughput(params, gpu_type)
     speed = per_gpu * gpus * (efficiency if gpus > 1 else 1.0)
@@ -259,17 +304,13 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
             "dpo_precomputed_ref" if recipe.get("precompute_ref_log_probs") else "dpo"
         per_gpu = train_throughput(params, gpu_type, stage, recipe["gradient_checkpointing"])
         jp = plan_job(rule, tokens, params, n, gpu_type, p["safety_margin"], p["max_job_minutes"],
-                      per_gpu_speed=per_gpu)
+                      efficiency=MULTI_GPU_EFFICIENCY[stage[:3]], per_gpu_speed=per_gpu)
         jp.disk_gb = round(disk_gb(params, recipe), 1)
         train_speeds[rule] = round(per_gpu)
-        seq = recipe.get("max_seq_length") or recipe["max_length"] * 2
-        mem = train_memory_gib(params, recipe["per_device_train_batch_size"] * seq, recipe["gradient_checkpointing"],
-                               recipe.get("optim", "adamw_torch"))
-        if rule == "train_dpo" and not recipe.get("precompute_ref_log_probs"):
-            mem += params * 4 / 2**30  # the fp32 reference model (measured: 51.6 GiB with it, 41.3 without)
-        jp.peak_mem_gib = round(mem, 1)
-        if jp.peak_mem_gib > _gpu(gpu_type)["mem_gib"]:
-            jp.note += f" peak memory {jp.peak_mem_gib} GiB exceeds the GPU's {_gpu(gpu_type)['mem_gib']} GiB"
+        jp.peak_mem_gib = round(stage_memory_gib(params, recipe, stage[:3]), 1)
+        fix = memory_fix(params, recipe, stage[:3], n, _gpu(gpu_type)["mem_gib"])
+        if fix:
+            jp.note = f"{jp.note} DOES NOT FIT: {fix}".strip()
         jobs.append(jp)
         sources[rule] = {"tokens": tokens, "from": source}
     ev = cfg["eval"]
@@ -288,7 +329,7 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
             "gpu_speed_vs_h100": _gpu(gpu_type)["speed"],
             "safety_margin": p["safety_margin"],
             "max_job_minutes": p["max_job_minutes"],
-            "multi_gpu_efficiency": 0.9,
+            "multi_gpu_efficiency": MULTI_GPU_EFFICIENCY,
             "token_sources": sources,
         },
         "jobs": [vars(j) | {"hours": round(j.hours, 2), "gpu_hours": round(j.gpu_hours, 2)} for j in jobs],

@@ -133,6 +133,25 @@ def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainC
                         recipe.save_total_limit + 1, peak / 1e9, sizes)
 
 
+def check_memory(config: dict, recipe: TrainCommon, stage: str, num_processes: int, fsdp: bool) -> None:
+    """Refuse, before any model loads, a DDP / single-GPU run whose modelled peak (plan.py, fitted to the 2.8B
+    measurements) does not fit this GPU, naming the recipe change that makes it fit."""
+    import torch
+
+    from .plan import memory_fix, params_from_config
+
+    if fsdp or not torch.cuda.is_available():
+        return
+    try:
+        params = params_from_config(config)
+    except (KeyError, TypeError, ValueError):  # not a Mamba-1 config: no estimate, no check
+        return
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    fix = memory_fix(params, as_dict(recipe), stage, num_processes, round(total, 1))
+    if fix:
+        raise UserError(f"{stage} on {torch.cuda.get_device_name(0)}: {fix}")
+
+
 def _check_length(recipe: TrainCommon, config: dict, model_dir) -> None:
     length = recipe.max_seq_length if isinstance(recipe, SFTRecipe) else recipe.max_length
     name = "max_seq_length" if isinstance(recipe, SFTRecipe) else "max_length"
@@ -208,6 +227,7 @@ def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_d
     if not launched:
         _prepare_checkpoint_dir(checkpoint_dir, stage, recipe)
         check_disk(checkpoint_dir, Path(out_dir), config, recipe)
+        check_memory(config, recipe, stage, num_processes, fsdp)
         if num_processes > 1:
             return _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir,
                              checkpoint_dir, metrics_path, num_processes, fsdp)
@@ -431,8 +451,8 @@ def _trainer_classes():
             super().create_accelerator_and_postprocess()
             from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-            if self.accelerator.distributed_type != DistributedType.MULTI_GPU:
-                return
+            if self.accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+                return  # not DDP
             if self.accelerator.ddp_handler is None:
                 self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=False)
             self.accelerator.ddp_handler.gradient_as_bucket_view = True

@@ -8,6 +8,7 @@ i, o, p = snakemake.input, snakemake.output, snakemake.params
 # what is learned from params (the rerun trigger), operational keys from the config as it is now
 recipe = stage_recipe(snakemake.config, "dpo", workflow_root(snakemake.scriptdir), p.recipe)
 train_dpo(i.model, i.model, i.train, i.test, recipe, o.model, p.checkpoints, o.metrics,
-          num_processes=max(1, int(snakemake.resources.gpu)))
+          num_processes=max(1, int(snakemake.resources.gpu)),
+          fsdp=int(getattr(snakemake.resources, "fsdp", 0)) > 0)
 
 record_snakemake_job(snakemake)
