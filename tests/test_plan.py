@@ -135,7 +135,7 @@ def test_dpo_memory_counts_the_reference_model_unless_precomputed():
 
 
 def test_memory_model_reproduces_the_measured_peaks():
-    """docs/benchmarks.md section 6 (2.8B shape, gradient accumulation, DDP on 2 x H200) and issue #17's table:
+    """docs/benchmarks.md section 8 (2.8B shape, gradient accumulation, DDP on 2 x H200) and issue #17's table:
     SFT 2 x 2,048 tokens per device 64.39 GiB, 4 x 2,048 81.2 GiB; DPO 2 pairs with checkpointing and the
     reference model 51.67 GiB."""
     assert plan.train_memory_gib(2.77e9, 2 * 2048, False, "adamw_torch") == pytest.approx(64.39, abs=0.05)

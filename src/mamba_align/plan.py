@@ -50,7 +50,7 @@ KNOWN_PARAMS = {"state-spaces/mamba-2.8b-slimpj": 2.77e9, "state-spaces/mamba-2.
 # Peak training memory per GPU (allocated) as the recipes run, with gradient accumulation and DDP (gradients kept
 # between micro-batches, inside DDP's all-reduce buckets): fp32 weights and gradients (8 bytes per parameter), the
 # optimizer's state, a fixed part (LM-head chunks, kernel workspaces) and activations per token, both scaled by
-# the model's size. Fitted to the 2.8B-shape peaks of docs/benchmarks.md section 6 (runs N and O, 2 x H200) and
+# the model's size. Fitted to the 2.8B-shape peaks of docs/benchmarks.md section 8 (runs N and O, 2 x H200) and
 # issue #17's table: SFT without checkpointing, AdamW, 2 x 2,048 tokens per device 64.39 GiB (DDP on 2 GPUs; 64.37
 # on 1 GPU), 4 x 2,048 81.2 GiB (1 GPU); DPO with checkpointing, RMSprop, 2 pairs x 2 x 1,024 tokens, the fp32
 # reference model on the GPU, 51.67 GiB (DDP on 2 GPUs; 51.63 on 1 GPU).
@@ -63,7 +63,7 @@ ACT_GIB_PER_TOKEN_CHECKPOINTED = (51.67 - (12 + 4) * _GIB_PER_PARAM - FIXED_GIB)
 # caching allocator reserves more than it hands out (up to 7 GiB more in the DPO runs) and the model is fitted.
 MEMORY_FRACTION = 0.95
 # Per-GPU tokens/s on 2 GPUs (DDP, one host) over 1 GPU, the recipes' per-device batch and accumulation
-# (docs/benchmarks.md section 6, runs N/O on 2 x H200): SFT 14,139 / 14,996; DPO 4,856 / 5,378.
+# (docs/benchmarks.md section 8, runs N/O on 2 x H200): SFT 14,139 / 14,996; DPO 4,856 / 5,378.
 MULTI_GPU_EFFICIENCY = {"sft": 0.943, "dpo": 0.903}
 # Judge: requests per benchmark and mean tokens per request (prompt, completion), from FastChat's and
 # alpaca_eval's prompts with answers of ~300 tokens.

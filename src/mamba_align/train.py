@@ -419,7 +419,7 @@ def _prepare_model_grads_in_buckets(prepare_model, model, *args, **kwargs):
     """accelerate's prepare_model, for DDP with gradients that live in its all-reduce buckets all along.
 
     DDP otherwise holds the gradients twice, in the parameters' .grad and in its buckets: 10.3 GiB more per GPU at
-    the 2.8B shape (docs/benchmarks.md, multi-GPU). `gradient_as_bucket_view` alone is not enough with gradient
+    the 2.8B shape (docs/benchmarks.md §8). `gradient_as_bucket_view` alone is not enough with gradient
     accumulation: the Trainer sets .grad to None after every step, the micro-batches under no_sync then accumulate
     into new tensors, and the last one copies them into the buckets (both copies alive). So the gradients exist
     before DDP is built (DDP turns them into bucket views) and are zeroed in place instead of dropped."""
