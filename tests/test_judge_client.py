@@ -98,6 +98,37 @@ def test_rerun_sends_only_missing_requests_and_dedups(tmp_path):
     assert [r[0]["key"] for r in results[:12]] == [r[0]["key"] for r in results[12:]]
 
 
+def test_a_torn_cache_line_is_repaired_and_no_call_is_paid_twice(tmp_path, caplog):
+    cache = tmp_path / "c.jsonl"
+    with FakeOpenAI() as fake:
+        JudgeClient(judge_cfg(), cache, base_url=fake.base_url).complete_many(requests_(10))
+        data = cache.read_text()
+        torn = json.loads(data.splitlines()[-1])["key"]
+        cache.write_text(data[: data.rstrip("\n").rfind("\n") + 1 + 30])  # killed mid-append
+        fake.reset()
+        JudgeClient(judge_cfg(), cache, base_url=fake.base_url).complete_many(requests_(12))
+        assert caplog.text.count("dropping a torn last line") == 1 and f"{cache}:10:" in caplog.text
+        JudgeClient(judge_cfg(), cache, base_url=fake.base_url).complete_many(requests_(12))
+        # run 2 paid the torn request and the two new ones, each once; run 3 paid nothing
+        judge = JudgeClient(judge_cfg(), cache, base_url=fake.base_url)
+        assert len(fake.log) == 3 and judge.pending(requests_(12)) == 0
+        torn_req = next(r for r in requests_(10) if judge.keys(r)[0] == torn)
+        assert sorted(map(canon, fake.bodies())) == sorted(
+            canon(dict(r, model="gpt-4", n=1, temperature=0.0, max_tokens=2048))
+            for r in requests_(12)[10:] + [torn_req])
+    rows = read_jsonl(cache)
+    assert len(rows) == 12 and len({r["key"] for r in rows}) == 12
+    assert caplog.text.count("dropping a torn last line") == 1
+
+
+def test_a_corrupt_line_inside_the_cache_names_file_and_line(tmp_path):
+    cache = tmp_path / "c.jsonl"
+    cache.write_text('{"key": "a"}\n{"key": \n{"key": "b"}\n')
+    with pytest.raises(UserError, match=r"c\.jsonl:2: not valid JSON"):
+        JudgeClient(judge_cfg(), cache)
+    assert cache.read_text() == '{"key": "a"}\n{"key": \n{"key": "b"}\n'  # left as it was
+
+
 def test_repeats_and_parameters_are_part_of_the_key(tmp_path):
     with FakeOpenAI() as fake:
         judge = JudgeClient(judge_cfg(repeats=3), tmp_path / "c.jsonl", base_url=fake.base_url)

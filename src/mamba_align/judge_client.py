@@ -73,7 +73,7 @@ class JudgeClient:
         self.backoff_s = BACKOFF_S if backoff_s is None else backoff_s
         self.max_backoff_s = MAX_BACKOFF_S if max_backoff_s is None else max_backoff_s
         self.cache_path = Path(cache_path)
-        self._cache: dict[str, dict] = {row["key"]: row for row in read_jsonl(self.cache_path)}
+        self._cache: dict[str, dict] = {r["key"]: r for r in read_jsonl(self.cache_path, repair=True)}
         self._stack = contextlib.ExitStack()
         self.n_attempts = 0  # HTTP calls made by this object, retries included
         self._count_lock = threading.Lock()
