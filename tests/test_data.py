@@ -95,7 +95,8 @@ BAD_DATA = [
      r"train_prefs\.parquet: none of its 1 rows is well formed; expected 'chosen' and 'rejected' each a list"),
     ("every pair identical", "dpo", "train_prefs.parquet",
      pd.DataFrame({"chosen": [_conv("same"), _conv("x")], "rejected": [_conv("same"), _conv("x")]}),
-     r"train_prefs\.parquet: every well-formed pair has the same chosen and rejected reply; expected pairs that differ"),
+     r"train_prefs\.parquet: every well-formed pair has the same chosen and rejected reply; expected pairs that "
+     r"differ"),
 ]
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from fake_openai import KEY, judge_cfg, FakeOpenAI, logprob_entry
-from mamba_align.judge_client import JudgeClient, request_key
+from mamba_align.judge_client import JudgeClient, check_judge, request_key
 from mamba_align.utils import UserError, read_jsonl
 
 
@@ -153,3 +153,36 @@ def test_logprobs_are_passed_through(tmp_path):
 def test_unknown_backend_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="judge.backend"):
         JudgeClient(judge_cfg(backend="anthropic"), tmp_path / "c.jsonl")
+
+
+# (judge settings, environment, expected message): each refused before any request is sent.
+BAD_JUDGE = [
+    ({"base_url": "not a url"}, {"OPENAI_API_KEY": KEY}, r"judge\.base_url is 'not a url'; expected an http\(s\) URL"),
+    ({"base_url": "ftp://example.com/v1"}, {"OPENAI_API_KEY": KEY}, r"judge\.base_url is 'ftp://example\.com/v1'"),
+    ({"base_url": "https:///v1"}, {"OPENAI_API_KEY": KEY}, r"judge\.base_url is 'https:///v1'"),
+    ({}, {"OPENAI_API_KEY": ""}, r"environment variable OPENAI_API_KEY \(judge\.api_key_env\) is empty"),
+    ({}, {"OPENAI_API_KEY": "  "}, r"environment variable OPENAI_API_KEY \(judge\.api_key_env\) is empty"),
+    ({"api_key_env": "MY_KEY"}, {"OPENAI_API_KEY": KEY},
+     r"environment variable MY_KEY \(judge\.api_key_env\) is not set"),
+    ({"backend": "anthropic"}, {}, r"judge\.backend is 'anthropic'; expected 'openai' or 'local'"),
+]
+
+
+@pytest.mark.parametrize("settings, environ, expected", BAD_JUDGE, ids=[str(c[:2]) for c in BAD_JUDGE])
+def test_bad_judge_settings_are_refused_before_any_request(tmp_path, monkeypatch, settings, environ, expected):
+    with pytest.raises(UserError, match=expected):
+        check_judge(judge_cfg(**settings), environ)
+    for k in ("OPENAI_API_KEY", "MY_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    with FakeOpenAI() as fake:
+        with pytest.raises(UserError, match=expected):
+            url = None if "base_url" in settings else fake.base_url
+            JudgeClient(judge_cfg(**settings), tmp_path / "c.jsonl", base_url=url).complete_many(requests_(1))
+        assert fake.log == []
+
+
+@pytest.mark.parametrize("url", [None, "https://api.openai.com/v1", "http://localhost:8000/v1", "http://10.0.0.5:80"])
+def test_good_base_urls_pass(url):
+    check_judge(judge_cfg(base_url=url), {"OPENAI_API_KEY": KEY})
