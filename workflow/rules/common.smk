@@ -22,8 +22,12 @@ JUDGE = config["judge"]
 
 
 # Parsed strictly now, so a bad recipe fails before any job (and any GPU time).
-SFT = as_dict(recipes.config_recipe(config, "sft", workflow.basedir, workflow.configfiles))
-DPO = as_dict(recipes.config_recipe(config, "dpo", workflow.basedir, workflow.configfiles))
+SFT = as_dict(
+    recipes.config_recipe(config, "sft", workflow.basedir, workflow.configfiles)
+)
+DPO = as_dict(
+    recipes.config_recipe(config, "dpo", workflow.basedir, workflow.configfiles)
+)
 
 
 # Secrets reach cluster jobs through envvars (never config, logs or results).
