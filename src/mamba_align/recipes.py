@@ -222,8 +222,8 @@ def validate(recipe: TrainCommon, where: str) -> None:
     if isinstance(recipe, DPORecipe) and recipe.max_prompt_length >= recipe.max_length:
         raise UserError(f"{where}: max_prompt_length {recipe.max_prompt_length} leaves no room for the reply; "
                         f"expected less than max_length {recipe.max_length}")
-    for key in NAMED:
-        if key in values and values[key] not in (names := accepted_names(key)):
+    for key in NAMED:  # names not found in the installed library (moved in a new version?): not checked
+        if key in values and (names := accepted_names(key)) and values[key] not in names:
             raise UserError(f"{where}: {key} is {values[key]!r}{did_you_mean(values[key], names)}; the installed "
                             f"{NAMED[key][0].split('.')[0]} accepts: {', '.join(names)}")
     if recipe.global_batch_size % recipe.per_device_train_batch_size:
@@ -238,15 +238,19 @@ def accepted_names(key: str) -> tuple[str, ...]:
     """The values of `key` that the installed library accepts, read from its source: importing transformers
     would cost seconds at every workflow parse. An Enum's string members, or the strings compared with a name."""
     module, what = NAMED[key]
-    spec = importlib.util.find_spec(module)
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    package, *inner = module.split(".")
+    spec = importlib.util.find_spec(package)  # finds the package without importing it (a submodule would)
+    source = Path(spec.submodule_search_locations[0], *inner).with_suffix(".py") if spec else None
+    if source is None or not source.exists():
+        return ()  # not installed here (the job that trains will fail on it instead)
+    tree = ast.parse(source.read_text(encoding="utf-8"))
     if what.endswith(" =="):
         found = [n.comparators[0].value for n in ast.walk(tree)
                  if isinstance(n, ast.Compare) and isinstance(n.left, ast.Name) and n.left.id == what[:-3]
                  and isinstance(n.ops[0], ast.Eq) and isinstance(n.comparators[0], ast.Constant)]
     else:
-        cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == what)
-        found = [n.value.value for n in cls.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)]
+        found = [a.value.value for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == what
+                 for a in n.body if isinstance(a, ast.Assign) and isinstance(a.value, ast.Constant)]
     return tuple(dict.fromkeys(v for v in found if isinstance(v, str)))
 
 
