@@ -56,6 +56,15 @@ def default_responder(body: dict) -> str:
     return "A fake judgment. Rating: [[5]]"
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5, fewer than the clients' concurrency (8 in the judge tests):
+    # when CPU load starves the accept loop, the kernel drops the connections beyond it, and the client's
+    # connect times out (0.3 s, before the SYN is resent after 1 s) on a request this server never sees.
+    # A real API server's backlog is hundreds.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class FakeOpenAI:
     def __init__(self, responder: Callable[[dict], Any] = default_responder, *,
                  faults: dict[str, float] | None = None, seed: int = 0,
@@ -99,8 +108,7 @@ class FakeOpenAI:
             def do_POST(self):
                 fake._handle_post(self)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self

@@ -73,3 +73,57 @@ def test_missing_split_file_is_named(tmp_path, tokenizer_dir):
     spec = DatasetSpec(source=str(tmp_path / "empty"), train_split="train_sft", test_split=None)
     with pytest.raises(UserError, match="train_sft"):
         prepare_sft_data(spec, tokenizer_dir, tmp_path / "out", 128, True)
+
+
+def _conv(reply="a"):
+    return [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]
+
+
+# (case, stage, file name, file content (bytes) or rows for parquet, expected message)
+BAD_DATA = [
+    ("empty JSONL file", "sft", "train_sft.jsonl", b"", r"train_sft\.jsonl: no rows; expected UTF-8 JSON"),
+    ("parquet without rows", "sft", "train_sft.parquet", pd.DataFrame({"messages": pd.Series([], dtype=object)}),
+     r"train_sft\.parquet: no rows; expected"),
+    ("non-UTF-8 file", "sft", "train_sft.jsonl", b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+     r"train_sft\.jsonl: not UTF-8 \(byte 0xe9 at offset 46\); expected UTF-8 JSON Lines"),
+    ("not JSON", "sft", "train_sft.jsonl", b"hello\n", r"train_sft\.jsonl: cannot be read \(.*\); expected UTF-8"),
+    ("every SFT row malformed", "sft", "train_sft.jsonl",
+     b'{"messages": [{"role": "user", "content": "no reply"}]}\n{"messages": [{"role": "bot", "content": "x"}]}\n',
+     r"train_sft\.jsonl: none of its 2 rows is well formed; expected 'messages': a list of \{role, content\}"),
+    ("every pair malformed", "dpo", "train_prefs.parquet",
+     pd.DataFrame({"chosen": [_conv()[:1]], "rejected": [_conv()]}),
+     r"train_prefs\.parquet: none of its 1 rows is well formed; expected 'chosen' and 'rejected' each a list"),
+    ("every pair identical", "dpo", "train_prefs.parquet",
+     pd.DataFrame({"chosen": [_conv("same"), _conv("x")], "rejected": [_conv("same"), _conv("x")]}),
+     r"train_prefs\.parquet: every well-formed pair has the same chosen and rejected reply; expected pairs that "
+     r"differ"),
+]
+
+
+@pytest.mark.parametrize("case, stage, name, content, expected", BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_data_is_rejected_naming_the_file(tmp_path, tokenizer_dir, case, stage, name, content, expected):
+    (tmp_path / "d").mkdir()
+    path = tmp_path / "d" / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        content.to_parquet(path, index=False)
+    spec = DatasetSpec(source=str(tmp_path / "d"), train_split=name.split(".")[0], test_split=None)
+    with pytest.raises(UserError, match=expected):
+        if stage == "sft":
+            prepare_sft_data(spec, tokenizer_dir, tmp_path / "out", 128, True)
+        else:
+            prepare_preference_data(spec, tokenizer_dir, tmp_path / "out", 128, 64)
+    assert not (tmp_path / "out" / "train.parquet").exists()
+
+
+def test_identical_pairs_are_dropped_counted_and_warned(tmp_path, tokenizer_dir, caplog):
+    rows = ultrafeedback_rows(6, 0)
+    for r in rows[:2]:
+        r["rejected"] = r["chosen"]
+    _write(tmp_path / "uf", "train_prefs", rows)
+    spec = DatasetSpec(source=str(tmp_path / "uf"), train_split="train_prefs", test_split=None)
+    stats = prepare_preference_data(spec, tokenizer_dir, tmp_path / "out", max_length=512, max_prompt_length=256)
+    assert stats["train"]["identical_pair_dropped"] == 2 and stats["train"]["rows_out"] == 4
+    assert "train_prefs.parquet: dropped 2 of 6 pairs whose chosen and rejected replies are the same" in caplog.text
+    assert len(pd.read_parquet(tmp_path / "out" / "train.parquet")) == 4

@@ -135,3 +135,37 @@ def test_mt_bench_samples_with_fastchat_top_k(setup):
 
     generate.generate_mt_bench(tmp / "model", qpath, tmp / "a.jsonl", "m", engine=Recording())
     assert set(seen) == {50}
+
+
+def _tear_last_line(path) -> None:
+    """What a crash mid-append leaves: the last row cut short, without its newline."""
+    data = path.read_text()
+    path.write_text(data[: data.rstrip("\n").rfind("\n") + 1 + 12])
+
+
+@pytest.mark.parametrize("bench", ["mt_bench", "alpaca_eval"])
+def test_a_torn_progress_line_is_dropped_repaired_and_regenerated_once(setup, monkeypatch, caplog, bench):
+    tmp, qpath = setup
+    monkeypatch.setattr(generate, "CHUNK", 1)
+    if bench == "mt_bench":
+        run = lambda engine: generate.generate_mt_bench(tmp / "model", qpath, tmp / "out", "m",  # noqa: E731
+                                                        batch_size=1, engine=engine)
+        calls_per_item = 2  # two turns
+    else:
+        data = tmp / "alpaca_eval.json"
+        data.write_text(json.dumps([{"instruction": f"i{k}"} for k in range(3)]))
+        run = lambda engine: generate.generate_alpaca_eval(tmp / "model", data, tmp / "out", "m",  # noqa: E731
+                                                           batch_size=1, engine=engine)
+        calls_per_item = 1
+    with pytest.raises(RuntimeError):
+        run(ScriptedEngine(fail_after_calls=2 * calls_per_item))
+    [progress] = tmp.glob("out.progress-*.jsonl")
+    _tear_last_line(progress)
+    engine = ScriptedEngine()
+    run(engine)  # the torn item (the second) and the third are generated again, once each
+    assert len(engine.calls) == 2 * calls_per_item
+    assert "progress" in caplog.text and ":2: dropping a torn last line" in caplog.text
+    assert len(read_jsonl(progress)) == 3 and progress.read_text().endswith("}\n")
+    engine = ScriptedEngine()
+    run(engine)  # a third run finds everything done
+    assert engine.calls == []

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from fake_openai import KEY, judge_cfg, FakeOpenAI, logprob_entry
-from mamba_align.judge_client import JudgeClient, request_key
+from mamba_align.judge_client import JudgeClient, check_judge, request_key
 from mamba_align.utils import UserError, read_jsonl
 
 
@@ -98,6 +98,37 @@ def test_rerun_sends_only_missing_requests_and_dedups(tmp_path):
     assert [r[0]["key"] for r in results[:12]] == [r[0]["key"] for r in results[12:]]
 
 
+def test_a_torn_cache_line_is_repaired_and_no_call_is_paid_twice(tmp_path, caplog):
+    cache = tmp_path / "c.jsonl"
+    with FakeOpenAI() as fake:
+        JudgeClient(judge_cfg(), cache, base_url=fake.base_url).complete_many(requests_(10))
+        data = cache.read_text()
+        torn = json.loads(data.splitlines()[-1])["key"]
+        cache.write_text(data[: data.rstrip("\n").rfind("\n") + 1 + 30])  # killed mid-append
+        fake.reset()
+        JudgeClient(judge_cfg(), cache, base_url=fake.base_url).complete_many(requests_(12))
+        assert caplog.text.count("dropping a torn last line") == 1 and f"{cache}:10:" in caplog.text
+        JudgeClient(judge_cfg(), cache, base_url=fake.base_url).complete_many(requests_(12))
+        # run 2 paid the torn request and the two new ones, each once; run 3 paid nothing
+        judge = JudgeClient(judge_cfg(), cache, base_url=fake.base_url)
+        assert len(fake.log) == 3 and judge.pending(requests_(12)) == 0
+        torn_req = next(r for r in requests_(10) if judge.keys(r)[0] == torn)
+        assert sorted(map(canon, fake.bodies())) == sorted(
+            canon(dict(r, model="gpt-4", n=1, temperature=0.0, max_tokens=2048))
+            for r in requests_(12)[10:] + [torn_req])
+    rows = read_jsonl(cache)
+    assert len(rows) == 12 and len({r["key"] for r in rows}) == 12
+    assert caplog.text.count("dropping a torn last line") == 1
+
+
+def test_a_corrupt_line_inside_the_cache_names_file_and_line(tmp_path):
+    cache = tmp_path / "c.jsonl"
+    cache.write_text('{"key": "a"}\n{"key": \n{"key": "b"}\n')
+    with pytest.raises(UserError, match=r"c\.jsonl:2: not valid JSON"):
+        JudgeClient(judge_cfg(), cache)
+    assert cache.read_text() == '{"key": "a"}\n{"key": \n{"key": "b"}\n'  # left as it was
+
+
 def test_repeats_and_parameters_are_part_of_the_key(tmp_path):
     with FakeOpenAI() as fake:
         judge = JudgeClient(judge_cfg(repeats=3), tmp_path / "c.jsonl", base_url=fake.base_url)
@@ -122,3 +153,36 @@ def test_logprobs_are_passed_through(tmp_path):
 def test_unknown_backend_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="judge.backend"):
         JudgeClient(judge_cfg(backend="anthropic"), tmp_path / "c.jsonl")
+
+
+# (judge settings, environment, expected message): each refused before any request is sent.
+BAD_JUDGE = [
+    ({"base_url": "not a url"}, {"OPENAI_API_KEY": KEY}, r"judge\.base_url is 'not a url'; expected an http\(s\) URL"),
+    ({"base_url": "ftp://example.com/v1"}, {"OPENAI_API_KEY": KEY}, r"judge\.base_url is 'ftp://example\.com/v1'"),
+    ({"base_url": "https:///v1"}, {"OPENAI_API_KEY": KEY}, r"judge\.base_url is 'https:///v1'"),
+    ({}, {"OPENAI_API_KEY": ""}, r"environment variable OPENAI_API_KEY \(judge\.api_key_env\) is empty"),
+    ({}, {"OPENAI_API_KEY": "  "}, r"environment variable OPENAI_API_KEY \(judge\.api_key_env\) is empty"),
+    ({"api_key_env": "MY_KEY"}, {"OPENAI_API_KEY": KEY},
+     r"environment variable MY_KEY \(judge\.api_key_env\) is not set"),
+    ({"backend": "anthropic"}, {}, r"judge\.backend is 'anthropic'; expected 'openai' or 'local'"),
+]
+
+
+@pytest.mark.parametrize("settings, environ, expected", BAD_JUDGE, ids=[str(c[:2]) for c in BAD_JUDGE])
+def test_bad_judge_settings_are_refused_before_any_request(tmp_path, monkeypatch, settings, environ, expected):
+    with pytest.raises(UserError, match=expected):
+        check_judge(judge_cfg(**settings), environ)
+    for k in ("OPENAI_API_KEY", "MY_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    with FakeOpenAI() as fake:
+        with pytest.raises(UserError, match=expected):
+            url = None if "base_url" in settings else fake.base_url
+            JudgeClient(judge_cfg(**settings), tmp_path / "c.jsonl", base_url=url).complete_many(requests_(1))
+        assert fake.log == []
+
+
+@pytest.mark.parametrize("url", [None, "https://api.openai.com/v1", "http://localhost:8000/v1", "http://10.0.0.5:80"])
+def test_good_base_urls_pass(url):
+    check_judge(judge_cfg(base_url=url), {"OPENAI_API_KEY": KEY})

@@ -92,11 +92,10 @@ def test_params_from_config_matches_a_real_model():
     assert plan.params_from_config(cfg.to_dict()) == n
 
 
-def test_command_line_plans_the_real_config(tmp_path, monkeypatch):
+def test_command_line_plans_the_real_config(tmp_path, monkeypatch, workflow_copy):
     import json
-    from pathlib import Path
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(workflow_copy)  # without results/: never the checkout's, which a demo run fills
     plan.main(["--out", str(tmp_path / "plan.json")])
     p = json.loads((tmp_path / "plan.json").read_text())
     assert p["gpu_type"] == "A100-80GB" and p["jobs"][0]["gpus"] == 8
@@ -125,10 +124,10 @@ def test_dpo_memory_counts_the_reference_model_unless_precomputed():
     cfg = CFG | {"plan": CFG["plan"]}
     gpus = {"train_sft": 1, "train_dpo": 1}
     with_ref = plan.make_plan(cfg, SFT | {"save_total_limit": 2, "optim": "adamw_torch"},
-                              DPO | {"save_total_limit": 2, "optim": "rmsprop"}, gpus, "H100-80GB")
+                              DPO | {"save_total_limit": 2, "optim": "rmsprop"}, gpus, "H100-80GB", "/nonexistent")
     pre = plan.make_plan(cfg, SFT | {"save_total_limit": 2, "optim": "adamw_torch"},
                          DPO | {"save_total_limit": 2, "optim": "rmsprop", "precompute_ref_log_probs": True},
-                         gpus, "H100-80GB")
+                         gpus, "H100-80GB", "/nonexistent")
     mem = {p["rule"]: p["peak_mem_gib"] for p in with_ref["jobs"]}, {p["rule"]: p["peak_mem_gib"] for p in pre["jobs"]}
     assert mem[0]["train_dpo"] - mem[1]["train_dpo"] == pytest.approx(2.77e9 * 4 / 2**30, abs=0.1)
     assert mem[0]["train_sft"] == mem[1]["train_sft"]

@@ -116,3 +116,80 @@ def test_stage_recipe_learns_from_params_and_runs_with_the_current_config():
     with pytest.raises(UserError, match="not divisible by per_device_train_batch_size 3"):
         stage_recipe({**config, "recipe_overrides": {"sft": {"per_device_train_batch_size": 3}}}, "sft", base,
                      learning_settings(scheduled))
+
+
+# (stage, override, expected message): each rejected when the recipe is parsed, naming the key and what is allowed.
+BAD_VALUES = [
+    ("sft", {"learning_rate": -1e-3}, r"learning_rate is -0\.001; expected a number > 0"),
+    ("dpo", {"global_batch_size": 0}, r"global_batch_size is 0; expected a number > 0"),
+    ("sft", {"num_train_epochs": -1}, r"num_train_epochs is -1\.0; expected a number > 0"),
+    ("sft", {"max_seq_length": 0}, r"max_seq_length is 0; expected a number > 0"),
+    ("dpo", {"beta": -0.1}, r"beta is -0\.1; expected a number > 0"),
+    ("sft", {"per_device_train_batch_size": 0}, r"per_device_train_batch_size is 0; expected a number > 0"),
+    ("dpo", {"per_device_eval_batch_size": 0}, r"per_device_eval_batch_size is 0; expected a number > 0"),
+    ("sft", {"save_steps": 0}, r"save_steps is 0; expected a number > 0"),
+    ("sft", {"logging_steps": -5}, r"logging_steps is -5; expected a number > 0"),
+    ("dpo", {"save_total_limit": 0}, r"save_total_limit is 0; expected a number > 0"),
+    ("sft", {"eval_steps": 0}, r"eval_steps is 0; expected a number > 0"),
+    ("sft", {"dataset": {"max_train_samples": 0}}, r"dataset\.max_train_samples is 0; expected a number > 0"),
+    ("dpo", {"max_length": 0}, r"max_length is 0; expected a number > 0"),
+    ("sft", {"weight_decay": -0.01}, r"weight_decay is -0\.01; expected a number >= 0"),
+    ("sft", {"max_grad_norm": -1.0}, r"max_grad_norm is -1\.0; expected a number >= 0"),
+    ("sft", {"warmup_ratio": 1.5}, r"warmup_ratio is 1\.5; expected a fraction of training in \[0, 1\]"),
+    ("sft", {"max_steps": 0}, r"max_steps is 0; expected -1 \(train num_train_epochs\) or > 0"),
+    ("dpo", {"max_prompt_length": 128}, r"max_prompt_length 128 leaves no room for the reply; expected less than "
+                                        r"max_length 128"),
+    ("sft", {"optim": "adamw_torchh"}, r"optim is 'adamw_torchh' \(did you mean 'adamw_torch'\?\); the installed "
+                                       r"transformers accepts: adamw_torch, .*rmsprop"),
+    ("sft", {"lr_scheduler_type": "cosinee"}, r"lr_scheduler_type is 'cosinee' \(did you mean 'cosine'\?\); the "
+                                              r"installed transformers accepts: linear, cosine, "),
+    ("dpo", {"loss_type": "sigmoidd"}, r"loss_type is 'sigmoidd' \(did you mean 'sigmoid'\?\); the installed trl "
+                                       r"accepts: sigmoid, hinge, ipo, "),
+    ("sft", {"global_batch_size": 8, "per_device_train_batch_size": 3},
+     r"global_batch_size 8 is not divisible by per_device_train_batch_size 3"),
+    ("sft", {"learnin_rate": 0.1}, r"unknown key\(s\) learnin_rate \(did you mean 'learning_rate'\?\)"),
+    ("dpo", {"dataset": {"revison": "abc"}}, r"unknown key\(s\) dataset\.revison \(did you mean 'revision'\?\)"),
+    ("sft", {"packing": "yes"}, r"packing: expected bool, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("stage, override, expected", BAD_VALUES, ids=[str(c[1]) for c in BAD_VALUES])
+def test_bad_recipe_value_is_rejected_at_parse_naming_file_key_and_expected(stage, override, expected):
+    with pytest.raises(UserError, match=expected) as e:
+        load_recipe(RECIPES / "demo", stage, override)
+    assert f"{stage}.yaml" in str(e.value)
+
+
+def test_accepted_names_are_what_transformers_accepts():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from mamba_align.recipes import accepted_names
+
+    assert list(accepted_names("optim")) == [o.value for o in OptimizerNames]
+    assert list(accepted_names("lr_scheduler_type")) == [s.value for s in SchedulerType]
+
+
+def test_accepted_loss_types_are_what_trl_lists():
+    import re
+
+    from trl import DPOConfig
+
+    from mamba_align.recipes import accepted_names
+
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    listed = re.findall(r"`'(\w+)'`", help_text.split("If multiple")[0])
+    assert len(listed) > 5 and set(listed) == set(accepted_names("loss_type"))
+
+
+def test_override_typo_names_the_config_key_and_file():
+    from mamba_align.recipes import config_recipe
+
+    config = {"recipe": "demo", "recipe_overrides": {"sft": {"learnin_rate": 0.1}}}
+    with pytest.raises(UserError, match=r"the config \(my\.yaml\): unknown key\(s\) "
+                                        r"recipe_overrides\.sft\.learnin_rate \(did you mean 'learning_rate'\?\)"):
+        config_recipe(config, "sft", RECIPES.parents[1], ["my.yaml"])
+    config["recipe_overrides"] = {"sft": {"learning_rate": -1}}
+    with pytest.raises(UserError, match=r"sft\.yaml with recipe_overrides\.sft in the config \(my\.yaml\): "
+                                        r"learning_rate is -1\.0; expected a number > 0"):
+        config_recipe(config, "sft", RECIPES.parents[1], ["my.yaml"])

@@ -490,7 +490,7 @@ def test_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny, tmp_
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
     with pytest.raises(UserError, match=r"GB free, but one checkpoint of this 0\.\d+B-parameter model with optim "
-                                        r"adamw_torch is 0\.\d+ GB .*the first save would fail"):
+                                        r"adamw_torch is 0\.\d+ GB .*or a save would fail"):
         _train(tiny, tmp_path)
     assert not list((tmp_path / "ckpt").glob("checkpoint-*")) and not (tmp_path / "out").exists()
     # enough for the first checkpoint but not for save_total_limit + 1 of them: a warning, and training runs
@@ -503,6 +503,35 @@ def test_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny, tmp_
     caplog.set_level("WARNING", logger="mamba_align.train")
     train_mod.check_disk(tmp_path / "ckpt2", tmp_path / "out2", cfg, load_recipe(DEMO, "sft"))
     assert "lower save_total_limit" in caplog.text
+
+
+# 2.8B with AdamW: one checkpoint 33.2 GB, the final fp32 model 11.1 GB, save_total_limit 2 -> 3 checkpoints at peak
+MAMBA_2_8B = {"d_model": 2560, "n_layer": 64, "vocab_size": 50280}
+
+
+@pytest.mark.parametrize("free_gb, refused, warned", [
+    (30, True, False),  # not even one checkpoint
+    (40, True, False),  # one checkpoint but not the final model beside it
+    (50, False, True),  # one checkpoint and the final model: runs, warns that later saves may fail
+    (120, False, False),  # save_total_limit + 1 checkpoints and the final model
+])
+def test_disk_check_before_training(tmp_path, monkeypatch, caplog, free_gb, refused, warned):
+    import collections
+
+    import mamba_align.train as train_mod
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**13, 0, free_gb * 10**9))
+    recipe = load_recipe(ROOT / "config" / "recipes" / "zephyr-7b-beta", "sft")
+    check = lambda: train_mod.check_disk(tmp_path / "ckpt", tmp_path / "out", MAMBA_2_8B, recipe)  # noqa: E731
+    if refused:
+        with pytest.raises(UserError, match=rf"{tmp_path}: {free_gb}\.0 GB free, but one checkpoint of this 2\.77B-"
+                                            r"parameter model with optim adamw_torch is 33\.2 GB .* the final model "
+                                            r"11\.1 GB: at least 44\.3 GB are needed there"):
+            check()
+    else:
+        check()
+    assert ("lower save_total_limit" in caplog.text) == warned
 
 
 def test_missing_model_dir(tiny, tmp_path):

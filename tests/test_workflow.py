@@ -41,11 +41,14 @@ def test_demo_dry_run(workflow_copy):
     assert jobs["build_demo_inputs"] == 1 and jobs["train_dpo"] == 1
 
 
-def test_missing_judge_key_fails_before_any_job(workflow_copy, monkeypatch):
+@pytest.mark.parametrize("key, expected", [(None, "is not set"), ("", "is empty")])
+def test_missing_judge_key_fails_before_any_job(workflow_copy, monkeypatch, key, expected):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    if key is not None:
+        monkeypatch.setenv("OPENAI_API_KEY", key)
     proc = snakemake(workflow_copy, "--cores", "1", "--configfile", "config/config.yaml", check=False)
     assert proc.returncode != 0
-    assert "OPENAI_API_KEY" in proc.stderr + proc.stdout
+    assert f"OPENAI_API_KEY (judge.api_key_env) {expected}" in proc.stderr + proc.stdout
     assert not (workflow_copy / "results" / "models").exists()
 
 
@@ -60,6 +63,12 @@ def test_missing_judge_key_fails_before_any_job(workflow_copy, monkeypatch):
         ({"recipe_overrides": {"dpo": {"global_batch_size": 30, "per_device_train_batch_size": 8}}},
          "global_batch_size"),
         ({"recipe": "no-such-recipe"}, "no-such-recipe"),
+        ({"judge": {"base_url": "not a url"}}, "'not a url' does not match '^https?://"),
+        ({"recipe_overrides": {"sft": {"learnin_rate": 0.1}}},
+         "bad.yaml, config/config.yaml): unknown key(s) recipe_overrides.sft.learnin_rate (did you mean"),
+        ({"recipe_overrides": {"sft": {"per_device_train_batch_size": 0}}},
+         "per_device_train_batch_size is 0; expected a number > 0"),
+        ({"recipe_overrides": {"dpo": {"loss_type": "sigmoidd"}}}, "loss_type is 'sigmoidd' (did you mean 'sigmoid'?)"),
     ],
 )
 def test_bad_config_is_named(workflow_copy, patch, expected):

@@ -4,6 +4,7 @@ validate columns, apply the tokenizer's chat template, count / drop over-length 
 from __future__ import annotations
 
 import argparse
+import codecs
 import logging
 from pathlib import Path
 
@@ -17,7 +18,8 @@ PREF_COLUMNS = ("chosen", "rejected")
 
 
 def load_split(spec: DatasetSpec, split: str, limit: int | None = None):
-    """A split as a `datasets.Dataset`: `<dir>/<split>.{parquet,jsonl,json}` for a local folder, else the Hub."""
+    """A split as (`datasets.Dataset`, where it came from): `<dir>/<split>.{parquet,jsonl,json}` for a local folder,
+    else the Hub. An unreadable or empty file is an error naming it."""
     import datasets
 
     src = Path(spec.source)
@@ -30,22 +32,78 @@ def load_split(spec: DatasetSpec, split: str, limit: int | None = None):
             path = found[0]
         else:
             path = src
+        where = str(path)
         kind = "parquet" if path.suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        expected = "a parquet file" if kind == "parquet" else "UTF-8 JSON Lines (or a JSON list) of rows"
+        if kind == "json":
+            _check_utf8(path, expected)
+        if _no_rows(path, kind):  # datasets raises StopIteration (JSON) or ArrowInvalid (parquet) on those
+            raise UserError(f"{path}: no rows; expected {expected} in the Hub schema")
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as e:  # DatasetGenerationError, with the parser's error as its cause
+            cause = e.__cause__ or e
+            raise UserError(f"{path}: cannot be read ({type(cause).__name__}: {cause}); expected {expected}") from e
     else:
+        where = f"dataset {spec.source} (revision {spec.revision}, split {split})"
         try:
             ds = datasets.load_dataset(spec.source, revision=spec.revision, split=split)
         except Exception as e:  # the Hub raises many types; name the dataset, revision and split
-            raise UserError(f"cannot load dataset {spec.source} (revision {spec.revision}, split {split}): {e}") from e
+            raise UserError(f"cannot load {where}: {e}") from e
+    if len(ds) == 0:
+        raise UserError(f"{where}: no rows; expected the split's rows in the Hub schema")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return ds
+    return ds, where
+
+
+def _no_rows(path: Path, kind: str) -> bool:
+    if kind == "json":
+        return path.stat().st_size == 0
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows == 0
+    except Exception:  # not a parquet file: load_dataset names the problem
+        return False
+
+
+def _check_utf8(path: Path, expected: str) -> None:
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not UTF-8 (byte {chunk[e.start]:#04x} at offset {offset + e.start}); "
+                                f"expected {expected}") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 (the file ends inside a character); expected {expected}") from None
+
+
+def valid_rows(spec: DatasetSpec, split: str, limit: int | None, columns: tuple, expected: str, valid):
+    """The split's rows for which `valid(row)` holds, as (dataset, rows read, where); a missing column, or no valid
+    row at all, is an error naming the data and what a row should hold."""
+    ds, where = load_split(spec, split, limit)
+    require_columns(ds, columns, where)
+    n_in = len(ds)
+    ds = ds.filter(valid)
+    if len(ds) == 0:
+        raise UserError(f"{where}: none of its {n_in} rows is well formed; expected {expected}")
+    return ds, n_in, where
 
 
 def require_columns(ds, columns, where: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise UserError(f"{where}: missing column(s) {', '.join(missing)}; found {', '.join(ds.column_names)}")
+
+
+CONVERSATION = ("a list of {role, content} turns (roles system / user / assistant, content a string) that ends "
+                "with an assistant turn")
 
 
 def _valid_conversation(msgs) -> bool:
@@ -83,10 +141,8 @@ def prepare_sft_data(spec: DatasetSpec, model_dir, out_dir, max_seq_length: int,
                                ("test", spec.test_split, spec.max_test_samples)):
         if split is None:
             continue
-        ds = load_split(spec, split, limit)
-        require_columns(ds, SFT_COLUMNS, f"dataset {spec.source} split {split}")
-        n_in = len(ds)
-        ds = ds.filter(lambda r: _valid_conversation(r["messages"]))
+        ds, n_in, where = valid_rows(spec, split, limit, SFT_COLUMNS, f"'messages': {CONVERSATION}",
+                                     lambda r: _valid_conversation(r["messages"]))
         n_malformed = n_in - len(ds)
 
         def render(row):
@@ -97,6 +153,9 @@ def prepare_sft_data(spec: DatasetSpec, model_dir, out_dir, max_seq_length: int,
         n_long = sum(1 for n in ds["n_tokens"] if n > max_seq_length)
         if not packing:  # packed rows are cut at max_seq_length anyway; unpacked ones would be truncated
             ds = ds.filter(lambda r: r["n_tokens"] <= max_seq_length)
+            if len(ds) == 0:
+                raise UserError(f"{where}: every row is longer than max_seq_length {max_seq_length} tokens; "
+                                f"expected some that fit (or packing: true)")
         keep = [c for c in ("prompt_id", "messages", "text", "n_tokens") if c in ds.column_names]
         ds = ds.select_columns(keep)
         _write_parquet(ds, out_dir / f"{name}.parquet")
@@ -120,11 +179,18 @@ def prepare_preference_data(spec: DatasetSpec, model_dir, out_dir, max_length: i
                                ("test", spec.test_split, spec.max_test_samples)):
         if split is None:
             continue
-        ds = load_split(spec, split, limit)
-        require_columns(ds, PREF_COLUMNS, f"dataset {spec.source} split {split}")
-        n_in = len(ds)
-        ds = ds.filter(lambda r: _valid_conversation(r["chosen"]) and _valid_conversation(r["rejected"]))
+        ds, n_in, where = valid_rows(spec, split, limit, PREF_COLUMNS, f"'chosen' and 'rejected' each {CONVERSATION}",
+                                     lambda r: _valid_conversation(r["chosen"]) and _valid_conversation(r["rejected"]))
         n_malformed = n_in - len(ds)
+        # a pair whose replies are the same teaches nothing (its DPO loss is the constant log 2)
+        ds = ds.filter(lambda r: r["chosen"][-1]["content"] != r["rejected"][-1]["content"])
+        n_identical = n_in - n_malformed - len(ds)
+        if n_identical:
+            log.warning("%s: dropped %d of %d pairs whose chosen and rejected replies are the same", where,
+                        n_identical, n_in)
+        if len(ds) == 0:
+            raise UserError(f"{where}: every well-formed pair has the same chosen and rejected reply; expected pairs "
+                            f"that differ")
 
         def render(row):
             prompt = tok.apply_chat_template(with_system_turn(tok, row["chosen"][:-1]), tokenize=False,
@@ -141,8 +207,8 @@ def prepare_preference_data(spec: DatasetSpec, model_dir, out_dir, max_length: i
         long_pair = sum(1 for n in ds["n_tokens"] if n > max_length)
         _write_parquet(ds, out_dir / f"{name}.parquet")
         stats[name] = {"split": split, "rows_in": n_in, "malformed_dropped": n_malformed,
-                       "prompt_over_max_prompt_length": long_prompt, "pair_over_max_length": long_pair,
-                       "rows_out": len(ds)}
+                       "identical_pair_dropped": n_identical, "prompt_over_max_prompt_length": long_prompt,
+                       "pair_over_max_length": long_pair, "rows_out": len(ds)}
         log.info("preferences %s (%s): %s", name, split, stats[name])
     write_json(out_dir / "stats.json", stats)
     return stats

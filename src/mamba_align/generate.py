@@ -73,7 +73,7 @@ def generate_mt_bench(model_dir, question_path, out_path, model_id, max_new_toke
     """Answer every MT-Bench question (turn 2 sees turn 1) in FastChat's answer format."""
     questions = load_mt_bench_questions(question_path)
     progress = progress_path(out_path, model_dir, model_id, max_new_tokens, seed, json.dumps(questions))
-    done = {r["question_id"]: r for r in read_jsonl(progress)}
+    done = {r["question_id"]: r for r in read_jsonl(progress, repair=True)}
     todo = [q for q in questions if q["question_id"] not in done]
     log.info("MT-Bench: %d questions, %d already answered, %d to go", len(questions), len(done), len(todo))
     if todo:
@@ -132,7 +132,7 @@ def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temp
     examples = load_alpaca_eval_instructions(instructions_path)
     progress = progress_path(out_path, model_dir, generator, temperature, top_p, top_k, max_new_tokens, seed,
                              json.dumps(examples))
-    done = {r["index"]: r for r in read_jsonl(progress)}
+    done = {r["index"]: r for r in read_jsonl(progress, repair=True)}
     todo = [i for i in range(len(examples)) if i not in done]
     log.info("AlpacaEval: %d instructions, %d done, %d to go", len(examples), len(done), len(todo))
     if todo:

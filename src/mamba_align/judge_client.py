@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -30,6 +31,24 @@ log = logging.getLogger(__name__)
 REQUEST_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs")
 MAX_RETRY_AFTER_S = 300.0
 BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0  # retry n waits BACKOFF_S * 2**n (capped), times a jitter in [0.5, 1]
+
+
+URL = re.compile(r"https?://[^\s/:?#]+(:\d+)?(/\S*)?")
+
+
+def check_judge(judge_cfg: dict, environ=os.environ) -> None:
+    """What judging needs, checked before any job runs: a known backend, an http(s) base_url and, for the
+    OpenAI backend, a non-empty API key in the environment (an empty one is as good as none)."""
+    if judge_cfg["backend"] not in ("openai", "local"):
+        raise UserError(f"judge.backend is {judge_cfg['backend']!r}; expected 'openai' or 'local'")
+    url = judge_cfg.get("base_url")
+    if url is not None and not URL.fullmatch(str(url)):
+        raise UserError(f"judge.base_url is {url!r}; expected an http(s) URL such as https://api.openai.com/v1 "
+                        f"or http://localhost:8000/v1 (or null for api.openai.com)")
+    env = judge_cfg.get("api_key_env") or "OPENAI_API_KEY"
+    if judge_cfg["backend"] == "openai" and not environ.get(env, "").strip():
+        raise UserError(f"judge.backend is 'openai' but the environment variable {env} (judge.api_key_env) is "
+                        f"{'empty' if env in environ else 'not set'}; export it or use backend 'local'")
 
 
 class JudgeError(Exception):
@@ -59,21 +78,16 @@ class JudgeClient:
         self.cfg = judge_cfg
         self.model = judge_cfg["model"]
         self.backend = judge_cfg["backend"]
-        if self.backend not in ("openai", "local"):
-            raise UserError(f"judge.backend is {self.backend!r}; expected 'openai' or 'local'")
         self.base_url = base_url or judge_cfg.get("base_url")
+        check_judge(dict(judge_cfg, base_url=self.base_url))
         if self.backend == "openai":
-            env = judge_cfg.get("api_key_env") or "OPENAI_API_KEY"
-            self._api_key = os.environ.get(env, "")
-            if not self._api_key:
-                raise UserError(f"judge.backend is 'openai' but the environment variable {env} "
-                                f"(judge.api_key_env) is not set; export it or use backend 'local'")
+            self._api_key = os.environ[judge_cfg.get("api_key_env") or "OPENAI_API_KEY"].strip()
         else:
             self._api_key = "local-judge"  # our local server ignores it
         self.backoff_s = BACKOFF_S if backoff_s is None else backoff_s
         self.max_backoff_s = MAX_BACKOFF_S if max_backoff_s is None else max_backoff_s
         self.cache_path = Path(cache_path)
-        self._cache: dict[str, dict] = {row["key"]: row for row in read_jsonl(self.cache_path)}
+        self._cache: dict[str, dict] = {r["key"]: r for r in read_jsonl(self.cache_path, repair=True)}
         self._stack = contextlib.ExitStack()
         self.n_attempts = 0  # HTTP calls made by this object, retries included
         self._count_lock = threading.Lock()

@@ -290,7 +290,7 @@ def params_from_config(c: dict) -> float:
     return float(layers * per_layer + vocab * d + d)
 
 
-def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: str, results: str = "results") -> dict:
+def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: str, results: str) -> dict:
     """gpus: GPUs per rule (from the active profile's resources)."""
     p = cfg["plan"]
     params = base_params(cfg, results)
@@ -380,7 +380,8 @@ def main(argv=None):
     cfg = yaml.safe_load(Path(a.config).read_text())
     validate(cfg, a.schema)  # the same defaults as a workflow run, not a copy of them
     sft, dpo = (as_dict(config_recipe(cfg, s, ".")) for s in ("sft", "dpo"))
-    write_plan(make_plan(cfg, sft, dpo, {"train_sft": a.gpus, "train_dpo": a.gpus}, a.gpu_type), a.out)
+    gpus = {"train_sft": a.gpus, "train_dpo": a.gpus}
+    write_plan(make_plan(cfg, sft, dpo, gpus, a.gpu_type, cfg["results_dir"]), a.out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ The config's `recipe_overrides` (and the command line of each step) override val
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import functools
+import importlib.util
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,15 +102,30 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def build(cls, data: dict, where: str):
     """Build dataclass `cls` from `data`; unknown keys and wrong types raise UserError naming `where.key`."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    check_keys(cls, data, where)
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise UserError(f"{where}: {e}") from e
+
+
+def check_keys(cls, data: dict, where: str, prefix: str = "") -> None:
+    """An unknown key of dataclass `cls` in `data`, at any depth, raises UserError naming `where` and the key's
+    dotted path (`prefix` + key), with the closest known key."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            raise UserError(f"{where}: unknown key(s) {prefix}{key}{did_you_mean(key, hints)}; "
+                            f"allowed: {', '.join(sorted(hints))}")
+        inner = next((t for t in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(t)), None)
+        if inner is not None and isinstance(value, dict):
+            check_keys(inner, value, where, f"{prefix}{key}.")
+
+
+def did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -140,9 +159,14 @@ def workflow_root(inside: str | Path) -> Path:
     return next((d for d in (here, *here.parents) if (d / "config" / "recipes").is_dir()), here)
 
 
-def config_recipe(config: dict, stage: str, basedir: str | Path) -> TrainCommon:
-    """The stage's recipe as the config selects it (config['recipe'], with its recipe_overrides)."""
-    return load_recipe(recipe_dir(config["recipe"], basedir), stage, (config.get("recipe_overrides") or {}).get(stage))
+def config_recipe(config: dict, stage: str, basedir: str | Path, config_files=()) -> TrainCommon:
+    """The stage's recipe as the config selects it (config['recipe'], with its recipe_overrides); errors in the
+    overrides name the config key (recipe_overrides.<stage>.<key>) and `config_files`, where they came from."""
+    overrides = (config.get("recipe_overrides") or {}).get(stage) or {}
+    source = f"the config ({', '.join(map(str, config_files))})" if config_files else "the config"
+    check_keys(RECIPE_CLASSES[stage], overrides, source, f"recipe_overrides.{stage}.")
+    return load_recipe(recipe_dir(config["recipe"], basedir), stage, overrides,
+                       overridden_by=f"recipe_overrides.{stage} in {source}")
 
 
 def stage_recipe(config: dict, stage: str, basedir: str | Path, learned: dict) -> TrainCommon:
@@ -155,26 +179,79 @@ def stage_recipe(config: dict, stage: str, basedir: str | Path, learned: dict) -
     return recipe
 
 
-def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = None):
-    """Load config/recipes/<name>/<stage>.yaml strictly, apply `overrides`, return the dataclass."""
+def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = None,
+                overridden_by: str = "overrides"):
+    """Load config/recipes/<name>/<stage>.yaml strictly, apply `overrides`, check the values, return the
+    dataclass. Errors name the file, or the file and `overridden_by` when overrides were given."""
     path = Path(recipe_dir) / f"{stage}.yaml"
     if not path.exists():
         raise UserError(f"recipe file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at top level")
-    data = _deep_merge(data, overrides or {})
-    recipe = build(RECIPE_CLASSES[stage], data, str(path))
-    validate(recipe, str(path))
+    where = f"{path} with {overridden_by}" if overrides else str(path)
+    recipe = build(RECIPE_CLASSES[stage], _deep_merge(data, overrides or {}), where)
+    validate(recipe, where)
     return recipe
 
 
+# Numbers a recipe sets that must be > 0, or >= 0 (None: unset, allowed where the type allows it).
+POSITIVE = ("learning_rate", "num_train_epochs", "global_batch_size", "per_device_train_batch_size",
+            "per_device_eval_batch_size", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
+            "max_seq_length", "beta", "max_length", "max_prompt_length", "dataset.max_train_samples",
+            "dataset.max_test_samples")
+NON_NEGATIVE = ("warmup_ratio", "weight_decay", "max_grad_norm")
+# Names the installed transformers / TRL accept: (key, module, how to find the names in its source).
+NAMED = {"optim": ("transformers.training_args", "OptimizerNames"),
+         "lr_scheduler_type": ("transformers.trainer_utils", "SchedulerType"),
+         "loss_type": ("trl.trainer.dpo_trainer", "loss_type ==")}
+
+
 def validate(recipe: TrainCommon, where: str) -> None:
+    """Values a trainer would reject, or choke on after the model is loaded, rejected now, naming `where` and the
+    key with the expected value."""
+    values = {**as_dict(recipe), **{f"dataset.{k}": v for k, v in as_dict(recipe.dataset).items()}}
+    for key in POSITIVE + NON_NEGATIVE:
+        value = values.get(key)
+        if value is not None and (value < 0 or (value == 0 and key in POSITIVE)):
+            raise UserError(f"{where}: {key} is {value!r}; expected a number {'>' if key in POSITIVE else '>='} 0")
+    if recipe.max_steps != -1 and recipe.max_steps <= 0:
+        raise UserError(f"{where}: max_steps is {recipe.max_steps}; expected -1 (train num_train_epochs) or > 0")
+    if recipe.warmup_ratio > 1:
+        raise UserError(f"{where}: warmup_ratio is {recipe.warmup_ratio}; expected a fraction of training in [0, 1]")
+    if isinstance(recipe, DPORecipe) and recipe.max_prompt_length >= recipe.max_length:
+        raise UserError(f"{where}: max_prompt_length {recipe.max_prompt_length} leaves no room for the reply; "
+                        f"expected less than max_length {recipe.max_length}")
+    for key in NAMED:  # names not found in the installed library (moved in a new version?): not checked
+        if key in values and (names := accepted_names(key)) and values[key] not in names:
+            raise UserError(f"{where}: {key} is {values[key]!r}{did_you_mean(values[key], names)}; the installed "
+                            f"{NAMED[key][0].split('.')[0]} accepts: {', '.join(names)}")
     if recipe.global_batch_size % recipe.per_device_train_batch_size:
         raise UserError(
             f"{where}: global_batch_size {recipe.global_batch_size} is not divisible by "
             f"per_device_train_batch_size {recipe.per_device_train_batch_size}"
         )
+
+
+@functools.lru_cache
+def accepted_names(key: str) -> tuple[str, ...]:
+    """The values of `key` that the installed library accepts, read from its source: importing transformers
+    would cost seconds at every workflow parse. An Enum's string members, or the strings compared with a name."""
+    module, what = NAMED[key]
+    package, *inner = module.split(".")
+    spec = importlib.util.find_spec(package)  # finds the package without importing it (a submodule would)
+    source = Path(spec.submodule_search_locations[0], *inner).with_suffix(".py") if spec else None
+    if source is None or not source.exists():
+        return ()  # not installed here (the job that trains will fail on it instead)
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    if what.endswith(" =="):
+        found = [n.comparators[0].value for n in ast.walk(tree)
+                 if isinstance(n, ast.Compare) and isinstance(n.left, ast.Name) and n.left.id == what[:-3]
+                 and isinstance(n.ops[0], ast.Eq) and isinstance(n.comparators[0], ast.Constant)]
+    else:
+        found = [a.value.value for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == what
+                 for a in n.body if isinstance(a, ast.Assign) and isinstance(a.value, ast.Constant)]
+    return tuple(dict.fromkeys(v for v in found if isinstance(v, str)))
 
 
 def gradient_accumulation_steps(recipe: TrainCommon, num_processes: int) -> int:

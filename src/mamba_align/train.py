@@ -125,8 +125,9 @@ def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainC
         sizes = (f"one checkpoint of this {params / 1e9:.2f}B-parameter model with optim {recipe.optim} is "
                  f"{one / 1e9:.1f} GB (fp32 weights + optimizer state), the final model {final / 1e9:.1f} GB")
         if free < least:
-            raise UserError(f"{anc}: {free / 1e9:.1f} GB free, but {sizes}; the first save would fail. Free "
-                            f"space, or put results/checkpoints on a larger filesystem (a symlink will do)")
+            raise UserError(f"{anc}: {free / 1e9:.1f} GB free, but {sizes}: at least {least / 1e9:.1f} GB are needed "
+                            f"there, or a save would fail. Free space, or put results/checkpoints on a larger "
+                            f"filesystem (a symlink will do)")
         if free < peak:
             log.warning("%s: %.1f GB free; up to %d checkpoints + the final model need %.1f GB (%s): lower "
                         "save_total_limit or free space before the later saves fail", anc, free / 1e9,

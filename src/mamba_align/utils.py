@@ -85,24 +85,44 @@ def append_jsonl(path: str | os.PathLike, row: dict, fh=None) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file; a torn last line (crash mid-write) is skipped, any other bad line is an error."""
+def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
+    """Read a JSONL file. A bad or unterminated last line is a torn append (a crash mid-write): it is dropped with
+    a warning and, with `repair` (for the file's only writer, before it appends again), cut off the file, so the
+    next append starts on a line of its own. A bad line anywhere else is an error naming file:line."""
     path = Path(path)
     if not path.exists():
         return []
-    rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the file ends with a newline, as every complete append does
+        lines.pop()
+    rows, start = [], 0
+    for i, raw in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                log.warning("%s: ignoring a torn last line (interrupted write)", path)
-                continue
-            raise UserError(f"{path}:{i + 1}: not valid JSON")
+            if raw.strip():
+                rows.append(json.loads(raw.decode("utf-8")))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            if i < len(lines):
+                raise UserError(f"{path}:{i}: not valid JSON ({e}); fix or delete that line") from None
+            log.warning("%s:%d: dropping a torn last line (interrupted write)%s", path, i,
+                        "; file truncated to the last complete line" if repair else "")
+            if repair:
+                _truncate(path, start)
+            return rows
+        start += len(raw) + 1
+    if repair and data and not data.endswith(b"\n"):  # a complete row whose newline was not written
+        with open(path, "ab") as f:
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
     return rows
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 from snakemake.utils import min_version, validate
 
 from mamba_align import layout
+from mamba_align.judge_client import check_judge
 from mamba_align import plan as planner
 from mamba_align import recipes
 from mamba_align.recipes import as_dict, learning_settings
@@ -21,13 +22,17 @@ JUDGE = config["judge"]
 
 
 # Parsed strictly now, so a bad recipe fails before any job (and any GPU time).
-SFT = as_dict(recipes.config_recipe(config, "sft", workflow.basedir))
-DPO = as_dict(recipes.config_recipe(config, "dpo", workflow.basedir))
+SFT = as_dict(
+    recipes.config_recipe(config, "sft", workflow.basedir, workflow.configfiles)
+)
+DPO = as_dict(
+    recipes.config_recipe(config, "dpo", workflow.basedir, workflow.configfiles)
+)
 
 
 # Secrets reach cluster jobs through envvars (never config, logs or results).
 envvars:
-    *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) if v in os.environ],
+    *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) if os.environ.get(v)],
 
 
 onstart:
@@ -36,15 +41,11 @@ onstart:
     judging = any(
         j.rule.name.startswith("judge_") for j in workflow.dag.needrun_jobs()
     )
-    if (
-        judging
-        and JUDGE["backend"] == "openai"
-        and JUDGE["api_key_env"] not in os.environ
-    ):
-        raise WorkflowError(
-            f"judge.backend is 'openai' but the environment variable {JUDGE['api_key_env']} "
-            "(judge.api_key_env) is not set; export it before running the judge rules."
-        )
+    if judging:
+        try:
+            check_judge(JUDGE)
+        except UserError as e:
+            raise WorkflowError(f"{e}; checked before any job runs.") from None
 
 
 # Downloads and judge API calls run where snakemake runs (compute nodes often have no internet);

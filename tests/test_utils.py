@@ -1,0 +1,38 @@
+"""Shared helpers: JSONL progress files survive a torn last line; other bad lines are errors naming file:line."""
+
+from __future__ import annotations
+
+import pytest
+
+from mamba_align.utils import UserError, append_jsonl, read_jsonl
+
+ROWS = '{"i": 1}\n{"i": 2}\n'
+
+
+@pytest.mark.parametrize("content, rows, repaired, warned", [
+    (ROWS, [1, 2], ROWS, False),
+    (ROWS + '{"i": 3, "out', [1, 2], ROWS, True),  # torn mid-row
+    (ROWS + '{"i": 3}', [1, 2, 3], ROWS + '{"i": 3}\n', False),  # torn just before the newline: the row is whole
+    (ROWS + '{"i": "\xe9', [1, 2], ROWS, True),  # torn inside a multi-byte character (encoded below)
+    (ROWS + "\n", [1, 2], ROWS + "\n", False),  # blank lines are skipped
+])
+def test_a_torn_last_line_is_dropped_and_with_repair_cut_off(tmp_path, caplog, content, rows, repaired, warned):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content.encode("utf-8")[:-1] if "\xe9" in content else content.encode())
+    assert [r["i"] for r in read_jsonl(path)] == rows
+    assert [r["i"] for r in read_jsonl(path, repair=True)] == rows
+    assert path.read_text() == repaired
+    append_jsonl(path, {"i": 9})  # the next append starts on a line of its own
+    assert [r["i"] for r in read_jsonl(path)] == rows + [9]
+    # once when read, once when repaired; never again once repaired
+    assert caplog.text.count("p.jsonl:3: dropping a torn last line") == (2 if warned else 0)
+
+
+@pytest.mark.parametrize("middle", ['{"i": ', "not json", '{"i": "\xe9"}'])
+def test_a_bad_line_inside_the_file_is_an_error_naming_file_and_line(tmp_path, middle):
+    path = tmp_path / "p.jsonl"
+    data = f'{{"i": 1}}\n{middle}\n{{"i": 3}}\n'.encode()
+    path.write_bytes(data.replace("\xe9".encode(), b"\xe9"))  # latin-1 byte: not UTF-8
+    with pytest.raises(UserError, match=r"p\.jsonl:2: not valid JSON"):
+        read_jsonl(path, repair=True)
+    assert path.read_bytes() == data.replace("\xe9".encode(), b"\xe9")
