@@ -145,7 +145,7 @@ def test_memory_model_reproduces_the_measured_peaks():
     assert plan.stage_memory_gib(2.77e9, dpo, "dpo") == pytest.approx(51.67, abs=0.05)
 
 
-def test_a_recipe_that_does_not_fit_gets_the_fix_named():
+def test_a_recipe_that_does_not_fit_gets_the_fix_named(tmp_path):
     sft = {"per_device_train_batch_size": 4, "gradient_checkpointing": False, "max_seq_length": 2048,
            "optim": "adamw_torch", "global_batch_size": 512}
     fix = plan.memory_fix(2.77e9, sft, "sft", 8, 80)  # 81.2 GiB modelled > 76 of 80
@@ -156,7 +156,7 @@ def test_a_recipe_that_does_not_fit_gets_the_fix_named():
                                                              8, 20)
     assert "even at per-device batch 1" in plan.memory_fix(2.77e9, sft, "sft", 8, 24)
     jobs = plan.make_plan(CFG, SFT | sft | {"save_total_limit": 2}, DPO | {"save_total_limit": 2, "optim": "rmsprop"},
-                          {"train_sft": 8, "train_dpo": 8}, "A100-80GB")["jobs"]
+                          {"train_sft": 8, "train_dpo": 8}, "A100-80GB", tmp_path)["jobs"]
     assert "DOES NOT FIT" in next(j["note"] for j in jobs if j["rule"] == "train_sft")
 
 

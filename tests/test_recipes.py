@@ -92,7 +92,7 @@ def test_overrides_from_the_command_line():
         parse_overrides(["max_steps"])
 
 
-@pytest.mark.parametrize("gpus,accumulation", [(1, 128), (2, 64), (8, 16)])
+@pytest.mark.parametrize("gpus,accumulation", [(1, 256), (2, 128), (8, 32)])  # 512 rows, 2 per device
 def test_accumulation_keeps_the_global_batch(gpus, accumulation):
     recipe = load_recipe(RECIPES / "zephyr-7b-beta", "sft")
     assert gradient_accumulation_steps(recipe, gpus) == accumulation
