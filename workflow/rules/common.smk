@@ -45,6 +45,12 @@ onstart:
             f"judge.backend is 'openai' but the environment variable {JUDGE['api_key_env']} "
             "(judge.api_key_env) is not set; export it before running the judge rules."
         )
+    # A score that this run will recompute is removed now, not when its job starts: a run that fails
+    # before then (an interrupted retrain) leaves no stale score to be read as current.
+    for job in workflow.dag.needrun_jobs():
+        if job.rule.name in ("judge_mt_bench", "judge_alpaca_eval", "report"):
+            for f in job.output:
+                Path(f).unlink(missing_ok=True)
 
 
 # Downloads and judge API calls run where snakemake runs (compute nodes often have no internet);
@@ -74,6 +80,17 @@ def model_of(stage):
 
 def model_for(wildcards):
     return model_of(wildcards.stage)
+
+
+def learned_by(stage):
+    """What the model of `stage` learned from, as known before anything runs: the base model and each stage's
+    learning settings up to `stage`. Generation rules carry it as a param, so an evaluation reruns whenever
+    its model is to change, even after a failed retrain has left no model to compare dates with."""
+    chain = {"base": BASE}
+    for s, recipe in (("sft", SFT), ("dpo", DPO)):
+        if layout.STAGES.index(s) <= layout.STAGES.index(stage):
+            chain[s] = learning_settings(recipe)
+    return chain
 
 
 def answers_for(name):
