@@ -85,7 +85,8 @@ def model_for(wildcards):
 def learned_by(stage):
     """What the model of `stage` learned from, as known before anything runs: the base model and each stage's
     learning settings up to `stage`. Generation rules carry it as a param, so an evaluation reruns whenever
-    its model is to change, even after a failed retrain has left no model to compare dates with."""
+    its model is to change, even after a failed retrain has left no model to compare dates with.
+    """
     chain = {"base": BASE}
     for s, recipe in (("sft", SFT), ("dpo", DPO)):
         if layout.STAGES.index(s) <= layout.STAGES.index(stage):
