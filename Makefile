@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/snakemake --cores 2 --configfile config/demo.yaml
+	$(VENV)/bin/snakemake --workflow-profile profiles/local --cores 2 --configfile config/demo.yaml
 	@cat results/plan.txt; echo; cat results/report/scores.md
 
 test: setup

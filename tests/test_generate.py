@@ -80,6 +80,7 @@ def test_mt_bench_resumes_after_a_crash_and_never_reuses_another_models_answers(
     generate.generate_mt_bench(tmp / "model", qpath, out, "m", batch_size=1, engine=engine)
     assert len(engine.calls) == 4  # the first question was kept; two questions x two turns remain
     assert len(read_jsonl(out)) == 3
+    assert not list(tmp.glob("answers.jsonl.progress-*"))  # the output is complete: its progress file went
     # the model is retrained: its files change, so nothing of the old progress is reused
     (tmp / "model" / "config.json").write_text('{"retrained": true}')
     engine = ScriptedEngine()

@@ -27,8 +27,22 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def snakemake(cwd: Path, *args: str, timeout: int = 1800, check: bool = True, env: dict | None = None):
-    cmd = [*SNAKEMAKE, *args]
+# Root ignores file permissions; this drops that override (as tests/../shared/checks/as-a-normal-user.sh does),
+# so a test run as root sees files as a normal user on a cluster would.
+DROP_ROOT_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-fowner,-dac_read_search", "--"]
+
+
+def as_normal_user() -> list[str]:
+    """Command prefix that runs a command as an unprivileged user would: none when not root; None when root
+    and setpriv (util-linux) is missing."""
+    if os.geteuid() != 0:
+        return []
+    return DROP_ROOT_OVERRIDE if shutil.which("setpriv") else None
+
+
+def snakemake(cwd: Path, *args: str, timeout: int = 1800, check: bool = True, env: dict | None = None,
+              prefix: list[str] | None = None):
+    cmd = [*(prefix or []), *SNAKEMAKE, *args]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:

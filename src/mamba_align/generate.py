@@ -47,6 +47,13 @@ def progress_path(out_path: str | Path, model_dir: str | Path, *settings) -> Pat
     return out_path.with_name(f"{out_path.name}.progress-{h.hexdigest()[:12]}.jsonl")
 
 
+def drop_progress(out_path: str | Path) -> None:
+    """The output is complete: its progress files go, this run's and any left by an earlier model's run."""
+    out_path = Path(out_path)
+    for f in out_path.parent.glob(f"{out_path.name}.progress-*.jsonl"):
+        f.unlink(missing_ok=True)
+
+
 def _encode(tokenizer, messages: list[dict]) -> list[int]:
     # the same conversation shape as in training (an empty system turn where the template has one)
     ids = tokenizer.apply_chat_template(with_system_turn(tokenizer, messages), add_generation_prompt=True, tokenize=True)
@@ -110,6 +117,7 @@ def generate_mt_bench(model_dir, question_path, out_path, model_id, max_new_toke
                 log.info("MT-Bench: answered %d/%d", len(read_jsonl(progress)), len(questions))
     done = {r["question_id"]: r for r in read_jsonl(progress)}
     write_jsonl(out_path, (done[q["question_id"]] for q in questions))
+    drop_progress(out_path)
     return Path(out_path)
 
 
@@ -156,6 +164,7 @@ def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temp
         for i, ex in enumerate(examples)
     ]
     write_json(out_path, outputs)
+    drop_progress(out_path)
     return Path(out_path)
 
 

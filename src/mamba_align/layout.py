@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 STAGES = ("base", "sft", "dpo")
 FINAL_STAGE = "dpo"
 BENCHMARKS = ("mtbench", "alpacaeval")
@@ -27,8 +24,13 @@ def eval_summary(results: str, stage: str, bench: str) -> str:
     return f"{results}/eval/{stage_dir(stage)}{bench}.json"
 
 
-def checkpoint_dir(results: str, stage: str, settings: dict) -> str:
-    """Checkpoints of one training run, keyed by its settings: a changed recipe never resumes an old run.
-    Lives beside (not inside) the declared outputs, so Snakemake never deletes it after a failure."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{results}/checkpoints/{stage}-{digest}"
+def checkpoint_dir(checkpoints: str, stage: str, key: str) -> str:
+    """Checkpoints of one training run under the checkpoints folder, keyed by what it learns from (runs.run_key):
+    another recipe, other data or another parent model never resumes an old run. Lives beside (not inside) the
+    declared outputs, so Snakemake never deletes it after a failure."""
+    return f"{checkpoints}/{stage}-{key}"
+
+
+def stored_model_dir(model_link: str, key: str) -> str:
+    """Where a trained model lives: results/models/sft-<key>/; results/models/sft is a symlink to it."""
+    return f"{model_link}-{key}"

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -182,9 +183,63 @@ def last_complete_checkpoint(checkpoint_dir) -> Path | None:
 # May change between resubmissions of one run (e.g. onto other GPUs): they do not change what is learned.
 
 
-def _prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon) -> None:
-    """Outermost process only: refuse another recipe's checkpoints, drop stale stop requests and torn saves."""
+LOCK_FILE = "LOCK"
+_held_locks: dict[Path, int] = {}  # checkpoint folder -> open file descriptor holding its flock
+
+
+def _holder() -> str:
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("CONDOR_ID")
+    return (f"host {socket.gethostname()} pid {os.getpid()}" + (f" job {job}" if job else "")
+            + time.strftime(" since %Y-%m-%d %H:%M:%S"))
+
+
+def lock_checkpoint_dir(checkpoint_dir: Path) -> None:
+    """Hold an exclusive lock on the folder until release_checkpoint_dir or this process ends (the kernel drops
+    it when the holder dies, so a killed job leaves no stale lock). Two jobs never write one checkpoint folder:
+    the second fails naming the first (host, pid, Slurm/HTCondor job id)."""
+    import errno
+    import fcntl
+
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    path = checkpoint_dir / LOCK_FILE
+    held = _held_locks.get(checkpoint_dir)
+    if held is not None:
+        try:
+            if os.fstat(held).st_ino == path.stat().st_ino:
+                return  # this process holds it already (train_sft called twice in one process)
+        except FileNotFoundError:
+            pass
+        release_checkpoint_dir(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{checkpoint_dir} is being written by {holder}; two jobs must not train into one "
+                        f"checkpoint folder: wait for that job or cancel it") from None
+    except OSError as e:  # a filesystem without locks (some Lustre mounts): say so, run unlocked
+        if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            os.close(fd)
+            raise
+        log.warning("%s: the filesystem does not support locks (%s); not locked", path, e)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (_holder() + "\n").encode(), 0)
+    _held_locks[checkpoint_dir] = fd
+
+
+def release_checkpoint_dir(checkpoint_dir: Path) -> None:
+    fd = _held_locks.pop(Path(checkpoint_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon) -> None:
+    """Outermost process only: lock the folder, refuse another recipe's checkpoints, drop stale stop requests
+    and torn saves."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    lock_checkpoint_dir(checkpoint_dir)
     run_file = checkpoint_dir / "run.json"
     settings = {k: v for k, v in as_dict(recipe).items() if k not in OPERATIONAL_KEYS}
     run = json.loads(json.dumps({"stage": stage, "recipe": settings}))

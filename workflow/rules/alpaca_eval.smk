@@ -40,6 +40,8 @@ rule generate_alpaca_eval:
         runtime=planned_runtime("generate_alpaca_eval", 120),
     params:
         generator=lambda w: f"{config['run_name']}-{w.stage}",
+        # the scored model's identity: a retrain (even a failed one) reruns this evaluation
+        model=lambda w: learned_by(w.stage),
         temperature=AE["temperature"],
         top_p=AE["top_p"],
         top_k=AE["top_k"],
@@ -56,7 +58,7 @@ rule judge_alpaca_eval:
         outputs=answers_for("alpaca_eval_outputs.json"),
         data=rules.fetch_alpaca_eval.output[0],
     output:
-        protected(f"{R}/eval/{{stagedir}}alpacaeval.json"),
+        f"{R}/eval/{{stagedir}}alpacaeval.json",
     log:
         f"{R}/logs/judge_alpaca_eval/{{stagedir}}judge.log",
     conda:

@@ -46,6 +46,12 @@ onstart:
             check_judge(JUDGE)
         except UserError as e:
             raise WorkflowError(f"{e}; checked before any job runs.") from None
+    # A score that this run will recompute is removed now, not when its job starts: a run that fails
+    # before then (an interrupted retrain) leaves no stale score to be read as current.
+    for job in workflow.dag.needrun_jobs():
+        if job.rule.name in ("judge_mt_bench", "judge_alpaca_eval", "report"):
+            for f in job.output:
+                Path(f).unlink(missing_ok=True)
 
 
 # Downloads and judge API calls run where snakemake runs (compute nodes often have no internet);
@@ -75,6 +81,18 @@ def model_of(stage):
 
 def model_for(wildcards):
     return model_of(wildcards.stage)
+
+
+def learned_by(stage):
+    """What the model of `stage` learned from, as known before anything runs: the base model and each stage's
+    learning settings up to `stage`. Generation rules carry it as a param, so an evaluation reruns whenever
+    its model is to change, even after a failed retrain has left no model to compare dates with.
+    """
+    chain = {"base": BASE}
+    for s, recipe in (("sft", SFT), ("dpo", DPO)):
+        if layout.STAGES.index(s) <= layout.STAGES.index(stage):
+            chain[s] = learning_settings(recipe)
+    return chain
 
 
 def answers_for(name):

@@ -41,6 +41,8 @@ rule generate_mt_bench:
         runtime=planned_runtime("generate_mt_bench", 60),
     params:
         model_id=lambda w: f"{config['run_name']}-{w.stage}",
+        # the scored model's identity: a retrain (even a failed one) reruns this evaluation
+        model=lambda w: learned_by(w.stage),
         max_new_tokens=MTB["max_new_tokens"],
         batch_size=EVAL["generation_batch_size"],
     script:
@@ -56,7 +58,7 @@ rule judge_mt_bench:
         judge_prompts=rules.fetch_mt_bench.output.judge_prompts,
         reference=rules.fetch_mt_bench.output.reference,
     output:
-        protected(f"{R}/eval/{{stagedir}}mtbench.json"),
+        f"{R}/eval/{{stagedir}}mtbench.json",
     log:
         f"{R}/logs/judge_mt_bench/{{stagedir}}judge.log",
     conda:

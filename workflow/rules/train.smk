@@ -1,6 +1,9 @@
-# Finished models are protected (read-only): a mistaken rerun cannot delete them; remove one by hand to
-# retrain it. Training resumes from its newest complete checkpoint (results/checkpoints/<stage>-<settings hash>/),
-# which is not a declared output, so a failed or pre-empted job keeps it for the retry.
+# A trained model lives in results/models/<stage>-<key>/ and the declared output results/models/<stage> is a
+# symlink to it; the key hashes what the stage learns from (settings, data, parent model; mamba_align.runs).
+# A --forcerun or a failed retrain deletes only the symlink; retraining a key keeps its earlier model as
+# <stage>-<key>.previous. Training resumes from its newest complete checkpoint
+# (results/checkpoints/<stage>-<key>/, not a declared output, so a failed or pre-empted job keeps it for the
+# retry); a finished run's checkpoints are deleted once its model is stored.
 # The GPU count is the `gpu` resource (set per cluster in profiles/); the recipe's global batch holds
 # whatever it is, through gradient accumulation.
 
@@ -12,7 +15,7 @@ rule train_sft:
         train=rules.prepare_sft_data.output.train,
         test=rules.prepare_sft_data.output.test,
     output:
-        model=protected(directory(model_of("sft"))),
+        model=directory(model_of("sft")),
         metrics=f"{R}/metrics/sft.json",
     log:
         f"{R}/logs/train_sft.log",
@@ -29,9 +32,7 @@ rule train_sft:
         # what is learned only: an operational change (batch size, save_steps...) reruns nothing; the job
         # reads those from the config when it runs (recipes.stage_recipe)
         recipe=learning_settings(SFT),
-        checkpoints=layout.checkpoint_dir(
-            R, "sft", {"recipe": learning_settings(SFT), "base": BASE}
-        ),
+        checkpoints=f"{R}/checkpoints",
     script:
         "../scripts/train_sft.py"
 
@@ -43,7 +44,7 @@ rule train_dpo:
         train=rules.prepare_preference_data.output.train,
         test=rules.prepare_preference_data.output.test,
     output:
-        model=protected(directory(model_of("dpo"))),
+        model=directory(model_of("dpo")),
         metrics=f"{R}/metrics/dpo.json",
     log:
         f"{R}/logs/train_dpo.log",
@@ -58,14 +59,6 @@ rule train_dpo:
         runtime=planned_runtime("train_dpo", 60),
     params:
         recipe=learning_settings(DPO),
-        checkpoints=layout.checkpoint_dir(
-            R,
-            "dpo",
-            {
-                "recipe": learning_settings(DPO),
-                "sft": learning_settings(SFT),
-                "base": BASE,
-            },
-        ),
+        checkpoints=f"{R}/checkpoints",
     script:
         "../scripts/train_dpo.py"

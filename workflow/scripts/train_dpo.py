@@ -1,5 +1,5 @@
 from mamba_align.recipes import stage_recipe, workflow_root
-from mamba_align.train import train_dpo
+from mamba_align.runs import train_stage
 from mamba_align.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
@@ -7,8 +7,8 @@ setup_logging(snakemake.log[0])
 i, o, p = snakemake.input, snakemake.output, snakemake.params
 # what is learned from params (the rerun trigger), operational keys from the config as it is now
 recipe = stage_recipe(snakemake.config, "dpo", workflow_root(snakemake.scriptdir), p.recipe)
-train_dpo(i.model, i.model, i.train, i.test, recipe, o.model, p.checkpoints, o.metrics,
-          num_processes=max(1, int(snakemake.resources.gpu)),
-          fsdp=int(getattr(snakemake.resources, "fsdp", 0)) > 0)
+train_stage("dpo", i.model, i.train, i.test, recipe, o.model, p.checkpoints, o.metrics,
+            num_processes=max(1, int(snakemake.resources.gpu)),
+            fsdp=int(getattr(snakemake.resources, "fsdp", 0)) > 0)
 
 record_snakemake_job(snakemake)

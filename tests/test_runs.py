@@ -1,0 +1,133 @@
+"""mamba_align.runs and the checkpoint-folder lock on a tiny random Mamba (CPU, offline): a training run is keyed
+by its settings, data and parent model; a finished run stores its model, points the stage's path at it and
+deletes its checkpoints; a retrain really retrains and keeps the earlier model; two jobs never share a
+checkpoint folder, and a killed one leaves no stale lock."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mamba_align import runs
+from mamba_align.recipes import load_recipe
+from mamba_align.train import lock_checkpoint_dir, release_checkpoint_dir
+from mamba_align.utils import UserError, read_json
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "config" / "recipes" / "demo"
+_spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+SHORT = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    bench.write_model(d / "model", **bench.SHAPES["tiny"])
+    vocab = bench.words(512)[:40]
+    bench.write_sft_rows(d / "sft_a.parquet", 64, vocab, seed=0)
+    bench.write_sft_rows(d / "sft_b.parquet", 64, vocab, seed=7)  # "other data"
+    bench.write_dpo_rows(d / "dpo_train.parquet", 32, vocab, seed=0)
+    return d
+
+
+def sft(tiny, tmp_path, data="sft_a.parquet", **over):
+    return runs.train_stage("sft", tiny / "model", tiny / data, None, load_recipe(DEMO, "sft", {**SHORT, **over}),
+                            tmp_path / "models" / "sft", tmp_path / "checkpoints", tmp_path / "sft.json")
+
+
+def test_the_key_is_what_the_stage_learns_from(tiny, tmp_path):
+    recipe = load_recipe(DEMO, "sft")
+    key = runs.run_key("sft", recipe, [tiny / "sft_a.parquet"], tiny / "model")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny / "model", moved / "model")
+    shutil.copy(tiny / "sft_a.parquet", moved / "data.parquet")
+    assert runs.run_key("sft", recipe, [moved / "data.parquet"], moved / "model") == key  # contents, not paths
+    # operational keys change nothing; settings, data and the parent model each make another run
+    assert runs.run_key("sft", load_recipe(DEMO, "sft", {"save_steps": 1, "per_device_train_batch_size": 2}),
+                        [tiny / "sft_a.parquet"], tiny / "model") == key
+    assert runs.run_key("sft", load_recipe(DEMO, "sft", {"learning_rate": 0.01}),
+                        [tiny / "sft_a.parquet"], tiny / "model") != key
+    assert runs.run_key("sft", recipe, [tiny / "sft_b.parquet"], tiny / "model") != key
+    (moved / "model" / "config.json").write_text((moved / "model" / "config.json").read_text() + " ")
+    assert runs.run_key("sft", recipe, [tiny / "sft_a.parquet"], moved / "model") != key
+
+
+def test_a_finished_stage_is_stored_by_key_linked_and_its_checkpoints_removed(tiny, tmp_path):
+    m = sft(tiny, tmp_path)
+    link = tmp_path / "models" / "sft"
+    key = m["run"]["key"]
+    assert link.is_symlink() and os.readlink(link) == f"sft-{key}"
+    assert (link / "model.safetensors").is_file() and read_json(link / "run.json")["key"] == key
+    assert not (tmp_path / "checkpoints" / f"sft-{key}").exists()
+    assert read_json(tmp_path / "sft.json")["resumed_from"] is None
+
+
+def test_retraining_really_retrains_and_keeps_the_earlier_model(tiny, tmp_path):
+    sft(tiny, tmp_path)
+    link = tmp_path / "models" / "sft"
+    first = load_file(link / "model.safetensors")
+    store = link.resolve()
+    sft(tiny, tmp_path)  # what --forcerun train_sft (or deleting results/models/sft) does
+    m = read_json(tmp_path / "sft.json")
+    assert m["resumed_from"] is None and m["steps_this_run"] == 4  # from scratch, not from the final checkpoint
+    assert link.resolve() == store
+    previous = store.with_name(store.name + ".previous")
+    kept = load_file(previous / "model.safetensors")
+    assert all(torch.equal(first[k], kept[k]) for k in first)  # the way back
+
+
+def test_sft_on_other_data_gives_dpo_a_fresh_checkpoint_folder(tiny, tmp_path):
+    """SFT retrained on other data -> DPO's key changes, so DPO starts fresh instead of resuming the old run."""
+    dpo_recipe = load_recipe(DEMO, "dpo", {"max_steps": 2, "save_steps": 1, "logging_steps": 1})
+    link = tmp_path / "models" / "sft"
+    sft(tiny, tmp_path, data="sft_a.parquet")
+    old_key = runs.run_key("dpo", dpo_recipe, [tiny / "dpo_train.parquet", None], link)
+    # an unfinished DPO run of the old SFT model: resuming it would crash on this fake checkpoint
+    stale = tmp_path / "checkpoints" / f"dpo-{old_key}" / "checkpoint-1"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text("{}")
+    sft(tiny, tmp_path, data="sft_b.parquet")
+    new_key = runs.run_key("dpo", dpo_recipe, [tiny / "dpo_train.parquet", None], link)
+    assert new_key != old_key
+    runs.train_stage("dpo", link, tiny / "dpo_train.parquet", None, dpo_recipe, tmp_path / "models" / "dpo",
+                     tmp_path / "checkpoints", tmp_path / "dpo.json")
+    m = read_json(tmp_path / "dpo.json")
+    assert m["resumed_from"] is None and m["run"]["key"] == new_key
+    assert stale.exists()  # the old run's folder is left alone (not this run's to delete)
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from mamba_align.train import lock_checkpoint_dir
+lock_checkpoint_dir(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_job_on_one_checkpoint_folder_is_refused_naming_the_first(tmp_path):
+    folder = tmp_path / "checkpoints" / "sft-abc"
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "PYTHONPATH": str(ROOT / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"sft-abc is being written by host \S+ pid {holder.pid} job 4242"):
+            lock_checkpoint_dir(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed (SIGKILL): the kernel dropped its lock, so nothing stale blocks the retry
+    lock_checkpoint_dir(folder)
+    assert f"pid {os.getpid()}" in (folder / "LOCK").read_text()
+    release_checkpoint_dir(folder)
