@@ -615,3 +615,19 @@ def test_bench_runs_tiny_on_cpu(tmp_path, monkeypatch):
     for key in ("sft", "dpo", "dpo_precompute_ref"):
         assert result[key]["tokens_per_second"] > 0 and result[key]["steps_this_run"] == 3
     assert read_json(tmp_path / "bench.json")["parameters"] == result["parameters"]
+
+
+def test_multigpu_bench_runs_tiny_on_cpu(tmp_path):
+    """bench/multigpu.py (docs/benchmarks.md §8) through the pipeline's command: a stop at step 2, then resume."""
+    script = [sys.executable, str(ROOT / "bench" / "multigpu.py")]
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([*script, "setup", "--work", str(tmp_path), "--tiny"], check=True, env=env, capture_output=True)
+    subprocess.run([*script, "run", "--work", str(tmp_path), "--name", "r", "--stage", "sft", "--recipe", "demo",
+                    "--preempt-at", "2", "--out", str(tmp_path / "out"), "--override", "max_steps=20",
+                    "--override", "global_batch_size=4", "--override", "per_device_train_batch_size=2"],
+                   check=True, env=env, capture_output=True, timeout=300)
+    r = read_json(tmp_path / "out" / "r.json")
+    assert r["preempted"]["exit_code"] == PREEMPTED_EXIT_CODE and r["exit_code"] == 0
+    # the watcher stops it at step 2 or, on a fast machine, a few steps later
+    assert r["resumed_from"].endswith(r["preempted"]["checkpoints"][-1]) and r["global_step"] == 20
+    assert len(r["loss_per_step"]) == 20 and r["tokens_per_second_per_gpu"] > 0
