@@ -33,6 +33,24 @@ def setup_logging(log_path: str | os.PathLike | None = None, level: int = loggin
     )
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one INFO line per judge request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # library warnings reach the rule's log too
+    sys.excepthook = log_uncaught
+
+
+def log_uncaught(exc_type, exc, tb) -> None:
+    """sys.excepthook of every step: the failure goes to the rule's log, not only to the console.
+
+    A UserError is the user's to fix and its message says how: one line, no traceback. Anything else is a
+    bug or an environment problem: its traceback, logged. Python then exits with status 1 either way.
+    """
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+    elif issubclass(exc_type, UserError):
+        log.error("%s", " ".join(str(exc).split("\n")))
+    else:
+        log.critical("unexpected error: %s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 @contextlib.contextmanager
