@@ -32,3 +32,10 @@ def checkpoint_dir(results: str, stage: str, settings: dict) -> str:
     Lives beside (not inside) the declared outputs, so Snakemake never deletes it after a failure."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{results}/checkpoints/{stage}-{digest}"
+
+
+def tensorboard_dir(results: str, checkpoints: str) -> str:
+    """TensorBoard event files of one training run (named like its checkpoint folder: one run per recipe).
+
+    `tensorboard --logdir results/logs/tensorboard` shows every run."""
+    return f"{results}/logs/tensorboard/{checkpoints.rstrip('/').rsplit('/', 1)[-1]}"

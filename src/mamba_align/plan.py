@@ -199,6 +199,13 @@ def generation_hours(params: float, gpu_type: str, mt_bench_tokens: int, alpaca_
             "generate_alpaca_eval": ALPACA_EVAL_PROMPTS * alpaca_tokens / speed / 3600}
 
 
+def judge_prices(cfg: dict) -> tuple[float, float] | None:
+    """USD per million (prompt, completion) tokens of the judge (None for a local judge, which costs nothing)."""
+    if cfg["judge"].get("backend") == "local":
+        return None
+    return cfg["plan"]["judge_price_per_1m_input"], cfg["plan"]["judge_price_per_1m_output"]
+
+
 def judge_cost(cfg: dict, n_stages: int) -> dict:
     """Requests, tokens and dollars per benchmark; question counts from local data folders when set.
     A local judge costs nothing."""

@@ -53,6 +53,9 @@ class TrainCommon:
     eval_steps: int | None = None
     """Evaluate every N steps; None: once per epoch."""
     max_grad_norm: float = 1.0
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    """Live training metrics: any of transformers' integrations ("tensorboard", "wandb", ...) or []. TensorBoard
+    writes under results/logs/tensorboard/; "wandb" needs `pip install wandb` and WANDB_API_KEY / WANDB_PROJECT."""
 
 
 @dataclass
@@ -121,7 +124,7 @@ RECIPE_CLASSES = {"sft": SFTRecipe, "dpo": DPORecipe}
 # Settings that may change between resubmissions of one training run (other GPUs, an OOM retry): they
 # change how the run is executed, not what it learns.
 OPERATIONAL_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_checkpointing",
-                    "logging_steps", "save_steps", "save_total_limit", "eval_steps")
+                    "logging_steps", "save_steps", "save_total_limit", "eval_steps", "report_to")
 
 
 def learning_settings(recipe: dict) -> dict:
@@ -170,6 +173,9 @@ def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = Non
 
 
 def validate(recipe: TrainCommon, where: str) -> None:
+    if not isinstance(recipe.report_to, list) or not all(isinstance(x, str) for x in recipe.report_to):
+        raise UserError(f"{where}: report_to: expected a list of names like [tensorboard, wandb], "
+                        f"got {recipe.report_to!r}")
     if recipe.global_batch_size % recipe.per_device_train_batch_size:
         raise UserError(
             f"{where}: global_batch_size {recipe.global_batch_size} is not divisible by "

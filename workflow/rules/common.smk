@@ -25,9 +25,21 @@ SFT = as_dict(recipes.config_recipe(config, "sft", workflow.basedir))
 DPO = as_dict(recipes.config_recipe(config, "dpo", workflow.basedir))
 
 
+PASSED_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_PROJECT",
+    "WANDB_ENTITY",
+    "WANDB_MODE",
+    "MAMBA_ALIGN_ALLOW_SLOW_PATH",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+)
+
+
 # Secrets reach cluster jobs through envvars (never config, logs or results).
+# So do the operational switches a job reads (W&B, the kernels' opt-out, the Hugging Face cache).
 envvars:
-    *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) if v in os.environ],
+    *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) + PASSED_ENV if v in os.environ],
 
 
 onstart:
