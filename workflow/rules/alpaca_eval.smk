@@ -2,7 +2,8 @@ AE = EVAL["alpaca_eval"]
 
 
 rule fetch_alpaca_eval:
-    """AlpacaEval instructions and reference outputs (1.0 and 2.0) plus the length-control inputs."""
+    """AlpacaEval instructions and the reference outputs its annotators need (1.0 and/or 2.0) plus the
+    length-control inputs."""
     output:
         directory(f"{R}/data/alpaca_eval"),
     log:
@@ -17,6 +18,7 @@ rule fetch_alpaca_eval:
         revision=AE["revision"],
         local_dir=AE["local_dir"],
         sha256=AE["sha256"],
+        annotators=AE["annotators"],
     script:
         "../scripts/fetch_alpaca_eval.py"
 
