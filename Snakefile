@@ -1,6 +1,7 @@
 # mamba-align: SFT -> DPO -> MT-Bench / AlpacaEval for Mamba models.
 # The Snakefile only wires; the work is done by the mamba_align package (src/).
-# Real run:  snakemake --profile profiles/slurm results/eval/mtbench.json
+# Real run:  snakemake --profile profiles/slurm --profile profiles/site results/eval/mtbench.json
+#            (profiles/site/: your account and partition, from profiles/site.example/; optional)
 # Demo:      snakemake --configfile config/demo.yaml --cores 2 results/eval/mtbench.json
 
 

@@ -96,3 +96,23 @@ def test_dry_run_with_each_profile(workflow_copy, profile, configfile):
         pytest.skip(f"profiles/{profile} not written yet")
     proc = snakemake(workflow_copy, "-n", "--profile", f"profiles/{profile}", "--configfile", configfile)
     assert "train_dpo" in proc.stdout
+
+
+def test_the_promised_run_command_dry_runs(workflow_copy):
+    # README's command without a site profile: the plugin guesses the account at submission
+    proc = snakemake(workflow_copy, "-n", "--profile", "profiles/slurm", "results/eval/mtbench.json")
+    jobs = planned_jobs(proc.stdout)
+    assert all(jobs.get(rule) == 1 for rule in CHAIN), jobs
+
+
+def test_the_run_command_with_the_example_site_profile(workflow_copy):
+    import shutil
+
+    shutil.copytree(workflow_copy / "profiles" / "site.example", workflow_copy / "profiles" / "site")
+    out = snakemake(workflow_copy, "-n", "--profile", "profiles/slurm", "--profile", "profiles/site",
+                    "results/eval/mtbench.json").stdout
+    block = out[out.index("rule train_sft:"):]
+    block = block[:block.index("\n\n")]
+    # the site's account and partition reach every job, and the repo profile's resources stay
+    assert "slurm_account=myproject" in block and "slurm_partition=gpu" in block, block
+    assert "gpu=8" in block and "constraint=a100_80gb" in block, block
