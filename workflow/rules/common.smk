@@ -3,13 +3,16 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from mamba_align import layout
+from mamba_align import condor_env, layout
 from mamba_align import plan as planner
 from mamba_align import recipes
 from mamba_align.recipes import as_dict, learning_settings
 from mamba_align.utils import UserError
 
 min_version("9.0")
+
+# the jobs snakemake starts import the executor plugins again: no htcondor2 warning where HTCondor is absent
+condor_env.quiet_condor_config()
 
 
 validate(config, schema="../schemas/config.schema.yaml")
