@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -116,3 +118,31 @@ def test_the_run_command_with_the_example_site_profile(workflow_copy):
     # the site's account and partition reach every job, and the repo profile's resources stay
     assert "slurm_account=myproject" in block and "slurm_partition=gpu" in block, block
     assert "gpu=8" in block and "constraint=a100_80gb" in block, block
+
+
+def test_every_rule_has_a_log_and_a_benchmark():
+    import re
+
+    rules = {}
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for name, body in re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", smk.read_text(), re.S | re.M):
+            rules[name] = body
+    assert len(rules) >= 14, sorted(rules)
+    missing = {n: [k for k in ("log:", "benchmark:") if f"    {k}\n" not in b] for n, b in rules.items()}
+    assert not {n: m for n, m in missing.items() if m}
+
+
+def test_the_gemma_recipe_brings_chatml_and_a_mismatch_is_named(workflow_copy):
+    gemma = workflow_copy / "gemma.yaml"
+    gemma.write_text(yaml.safe_dump({"recipe": "zephyr-7b-gemma"}))
+    proc = snakemake(workflow_copy, "--cores", "1", "results/plan.json", "--configfile", "config/config.yaml",
+                     "gemma.yaml", check=False)
+    record = workflow_copy / "results" / "provenance" / "plan.json"
+    assert record.exists(), proc.stdout + proc.stderr
+    assert json.loads(record.read_text())["config"]["base_model"]["chat_template"] == "chatml"
+    bad = workflow_copy / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"recipe": "zephyr-7b-gemma", "base_model": {"chat_template": "zephyr"}}))
+    proc = snakemake(workflow_copy, "-n", "--configfile", "config/config.yaml", "bad.yaml", check=False)
+    assert proc.returncode != 0
+    assert "base_model.chat_template is 'zephyr' but recipe 'zephyr-7b-gemma' is written for 'chatml'" in \
+        proc.stdout + proc.stderr

@@ -166,10 +166,37 @@ def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = Non
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at top level")
+    data.pop("chat_template", None)  # the recipe's, not the trainer's: see recipe_chat_template
     data = _deep_merge(data, overrides or {})
     recipe = build(RECIPE_CLASSES[stage], data, str(path))
     validate(recipe, str(path))
     return recipe
+
+
+def recipe_chat_template(recipe_dir: str | Path) -> str | None:
+    """The chat template a recipe was written for (`chat_template:` in its sft.yaml and dpo.yaml), or None."""
+    found = {}
+    for stage in RECIPE_CLASSES:
+        path = Path(recipe_dir) / f"{stage}.yaml"
+        data = yaml.safe_load(path.read_text()) if path.exists() else None
+        if isinstance(data, dict) and data.get("chat_template") is not None:
+            found[str(path)] = data["chat_template"]
+    if len(set(found.values())) > 1:
+        raise UserError(f"recipe {recipe_dir}: sft.yaml and dpo.yaml name different chat templates {found}")
+    return next(iter(found.values()), None)
+
+
+def resolve_chat_template(config: dict, basedir: str | Path) -> str:
+    """base_model.chat_template: the recipe's when the config leaves it unset; a different one is an error
+    (a model trained with one template and evaluated with another scores as if it had not been aligned)."""
+    recipe = recipe_chat_template(recipe_dir(config["recipe"], basedir))
+    chosen = config["base_model"].get("chat_template")
+    if chosen is None:
+        return recipe or "zephyr"
+    if recipe is not None and chosen != recipe:
+        raise UserError(f"base_model.chat_template is {chosen!r} but recipe {config['recipe']!r} is written for "
+                        f"{recipe!r}: remove base_model.chat_template (the recipe's applies) or set it to {recipe!r}")
+    return chosen
 
 
 def validate(recipe: TrainCommon, where: str) -> None:

@@ -8,6 +8,8 @@ rule fetch_alpaca_eval:
         directory(f"{R}/data/alpaca_eval"),
     log:
         f"{R}/logs/fetch_alpaca_eval.log",
+    benchmark:
+        f"{R}/benchmarks/fetch_alpaca_eval.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -61,6 +63,8 @@ rule judge_alpaca_eval:
         protected(f"{R}/eval/{{stagedir}}alpacaeval.json"),
     log:
         f"{R}/logs/judge_alpaca_eval/{{stagedir}}judge.log",
+    benchmark:
+        f"{R}/benchmarks/judge_alpaca_eval/{{stagedir}}judge.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:

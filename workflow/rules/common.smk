@@ -18,6 +18,8 @@ condor_env.quiet_condor_config()
 validate(config, schema="../schemas/config.schema.yaml")
 
 R = config["results_dir"]
+# the recipe's chat template unless the config names one; a different one is an error
+config["base_model"]["chat_template"] = recipes.resolve_chat_template(config, workflow.basedir)
 BASE = config["base_model"]
 EVAL = config["eval"]
 JUDGE = config["judge"]
