@@ -287,9 +287,12 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
                             note="upper bound: every answer at max_new_tokens")
         jobs += [per_stage] * len(ev["stages"])
     judge = judge_cost(cfg, len(ev["stages"]))
+    from .provenance import unpinned
+
     return {
         "gpu_type": gpu_type,
         "base_params": params,
+        "unpinned": unpinned(cfg, sft, dpo),
         "assumptions": {
             "train_tokens_per_s_per_gpu": train_speeds,
             "gpu_speed_vs_h100": _gpu(gpu_type)["speed"],
@@ -318,6 +321,9 @@ def format_plan(plan: dict) -> str:
     for name, r in plan["judge"].items():
         lines.append(f"{name:<34}{r['requests']:>9}{r['input_tokens']:>12}{r['output_tokens']:>12}{r['usd']:>9.2f}")
     lines.append(f"judge total: ${plan['judge_usd']}")
+    if plan.get("unpinned"):
+        lines += ["", "unpinned (read at a branch, not a commit: a rerun may read other data; pin a verified sha):"]
+        lines += [f"  {a['artefact']} @ {a['revision']}  ({a['key']})" for a in plan["unpinned"]]
     return "\n".join(lines)
 
 
