@@ -8,6 +8,11 @@
 configfile: "config/config.yaml"
 
 
+# Software: the rules' `conda:` env (workflow/envs/mamba-align.yaml, --sdm conda) or this image built from
+# workflow/envs/mamba-align.def (--sdm apptainer); without --sdm, the environment snakemake runs in.
+container: "workflow/envs/mamba-align.sif"
+
+
 report: "workflow/report/workflow.rst"
 
 

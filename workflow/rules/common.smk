@@ -3,7 +3,7 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from mamba_align import condor_env, layout
+from mamba_align import condor_env, jobenv, layout
 from mamba_align import plan as planner
 from mamba_align import recipes
 from mamba_align.recipes import as_dict, learning_settings
@@ -14,12 +14,17 @@ min_version("9.0")
 # the jobs snakemake starts import the executor plugins again: no htcondor2 warning where HTCondor is absent
 condor_env.quiet_condor_config()
 
+# Every job imports mamba_align from this checkout, also in a --sdm conda env or the container.
+jobenv.use_checkout_source(os.path.join(workflow.basedir, "src"))
+
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 R = config["results_dir"]
 # the recipe's chat template unless the config names one; a different one is an error
-config["base_model"]["chat_template"] = recipes.resolve_chat_template(config, workflow.basedir)
+config["base_model"]["chat_template"] = recipes.resolve_chat_template(
+    config, workflow.basedir
+)
 BASE = config["base_model"]
 EVAL = config["eval"]
 JUDGE = config["judge"]
