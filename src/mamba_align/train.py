@@ -217,10 +217,14 @@ def _check_trackers(recipe: TrainCommon) -> None:
     """report_to's integrations are importable (else transformers fails after the model is loaded)."""
     import importlib.util
 
-    for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow"),
-                         ("trackio", "trackio")):
-        if name in getattr(recipe, "report_to", []) and importlib.util.find_spec(module) is None:
-            raise UserError(f"recipe report_to lists {name}, which is not installed: pip install {module} "
+    listed = getattr(recipe, "report_to", [])
+    if "tensorboard" in listed and importlib.util.find_spec("tensorboard") is None:
+        # the default (and a project dependency): a stripped-down environment trains without the curves
+        log.warning("tensorboard is not installed: no TensorBoard curves (pip install tensorboard)")
+        recipe.report_to = [x for x in listed if x != "tensorboard"]
+    for name in ("wandb", "mlflow", "trackio"):
+        if name in listed and importlib.util.find_spec(name) is None:
+            raise UserError(f"recipe report_to lists {name}, which is not installed: pip install {name} "
                             f"(or remove it from recipe_overrides.<stage>.report_to)")
 
 
