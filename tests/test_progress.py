@@ -174,3 +174,15 @@ def test_no_check_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name, *a: None)
     kernels.require_kernels("training (sft)")
+
+
+def test_the_continuous_batching_loop_reports_each_finished_sequence():
+    import random
+
+    from test_engine import run_toy
+
+    rng = random.Random(3)
+    prompts = [[rng.randrange(31) for _ in range(rng.randint(1, 12))] for _ in range(23)]
+    finished = []
+    out, _ = run_toy(prompts, 40, 4, 4, on_finished=finished.append)
+    assert sum(finished) == len(prompts) == len(out) and len(finished) > 3  # as they end, not once at the end

@@ -77,9 +77,18 @@ class ProgressLog:
         self.extra, self.log = extra, logger or log
         self.t0 = self.last_t = time.monotonic()
         self.last_count = done
+        self.bar = None
+        if sys.stderr.isatty():  # an interactive run also gets a bar; a job's log gets the lines only
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=what, leave=False, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if self.count >= self.total:
+                self.bar.close()
         now = time.monotonic()
         if (self.count >= self.total or now - self.last_t >= self.every_s
                 or self.count - self.last_count >= self.every_n):
