@@ -91,20 +91,21 @@ def hub_artifacts(config: dict, sft: dict | None = None, dpo: dict | None = None
     """Every remote artefact a run reads, with the revision it is read at and whether that is a commit.
 
     `sft`/`dpo`: the stage recipes as dicts (their datasets); without them only the config's artefacts."""
-    base, ev = config["base_model"], config["eval"]
+    base, ev = config.get("base_model") or {}, config.get("eval") or {}
+    mt_bench, alpaca_eval = ev.get("mt_bench") or {}, ev.get("alpaca_eval") or {}
     items = []
-    if _hub_id(base["source"]):
+    if _hub_id(base.get("source")):
         items.append(("base_model.source", f"hf:{base['source']}", base.get("revision")))
-    if _hub_id(base["tokenizer"]):
+    if _hub_id(base.get("tokenizer")):
         items.append(("base_model.tokenizer", f"hf:{base['tokenizer']}", base.get("tokenizer_revision")))
     for stage, recipe in (("sft", sft), ("dpo", dpo)):
         ds = (recipe or {}).get("dataset") or {}
         if _hub_id(ds.get("source")):
             items.append((f"recipe {stage} dataset", f"hf-dataset:{ds['source']}", ds.get("revision")))
-    if not ev["mt_bench"].get("local_dir"):
-        items.append(("eval.mt_bench.fastchat_commit", "github:lm-sys/FastChat", ev["mt_bench"].get("fastchat_commit")))
-    if not ev["alpaca_eval"].get("local_dir"):
-        items.append(("eval.alpaca_eval.revision", "hf-dataset:tatsu-lab/alpaca_eval", ev["alpaca_eval"].get("revision")))
+    if mt_bench and not mt_bench.get("local_dir"):
+        items.append(("eval.mt_bench.fastchat_commit", "github:lm-sys/FastChat", mt_bench.get("fastchat_commit")))
+    if alpaca_eval and not alpaca_eval.get("local_dir"):
+        items.append(("eval.alpaca_eval.revision", "hf-dataset:tatsu-lab/alpaca_eval", alpaca_eval.get("revision")))
     return [{"key": key, "artefact": what, "revision": rev, "pinned": bool(rev and COMMIT.fullmatch(str(rev)))}
             for key, what, rev in items]
 
