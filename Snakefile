@@ -1,10 +1,16 @@
 # mamba-align: SFT -> DPO -> MT-Bench / AlpacaEval for Mamba models.
 # The Snakefile only wires; the work is done by the mamba_align package (src/).
-# Real run:  snakemake --profile profiles/slurm results/eval/mtbench.json
+# Real run:  snakemake --profile profiles/slurm --profile profiles/site results/eval/mtbench.json
+#            (profiles/site/: your account and partition, from profiles/site.example/; optional)
 # Demo:      snakemake --configfile config/demo.yaml --cores 2 results/eval/mtbench.json
 
 
 configfile: "config/config.yaml"
+
+
+# Software: the rules' `conda:` env (workflow/envs/mamba-align.yaml, --sdm conda) or this image built from
+# workflow/envs/mamba-align.def (--sdm apptainer); without --sdm, the environment snakemake runs in.
+container: "workflow/envs/mamba-align.sif"
 
 
 report: "workflow/report/workflow.rst"

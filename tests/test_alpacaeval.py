@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -258,3 +259,35 @@ def test_main_cli(tmp_path, judge):
                      "--out", str(tmp_path / "m.json")])
     assert read_json(tmp_path / "m.json")["results"]["alpaca_eval_gpt4"]["win_rate"] == 75.0
     assert "AlpacaEval 1.0" in (tmp_path / "log.txt").read_text()
+
+
+# ---------------------------------------------------------------- issue 19
+
+
+def test_fetch_for_a_2_0_only_run_needs_no_1_0_file(tmp_path):
+    local = tmp_path / "local"
+    shutil.copytree(DEMO, local)
+    (local / "alpaca_eval.json").unlink()
+    with pytest.raises(UserError, match="alpaca_eval.json does not exist"):
+        alpacaeval.fetch_alpaca_eval("main", local, tmp_path / "all")
+    out = alpacaeval.fetch_alpaca_eval("main", local, tmp_path / "data",
+                                       annotators=["weighted_alpaca_eval_gpt4_turbo"])
+    assert (out / "alpaca_eval_gpt4_baseline.json").exists() and not (out / "alpaca_eval.json").exists()
+    # asking for the 1.0 annotator later fetches again (and needs its file)
+    with pytest.raises(UserError, match="alpaca_eval.json does not exist"):
+        alpacaeval.fetch_alpaca_eval("main", local, tmp_path / "data", annotators=list(alpacaeval.ANNOTATORS))
+
+
+def test_everything_cached_sends_no_probe_even_without_its_file(tmp_path, data_dir, judge, caplog):
+    outputs = write_outputs(tmp_path / "outputs.json")
+    name = "weighted_alpaca_eval_gpt4_turbo"
+    m = alpacaeval.judge_alpaca_eval(outputs, data_dir, [name], judge_cfg(), tmp_path / "m.json",
+                                     tmp_path / "cache", base_url=judge.base_url)
+    (tmp_path / "cache" / name / "logprobs_probe.json").unlink()
+    judge.reset()
+    caplog.set_level("INFO")
+    again = alpacaeval.judge_alpaca_eval(outputs, data_dir, [name], judge_cfg(), tmp_path / "m.json",
+                                         tmp_path / "cache", base_url=judge.base_url)
+    assert judge.bodies() == []
+    assert again["results"] == m["results"]
+    assert "AlpacaEval demo_model: weighted_alpaca_eval_gpt4_turbo (2.0): win rate " in caplog.text

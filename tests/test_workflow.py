@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -105,3 +107,51 @@ def test_dry_run_with_each_profile(workflow_copy, profile, configfile):
         pytest.skip(f"profiles/{profile} not written yet")
     proc = snakemake(workflow_copy, "-n", "--profile", f"profiles/{profile}", "--configfile", configfile)
     assert "train_dpo" in proc.stdout
+
+
+def test_the_promised_run_command_dry_runs(workflow_copy):
+    # README's command without a site profile: the plugin guesses the account at submission
+    proc = snakemake(workflow_copy, "-n", "--profile", "profiles/slurm", "results/eval/mtbench.json")
+    jobs = planned_jobs(proc.stdout)
+    assert all(jobs.get(rule) == 1 for rule in CHAIN), jobs
+
+
+def test_the_run_command_with_the_example_site_profile(workflow_copy):
+    import shutil
+
+    shutil.copytree(workflow_copy / "profiles" / "site.example", workflow_copy / "profiles" / "site")
+    out = snakemake(workflow_copy, "-n", "--profile", "profiles/slurm", "--profile", "profiles/site",
+                    "results/eval/mtbench.json").stdout
+    block = out[out.index("rule train_sft:"):]
+    block = block[:block.index("\n\n")]
+    # the site's account and partition reach every job, and the repo profile's resources stay
+    assert "slurm_account=myproject" in block and "slurm_partition=gpu" in block, block
+    assert "gpu=8" in block and "constraint=a100_80gb" in block, block
+
+
+def test_every_rule_has_a_log_and_a_benchmark():
+    import re
+
+    rules = {}
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for name, body in re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", smk.read_text(), re.S | re.M):
+            rules[name] = body
+    assert len(rules) >= 14, sorted(rules)
+    missing = {n: [k for k in ("log:", "benchmark:") if f"    {k}\n" not in b] for n, b in rules.items()}
+    assert not {n: m for n, m in missing.items() if m}
+
+
+def test_the_gemma_recipe_brings_chatml_and_a_mismatch_is_named(workflow_copy):
+    gemma = workflow_copy / "gemma.yaml"
+    gemma.write_text(yaml.safe_dump({"recipe": "zephyr-7b-gemma"}))
+    proc = snakemake(workflow_copy, "--cores", "1", "results/plan.json", "--configfile", "config/config.yaml",
+                     "gemma.yaml", check=False)
+    record = workflow_copy / "results" / "provenance" / "plan.json"
+    assert record.exists(), proc.stdout + proc.stderr
+    assert json.loads(record.read_text())["config"]["base_model"]["chat_template"] == "chatml"
+    bad = workflow_copy / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"recipe": "zephyr-7b-gemma", "base_model": {"chat_template": "zephyr"}}))
+    proc = snakemake(workflow_copy, "-n", "--configfile", "config/config.yaml", "bad.yaml", check=False)
+    assert proc.returncode != 0
+    assert "base_model.chat_template is 'zephyr' but recipe 'zephyr-7b-gemma' is written for 'chatml'" in \
+        proc.stdout + proc.stderr

@@ -83,14 +83,19 @@ def _validate_lc_file(path: Path) -> None:
 
 
 def fetch_alpaca_eval(revision: str, local_dir: str | os.PathLike | None, out_dir: str | os.PathLike,
-                      sha256: dict[str, str] | None = None) -> Path:
+                      sha256: dict[str, str] | None = None, annotators: list[str] | None = None) -> Path:
     """Put the AlpacaEval data files into `out_dir` and record their sha256 in `out_dir/hashes.json`.
 
     From `local_dir` if given (same file names; df_gamed.csv may be absent, then no length-controlled win
     rate), else from the HF dataset repo at `revision`. `sha256` (file name -> hash) pins the content.
+    Only the reference files of `annotators` (default: all) are required: a 2.0-only run needs no 1.0 file.
     A second call with the same source and intact files does nothing.
     """
     out_dir, sha256 = Path(out_dir), dict(sha256 or {})
+    unknown = [a for a in annotators or [] if a not in ANNOTATORS]
+    if unknown:
+        raise UserError(f"unknown AlpacaEval annotators {unknown}; expected some of {list(ANNOTATORS)}")
+    needed = {ANNOTATORS[a][1] for a in annotators} if annotators else set(REFERENCE_FILES)
     unknown = set(sha256) - set(DATA_FILES)
     if unknown:
         raise UserError(f"sha256 pins for unknown files {sorted(unknown)}; expected some of {list(DATA_FILES)}")
@@ -101,7 +106,7 @@ def fetch_alpaca_eval(revision: str, local_dir: str | os.PathLike | None, out_di
         if old.get("source") == source and set(sha256) <= set(old["files"]) and all(
             (out_dir / name).exists() and sha256_file(out_dir / name) == h == sha256.get(name, h)
             for name, h in old["files"].items()
-        ):
+        ) and needed <= set(old["files"]):
             log.info("AlpacaEval data already in %s (%s)", out_dir, source)
             return out_dir
     if not local_dir and not re.fullmatch(r"[0-9a-f]{40}", revision or ""):
@@ -109,6 +114,9 @@ def fetch_alpaca_eval(revision: str, local_dir: str | os.PathLike | None, out_di
 
     files, commit = {}, None
     for name in DATA_FILES:
+        if name in REFERENCE_FILES and name not in needed and name not in sha256:
+            if not (local_dir and (Path(local_dir) / name).exists()):
+                continue  # no annotator of this run compares against it
         if local_dir:
             src = Path(local_dir) / name
             if not src.exists():
@@ -116,7 +124,8 @@ def fetch_alpaca_eval(revision: str, local_dir: str | os.PathLike | None, out_di
                     log.warning("%s has no %s: AlpacaEval 2.0 will report no length-controlled win rate",
                                 local_dir, name)
                     continue
-                raise UserError(f"{src} does not exist (eval.alpaca_eval.local_dir must hold {list(DATA_FILES)})")
+                required = sorted(needed | set(sha256)) + [f"{LC_FILE} (optional)"]
+                raise UserError(f"{src} does not exist (eval.alpaca_eval.local_dir must hold {required})")
         else:
             src, commit = _hub_download(name, revision)
         if name == LC_FILE:
@@ -262,6 +271,21 @@ def _lc_inputs_from(data_dir: Path) -> Iterator[None]:
         yield
 
 
+def _caching_path(work_dir: Path, config_name: str, model: str) -> Path:
+    return work_dir / f"annotations_{config_name}_{re.sub(r'[^A-Za-z0-9._-]', '_', model)}.json"
+
+
+def _all_annotated(path: Path, outputs: list[dict]) -> bool:
+    """Whether alpaca_eval's cache at `path` already holds a preference for every one of `outputs`."""
+    try:
+        rows = read_json(path)
+    except (OSError, ValueError):
+        return False
+    seen = {(r.get("instruction"), r.get("output_2")) for r in rows if isinstance(r, dict)
+            and r.get("preference") is not None and r.get("preference") == r.get("preference")}
+    return all((o["instruction"], o["output"]) in seen for o in outputs)
+
+
 def _check_cache(path: Path) -> None:
     """alpaca_eval writes its cache in place; a kill mid-write leaves it unreadable. Say so plainly."""
     if path.exists():
@@ -326,14 +350,15 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
         log.warning("%s: judging with %s instead of the package's %s; scores are not comparable to the public "
                     "leaderboard", name, model, package_model)
     config_name, fallback = name, None
-    if name in LOGPROB_ANNOTATORS:
+    if name in LOGPROB_ANNOTATORS and not _all_annotated(_caching_path(work_dir, name, model), outputs):
+        # (every output already annotated with logprobs: no probe, no request at all)
         if not _has_logprobs(judge, model, work_dir / "logprobs_probe.json"):
             config_name = RANKING_FALLBACK
             fallback = (f"the judge server returned no logprobs, so {name} (m/M logprob weights) was replaced by "
                         f"the ranking annotator {RANKING_FALLBACK} against the {version} reference")
             log.warning(fallback)
     config_path = _write_annotator_config(config_name, model, judge, work_dir)
-    caching_path = work_dir / f"annotations_{config_name}_{re.sub(r'[^A-Za-z0-9._-]', '_', model)}.json"
+    caching_path = _caching_path(work_dir, config_name, model)
     _check_cache(caching_path)
 
     lc = version == "2.0" and (data_dir / LC_FILE).exists()
@@ -431,7 +456,18 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
         "wall_time_s": round(time.time() - start, 3),
     }
     write_json(out_json, metrics)
+    log.info("%s", summary_line(metrics))
     return metrics
+
+
+def summary_line(metrics: dict) -> str:
+    """One line per run, like MT-Bench's: each annotator's win rate (and length-controlled win rate)."""
+    def pct(value) -> str:
+        return "n/a" if value is None else f"{value:.2f}%"
+
+    parts = [f"{name} ({r['version']}): win rate {pct(r['win_rate'])}, LC win rate "
+             f"{pct(r['length_controlled_winrate'])} (n={r['n']})" for name, r in metrics["results"].items()]
+    return f"AlpacaEval {metrics['generator']}: " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------- command line

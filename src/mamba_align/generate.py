@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .data import with_system_turn
 from .engine import Sampling, load_engine
-from .utils import UserError, append_jsonl, read_jsonl, setup_logging, write_json, write_jsonl
+from .utils import ProgressLog, UserError, append_jsonl, read_jsonl, setup_logging, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,15 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+def _generate(engine, prompts: list[list[int]], sampling: Sampling, meter: ProgressLog) -> list[list[int]]:
+    """engine.generate, reporting each finished sequence to `meter` when the engine can."""
+    if "on_finished" in inspect.signature(engine.generate).parameters:
+        return engine.generate(prompts, sampling, on_finished=meter.update)
+    outs = engine.generate(prompts, sampling)
+    meter.update(len(prompts))
+    return outs
+
+
 def load_mt_bench_questions(path: str | Path) -> list[dict]:
     rows = read_jsonl(path)
     for i, q in enumerate(rows, 1):
@@ -86,6 +96,8 @@ def generate_mt_bench(model_dir, question_path, out_path, model_id, max_new_toke
     if todo:
         engine = engine or load_engine(model_dir, device=device, batch_size=batch_size)
         tok = engine.tokenizer
+        meter = ProgressLog("MT-Bench answers (turns)", sum(len(q["turns"]) for q in questions),
+                               done=sum(len(q["turns"]) for q in questions if q["question_id"] in done), logger=log)
         # Batch questions that share a temperature; a batch is the unit of resumption.
         by_temp: dict[float, list[dict]] = {}
         for q in todo:
@@ -100,7 +112,7 @@ def generate_mt_bench(model_dir, question_path, out_path, model_id, max_new_toke
                     live = [k for k, q in enumerate(chunk) if turn < len(q["turns"])]
                     for k in live:
                         convs[k].append({"role": "user", "content": chunk[k]["turns"][turn]})
-                    outs = engine.generate([_encode(tok, convs[k]) for k in live], sampling)
+                    outs = _generate(engine, [_encode(tok, convs[k]) for k in live], sampling, meter)
                     for k, ids in zip(live, outs):
                         text = _decode(tok, ids)
                         convs[k].append({"role": "assistant", "content": text})
@@ -148,11 +160,12 @@ def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temp
         tok = engine.tokenizer
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                             seed=seed)
+        meter = ProgressLog("AlpacaEval outputs", len(examples), done=len(done), logger=log)
         step = max(batch_size, CHUNK)
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
             prompts = [_encode(tok, [{"role": "user", "content": examples[i]["instruction"]}]) for i in chunk]
-            outs = engine.generate(prompts, sampling)
+            outs = _generate(engine, prompts, sampling, meter)
             with open(progress, "a", encoding="utf-8") as fh:
                 for i, ids in zip(chunk, outs):
                     append_jsonl(progress, {"index": i, "output": _decode(tok, ids)}, fh=fh)

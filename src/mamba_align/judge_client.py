@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from mamba_align.utils import UserError, append_jsonl, read_jsonl
+from mamba_align.utils import ProgressLog, UserError, append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,11 @@ class JudgeClient:
     """
 
     def __init__(self, judge_cfg: dict, cache_path: str | os.PathLike, base_url: str | None = None,
-                 *, backoff_s: float | None = None, max_backoff_s: float | None = None):
+                 *, backoff_s: float | None = None, max_backoff_s: float | None = None,
+                 prices: tuple[float, float] | None = None):
+        """`prices`: USD per million (prompt, completion) tokens, for the spend in the progress lines."""
         self.cfg = judge_cfg
+        self.prices = prices
         self.model = judge_cfg["model"]
         self.backend = judge_cfg["backend"]
         self.base_url = base_url or judge_cfg.get("base_url")
@@ -153,7 +156,9 @@ class JudgeClient:
         failures: list[str] = []
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         pool = ThreadPoolExecutor(max_workers=int(self.cfg["concurrency"]))
-        t0, done = time.monotonic(), 0
+        done = 0
+        spent = {"prompt_tokens": 0, "completion_tokens": 0}
+        progress = ProgressLog(f"judge {self.model}", len(todo), extra=lambda: self._spend(spent), logger=log)
         try:
             with open(self.cache_path, "a", encoding="utf-8") as fh:
                 futures = {pool.submit(self._complete_one, client, key, req): key
@@ -167,8 +172,9 @@ class JudgeClient:
                     append_jsonl(self.cache_path, row, fh=fh)
                     self._cache[row["key"]] = row
                     done += 1
-                    if done % 20 == 0 or done == len(todo):
-                        log.info("judge: %d/%d done (%.1f s)", done, len(todo), time.monotonic() - t0)
+                    for k in spent:
+                        spent[k] += int((row.get("usage") or {}).get(k) or 0)
+                    progress.update()
         finally:
             # on Ctrl-C or a crash, do not start the queued requests
             pool.shutdown(wait=True, cancel_futures=True)
@@ -176,6 +182,14 @@ class JudgeClient:
             raise UserError(f"{len(failures)} of {len(todo)} judge calls failed; the {done} that "
                             f"succeeded are cached in {self.cache_path} and a rerun sends only the "
                             f"rest. First failure: {failures[0]}")
+
+    def _spend(self, spent: dict) -> str:
+        """Tokens (and dollars, when priced) of this run's calls so far."""
+        text = f"spent {spent['prompt_tokens']:,} prompt + {spent['completion_tokens']:,} completion tokens"
+        if self.prices:
+            usd = (spent["prompt_tokens"] * self.prices[0] + spent["completion_tokens"] * self.prices[1]) / 1e6
+            text += f" (${usd:,.2f})"
+        return text
 
     def _complete_one(self, client, key: str, req: dict) -> dict:
         import openai

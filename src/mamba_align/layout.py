@@ -34,3 +34,10 @@ def checkpoint_dir(checkpoints: str, stage: str, key: str) -> str:
 def stored_model_dir(model_link: str, key: str) -> str:
     """Where a trained model lives: results/models/sft-<key>/; results/models/sft is a symlink to it."""
     return f"{model_link}-{key}"
+
+
+def tensorboard_dir(results: str, checkpoints: str) -> str:
+    """TensorBoard event files of one training run (named like its checkpoint folder: one run per recipe).
+
+    `tensorboard --logdir results/logs/tensorboard` shows every run."""
+    return f"{results}/logs/tensorboard/{checkpoints.rstrip('/').rsplit('/', 1)[-1]}"

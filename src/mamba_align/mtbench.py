@@ -218,7 +218,8 @@ def summarize(rows: list[dict], categories: list[str] | None = None) -> dict:
 
 
 def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_path, judge_cfg: dict,
-                   out_json, cache_path, judgments_path=None, base_url: str | None = None) -> dict:
+                   out_json, cache_path, judgments_path=None, base_url: str | None = None,
+                   prices: tuple[float, float] | None = None) -> dict:
     """Grade a model's MT-Bench answers; write out_json (the summary) and the judgments JSONL.
 
     Judge calls go through JudgeClient (cached in `cache_path`, so a rerun only sends what is
@@ -244,7 +245,7 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
     model_id = model_ids[0]
 
     matches = build_matches(questions, answers, refs, prompts)
-    with JudgeClient(judge_cfg, cache_path, base_url=base_url) as client:
+    with JudgeClient(judge_cfg, cache_path, base_url=base_url, prices=prices) as client:
         n_to_send = client.pending(matches)
         results = client.complete_many([{"messages": m["messages"]} for m in matches])
 

@@ -244,6 +244,13 @@ def generation_hours(params: float, gpu_type: str, mt_bench_tokens: int, alpaca_
             "generate_alpaca_eval": ALPACA_EVAL_PROMPTS * alpaca_tokens / speed / 3600}
 
 
+def judge_prices(cfg: dict) -> tuple[float, float] | None:
+    """USD per million (prompt, completion) tokens of the judge (None for a local judge, which costs nothing)."""
+    if cfg["judge"].get("backend") == "local":
+        return None
+    return cfg["plan"]["judge_price_per_1m_input"], cfg["plan"]["judge_price_per_1m_output"]
+
+
 def judge_cost(cfg: dict, n_stages: int) -> dict:
     """Requests, tokens and dollars per benchmark; question counts from local data folders when set.
     A local judge costs nothing."""
@@ -321,9 +328,12 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
                             note="upper bound: every answer at max_new_tokens")
         jobs += [per_stage] * len(ev["stages"])
     judge = judge_cost(cfg, len(ev["stages"]))
+    from .provenance import unpinned
+
     return {
         "gpu_type": gpu_type,
         "base_params": params,
+        "unpinned": unpinned(cfg, sft, dpo),
         "assumptions": {
             "train_tokens_per_s_per_gpu": train_speeds,
             "gpu_speed_vs_h100": _gpu(gpu_type)["speed"],
@@ -352,6 +362,9 @@ def format_plan(plan: dict) -> str:
     for name, r in plan["judge"].items():
         lines.append(f"{name:<34}{r['requests']:>9}{r['input_tokens']:>12}{r['output_tokens']:>12}{r['usd']:>9.2f}")
     lines.append(f"judge total: ${plan['judge_usd']}")
+    if plan.get("unpinned"):
+        lines += ["", "unpinned (read at a branch, not a commit: a rerun may read other data; pin a verified sha):"]
+        lines += [f"  {a['artefact']} @ {a['revision']}  ({a['key']})" for a in plan["unpinned"]]
     return "\n".join(lines)
 
 

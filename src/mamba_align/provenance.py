@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -77,6 +78,52 @@ def describe_file(path) -> dict | list:
     return d
 
 
+COMMIT = re.compile(r"[0-9a-f]{40}")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _hub_id(source) -> bool:
+    """A Hub id (owner/name) rather than a local path."""
+    return bool(source) and HUB_ID.fullmatch(str(source)) is not None and not Path(str(source)).exists()
+
+
+def hub_artifacts(config: dict, sft: dict | None = None, dpo: dict | None = None) -> list[dict]:
+    """Every remote artefact a run reads, with the revision it is read at and whether that is a commit.
+
+    `sft`/`dpo`: the stage recipes as dicts (their datasets); without them only the config's artefacts."""
+    base, ev = config.get("base_model") or {}, config.get("eval") or {}
+    mt_bench, alpaca_eval = ev.get("mt_bench") or {}, ev.get("alpaca_eval") or {}
+    items = []
+    if _hub_id(base.get("source")):
+        items.append(("base_model.source", f"hf:{base['source']}", base.get("revision")))
+    if _hub_id(base.get("tokenizer")):
+        items.append(("base_model.tokenizer", f"hf:{base['tokenizer']}", base.get("tokenizer_revision")))
+    for stage, recipe in (("sft", sft), ("dpo", dpo)):
+        ds = (recipe or {}).get("dataset") or {}
+        if _hub_id(ds.get("source")):
+            items.append((f"recipe {stage} dataset", f"hf-dataset:{ds['source']}", ds.get("revision")))
+    if mt_bench and not mt_bench.get("local_dir"):
+        items.append(("eval.mt_bench.fastchat_commit", "github:lm-sys/FastChat", mt_bench.get("fastchat_commit")))
+    if alpaca_eval and not alpaca_eval.get("local_dir"):
+        items.append(("eval.alpaca_eval.revision", "hf-dataset:tatsu-lab/alpaca_eval", alpaca_eval.get("revision")))
+    return [{"key": key, "artefact": what, "revision": rev, "pinned": bool(rev and COMMIT.fullmatch(str(rev)))}
+            for key, what, rev in items]
+
+
+def unpinned(config: dict, sft: dict | None = None, dpo: dict | None = None) -> list[dict]:
+    """The artefacts read at a branch (e.g. `main`) instead of a commit: a rerun may read other bytes."""
+    return [a for a in hub_artifacts(config, sft, dpo) if not a["pinned"]]
+
+
+def _recipes_of(config: dict, workflow_dir: str | Path) -> tuple[dict | None, dict | None]:
+    try:
+        from .recipes import as_dict, config_recipe
+
+        return tuple(as_dict(config_recipe(config, s, workflow_dir)) for s in ("sft", "dpo"))
+    except Exception:  # a record is written after the step's work: never fail it for this
+        return None, None
+
+
 def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, out_path: str | Path,
            workflow_dir: str | Path = ".") -> Path:
     """Write the provenance record of one step and add a `provenance` key to its JSON outputs."""
@@ -88,6 +135,7 @@ def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, o
         "outputs": {k: str(v) for k, v in outputs.items()},
         "params": params,
         "config": config,
+        "unpinned": unpinned(config, *_recipes_of(config, workflow_dir)) if "base_model" in config else None,
         "packages": package_versions(),
         "hardware": hardware(),
         "scheduler": scheduler_job(),

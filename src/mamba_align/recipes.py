@@ -57,6 +57,9 @@ class TrainCommon:
     eval_steps: int | None = None
     """Evaluate every N steps; None: once per epoch."""
     max_grad_norm: float = 1.0
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    """Live training metrics: any of transformers' integrations ("tensorboard", "wandb", ...) or []. TensorBoard
+    writes under results/logs/tensorboard/; "wandb" needs `pip install wandb` and WANDB_API_KEY / WANDB_PROJECT."""
 
 
 @dataclass
@@ -140,7 +143,7 @@ RECIPE_CLASSES = {"sft": SFTRecipe, "dpo": DPORecipe}
 # Settings that may change between resubmissions of one training run (other GPUs, an OOM retry): they
 # change how the run is executed, not what it learns.
 OPERATIONAL_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_checkpointing",
-                    "logging_steps", "save_steps", "save_total_limit", "eval_steps")
+                    "logging_steps", "save_steps", "save_total_limit", "eval_steps", "report_to")
 
 
 def learning_settings(recipe: dict) -> dict:
@@ -189,10 +192,37 @@ def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = Non
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at top level")
+    data.pop("chat_template", None)  # the recipe's, not the trainer's: see recipe_chat_template
     where = f"{path} with {overridden_by}" if overrides else str(path)
     recipe = build(RECIPE_CLASSES[stage], _deep_merge(data, overrides or {}), where)
     validate(recipe, where)
     return recipe
+
+
+def recipe_chat_template(recipe_dir: str | Path) -> str | None:
+    """The chat template a recipe was written for (`chat_template:` in its sft.yaml and dpo.yaml), or None."""
+    found = {}
+    for stage in RECIPE_CLASSES:
+        path = Path(recipe_dir) / f"{stage}.yaml"
+        data = yaml.safe_load(path.read_text()) if path.exists() else None
+        if isinstance(data, dict) and data.get("chat_template") is not None:
+            found[str(path)] = data["chat_template"]
+    if len(set(found.values())) > 1:
+        raise UserError(f"recipe {recipe_dir}: sft.yaml and dpo.yaml name different chat templates {found}")
+    return next(iter(found.values()), None)
+
+
+def resolve_chat_template(config: dict, basedir: str | Path) -> str:
+    """base_model.chat_template: the recipe's when the config leaves it unset; a different one is an error
+    (a model trained with one template and evaluated with another scores as if it had not been aligned)."""
+    recipe = recipe_chat_template(recipe_dir(config["recipe"], basedir))
+    chosen = config["base_model"].get("chat_template")
+    if chosen is None:
+        return recipe or "zephyr"
+    if recipe is not None and chosen != recipe:
+        raise UserError(f"base_model.chat_template is {chosen!r} but recipe {config['recipe']!r} is written for "
+                        f"{recipe!r}: remove base_model.chat_template (the recipe's applies) or set it to {recipe!r}")
+    return chosen
 
 
 # Numbers a recipe sets that must be > 0, or >= 0 (None: unset, allowed where the type allows it).
@@ -210,6 +240,9 @@ NAMED = {"optim": ("transformers.training_args", "OptimizerNames"),
 def validate(recipe: TrainCommon, where: str) -> None:
     """Values a trainer would reject, or choke on after the model is loaded, rejected now, naming `where` and the
     key with the expected value."""
+    if not isinstance(recipe.report_to, list) or not all(isinstance(x, str) for x in recipe.report_to):
+        raise UserError(f"{where}: report_to: expected a list of names like [tensorboard, wandb], "
+                        f"got {recipe.report_to!r}")
     values = {**as_dict(recipe), **{f"dataset.{k}": v for k, v in as_dict(recipe.dataset).items()}}
     for key in POSITIVE + NON_NEGATIVE:
         value = values.get(key)

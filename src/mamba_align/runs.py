@@ -91,6 +91,8 @@ def train_stage(stage: str, model, train, test, recipe, out, checkpoints, metric
     what = learned_from(stage, recipe, [train, test], model)
     key = _key(what)
     ckpt = Path(layout.checkpoint_dir(str(checkpoints), stage, key))
+    # live curves (recipe key report_to): `tensorboard --logdir results/logs/tensorboard`, one folder per run
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", layout.tensorboard_dir(str(Path(checkpoints).parent), str(ckpt)))
     out = Path(out)
     store = Path(layout.stored_model_dir(str(out), key))
     lock_checkpoint_dir(ckpt)  # before the model store is touched: a second job on this key stops here

@@ -260,6 +260,10 @@ def _prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommo
 
 def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir, checkpoint_dir, metrics_path,
            num_processes, fsdp) -> dict:
+    from .kernels import require_kernels
+
+    require_kernels(f"training ({stage})")  # before any model is loaded
+    _check_trackers(recipe)
     launched = _in_distributed_launch()
     if launched:
         num_processes = int(os.environ["WORLD_SIZE"])
@@ -289,6 +293,21 @@ def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_d
                              checkpoint_dir, metrics_path, num_processes, fsdp)
     return _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, Path(out_dir), checkpoint_dir,
                 Path(metrics_path), num_processes, accumulation)
+
+
+def _check_trackers(recipe: TrainCommon) -> None:
+    """report_to's integrations are importable (else transformers fails after the model is loaded)."""
+    import importlib.util
+
+    listed = getattr(recipe, "report_to", [])
+    if "tensorboard" in listed and importlib.util.find_spec("tensorboard") is None:
+        # the default (and a project dependency): a stripped-down environment trains without the curves
+        log.warning("tensorboard is not installed: no TensorBoard curves (pip install tensorboard)")
+        recipe.report_to = [x for x in listed if x != "tensorboard"]
+    for name in ("wandb", "mlflow", "trackio"):
+        if name in listed and importlib.util.find_spec(name) is None:
+            raise UserError(f"recipe report_to lists {name}, which is not installed: pip install {name} "
+                            f"(or remove it from recipe_overrides.<stage>.report_to)")
 
 
 # torchrun answers SIGTERM by signalling the workers and killing them 30 s later by default; saving a
@@ -434,6 +453,35 @@ def _callbacks(stop_file: Path, throughput: dict):
             throughput.update(step1=state.global_step)
 
     return StopOnSignal(), LogAndTime()
+
+
+def _progress_callback(stage: str):
+    """At every logging step (rank 0): step i/N, loss, tokens/s since the last log, elapsed and ETA."""
+    from transformers import TrainerCallback
+
+    from .utils import format_duration
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+            self.step0 = state.global_step  # a resumed run's rate counts only this run's steps
+            self.last = (self.t0, state.num_input_tokens_seen)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return  # evaluation and the final summary have lines of their own
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            elapsed = now - self.t0
+            done = state.global_step - self.step0
+            eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+            rate = (tokens - self.last[1]) / (now - self.last[0]) if now > self.last[0] else 0.0
+            self.last = (now, tokens)
+            pct = 100.0 * state.global_step / state.max_steps if state.max_steps else 0.0
+            log.info("%s progress: step %d/%d (%.1f%%) | loss %.4f | %s tokens/s | elapsed %s | ETA %s", stage,
+                     state.global_step, state.max_steps, pct, logs["loss"], f"{rate:,.0f}",
+                     format_duration(elapsed), format_duration(eta))
+
+    return Progress()
 
 
 def _on_signals(handler) -> dict:
@@ -653,7 +701,10 @@ def _training_args(recipe: TrainCommon, checkpoint_dir: Path, accumulation: int,
         gradient_accumulation_steps=accumulation, **{ckpt: recipe.gradient_checkpointing,
                                                      f"{ckpt}_kwargs": {"use_reentrant": False}},
         bf16=recipe.bf16 and cuda, seed=recipe.seed, use_cpu=not cuda,
-        logging_steps=recipe.logging_steps, logging_first_step=True, disable_tqdm=True, report_to="none",
+        # a progress bar for interactive runs only (a job's log gets the Progress callback's lines instead);
+        # live curves to TensorBoard / W&B as the recipe's operational key report_to says
+        logging_steps=recipe.logging_steps, logging_first_step=True, disable_tqdm=not sys.stderr.isatty(),
+        report_to=list(getattr(recipe, "report_to", [])) or "none",
         save_strategy="steps", save_steps=recipe.save_steps, save_total_limit=recipe.save_total_limit,
         eval_strategy=eval_strategy, eval_steps=recipe.eval_steps,
         include_num_input_tokens_seen="non_padding", ddp_find_unused_parameters=False,
@@ -720,7 +771,7 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
     sft_cls, dpo_cls = _trainer_classes()
     throughput: dict = {}
     stopper, timer = _callbacks(checkpoint_dir / STOP_FILE, throughput)
-    callbacks = [stopper, timer]
+    callbacks = [stopper, timer, _progress_callback(stage)]
     if stage == "sft":
         args = SFTConfig(**common, dataset_text_field="text", max_length=recipe.max_seq_length,
                          packing=recipe.packing, packing_strategy="wrapped", completion_only_loss=False)

@@ -9,8 +9,9 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger("mamba_align")
 
@@ -33,6 +34,75 @@ def setup_logging(log_path: str | os.PathLike | None = None, level: int = loggin
     )
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one INFO line per judge request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # library warnings reach the rule's log too
+    sys.excepthook = log_uncaught
+
+
+def log_uncaught(exc_type, exc, tb) -> None:
+    """sys.excepthook of every step: the failure goes to the rule's log, not only to the console.
+
+    A UserError is the user's to fix and its message says how: one line, no traceback. Anything else is a
+    bug or an environment problem: its traceback, logged. Python then exits with status 1 either way.
+    """
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+    elif issubclass(exc_type, UserError):
+        log.error("%s", " ".join(str(exc).split("\n")))
+    else:
+        log.critical("unexpected error: %s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
+def format_duration(seconds: float | None) -> str:
+    """H:MM:SS ('?' when unknown)."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(max(seconds, 0)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressLog:
+    """Progress of a long loop in the rule's log: '<what>: i/N (p%) | elapsed | ETA [| extra]'.
+
+    Logs at most every `every_s` seconds or every `every_frac` of N (whichever comes first) and at the end,
+    so a user watching the log of a multi-hour job always knows when it ends. `done` items finished before
+    this run (resumed work) count toward i but not toward the rate.
+    """
+
+    def __init__(self, what: str, total: int, done: int = 0, every_s: float = 30.0, every_frac: float = 0.05,
+                 extra: Callable[[], str] | None = None, logger: logging.Logger | None = None):
+        self.what, self.total, self.start_count, self.count = what, total, done, done
+        self.every_s, self.every_n = every_s, max(1, int(total * every_frac))
+        self.extra, self.log = extra, logger or log
+        self.t0 = self.last_t = time.monotonic()
+        self.last_count = done
+        self.bar = None
+        if sys.stderr.isatty():  # an interactive run also gets a bar; a job's log gets the lines only
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=what, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if self.count >= self.total:
+                self.bar.close()
+        now = time.monotonic()
+        if (self.count >= self.total or now - self.last_t >= self.every_s
+                or self.count - self.last_count >= self.every_n):
+            self.last_t, self.last_count = now, self.count
+            self.log.info("%s", self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now or time.monotonic()) - self.t0
+        new = self.count - self.start_count
+        eta = elapsed / new * (self.total - self.count) if new > 0 else None
+        pct = 100.0 * self.count / self.total if self.total else 100.0
+        text = (f"{self.what}: {self.count}/{self.total} ({pct:.0f}%) | elapsed {format_duration(elapsed)} | "
+                f"ETA {format_duration(eta)}")
+        return f"{text} | {self.extra()}" if self.extra else text
 
 
 @contextlib.contextmanager

@@ -2,11 +2,14 @@ AE = EVAL["alpaca_eval"]
 
 
 rule fetch_alpaca_eval:
-    """AlpacaEval instructions and reference outputs (1.0 and 2.0) plus the length-control inputs."""
+    """AlpacaEval instructions and the reference outputs its annotators need (1.0 and/or 2.0) plus the
+    length-control inputs."""
     output:
         directory(f"{R}/data/alpaca_eval"),
     log:
         f"{R}/logs/fetch_alpaca_eval.log",
+    benchmark:
+        f"{R}/benchmarks/fetch_alpaca_eval.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -17,6 +20,7 @@ rule fetch_alpaca_eval:
         revision=AE["revision"],
         local_dir=AE["local_dir"],
         sha256=AE["sha256"],
+        annotators=AE["annotators"],
     script:
         "../scripts/fetch_alpaca_eval.py"
 
@@ -61,6 +65,8 @@ rule judge_alpaca_eval:
         f"{R}/eval/{{stagedir}}alpacaeval.json",
     log:
         f"{R}/logs/judge_alpaca_eval/{{stagedir}}judge.log",
+    benchmark:
+        f"{R}/benchmarks/judge_alpaca_eval/{{stagedir}}judge.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:

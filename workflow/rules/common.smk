@@ -3,7 +3,7 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from mamba_align import layout
+from mamba_align import condor_env, jobenv, layout
 from mamba_align.judge_client import check_judge
 from mamba_align import plan as planner
 from mamba_align import recipes
@@ -12,10 +12,20 @@ from mamba_align.utils import UserError
 
 min_version("9.0")
 
+# the jobs snakemake starts import the executor plugins again: no htcondor2 warning where HTCondor is absent
+condor_env.quiet_condor_config()
+
+# Every job imports mamba_align from this checkout, also in a --sdm conda env or the container.
+jobenv.use_checkout_source(os.path.join(workflow.basedir, "src"))
+
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 R = config["results_dir"]
+# the recipe's chat template unless the config names one; a different one is an error
+config["base_model"]["chat_template"] = recipes.resolve_chat_template(
+    config, workflow.basedir
+)
 BASE = config["base_model"]
 EVAL = config["eval"]
 JUDGE = config["judge"]
@@ -30,9 +40,21 @@ DPO = as_dict(
 )
 
 
+PASSED_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_PROJECT",
+    "WANDB_ENTITY",
+    "WANDB_MODE",
+    "MAMBA_ALIGN_ALLOW_SLOW_PATH",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+)
+
+
 # Secrets reach cluster jobs through envvars (never config, logs or results).
+# So do the operational switches a job reads (W&B, the kernels' opt-out, the Hugging Face cache).
 envvars:
-    *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) if os.environ.get(v)],
+    *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) + PASSED_ENV if os.environ.get(v)],
 
 
 onstart:

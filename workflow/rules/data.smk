@@ -9,6 +9,8 @@ rule prepare_sft_data:
         stats=f"{R}/data/sft/stats.json",
     log:
         f"{R}/logs/prepare_sft_data.log",
+    benchmark:
+        f"{R}/benchmarks/prepare_sft_data.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -34,6 +36,8 @@ rule prepare_preference_data:
         stats=f"{R}/data/dpo/stats.json",
     log:
         f"{R}/logs/prepare_preference_data.log",
+    benchmark:
+        f"{R}/benchmarks/prepare_preference_data.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:

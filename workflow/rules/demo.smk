@@ -9,6 +9,8 @@ rule build_demo_inputs:
         directory(f"{R}/demo"),
     log:
         f"{R}/logs/build_demo_inputs.log",
+    benchmark:
+        f"{R}/benchmarks/build_demo_inputs.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:

@@ -8,6 +8,8 @@ rule prepare_base_model:
         report=f"{R}/models/base.verify.json",
     log:
         f"{R}/logs/prepare_base_model.log",
+    benchmark:
+        f"{R}/benchmarks/prepare_base_model.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:

@@ -9,6 +9,8 @@ rule fetch_mt_bench:
         reference=f"{R}/data/mt_bench/reference_answer.jsonl",
     log:
         f"{R}/logs/fetch_mt_bench.log",
+    benchmark:
+        f"{R}/benchmarks/fetch_mt_bench.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -61,6 +63,8 @@ rule judge_mt_bench:
         f"{R}/eval/{{stagedir}}mtbench.json",
     log:
         f"{R}/logs/judge_mt_bench/{{stagedir}}judge.log",
+    benchmark:
+        f"{R}/benchmarks/judge_mt_bench/{{stagedir}}judge.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:

@@ -7,6 +7,8 @@ rule plan:
         table=f"{R}/plan.txt",
     log:
         f"{R}/logs/plan.log",
+    benchmark:
+        f"{R}/benchmarks/plan.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:

@@ -24,6 +24,8 @@ rule report:
         ),
     log:
         f"{R}/logs/report.log",
+    benchmark:
+        f"{R}/benchmarks/report.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:

@@ -4,6 +4,6 @@ from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])
 p = snakemake.params
-fetch_alpaca_eval(p.revision, p.local_dir, snakemake.output[0], sha256=p.sha256)
+fetch_alpaca_eval(p.revision, p.local_dir, snakemake.output[0], sha256=p.sha256, annotators=p.annotators)
 
 record_snakemake_job(snakemake)

@@ -1,10 +1,11 @@
 from mamba_align.mtbench import judge_mt_bench
+from mamba_align.plan import judge_prices
 from mamba_align.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])
 i, p = snakemake.input, snakemake.params
 judge_mt_bench(i.answers, i.questions, i.judge_prompts, i.reference, p.judge, snakemake.output[0], p.cache,
-               judgments_path=p.judgments)
+               judgments_path=p.judgments, prices=judge_prices(snakemake.config))
 
 record_snakemake_job(snakemake)

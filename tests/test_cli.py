@@ -1,0 +1,93 @@
+"""The `mamba-align` console script: status of a results folder, rescoring stored judgments, plan."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mamba_align import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_console_script_points_at_a_function_that_exists():
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["mamba-align"]
+    module, func = target.split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    r = tmp_path / "results"
+    write(r / "models/base/config.json", "{}")
+    write(r / "data/sft/stats.json", "{}")
+    # SFT: interrupted at step 8 of 20
+    write(r / "checkpoints/sft-0123456789/checkpoint-8/trainer_state.json",
+          json.dumps({"global_step": 8, "max_steps": 20}))
+    write(r / "checkpoints/sft-0123456789/checkpoint-10/optimizer.pt", "")  # torn save: no trainer_state.json
+    write(r / "logs/train_sft.log", "2026-01-01 00:00:00,000 INFO mamba_align.train: sft progress: step 9/20 "
+          "(45.0%) | loss 1.2345 | 15,620 tokens/s | elapsed 0:45:00 | ETA 0:55:00\n")
+    write(r / "logs/fetch_alpaca_eval.log", "2026-01-01 00:00:00,000 ERROR mamba_align: /x/alpaca_eval.json does "
+          "not exist\n")
+    # DPO: done and judged
+    write(r / "models/dpo/config.json", "{}")
+    write(r / "metrics/dpo.json", json.dumps({"global_step": 100, "wall_time_s": 7200, "final": {"train_loss": 0.5}}))
+    questions = [{"question_id": 1, "category": "writing", "turns": ["a", "b"]},
+                 {"question_id": 2, "category": "math", "turns": ["c", "d"]}]
+    write(r / "data/mt_bench/question.jsonl", "".join(json.dumps(q) + "\n" for q in questions))
+    judgments = [{"question_id": 1, "turn": 1, "judgment": "Rating: [[8]]", "score": 8},
+                 {"question_id": 1, "turn": 2, "judgment": "Rating: [[6]]", "score": 6},
+                 {"question_id": 2, "turn": 1, "judgment": "Rating: [4]", "score": -1},  # an older parser missed it
+                 {"question_id": 2, "turn": 2, "judgment": "no rating", "score": -1}]
+    write(r / "eval/dpo/mt_bench_judgments.jsonl", "".join(json.dumps(j) + "\n" for j in judgments))
+    write(r / "eval/mtbench.json", json.dumps({"scores": {"turn_1": 8.0, "turn_2": 6.0, "overall": 7.0}}))
+    return r
+
+
+def test_status_reports_stages_checkpoints_progress_scores_and_errors(results, capsys):
+    assert cli.main(["status", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "base model: ready" in out and "sft data: ready" in out and "dpo data: not prepared" in out
+    assert "train sft: checkpoint at step 8/20" in out and "checkpoint-8" in out
+    assert "last log: step 9/20 (45.0%) | loss 1.2345 | 15,620 tokens/s | elapsed 0:45:00 | ETA 0:55:00" in out
+    assert "train dpo: done (100 steps, 2.00 h, final loss 0.5)" in out
+    assert "eval dpo: MT-Bench: overall 7.0, turn 1 8.0, turn 2 6.0" in out
+    assert "fetch_alpaca_eval.log: ERROR mamba_align: /x/alpaca_eval.json does not exist" in out
+
+
+def test_status_of_a_missing_folder_is_a_clean_error(tmp_path, capsys):
+    assert cli.main(["status", str(tmp_path / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_rescore_reparses_judgments_without_judge_calls(results, capsys):
+    assert cli.main(["rescore", str(results), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["scores"] == {"turn_1": 6.0, "turn_2": 6.0, "overall": 6.0}  # [4] now parsed (FastChat's backup)
+    assert r["n_unrated"] == 1 and r["changed"] is True
+    assert r["per_category"]["math"]["turn_1"] == 4
+
+
+def test_rescore_without_judgments_names_the_file(results, capsys):
+    assert cli.main(["rescore", str(results), "--stage", "sft"]) == 2
+    assert "eval/sft/mt_bench_judgments.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_plan_subcommand_runs_the_planner(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, "-m", "mamba_align.cli", "plan", "--config", "config/config.yaml",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "total GPU-hours" in proc.stdout and out.exists()
