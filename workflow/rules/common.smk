@@ -3,6 +3,7 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
+from mamba_align import experiments as experiments_of
 from mamba_align import layout
 from mamba_align.judge_client import check_judge
 from mamba_align import plan as planner
@@ -30,6 +31,30 @@ DPO = as_dict(
 )
 
 
+def resolve_experiment(exp):
+    ecfg = exp.config(config)
+    sft, dpo = (
+        as_dict(recipes.config_recipe(ecfg, s, workflow.basedir, workflow.configfiles))
+        for s in ("sft", "dpo")
+    )
+    return experiments_of.resolve(exp, sft, dpo, learning_settings)
+
+
+# The config's experiments (None: one experiment in the classic layout); recipes parsed strictly now too.
+try:
+    GRID = (
+        experiments_of.Grid(
+            R,
+            [resolve_experiment(e) for e in experiments_of.expand(config)],
+            EVAL["stages"],
+        )
+        if experiments_of.is_grid(config)
+        else None
+    )
+except UserError as e:
+    raise WorkflowError(str(e)) from None
+
+
 # Secrets reach cluster jobs through envvars (never config, logs or results).
 envvars:
     *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) if os.environ.get(v)],
@@ -49,7 +74,7 @@ onstart:
     # A score that this run will recompute is removed now, not when its job starts: a run that fails
     # before then (an interrupted retrain) leaves no stale score to be read as current.
     for job in workflow.dag.needrun_jobs():
-        if job.rule.name in ("judge_mt_bench", "judge_alpaca_eval", "report"):
+        if job.rule.name.startswith(("judge_mt_bench", "judge_alpaca_eval", "report")):
             for f in job.output:
                 Path(f).unlink(missing_ok=True)
 
@@ -64,11 +89,17 @@ localrules:
     judge_mt_bench,
     judge_alpaca_eval,
     report,
+    judge_mt_bench_grid,
+    judge_alpaca_eval_grid,
+    report_experiments,
 
 
 wildcard_constraints:
     stage="|".join(layout.STAGES),
     stagedir="(base/|sft/)?",
+    key="[0-9a-f]{12}",
+    name="[A-Za-z0-9][A-Za-z0-9._=+-]*",
+    home="shared/(base|sft)/[0-9a-f]{12}|experiments/[A-Za-z0-9][A-Za-z0-9._=+-]*",
 
 
 def demo_inputs():
@@ -101,8 +132,17 @@ def answers_for(name):
 
 
 def all_targets():
+    """Every score, the report and the plan: of the one experiment, or of every experiment of the grid."""
+    if GRID:
+        return [*GRID.eval_targets(), *rules.report_experiments.output, *rules.plan.output]
     return [
-        layout.eval_summary(R, s, b) for s in EVAL["stages"] for b in layout.BENCHMARKS
+        *(
+            layout.eval_summary(R, s, b)
+            for s in EVAL["stages"]
+            for b in layout.BENCHMARKS
+        ),
+        *rules.report.output,
+        *rules.plan.output,
     ]
 
 
