@@ -39,7 +39,9 @@ def key_of(what) -> str:
 
 def is_grid(config: dict) -> bool:
     ex = config.get("experiments") or {}
-    return bool(ex.get("grid") or ex.get("list"))
+    grid = ex.get("grid") or {}
+    return bool(ex.get("list") or any(grid.get(k) for k in ("base_model", "recipe", "seed"))
+                or any(v for s in STAGE_AXES for v in (grid.get(s) or {}).values()))
 
 
 def _merge(a: dict, b: dict) -> dict:
