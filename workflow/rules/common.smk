@@ -74,7 +74,9 @@ onstart:
     # A score that this run will recompute is removed now, not when its job starts: a run that fails
     # before then (an interrupted retrain) leaves no stale score to be read as current.
     for job in workflow.dag.needrun_jobs():
-        if job.rule.name.startswith(("judge_mt_bench", "judge_alpaca_eval", "report")):
+        if job.rule.name.startswith(
+            ("judge_mt_bench", "judge_alpaca_eval", "report")
+        ):
             for f in job.output:
                 Path(f).unlink(missing_ok=True)
 
@@ -134,7 +136,11 @@ def answers_for(name):
 def all_targets():
     """Every score, the report and the plan: of the one experiment, or of every experiment of the grid."""
     if GRID:
-        return [*GRID.eval_targets(), *rules.report_experiments.output, *rules.plan.output]
+        return [
+            *GRID.eval_targets(),
+            *rules.report_experiments.output,
+            *rules.plan.output,
+        ]
     return [
         *(
             layout.eval_summary(R, s, b)
@@ -190,3 +196,53 @@ def planned_runtime(rule, default):
         return max(jobs[0]["runtime_min"], 30) if jobs else default
 
     return runtime
+
+
+# Input functions of the experiments' rules (experiments.smk).
+
+
+def grid_base(w):
+    return GRID.first_base[w.key].exp.base_model
+
+
+def grid_data(stage, field):
+    return lambda w: getattr(GRID.data_owner(stage, w.key), stage)[field]
+
+
+def grid_data_files(stage, experiment):
+    return {
+        f: f"{GRID.data_dir(experiment, stage)}/{f}.parquet" for f in ("train", "test")
+    }
+
+
+def grid_runtime(rule, default):
+    """Minutes to ask for, from the plan of the experiment the job belongs to: each job sized by its model."""
+
+    def runtime(wildcards, attempt):
+        r = (
+            GRID.first_sft[wildcards.key]
+            if rule == "train_sft"
+            else GRID.by_name[wildcards.name]
+        )
+        try:
+            plan = planner.make_plan(
+                r.exp.config(config),
+                r.sft,
+                r.dpo,
+                training_gpus(),
+                gpu_type_of(rule),
+                R,
+                verify=f"{R}/{GRID.home(r, 'base')}/verify.json",
+                data_dirs={s: GRID.data_dir(r, s) for s in ("sft", "dpo")},
+            )
+        except UserError:
+            return default
+        jobs = [j for j in plan["jobs"] if j["rule"] == rule]
+        return max(jobs[0]["runtime_min"], 30) if jobs else default
+
+    return runtime
+
+
+def grid_model_id(w):
+    r, stage = GRID.owner(w.home)
+    return f"{r.name}-{stage}" if stage == "dpo" else f"{stage}-{w.home.split('/')[-1]}"

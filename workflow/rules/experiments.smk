@@ -3,48 +3,6 @@
 # target asks for these paths) when the config names no experiments.
 
 
-def grid_base(w):
-    return GRID.first_base[w.key].exp.base_model
-
-
-def grid_data(stage, field):
-    return lambda w: getattr(GRID.data_owner(stage, w.key), stage)[field]
-
-
-def grid_data_files(stage, experiment):
-    return {
-        f: f"{GRID.data_dir(experiment, stage)}/{f}.parquet" for f in ("train", "test")
-    }
-
-
-def grid_runtime(rule, default):
-    """Minutes to ask for, from the plan of the experiment the job belongs to: each job sized by its model."""
-
-    def runtime(wildcards, attempt):
-        r = (
-            GRID.first_sft[wildcards.key]
-            if rule == "train_sft"
-            else GRID.by_name[wildcards.name]
-        )
-        try:
-            plan = planner.make_plan(
-                r.exp.config(config),
-                r.sft,
-                r.dpo,
-                training_gpus(),
-                gpu_type_of(rule),
-                R,
-                verify=f"{R}/{GRID.home(r, 'base')}/verify.json",
-                data_dirs={s: GRID.data_dir(r, s) for s in ("sft", "dpo")},
-            )
-        except UserError:
-            return default
-        jobs = [j for j in plan["jobs"] if j["rule"] == rule]
-        return max(jobs[0]["runtime_min"], 30) if jobs else default
-
-    return runtime
-
-
 use rule prepare_base_model as prepare_base_model_grid with:
     input:
         demo_inputs(),
@@ -129,11 +87,6 @@ use rule train_dpo as train_dpo_grid with:
         recipe=lambda w: learning_settings(GRID.by_name[w.name].dpo),
         checkpoints=f"{R}/checkpoints",
         config=lambda w: GRID.stage_config(GRID.by_name[w.name], "dpo"),
-
-
-def grid_model_id(w):
-    r, stage = GRID.owner(w.home)
-    return f"{r.name}-{stage}" if stage == "dpo" else f"{stage}-{w.home.split('/')[-1]}"
 
 
 use rule generate_mt_bench as generate_mt_bench_grid with:
