@@ -80,3 +80,19 @@ def test_bad_grid_is_named_before_any_job(workflow_copy):
         (workflow_copy / "bad.yaml").write_text(yaml.safe_dump(patch))
         proc = snakemake(workflow_copy, "-n", "--configfile", "config/demo.yaml", "bad.yaml", check=False)
         assert proc.returncode != 0 and expected in proc.stdout + proc.stderr, patch
+
+
+def test_profiles_and_plan_size_each_grid_job_by_its_model(workflow_copy):
+    (workflow_copy / "family.yaml").write_text(yaml.safe_dump({"experiments": {"grid": {
+        "base_model": ["state-spaces/mamba-130m", "state-spaces/mamba-2.8b"]}}}))
+    out = snakemake(workflow_copy, "-n", "--profile", "profiles/slurm", "--configfile", "config/config.yaml",
+                    "family.yaml").stdout
+    jobs = planned_jobs(out)
+    assert jobs["prepare_base_model_grid"] == 2 and jobs["train_sft_grid"] == 2 and jobs["train_dpo_grid"] == 2
+    runtimes = []
+    for block in out.split("rule train_sft_grid:")[1:]:
+        block = block.split("\n\n")[0]
+        assert "gpu=8" in block  # the profile's resources of train_sft apply to its grid twin
+        runtimes.append(int(block.split("runtime=")[1].split(",")[0]))
+    small, large = sorted(runtimes)  # 130M and 2.8B: the plan's runtime of each
+    assert small == 30 and large > 100, runtimes  # 130M: under the 30-min floor; 2.8B: ~2 h on 8 A100s
