@@ -165,3 +165,14 @@ def test_experiments_report_table_seed_means_and_axis_plot(tmp_path):
     png = (out / "dpo.beta.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert (out / "scores.csv").read_text().splitlines()[0].startswith("experiment,stage,axis:dpo.beta,axis:seed")
+
+
+def test_a_shared_sft_model_is_one_row_without_the_axes_it_does_not_depend_on(tmp_path):
+    sft = _write_evals(tmp_path, "shared", "sft", 3.0, 5.0, 6.0)
+    entries = [{"name": f"beta{b}", "axes": {"dpo.beta": b}, "recipe": "r", "base_model": "m",
+                "evals": {"sft": sft, "dpo": _write_evals(tmp_path, f"beta{b}", "dpo", 4.0, b * 100, 7.0)},
+                "metrics": {}} for b in (0.01, 0.1)]
+    rows = build_experiments_report(entries, ["dpo.beta"], tmp_path / "report")
+    assert [r["experiment"] for r in rows] == ["sft shared by 2: beta0.01, beta0.1", "beta0.01", "beta0.1"]
+    assert "axis:dpo.beta" not in rows[0] and rows[1]["axis:dpo.beta"] == 0.01
+    assert "| sft shared by 2: beta0.01, beta0.1 | sft | – |" in (tmp_path / "report/scores.md").read_text()

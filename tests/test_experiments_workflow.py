@@ -35,7 +35,7 @@ def test_grid_dry_run_counts_shared_jobs_once(workflow_copy):
 def test_demo_grid_dry_run_shows_the_grid(workflow_copy):
     out = snakemake(workflow_copy, "-n", *DEMO_GRID).stdout
     jobs = planned_jobs(out)
-    assert jobs["train_sft_grid"] == 1 and jobs["train_dpo_grid"] == 4 and jobs["judge_mt_bench_grid"] == 5
+    assert jobs["train_sft_grid"] == 1 and jobs["train_dpo_grid"] == 4 and jobs["judge_mt_bench_grid"] == 4
     for name in ("beta0.05-seed1", "beta0.05-seed2", "beta0.2-seed1", "beta0.2-seed2"):
         assert f"results/experiments/{name}/eval/mtbench.json" in out
     assert "results/report/experiments/dpo.beta.png" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -276,12 +277,33 @@ def _pm(mean, spread) -> str:
     return f"{mean:.2f} ± {spread:.2f}" if spread is not None else f"{mean:.2f}"
 
 
+def _unique_rows(entries: list[dict]) -> list[dict]:
+    """One row per evaluated model: a model that experiments share (their SFT model) once, named by the
+    experiments that share it, without the axes that it does not depend on."""
+    users: dict[str, list[dict]] = {}
+    for e in entries:
+        for stage, paths in e["evals"].items():
+            users.setdefault(paths["mtbench"], []).append((e, stage))
+    rows = []
+    for shared in users.values():
+        e, stage = shared[0]
+        row = experiment_row(e, stage)
+        if len(shared) > 1:
+            names = [x["name"] for x, _ in shared]
+            for a in list(e["axes"]):
+                if len({json.dumps(x["axes"].get(a), default=str) for x, _ in shared}) > 1:
+                    del row[f"axis:{a}"]
+            row["experiment"] = f"{stage} shared by {len(names)}: {', '.join(names)}"
+        rows.append(row)
+    return rows
+
+
 def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo: bool = False) -> list[dict]:
     """entries: experiments.Grid.report_entries(); axes: the swept axes (one plot each)."""
     from .experiments import plot_name
 
     out_dir = Path(out_dir)
-    rows = [experiment_row(e, s) for e in entries for s in e["evals"]]
+    rows = _unique_rows(entries)
     cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("mt_bench:")))
     axis_cols = list(dict.fromkeys(c for r in rows for c in r if c.startswith("axis:")))
     cols = ["experiment", "stage", *axis_cols, "mt_bench_overall", *cats, "alpaca_eval_1_win_rate",
