@@ -249,8 +249,12 @@ def plot_axis(rows: list[dict], axis: str, out_png: Path) -> None:
     values = sorted(values) if numeric else values
     panels = [("mt_bench_overall", "MT-Bench overall"), ("alpaca_eval_1_win_rate", "AlpacaEval 1.0 win %"),
               ("alpaca_eval_2_lc_win_rate", "AlpacaEval 2.0 LC win %")]
+    if not any(r.get("alpaca_eval_2_lc_win_rate") is not None for r in final):
+        panels[2] = ("alpaca_eval_2_win_rate", "AlpacaEval 2.0 win % (no LC)")  # LC needs more prompts
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels):
+        if not any(r.get(key) is not None for r in final):
+            ax.text(0.5, 0.5, "not scored in this run", ha="center", va="center", transform=ax.transAxes)
         xs, ys, es = [], [], []
         for i, v in enumerate(values):
             m, s = _mean_spread([r.get(key) for r in final if r[f"axis:{axis}"] == v])
