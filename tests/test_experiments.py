@@ -176,3 +176,31 @@ def test_a_shared_sft_model_is_one_row_without_the_axes_it_does_not_depend_on(tm
     assert [r["experiment"] for r in rows] == ["sft shared by 2: beta0.01, beta0.1", "beta0.01", "beta0.1"]
     assert "axis:dpo.beta" not in rows[0] and rows[1]["axis:dpo.beta"] == 0.01
     assert "| sft shared by 2: beta0.01, beta0.1 | sft | – |" in (tmp_path / "report/scores.md").read_text()
+
+
+def test_a_base_model_family_axis_converts_and_verifies_each_and_the_plan_knows_its_size(tmp_path):
+    """Two tiny stand-ins for the Mamba-1 family (sizes differ as mamba-130m and mamba-370m do: width and depth),
+    converted as the grid's prepare_base_model_grid job does it, each verified, each sized by the plan."""
+    from mamba_align.convert import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer, prepare_base_model
+
+    tok = build_tiny_tokenizer(tmp_path / "tokenizer", ["hello world, a tiny family of models"] * 4)
+    family = [build_tiny_mamba_ssm_checkpoint(tmp_path / name, d_model=d, n_layer=n, vocab_size=301)
+              for name, d, n in (("mamba-tiny-a", 32, 1), ("mamba-tiny-b", 64, 2))]
+    cfg = {**CFG, "base_model": {**BASE, "tokenizer": str(tok), "tokenizer_revision": None, "revision": None},
+           "experiments": {"grid": {"base_model": [str(p) for p in family]}}}
+    grid = ex.Grid(str(tmp_path / "results"), resolved(ex.expand(cfg)), ["dpo"])
+    assert [r.name for r in grid.exps] == ["mamba-tiny-a", "mamba-tiny-b"]
+    assert len({r.data_keys["sft"] for r in grid.exps}) == 1  # one tokenizer: data prepared once
+    sizes = []
+    for key, r in grid.first_base.items():
+        b = r.exp.base_model
+        home = tmp_path / "results" / grid.home(r, "base")
+        report = prepare_base_model(b["source"], b["revision"], b["tokenizer"], b["tokenizer_revision"],
+                                    b["chat_template"], home / "model", home / "verify.json", verify=b["verify"])
+        assert report["verify"]["max_abs_logit_diff"] < 1e-4 and report["verify"]["greedy_continuation_identical"]
+        cfg_e = r.exp.config(cfg)
+        assert planner.base_params(cfg_e, "unused", verify=home / "verify.json") == report["n_params"]
+        assert planner.base_params(cfg_e, "unused", verify=tmp_path / "none.json") == pytest.approx(
+            report["n_params"], rel=0.02)  # before conversion: from the source's config.json
+        sizes.append(report["n_params"])
+    assert sizes[1] > 2 * sizes[0]
