@@ -55,7 +55,7 @@ def test_report_compares_the_experiments(grid_run):
     assert [(row["experiment"], row["stage"]) for row in rows] == [(n, "dpo") for n in NAMES]
     dpo = [row for row in rows if row["stage"] == "dpo"]
     assert len(dpo) == 4 and all(row["mt_bench_overall"] for row in dpo)
-    assert all(row["alpaca_eval_2_lc_win_rate"] for row in dpo)
+    assert all(row["alpaca_eval_2_win_rate"] for row in dpo)  # the demo's 8 prompts are too few for LC
     md = (out / "scores.md").read_text()
     for name in NAMES:
         assert f"| {name} | dpo |" in md
