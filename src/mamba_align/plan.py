@@ -375,7 +375,8 @@ def format_grid_plan(plan: dict) -> str:
              f"{'experiment':<40}{'params':>8}{'GPU-h':>9}{'judge USD':>11}  note"]
     for name, p in plan["experiments"].items():
         note = f"SFT shared with {p['shares_sft_with']}" if p.get("shares_sft_with") else ""
-        lines.append(f"{name:<40}{p['base_params'] / 1e9:>7.2f}B{p['total_gpu_hours']:>9.1f}"
+        size = f"{p['base_params'] / 1e9:.2f}B" if p["base_params"] >= 1e8 else f"{p['base_params'] / 1e6:.2f}M"
+        lines.append(f"{name:<40}{size:>8}{p['total_gpu_hours']:>9.1f}"
                      f"{p['judge_usd']:>11.2f}  {note}")
     lines += ["", f"total GPU-hours: {plan['total_gpu_hours']}", f"judge total: ${plan['judge_usd']}"]
     for name, p in plan["experiments"].items():
