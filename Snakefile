@@ -25,11 +25,10 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/mt_bench.smk"
 include: "workflow/rules/alpaca_eval.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/experiments.smk"
 
 
 rule all:
     default_target: True
     input:
         all_targets(),
-        rules.report.output,
-        rules.plan.output,

@@ -45,8 +45,13 @@ PUBLISHED = {
     ("HuggingFaceH4/deita-10k-v0-sft", "train_sft"): (9_500, 2_000),
     ("argilla/dpo-mix-7k", "train"): (6_750, 700),
 }
+# The state-spaces Mamba-1 family (mamba_ssm and -hf checkpoints; the published model cards' sizes).
 KNOWN_PARAMS = {"state-spaces/mamba-2.8b-slimpj": 2.77e9, "state-spaces/mamba-2.8b-hf": 2.77e9,
-                "state-spaces/mamba-1.4b-hf": 1.37e9, "state-spaces/mamba-130m-hf": 1.29e8}
+                "state-spaces/mamba-2.8b": 2.77e9, "state-spaces/mamba-1.4b": 1.37e9,
+                "state-spaces/mamba-1.4b-hf": 1.37e9, "state-spaces/mamba-790m": 7.93e8,
+                "state-spaces/mamba-790m-hf": 7.93e8, "state-spaces/mamba-370m": 3.72e8,
+                "state-spaces/mamba-370m-hf": 3.72e8, "state-spaces/mamba-130m": 1.29e8,
+                "state-spaces/mamba-130m-hf": 1.29e8}
 # Peak training memory per GPU (allocated) as the recipes run, with gradient accumulation and DDP (gradients kept
 # between micro-batches, inside DDP's all-reduce buckets): fp32 weights and gradients (8 bytes per parameter), the
 # optimizer's state, a fixed part (LM-head chunks, kernel workspaces) and activations per token, both scaled by
@@ -273,8 +278,8 @@ def judge_cost(cfg: dict, n_stages: int) -> dict:
     return rows
 
 
-def base_params(cfg: dict, results: str) -> float:
-    verify = Path(results) / "models" / "base.verify.json"
+def base_params(cfg: dict, results: str, verify: str | Path | None = None) -> float:
+    verify = Path(verify) if verify else Path(results) / "models" / "base.verify.json"
     if verify.exists():
         return float(read_json(verify)["n_params"])
     src = cfg["base_model"]["source"]
@@ -297,15 +302,19 @@ def params_from_config(c: dict) -> float:
     return float(layers * per_layer + vocab * d + d)
 
 
-def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: str, results: str) -> dict:
-    """gpus: GPUs per rule (from the active profile's resources)."""
+def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: str, results: str,
+              verify: str | None = None, data_dirs: dict | None = None, train_sft: bool = True) -> dict:
+    """gpus: GPUs per rule (from the active profile's resources). An experiment of a grid passes where its
+    base model's verify.json and its data folders are, and train_sft=False when another experiment's plan
+    holds the SFT run they share."""
     p = cfg["plan"]
-    params = base_params(cfg, results)
-    stats = {s: (read_json(f) if (f := Path(results) / "data" / s / "stats.json").exists() else None)
+    params = base_params(cfg, results, verify)
+    data_dirs = data_dirs or {s: Path(results) / "data" / s for s in ("sft", "dpo")}
+    stats = {s: (read_json(f) if (f := Path(data_dirs[s]) / "stats.json").exists() else None)
              for s in ("sft", "dpo")}
     jobs, sources, train_speeds = [], {}, {}
-    for rule, (tokens, source), recipe in (("train_sft", sft_tokens(sft, stats["sft"]), sft),
-                                           ("train_dpo", dpo_tokens(dpo, stats["dpo"]), dpo)):
+    stages = [("train_sft", sft_tokens(sft, stats["sft"]), sft)] if train_sft else []
+    for rule, (tokens, source), recipe in stages + [("train_dpo", dpo_tokens(dpo, stats["dpo"]), dpo)]:
         n = max(1, gpus.get(rule, 1))
         stage = "sft" if rule == "train_sft" else \
             "dpo_precomputed_ref" if recipe.get("precompute_ref_log_probs") else "dpo"
@@ -349,7 +358,45 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
     }
 
 
+def make_grid_plan(cfg: dict, grid, gpus: dict[str, int], gpu_type: str) -> dict:
+    """One plan per experiment of `grid` (experiments.Grid) and their sums. A job that experiments share (the
+    SFT run and the SFT model's evaluations) is in the plan of the first experiment that needs it only, so the
+    totals are the sums of the experiments' own plans and count every job once."""
+    plans, seen_sft = {}, set()
+    for r in grid.exps:
+        owns_sft = r.sft_key not in seen_sft
+        seen_sft.add(r.sft_key)
+        stages = [s for s in cfg["eval"]["stages"] if s == "dpo" or owns_sft]
+        if "base" in cfg["eval"]["stages"] and grid.first_base[r.base_key] is not r:
+            stages = [s for s in stages if s != "base"]
+        ecfg = r.exp.config(cfg) | {"eval": {**cfg["eval"], "stages": stages}}
+        plans[r.name] = make_plan(ecfg, r.sft, r.dpo, gpus, gpu_type, grid.R,
+                                  verify=f"{grid.R}/{grid.home(r, 'base')}/verify.json",
+                                  data_dirs={s: grid.data_dir(r, s) for s in ("sft", "dpo")}, train_sft=owns_sft)
+        plans[r.name]["shares_sft_with"] = None if owns_sft else grid.first_sft[r.sft_key].name
+    return {"gpu_type": gpu_type, "experiments": plans,
+            "total_gpu_hours": round(sum(p["total_gpu_hours"] for p in plans.values()), 1),
+            "judge_usd": round(sum(p["judge_usd"] for p in plans.values()), 2)}
+
+
+def format_grid_plan(plan: dict) -> str:
+    lines = [f"Plan of {len(plan['experiments'])} experiments on {plan['gpu_type']}; a job that experiments "
+             "share is planned once, in the first one that needs it.", "",
+             f"{'experiment':<40}{'params':>8}{'GPU-h':>9}{'judge USD':>11}  note"]
+    for name, p in plan["experiments"].items():
+        note = f"SFT shared with {p['shares_sft_with']}" if p.get("shares_sft_with") else ""
+        size = f"{p['base_params'] / 1e9:.2f}B" if p["base_params"] >= 1e8 else f"{p['base_params'] / 1e6:.2f}M"
+        lines.append(f"{name:<40}{size:>8}{p['total_gpu_hours']:>9.1f}"
+                     f"{p['judge_usd']:>11.2f}  {note}")
+    lines += ["", f"total GPU-hours: {plan['total_gpu_hours']}", f"judge total: ${plan['judge_usd']}"]
+    for name, p in plan["experiments"].items():
+        lines += ["", f"== {name}", format_plan(p)]
+    return "\n".join(lines)
+
+
 def format_plan(plan: dict) -> str:
+    if "experiments" in plan:
+        return format_grid_plan(plan)
     lines = [f"Plan on {plan['gpu_type']} ({plan['base_params'] / 1e9:.2f}B parameters):", "",
              f"{'rule':<22}{'GPUs':>5}{'wall h':>9}{'GPU-h':>9}{'peak GiB':>10}{'disk GB':>9}{'--time min':>11}  note"]
     for j in plan["jobs"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -182,3 +183,176 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# --- experiments of a grid, side by side -------------------------------------------------------------------
+
+SCORE_KEYS = ["mt_bench_overall", "alpaca_eval_1_win_rate", "alpaca_eval_1_standard_error",
+              "alpaca_eval_2_win_rate", "alpaca_eval_2_lc_win_rate", "alpaca_eval_2_lc_standard_error"]
+
+
+def experiment_row(entry: dict, stage: str) -> dict:
+    """One experiment's scores at `stage`: MT-Bench overall and per category, AlpacaEval 1.0 and 2.0 LC with SEs."""
+    paths = entry["evals"][stage]
+    mt = read_json(paths["mtbench"]) if Path(paths["mtbench"]).exists() else None
+    ae = read_json(paths["alpacaeval"]) if Path(paths["alpacaeval"]).exists() else None
+    row = {"experiment": entry["name"], "stage": stage, **{f"axis:{a}": v for a, v in entry["axes"].items()},
+           **stage_row(entry["name"], stage, mt, ae)}
+    row["model"] = f"{entry['name']} ({stage})"
+    for cat, s in ((mt or {}).get("per_category") or {}).items():
+        row[f"mt_bench:{cat}"] = _round(s.get("overall"))
+    for version, res in _alpaca_results(ae or {}).items():
+        if version == "2":
+            row["alpaca_eval_2_lc_standard_error"] = _round(res.get("lc_standard_error"))
+    return row
+
+
+def _mean_spread(values: list) -> tuple[float | None, float | None]:
+    import statistics
+
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def seed_groups(rows: list[dict]) -> list[dict]:
+    """Experiments equal but for their seed, as one row each: mean ± spread (sample std) of every score."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "axis:seed" not in r:
+            continue
+        key = (r["stage"], *sorted((k, str(v)) for k, v in r.items() if k.startswith("axis:") and k != "axis:seed"))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for key, members in groups.items():
+        g = {"stage": key[0], "n_seeds": len(members), "seeds": [m["axis:seed"] for m in members],
+             **{k: v for k, v in members[0].items() if k.startswith("axis:") and k != "axis:seed"}}
+        g["model"] = ", ".join(f"{k[5:]}={v}" for k, v in g.items() if k.startswith("axis:")) or "all"
+        g["model"] += f" ({key[0]}, {len(members)} seeds)"
+        for k in SCORE_KEYS + sorted({c for m in members for c in m if c.startswith("mt_bench:")}):
+            g[k], g[f"{k}_spread"] = _mean_spread([m.get(k) for m in members])
+        out.append(g)
+    return out
+
+
+def plot_axis(rows: list[dict], axis: str, out_png: Path) -> None:
+    """Scores of the final models against one swept axis, mean and spread over seeds (error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    final = [r for r in rows if r["stage"] == "dpo" and f"axis:{axis}" in r]
+    values = list(dict.fromkeys(r[f"axis:{axis}"] for r in final))
+    numeric = all(isinstance(v, (int, float)) for v in values)
+    values = sorted(values) if numeric else values
+    panels = [("mt_bench_overall", "MT-Bench overall"), ("alpaca_eval_1_win_rate", "AlpacaEval 1.0 win %"),
+              ("alpaca_eval_2_lc_win_rate", "AlpacaEval 2.0 LC win %")]
+    if not any(r.get("alpaca_eval_2_lc_win_rate") is not None for r in final):
+        panels[2] = ("alpaca_eval_2_win_rate", "AlpacaEval 2.0 win % (no LC)")  # LC needs more prompts
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        if not any(r.get(key) is not None for r in final):
+            ax.text(0.5, 0.5, "not scored in this run", ha="center", va="center", transform=ax.transAxes)
+        xs, ys, es = [], [], []
+        for i, v in enumerate(values):
+            m, s = _mean_spread([r.get(key) for r in final if r[f"axis:{axis}"] == v])
+            if m is not None:
+                xs.append(v if numeric else i)
+                ys.append(m)
+                es.append(s)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4)
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values], rotation=20)
+        ax.set_xlabel(axis)
+        ax.set_title(title)
+    fig.suptitle(f"final model against {axis} (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _pm(mean, spread) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f} ± {spread:.2f}" if spread is not None else f"{mean:.2f}"
+
+
+def _unique_rows(entries: list[dict]) -> list[dict]:
+    """One row per evaluated model: a model that experiments share (their SFT model) once, named by the
+    experiments that share it, without the axes that it does not depend on."""
+    users: dict[str, list[dict]] = {}
+    for e in entries:
+        for stage, paths in e["evals"].items():
+            users.setdefault(paths["mtbench"], []).append((e, stage))
+    rows = []
+    for shared in users.values():
+        e, stage = shared[0]
+        row = experiment_row(e, stage)
+        if len(shared) > 1:
+            names = [x["name"] for x, _ in shared]
+            for a in list(e["axes"]):
+                if len({json.dumps(x["axes"].get(a), default=str) for x, _ in shared}) > 1:
+                    del row[f"axis:{a}"]
+            row["experiment"] = f"{stage} shared by {len(names)}: {', '.join(names)}"
+        rows.append(row)
+    return rows
+
+
+def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo: bool = False) -> list[dict]:
+    """entries: experiments.Grid.report_entries(); axes: the swept axes (one plot each)."""
+    from .experiments import plot_name
+
+    out_dir = Path(out_dir)
+    rows = _unique_rows(entries)
+    cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("mt_bench:")))
+    axis_cols = list(dict.fromkeys(c for r in rows for c in r if c.startswith("axis:")))
+    cols = ["experiment", "stage", *axis_cols, "mt_bench_overall", *cats, "alpaca_eval_1_win_rate",
+            "alpaca_eval_1_standard_error", "alpaca_eval_2_win_rate", "alpaca_eval_2_lc_win_rate",
+            "alpaca_eval_2_lc_standard_error", "judge", "source"]
+    with atomic_path(out_dir / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["# Experiments", ""]
+    if demo:
+        lines += ["**Demo run: tiny random models judged by a 135M model. These numbers mean nothing; "
+                  "they show that every experiment ran.**", ""]
+    head = ["experiment", "stage", *(c[5:] for c in axis_cols), "MT-Bench", *(c[9:] for c in cats),
+            "AE 1.0 win % ± SE", "AE 2.0 win %", "AE 2.0 LC % ± SE"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["experiment"], r["stage"], *(_fmt(r.get(c)) for c in axis_cols), _fmt(r.get("mt_bench_overall")),
+                 *(_fmt(r.get(c)) for c in cats),
+                 _pm(r.get("alpaca_eval_1_win_rate"), r.get("alpaca_eval_1_standard_error")),
+                 _fmt(r.get("alpaca_eval_2_win_rate")),
+                 _pm(r.get("alpaca_eval_2_lc_win_rate"), r.get("alpaca_eval_2_lc_standard_error"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    groups = seed_groups(rows)
+    if groups:
+        lines += ["", "## Over seeds (mean ± sample standard deviation)", "",
+                  "| experiments | seeds | MT-Bench | AE 1.0 win % | AE 2.0 win % | AE 2.0 LC % |", "|---|---|---|---|---|---|"]
+        for g in groups:
+            lines.append(f"| {g['model']} | {', '.join(map(str, g['seeds']))} | "
+                         + " | ".join(_pm(g[k], g[f"{k}_spread"]) for k in
+                                      ("mt_bench_overall", "alpaca_eval_1_win_rate", "alpaca_eval_2_win_rate",
+                                       "alpaca_eval_2_lc_win_rate")) + " |")
+    published = PAPER_ROWS + leaderboard_rows()
+    lines += ["", "## Published", "", "| model | MT-Bench | AE 1.0 win % ± SE | AE 2.0 win % | AE 2.0 LC % | source |",
+              "|---|---|---|---|---|---|"]
+    for r in published:
+        lines.append(f"| {r['model']} | {_fmt(r.get('mt_bench_overall'))} | "
+                     f"{_pm(r.get('alpaca_eval_1_win_rate'), r.get('alpaca_eval_1_standard_error'))} | "
+                     f"{_fmt(r.get('alpaca_eval_2_win_rate'))} | {_fmt(r.get('alpaca_eval_2_lc_win_rate'))} | "
+                     f"{r['source']} |")
+    if axes:
+        lines += ["", "## Plots", ""] + [f"![{a}]({plot_name(a)})" for a in axes]
+    with atomic_path(out_dir / "scores.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    for a in axes:
+        plot_axis(rows, a, out_dir / plot_name(a))
+    write_json(out_dir / "scores.json", {"experiments": rows, "over_seeds": groups, "published": published})
+    return rows

@@ -4,6 +4,7 @@ from pathlib import Path
 from snakemake.utils import min_version, validate
 
 from mamba_align import condor_env, jobenv, layout
+from mamba_align import experiments as experiments_of
 from mamba_align.judge_client import check_judge
 from mamba_align import plan as planner
 from mamba_align import recipes
@@ -51,6 +52,30 @@ PASSED_ENV = (
 )
 
 
+def resolve_experiment(exp):
+    ecfg = exp.config(config)
+    sft, dpo = (
+        as_dict(recipes.config_recipe(ecfg, s, workflow.basedir, workflow.configfiles))
+        for s in ("sft", "dpo")
+    )
+    return experiments_of.resolve(exp, sft, dpo, learning_settings)
+
+
+# The config's experiments (None: one experiment in the classic layout); recipes parsed strictly now too.
+try:
+    GRID = (
+        experiments_of.Grid(
+            R,
+            [resolve_experiment(e) for e in experiments_of.expand(config)],
+            EVAL["stages"],
+        )
+        if experiments_of.is_grid(config)
+        else None
+    )
+except UserError as e:
+    raise WorkflowError(str(e)) from None
+
+
 # Secrets reach cluster jobs through envvars (never config, logs or results).
 # So do the operational switches a job reads (W&B, the kernels' opt-out, the Hugging Face cache).
 envvars:
@@ -71,7 +96,9 @@ onstart:
     # A score that this run will recompute is removed now, not when its job starts: a run that fails
     # before then (an interrupted retrain) leaves no stale score to be read as current.
     for job in workflow.dag.needrun_jobs():
-        if job.rule.name in ("judge_mt_bench", "judge_alpaca_eval", "report"):
+        if job.rule.name.startswith(
+            ("judge_mt_bench", "judge_alpaca_eval", "report")
+        ):
             for f in job.output:
                 Path(f).unlink(missing_ok=True)
 
@@ -86,11 +113,17 @@ localrules:
     judge_mt_bench,
     judge_alpaca_eval,
     report,
+    judge_mt_bench_grid,
+    judge_alpaca_eval_grid,
+    report_experiments,
 
 
 wildcard_constraints:
     stage="|".join(layout.STAGES),
     stagedir="(base/|sft/)?",
+    key="[0-9a-f]{12}",
+    name="[A-Za-z0-9][A-Za-z0-9._=+-]*",
+    home="shared/(base|sft)/[0-9a-f]{12}|experiments/[A-Za-z0-9][A-Za-z0-9._=+-]*",
 
 
 def demo_inputs():
@@ -123,8 +156,21 @@ def answers_for(name):
 
 
 def all_targets():
+    """Every score, the report and the plan: of the one experiment, or of every experiment of the grid."""
+    if GRID:
+        return [
+            *GRID.eval_targets(),
+            *rules.report_experiments.output,
+            *rules.plan.output,
+        ]
     return [
-        layout.eval_summary(R, s, b) for s in EVAL["stages"] for b in layout.BENCHMARKS
+        *(
+            layout.eval_summary(R, s, b)
+            for s in EVAL["stages"]
+            for b in layout.BENCHMARKS
+        ),
+        *rules.report.output,
+        *rules.plan.output,
     ]
 
 
@@ -172,3 +218,53 @@ def planned_runtime(rule, default):
         return max(jobs[0]["runtime_min"], 30) if jobs else default
 
     return runtime
+
+
+# Input functions of the experiments' rules (experiments.smk).
+
+
+def grid_base(w):
+    return GRID.first_base[w.key].exp.base_model
+
+
+def grid_data(stage, field):
+    return lambda w: getattr(GRID.data_owner(stage, w.key), stage)[field]
+
+
+def grid_data_files(stage, experiment):
+    return {
+        f: f"{GRID.data_dir(experiment, stage)}/{f}.parquet" for f in ("train", "test")
+    }
+
+
+def grid_runtime(rule, default):
+    """Minutes to ask for, from the plan of the experiment the job belongs to: each job sized by its model."""
+
+    def runtime(wildcards, attempt):
+        r = (
+            GRID.first_sft[wildcards.key]
+            if rule == "train_sft"
+            else GRID.by_name[wildcards.name]
+        )
+        try:
+            plan = planner.make_plan(
+                r.exp.config(config),
+                r.sft,
+                r.dpo,
+                training_gpus(),
+                gpu_type_of(rule),
+                R,
+                verify=f"{R}/{GRID.home(r, 'base')}/verify.json",
+                data_dirs={s: GRID.data_dir(r, s) for s in ("sft", "dpo")},
+            )
+        except UserError:
+            return default
+        jobs = [j for j in plan["jobs"] if j["rule"] == rule]
+        return max(jobs[0]["runtime_min"], 30) if jobs else default
+
+    return runtime
+
+
+def grid_model_id(w):
+    r, stage = GRID.owner(w.home)
+    return f"{r.name}-{stage}" if stage == "dpo" else f"{stage}-{w.home.split('/')[-1]}"

@@ -20,5 +20,7 @@ rule plan:
         dpo=DPO,
         gpus=training_gpus(),
         gpu_type=gpu_type_of("train_sft"),
+        # a grid's experiments (None: the one experiment of the config)
+        experiments=GRID.to_dict() if GRID else None,
     script:
         "../scripts/plan.py"

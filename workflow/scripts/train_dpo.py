@@ -6,7 +6,9 @@ from mamba_align.utils import setup_logging
 setup_logging(snakemake.log[0])
 i, o, p = snakemake.input, snakemake.output, snakemake.params
 # what is learned from params (the rerun trigger), operational keys from the config as it is now
-recipe = stage_recipe(snakemake.config, "dpo", workflow_root(snakemake.scriptdir), p.recipe)
+# (an experiment of a grid passes its own recipe and overrides as params.config)
+config = getattr(p, "config", None) or snakemake.config
+recipe = stage_recipe(config, "dpo", workflow_root(snakemake.scriptdir), p.recipe)
 train_stage("dpo", i.model, i.train, i.test, recipe, o.model, p.checkpoints, o.metrics,
             num_processes=max(1, int(snakemake.resources.gpu)),
             fsdp=int(getattr(snakemake.resources, "fsdp", 0)) > 0)

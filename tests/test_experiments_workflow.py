@@ -1,0 +1,98 @@
+"""Workflow tier for experiments: a grid dry-runs to the job count computed by hand (shared jobs once), the
+default config's DAG and targets are those it had before experiments existed, lint stays clean on a grid."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from wfhelpers import planned_jobs, snakemake
+
+DEMO_GRID = ("--configfile", "config/demo.yaml", "config/demo-grid.yaml")
+
+
+def test_grid_dry_run_counts_shared_jobs_once(workflow_copy):
+    b, betas, seeds = 2, 3, 2  # base models x DPO betas x seeds, SFT and DPO models evaluated
+    (workflow_copy / "grid.yaml").write_text(yaml.safe_dump({"experiments": {"grid": {
+        "base_model": ["results/demo/base_mamba_ssm", "results/demo/other_mamba_ssm"],
+        "dpo": {"beta": [0.01, 0.05, 0.1]}, "seed": [1, 2]}}}))
+    jobs = planned_jobs(snakemake(workflow_copy, "-n", "--configfile", "config/demo.yaml", "grid.yaml").stdout)
+    dpo_models = b * betas * seeds
+    evaluated = dpo_models + b  # every DPO model, and each base model's one SFT model
+    assert jobs == {
+        "build_demo_inputs": 1, "fetch_mt_bench": 1, "fetch_alpaca_eval": 1, "plan": 1, "report_experiments": 1,
+        "all": 1,
+        "prepare_base_model_grid": b,  # one conversion per base model
+        "prepare_sft_data_grid": 1, "prepare_preference_data_grid": 1,  # one tokenizer and template: data once
+        "train_sft_grid": b,  # SFT per base model: the beta sweep and the seeds share it
+        "train_dpo_grid": dpo_models,
+        "generate_mt_bench_grid": evaluated, "judge_mt_bench_grid": evaluated,
+        "generate_alpaca_eval_grid": evaluated, "judge_alpaca_eval_grid": evaluated,
+    }
+
+
+def test_demo_grid_dry_run_shows_the_grid(workflow_copy):
+    out = snakemake(workflow_copy, "-n", *DEMO_GRID).stdout
+    jobs = planned_jobs(out)
+    assert jobs["train_sft_grid"] == 1 and jobs["train_dpo_grid"] == 4 and jobs["judge_mt_bench_grid"] == 4
+    for name in ("beta0.05-seed1", "beta0.05-seed2", "beta0.2-seed1", "beta0.2-seed2"):
+        assert f"results/experiments/{name}/eval/mtbench.json" in out
+    assert "results/report/experiments/dpo.beta.png" in out
+
+
+# What `snakemake -n --configfile config/config.yaml` planned before experiments existed (main at 245e010).
+DEFAULT_JOBS = {"prepare_base_model": 1, "prepare_sft_data": 1, "train_sft": 1, "prepare_preference_data": 1,
+                "train_dpo": 1, "fetch_mt_bench": 1, "fetch_alpaca_eval": 1, "generate_mt_bench": 2,
+                "judge_mt_bench": 2, "generate_alpaca_eval": 2, "judge_alpaca_eval": 2, "report": 1, "plan": 1,
+                "all": 1}
+DEFAULT_TARGETS = ["results/eval/sft/mtbench.json", "results/eval/sft/alpacaeval.json", "results/eval/mtbench.json",
+                   "results/eval/alpacaeval.json", "results/report/scores.md", "results/report/scores.csv",
+                   "results/report/mt_bench_radar.png", "results/report/training_curves.png", "results/plan.json",
+                   "results/plan.txt"]
+DEFAULT_OUTPUTS = {
+    "results/data/alpaca_eval", "results/data/mt_bench/question.jsonl", "results/models/base",
+    "results/models/base.verify.json", "results/data/sft/train.parquet", "results/data/dpo/train.parquet",
+    "results/models/sft", "results/metrics/sft.json", "results/models/dpo", "results/metrics/dpo.json",
+    "results/eval/sft/mt_bench_answers.jsonl", "results/eval/dpo/mt_bench_answers.jsonl",
+    "results/eval/sft/alpaca_eval_outputs.json", "results/eval/dpo/alpaca_eval_outputs.json",
+    *DEFAULT_TARGETS}
+
+
+def test_default_config_dag_and_targets_are_unchanged(workflow_copy):
+    out = snakemake(workflow_copy, "-n", "--configfile", "config/config.yaml").stdout
+    assert planned_jobs(out) == DEFAULT_JOBS
+    all_block = out[out.rindex("rule all:"):]
+    assert re.search(r"input: (.*)", all_block).group(1).split(", ") == DEFAULT_TARGETS
+    outputs = {f for line in re.findall(r"^    output: (.*)$", out, re.M) for f in line.split(", ")}
+    assert DEFAULT_OUTPUTS <= outputs and not any("experiments" in f or "shared" in f for f in outputs)
+
+
+def test_lint_is_clean_on_a_grid(workflow_copy):
+    proc = snakemake(workflow_copy, "--lint", *DEMO_GRID, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bad_grid_is_named_before_any_job(workflow_copy):
+    for patch, expected in [({"experiments": {"grid": {"sed": [1]}}}, "sed"),
+                            ({"experiments": {"grid": {"dpo": {"betta": [0.1]}}}}, "betta"),
+                            ({"experiments": {"list": [{"name": "a"}, {"name": "a"}]}}, "two experiments are named 'a'")]:
+        (workflow_copy / "bad.yaml").write_text(yaml.safe_dump(patch))
+        proc = snakemake(workflow_copy, "-n", "--configfile", "config/demo.yaml", "bad.yaml", check=False)
+        assert proc.returncode != 0 and expected in proc.stdout + proc.stderr, patch
+
+
+def test_profiles_and_plan_size_each_grid_job_by_its_model(workflow_copy):
+    (workflow_copy / "family.yaml").write_text(yaml.safe_dump({"experiments": {"grid": {
+        "base_model": ["state-spaces/mamba-130m", "state-spaces/mamba-2.8b"]}}}))
+    out = snakemake(workflow_copy, "-n", "--profile", "profiles/slurm", "--configfile", "config/config.yaml",
+                    "family.yaml").stdout
+    jobs = planned_jobs(out)
+    assert jobs["prepare_base_model_grid"] == 2 and jobs["train_sft_grid"] == 2 and jobs["train_dpo_grid"] == 2
+    runtimes = []
+    for block in out.split("rule train_sft_grid:")[1:]:
+        block = block.split("\n\n")[0]
+        assert "gpu=8" in block  # the profile's resources of train_sft apply to its grid twin
+        runtimes.append(int(block.split("runtime=")[1].split(",")[0]))
+    small, large = sorted(runtimes)  # 130M and 2.8B: the plan's runtime of each
+    assert small == 30 and large > 100, runtimes  # 130M: under the 30-min floor; 2.8B: ~2 h on 8 A100s

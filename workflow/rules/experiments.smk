@@ -1,0 +1,191 @@
+# Experiments of a grid (config `experiments`): the same rules, with outputs under folders keyed by what each
+# job learns from (mamba_align.experiments), so that work the experiments share runs once. Inactive (no
+# target asks for these paths) when the config names no experiments.
+
+
+use rule prepare_base_model as prepare_base_model_grid with:
+    input:
+        demo_inputs(),
+    output:
+        model=directory(f"{R}/shared/base/{{key}}/model"),
+        report=f"{R}/shared/base/{{key}}/verify.json",
+    log:
+        f"{R}/logs/shared/base/{{key}}/prepare_base_model.log",
+    params:
+        base=grid_base,
+
+
+use rule prepare_sft_data as prepare_sft_data_grid with:
+    input:
+        demo_inputs(),
+        model=lambda w: GRID.model(GRID.data_owner("sft", w.key), "base"),
+    output:
+        train=f"{R}/shared/data/sft/{{key}}/train.parquet",
+        test=f"{R}/shared/data/sft/{{key}}/test.parquet",
+        stats=f"{R}/shared/data/sft/{{key}}/stats.json",
+    log:
+        f"{R}/logs/shared/data/sft/{{key}}/prepare_sft_data.log",
+    params:
+        dataset=grid_data("sft", "dataset"),
+        max_seq_length=grid_data("sft", "max_seq_length"),
+        packing=grid_data("sft", "packing"),
+
+
+use rule prepare_preference_data as prepare_preference_data_grid with:
+    input:
+        demo_inputs(),
+        model=lambda w: GRID.model(GRID.data_owner("dpo", w.key), "base"),
+    output:
+        train=f"{R}/shared/data/dpo/{{key}}/train.parquet",
+        test=f"{R}/shared/data/dpo/{{key}}/test.parquet",
+        stats=f"{R}/shared/data/dpo/{{key}}/stats.json",
+    log:
+        f"{R}/logs/shared/data/dpo/{{key}}/prepare_preference_data.log",
+    params:
+        dataset=grid_data("dpo", "dataset"),
+        max_length=grid_data("dpo", "max_length"),
+        max_prompt_length=grid_data("dpo", "max_prompt_length"),
+
+
+use rule train_sft as train_sft_grid with:
+    input:
+        unpack(lambda w: grid_data_files("sft", GRID.first_sft[w.key])),
+        model=lambda w: GRID.model(GRID.first_sft[w.key], "base"),
+    output:
+        model=directory(f"{R}/shared/sft/{{key}}/model"),
+        metrics=f"{R}/shared/sft/{{key}}/metrics.json",
+    log:
+        f"{R}/logs/shared/sft/{{key}}/train_sft.log",
+    benchmark:
+        f"{R}/benchmarks/shared/sft/{{key}}/train_sft.tsv"
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=grid_runtime("train_sft", 60),
+    params:
+        recipe=lambda w: learning_settings(GRID.first_sft[w.key].sft),
+        checkpoints=f"{R}/checkpoints",
+        config=lambda w: GRID.stage_config(GRID.first_sft[w.key], "sft"),
+
+
+use rule train_dpo as train_dpo_grid with:
+    input:
+        unpack(lambda w: grid_data_files("dpo", GRID.by_name[w.name])),
+        model=lambda w: GRID.model(GRID.by_name[w.name], "sft"),
+    output:
+        model=directory(f"{R}/experiments/{{name}}/model"),
+        metrics=f"{R}/experiments/{{name}}/metrics.json",
+    log:
+        f"{R}/logs/experiments/{{name}}/train_dpo.log",
+    benchmark:
+        f"{R}/benchmarks/experiments/{{name}}/train_dpo.tsv"
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=grid_runtime("train_dpo", 60),
+    params:
+        recipe=lambda w: learning_settings(GRID.by_name[w.name].dpo),
+        checkpoints=f"{R}/checkpoints",
+        config=lambda w: GRID.stage_config(GRID.by_name[w.name], "dpo"),
+
+
+use rule generate_mt_bench as generate_mt_bench_grid with:
+    input:
+        model=f"{R}/{{home}}/model",
+        questions=rules.fetch_mt_bench.output.questions,
+    output:
+        f"{R}/{{home}}/eval/mt_bench_answers.jsonl",
+    log:
+        f"{R}/logs/{{home}}/generate_mt_bench.log",
+    benchmark:
+        f"{R}/benchmarks/{{home}}/generate_mt_bench.tsv"
+    params:
+        model_id=grid_model_id,
+        model=lambda w: GRID.learned_by(w.home, learning_settings),
+        max_new_tokens=MTB["max_new_tokens"],
+        batch_size=EVAL["generation_batch_size"],
+
+
+use rule judge_mt_bench as judge_mt_bench_grid with:
+    input:
+        answers=f"{R}/{{home}}/eval/mt_bench_answers.jsonl",
+        questions=rules.fetch_mt_bench.output.questions,
+        judge_prompts=rules.fetch_mt_bench.output.judge_prompts,
+        reference=rules.fetch_mt_bench.output.reference,
+    output:
+        f"{R}/{{home}}/eval/mtbench.json",
+    log:
+        f"{R}/logs/{{home}}/judge_mt_bench.log",
+    params:
+        judge=JUDGE,
+        cache=f"{R}/{{home}}/eval/mt_bench_judge_cache.jsonl",
+        judgments=f"{R}/{{home}}/eval/mt_bench_judgments.jsonl",
+
+
+use rule generate_alpaca_eval as generate_alpaca_eval_grid with:
+    input:
+        model=f"{R}/{{home}}/model",
+        data=rules.fetch_alpaca_eval.output[0],
+    output:
+        f"{R}/{{home}}/eval/alpaca_eval_outputs.json",
+    log:
+        f"{R}/logs/{{home}}/generate_alpaca_eval.log",
+    benchmark:
+        f"{R}/benchmarks/{{home}}/generate_alpaca_eval.tsv"
+    params:
+        generator=grid_model_id,
+        model=lambda w: GRID.learned_by(w.home, learning_settings),
+        temperature=AE["temperature"],
+        top_p=AE["top_p"],
+        top_k=AE["top_k"],
+        max_new_tokens=AE["max_new_tokens"],
+        batch_size=EVAL["generation_batch_size"],
+
+
+use rule judge_alpaca_eval as judge_alpaca_eval_grid with:
+    input:
+        outputs=f"{R}/{{home}}/eval/alpaca_eval_outputs.json",
+        data=rules.fetch_alpaca_eval.output[0],
+    output:
+        f"{R}/{{home}}/eval/alpacaeval.json",
+    log:
+        f"{R}/logs/{{home}}/judge_alpaca_eval.log",
+    params:
+        judge={**JUDGE, "model": AE["judge_model"]},
+        annotators=AE["annotators"],
+        cache=f"{R}/{{home}}/eval/alpaca_eval_cache",
+
+
+rule report_experiments:
+    """Every experiment side by side (mean ± spread over seeds), a plot per swept axis, the published rows."""
+    input:
+        evals=lambda w: GRID.eval_targets(),
+    output:
+        table=report(
+            f"{R}/report/experiments/scores.md",
+            caption="../report/experiments.rst",
+            category="Experiments",
+        ),
+        csv=f"{R}/report/experiments/scores.csv",
+        plots=[
+            report(
+                f"{R}/report/experiments/{experiments_of.plot_name(a)}",
+                caption="../report/experiments.rst",
+                category="Experiments",
+            )
+            for a in (GRID.swept_axes() if GRID else [])
+        ],
+    log:
+        f"{R}/logs/report_experiments.log",
+    conda:
+        "../envs/mamba-align.yaml"
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=10,
+    params:
+        experiments=lambda w: GRID.report_entries(),
+        axes=lambda w: GRID.swept_axes(),
+        demo=config["demo"],
+    script:
+        "../scripts/report_experiments.py"
