@@ -11,6 +11,8 @@ use rule prepare_base_model as prepare_base_model_grid with:
         report=f"{R}/shared/base/{{key}}/verify.json",
     log:
         f"{R}/logs/shared/base/{{key}}/prepare_base_model.log",
+    benchmark:
+        f"{R}/benchmarks/shared/base/{{key}}/prepare_base_model.tsv"
     params:
         base=grid_base,
 
@@ -25,6 +27,8 @@ use rule prepare_sft_data as prepare_sft_data_grid with:
         stats=f"{R}/shared/data/sft/{{key}}/stats.json",
     log:
         f"{R}/logs/shared/data/sft/{{key}}/prepare_sft_data.log",
+    benchmark:
+        f"{R}/benchmarks/shared/data/sft/{{key}}/prepare_sft_data.tsv"
     params:
         dataset=grid_data("sft", "dataset"),
         max_seq_length=grid_data("sft", "max_seq_length"),
@@ -41,6 +45,8 @@ use rule prepare_preference_data as prepare_preference_data_grid with:
         stats=f"{R}/shared/data/dpo/{{key}}/stats.json",
     log:
         f"{R}/logs/shared/data/dpo/{{key}}/prepare_preference_data.log",
+    benchmark:
+        f"{R}/benchmarks/shared/data/dpo/{{key}}/prepare_preference_data.tsv"
     params:
         dataset=grid_data("dpo", "dataset"),
         max_length=grid_data("dpo", "max_length"),
@@ -116,6 +122,8 @@ use rule judge_mt_bench as judge_mt_bench_grid with:
         f"{R}/{{home}}/eval/mtbench.json",
     log:
         f"{R}/logs/{{home}}/judge_mt_bench.log",
+    benchmark:
+        f"{R}/benchmarks/{{home}}/judge_mt_bench.tsv"
     params:
         judge=JUDGE,
         cache=f"{R}/{{home}}/eval/mt_bench_judge_cache.jsonl",
@@ -150,6 +158,8 @@ use rule judge_alpaca_eval as judge_alpaca_eval_grid with:
         f"{R}/{{home}}/eval/alpacaeval.json",
     log:
         f"{R}/logs/{{home}}/judge_alpaca_eval.log",
+    benchmark:
+        f"{R}/benchmarks/{{home}}/judge_alpaca_eval.tsv"
     params:
         judge={**JUDGE, "model": AE["judge_model"]},
         annotators=AE["annotators"],
@@ -177,6 +187,8 @@ rule report_experiments:
         ],
     log:
         f"{R}/logs/report_experiments.log",
+    benchmark:
+        f"{R}/benchmarks/report_experiments.tsv"
     conda:
         "../envs/mamba-align.yaml"
     resources:
