@@ -3,7 +3,6 @@ by its settings, data and parent model; a finished run stores its model, points 
 deletes its checkpoints; a retrain really retrains and keeps the earlier model; two jobs never share a
 checkpoint folder, and a killed one leaves no stale lock."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,13 +18,12 @@ from mamba_align import runs
 from mamba_align.recipes import load_recipe
 from mamba_align.train import lock_checkpoint_dir, release_checkpoint_dir
 from mamba_align.utils import UserError, read_json
+from wfhelpers import bench_module
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "recipes" / "demo"
-_spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = bench_module("train_throughput")
 SHORT = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
 
 

@@ -3,7 +3,6 @@ run killed mid-training resumes to the same weights, SIGTERM/SIGUSR1/STOP leave 
 ranks keep the global batch, bad inputs fail early. The tiny model and data come from bench/train_throughput.py.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,13 +21,12 @@ from mamba_align.recipes import load_recipe
 from mamba_align.train import (PREEMPTED_EXIT_CODE, _decay_parameter_names, last_complete_checkpoint, main,
                                train_dpo, train_sft, truncate_pair)
 from mamba_align.utils import UserError, read_json
+from wfhelpers import bench_module
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "recipes" / "demo"
-_spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = bench_module("train_throughput")
 
 
 @pytest.fixture(scope="module")

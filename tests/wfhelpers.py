@@ -13,6 +13,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def bench_module(name: str):
+    """bench/<name>.py as a module (its synthetic-model helpers are the tests' tiny fixtures)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "results", ".snakemake", "__pycache__", ".pytest_cache",
                                      ".gpu", ".whl", "*.egg-info")
 
