@@ -18,34 +18,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from submits import GPU_RULES, TRAINING, capture
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("snakemake_executor_plugin_htcondor")
 
 PROFILE = REPO / "profiles" / "condor"
-CAPTURE = Path(__file__).with_name("capture_submits.py")
-GPU_RULES = {"train_sft", "train_dpo", "generate_mt_bench", "generate_alpaca_eval"}
-TRAINING = {"train_sft", "train_dpo"}
 # keys of set-resources that are for Snakemake / the workflow, not for HTCondor
 WORKFLOW_KEYS = {"gpu"}
 
 
 def profile() -> dict:
     return yaml.safe_load((PROFILE / "config.yaml").read_text())
-
-
-def condor_env() -> dict:
-    return {**os.environ, "CONDOR_CONFIG": "/dev/null"}  # no pool configured: silence the bindings
-
-
-def capture(kind: str, workdir: Path, out: Path, *args: str) -> list[dict]:
-    """Jobs of the demo DAG and what the `kind` plugin would submit for each (see capture_submits.py)."""
-    cmd = [sys.executable, str(CAPTURE), kind, str(out), "--", "--configfile", "config/demo.yaml",
-           "--dry-run", "--cores", "1024", *args]
-    proc = subprocess.run(cmd, cwd=workdir, env=condor_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"dry run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -63,24 +48,20 @@ def test_every_rule_is_set_and_every_set_rule_exists(submits):
     assert rules >= GPU_RULES
     set_rules = set(profile()["set-resources"])
     assert rules - set_rules == set(), "rules without HTCondor resources (pool defaults would apply)"
-    # the grid's rules (workflow/rules/experiments.smk) run only for a config with experiments
-    grid = set(re.findall(r"^(?:use rule \w+ as (\w+) with|rule (\w+)):", (REPO / "workflow" / "rules" /
-                                                                    "experiments.smk").read_text(), re.M))
-    grid = {a or b for a, b in grid}
-    assert set_rules - rules - grid == set(), "profile names rules the workflow does not have"
+    assert set_rules - rules == set(), "profile names rules the workflow does not have"
 
 
 def test_every_key_reaches_the_submit_description(submits):
     """The plugin passes only HTCondor-named keys; a key it drops would be silently ignored."""
     for rule, keys in profile()["set-resources"].items():
-        for job in submits.get(rule, []):  # grid rules: no job in the demo DAG
+        for job in submits[rule]:
             missing = set(keys) - WORKFLOW_KEYS - set(job["submit"])
             assert not missing, f"{rule}: {sorted(missing)} not in the submit description"
 
 
 @pytest.mark.parametrize("rule", sorted(GPU_RULES))
 def test_gpu_rules_ask_for_a100_class_gpus(submits, rule):
-    for job in submits.get(rule, []):  # grid rules: no job in the demo DAG
+    for job in submits[rule]:
         sub = job["submit"]
         n = int(sub["request_gpus"])
         assert n >= 1
@@ -97,7 +78,7 @@ def test_gpu_rules_ask_for_a100_class_gpus(submits, rule):
 
 @pytest.mark.parametrize("rule", sorted(set(profile()["set-resources"]) - GPU_RULES))
 def test_cpu_rules_ask_for_no_gpu(submits, rule):
-    for job in submits.get(rule, []):  # grid rules: no job in the demo DAG
+    for job in submits[rule]:
         sub = job["submit"]
         assert int(sub.get("request_gpus", 0)) == 0
         assert "require_gpus" not in sub and "gpus_minimum_capability" not in sub

@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import submits
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 PROFILE = REPO / "profiles" / "slurm"
 OVERLAY = HERE / "overlay"
 TARGETS = ["results/eval/mtbench.json", "results/eval/alpacaeval.json"]
+# the demo DAG's (cluster tier); the default tier checks the grid's rules too (submits.GPU_RULES)
 GPU_RULES = {"train_sft", "train_dpo", "generate_mt_bench", "generate_alpaca_eval"}
 TRAINING = {"train_sft", "train_dpo"}
 # what the overlay must copy verbatim from profiles/slurm (only sizes may differ)
@@ -74,25 +76,21 @@ def test_overlay_keeps_the_profiles_gpu_selectors():
 @pytest.fixture(scope="module")
 def sbatch(repo_copy, tmp_path_factory) -> dict[str, list[str]]:
     """rule -> the sbatch option strings the slurm plugin builds for its jobs under profiles/slurm."""
-    out = tmp_path_factory.mktemp("slurm") / "sbatch.jsonl"
-    cmd = [sys.executable, str(HERE / "capture_submits.py"), "slurm", str(out), "--", "--profile",
-           "profiles/slurm", "--configfile", "config/demo.yaml", "--dry-run", "--cores", "1024"]
-    proc = subprocess.run(cmd, cwd=repo_copy, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"dry run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    jobs = submits.capture("slurm", repo_copy, tmp_path_factory.mktemp("slurm") / "sbatch.jsonl",
+                           "--profile", "profiles/slurm")
     calls = defaultdict(list)
-    for line in out.read_text().splitlines():
-        job = json.loads(line)
+    for job in jobs:
         calls[job["rule"]].append(job["submit"])
     return dict(calls)
 
 
 def test_every_rule_has_slurm_resources(sbatch):
     rules = set(sbatch) - {"all"}
-    assert rules >= GPU_RULES
+    assert rules >= submits.GPU_RULES
     assert rules == set(load(PROFILE)["set-resources"])
 
 
-@pytest.mark.parametrize("rule", sorted(TRAINING))
+@pytest.mark.parametrize("rule", sorted(submits.TRAINING))
 def test_training_asks_for_eight_a100_80gb_and_a_warning_signal(sbatch, rule):
     for call in sbatch[rule]:
         assert "--gpus=a100:8" in call
@@ -104,7 +102,7 @@ def test_training_asks_for_eight_a100_80gb_and_a_warning_signal(sbatch, rule):
         assert minutes * 60 > 900, "runtime shorter than the signal's lead: the job would be told to stop at once"
 
 
-@pytest.mark.parametrize("rule", ["generate_mt_bench", "generate_alpaca_eval"])
+@pytest.mark.parametrize("rule", sorted(submits.GPU_RULES - submits.TRAINING))
 def test_generation_asks_for_one_a100(sbatch, rule):
     for call in sbatch[rule]:
         assert "--gpus=a100:1" in call and "--signal" not in call
@@ -112,7 +110,7 @@ def test_generation_asks_for_one_a100(sbatch, rule):
 
 def test_cpu_rules_ask_for_no_gpu(sbatch):
     for rule, calls in sbatch.items():
-        if rule in GPU_RULES:
+        if rule in submits.GPU_RULES:
             continue
         for call in calls:
             assert "--gpus" not in call and "--gres" not in call and " -C " not in call, rule
