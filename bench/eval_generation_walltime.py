@@ -83,8 +83,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from mamba_align import engine as E
-    from mamba_align.generate import generate_alpaca_eval, generate_mt_bench
+    from mamba_align.eval import engine as E
+    from mamba_align.eval.generate import generate_alpaca_eval, generate_mt_bench
 
     cuda = torch.cuda.is_available()
     shape = "tiny" if a.tiny else "2.8b"

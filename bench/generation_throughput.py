@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from mamba_align.engine import MambaSSMEngine, Sampling, TransformersEngine, _mamba_ssm_missing
+    from mamba_align.eval.engine import MambaSSMEngine, Sampling, TransformersEngine, _mamba_ssm_missing
 
     cuda = torch.cuda.is_available()
     shape = "tiny" if a.tiny else "2.8b"

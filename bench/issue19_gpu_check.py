@@ -25,7 +25,7 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
-    from mamba_align.kernels import missing_kernels, require_kernels
+    from mamba_align.model.kernels import missing_kernels, require_kernels
     from mamba_align.utils import UserError
 
     result = {"cuda": torch.cuda.is_available(), "missing": missing_kernels()}
@@ -43,8 +43,8 @@ def main() -> int:
     spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from mamba_align.recipes import load_recipe
-    from mamba_align.train import train_sft
+    from mamba_align.train.recipes import load_recipe
+    from mamba_align.train.run import train_sft
 
     lines: list[str] = []
 

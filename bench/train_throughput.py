@@ -1,4 +1,4 @@
-"""Training throughput of mamba_align.train (train_sft / train_dpo) on synthetic data, random weights.
+"""Training throughput of mamba_align.train.run (train_sft / train_dpo) on synthetic data, random weights.
 
 Default: the Mamba-2.8B shape (d_model 2560, 64 layers, vocab 50280) on one GPU, with transformers'
 MambaForCausalLM (mamba_ssm / causal_conv1d kernels when installed), fp32 weights + bf16 autocast,
@@ -143,7 +143,7 @@ class _PreemptAt(logging.Handler):
 
 def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompute: bool = False,
            preempt_at: int = 0) -> dict:
-    from mamba_align.train import PREEMPTED_EXIT_CODE, STOP_FILE, train_dpo, train_sft
+    from mamba_align.train.run import PREEMPTED_EXIT_CODE, STOP_FILE, train_dpo, train_sft
 
     tag = f"{stage}{'-precompute' if precompute else ''}"
     out, ckpt, metrics = work / f"out-{tag}", work / f"ckpt-{tag}", work / f"{tag}.json"
@@ -158,7 +158,7 @@ def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompu
     t0 = time.time()
     if preempt_at:  # stop at step k as on SIGTERM, then rerun: it must resume from checkpoint-k
         watcher = _PreemptAt(ckpt / STOP_FILE, preempt_at)
-        logging.getLogger("mamba_align.train").addHandler(watcher)
+        logging.getLogger("mamba_align.train.run").addHandler(watcher)
         ckpt.mkdir(parents=True, exist_ok=True)
         try:
             run()
@@ -166,7 +166,7 @@ def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompu
         except SystemExit as e:
             code = e.code
         finally:
-            logging.getLogger("mamba_align.train").removeHandler(watcher)
+            logging.getLogger("mamba_align.train.run").removeHandler(watcher)
         res["preempted"] = {"exit_code": code, "expected_exit_code": PREEMPTED_EXIT_CODE,
                             "checkpoints": sorted(c.name for c in ckpt.glob("checkpoint-*")),
                             "log": watcher.saves, "wall_time_s": round(time.time() - t0, 1)}
@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import torch
 
-    from mamba_align.recipes import DatasetSpec, DPORecipe, SFTRecipe
+    from mamba_align.train.recipes import DatasetSpec, DPORecipe, SFTRecipe
     from mamba_align.utils import setup_logging, write_json
 
     setup_logging()
@@ -309,7 +309,8 @@ def main(argv=None) -> dict:
 
 def _ablations(a) -> None:
     """Patch the trainer for --profile, --no-checkpoint-save, --no-fused-optimizer, --no-mask-check, --trl-loss."""
-    from mamba_align import fast, train
+    from mamba_align.model import fast
+    from mamba_align.train import run as train
 
     if a.trl_loss:
         from trl import SFTTrainer

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fake_openai import FakeOpenAI, logprob_entry
-from mamba_align import alpacaeval
+from mamba_align.eval import alpacaeval
 from mamba_align.utils import UserError, read_json, sha256_file
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo" / "alpaca_eval"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mamba_align import condor_env
+from mamba_align.ops import condor_env
 
 
 def test_sets_dev_null_only_where_htcondor_would(monkeypatch, tmp_path):
@@ -28,7 +28,7 @@ def test_the_htcondor_plugin_imports_without_the_warning():
     if any(os.path.isfile(os.path.expanduser(p)) for p in condor_env.DEFAULT_LOCATIONS):
         pytest.skip("an HTCondor config exists here")
     env = {k: v for k, v in os.environ.items() if k != "CONDOR_CONFIG"}
-    code = "import mamba_align.condor_env as m; m.quiet_condor_config(); import snakemake_executor_plugin_htcondor"
+    code = "import mamba_align.ops.condor_env as m; m.quiet_condor_config(); import snakemake_executor_plugin_htcondor"
     quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert quiet.returncode == 0 and "CONDOR_CONFIG" not in quiet.stderr, quiet.stderr
     loud = subprocess.run([sys.executable, "-c", "import htcondor2"], env=env, capture_output=True, text=True)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamba_align import convert, mamba_ref
-from mamba_align.convert import (CHAT_TEMPLATES, build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer,
+from mamba_align.model import convert
+from mamba_align.model import mamba_ref
+from mamba_align.model.convert import (CHAT_TEMPLATES, build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer,
                                  prepare_base_model)
 from mamba_align.utils import UserError, read_json
 

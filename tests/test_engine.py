@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_align import engine as E
-from mamba_align.engine import Sampling
+from mamba_align.eval import engine as E
+from mamba_align.eval.engine import Sampling
 
 HAS_GPU_KIT = torch.cuda.is_available() and all(
     importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d"))
@@ -86,7 +86,7 @@ def test_mamba_ssm_config_rejects_what_it_cannot_map():
 def test_mapped_weights_give_the_same_logits_in_mamba_ssm_layout(tie):
     """The renamed state dict, read by the project's independent mamba_ssm-layout reference, reproduces the
     transformers model's logits: keys, vocab rows, tying and config all line up."""
-    from mamba_align import mamba_ref
+    from mamba_align.model import mamba_ref
 
     model = tiny_model(tie_word_embeddings=tie)
     if not tie:

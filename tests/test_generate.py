@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mamba_align import generate
+from mamba_align.eval import generate
 from mamba_align.utils import read_jsonl
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from fake_openai import KEY, judge_cfg, FakeOpenAI, logprob_entry
-from mamba_align.judge_client import JudgeClient, check_judge, request_key
+from mamba_align.eval.judge.client import JudgeClient, check_judge, request_key
 from mamba_align.utils import UserError, read_jsonl
 
 

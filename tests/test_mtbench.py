@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from fake_openai import KEY, judge_cfg, FakeOpenAI
-from mamba_align import judge_client, mtbench
-from mamba_align.judge_client import request_key
+from mamba_align.eval.judge import client as judge_client
+from mamba_align.eval import mtbench
+from mamba_align.eval.judge.client import request_key
 from mamba_align.utils import UserError, read_json, read_jsonl
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mt_bench"
@@ -304,7 +305,8 @@ def test_repeats_take_the_median(data, tmp_path):
 
 CRASH_SCRIPT = """
 import sys
-from mamba_align import judge_client, mtbench
+from mamba_align.eval.judge import client as judge_client
+from mamba_align.eval import mtbench
 d, tmp, url = sys.argv[1:4]
 cfg = {"backend": "openai", "model": "gpt-4", "base_url": None, "api_key_env": "OPENAI_API_KEY",
        "concurrency": 4, "repeats": 1, "max_retries": 8, "timeout_s": 5, "temperature": 0.0, "max_tokens": 2048}

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mamba_align import plan
+from mamba_align.ops import plan
 from mamba_align.utils import UserError
 
 CFG = {
@@ -161,7 +161,7 @@ def test_a_recipe_that_does_not_fit_gets_the_fix_named(tmp_path):
 
 
 def test_the_shipped_recipes_fit_80_gb_at_the_2p8b_shape():
-    from mamba_align.recipes import as_dict, load_recipe
+    from mamba_align.train.recipes import as_dict, load_recipe
 
     for name in ("zephyr-7b-beta", "zephyr-7b-beta-2024", "zephyr-7b-gemma"):
         for stage in ("sft", "dpo"):

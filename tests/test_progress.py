@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from mamba_align import generate, kernels
+from mamba_align.eval import generate
+from mamba_align.model import kernels
 from mamba_align.utils import ProgressLog, UserError, format_duration
 
 
@@ -82,7 +83,7 @@ def test_generation_logs_count_and_eta(tmp_path, caplog):
 
 def test_judge_logs_count_eta_and_spend(tmp_path, caplog, monkeypatch):
     from fake_openai import KEY, FakeOpenAI, judge_cfg
-    from mamba_align.judge_client import JudgeClient
+    from mamba_align.eval.judge.client import JudgeClient
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     caplog.set_level(logging.INFO)
@@ -100,8 +101,8 @@ def test_judge_logs_count_eta_and_spend(tmp_path, caplog, monkeypatch):
 
 def test_training_logs_progress_and_writes_tensorboard_events(tmp_path, caplog, monkeypatch):
     from test_train import DEMO, bench
-    from mamba_align.recipes import load_recipe
-    from mamba_align.train import train_sft
+    from mamba_align.train.recipes import load_recipe
+    from mamba_align.train.run import train_sft
 
     bench.write_model(tmp_path / "model", **bench.SHAPES["tiny"])
     bench.write_sft_rows(tmp_path / "train.parquet", 64, bench.words(512)[:40], seed=0)
@@ -120,7 +121,7 @@ def test_training_logs_progress_and_writes_tensorboard_events(tmp_path, caplog, 
 
 
 def test_report_to_is_operational_and_checked():
-    from mamba_align.recipes import OPERATIONAL_KEYS, load_recipe
+    from mamba_align.train.recipes import OPERATIONAL_KEYS, load_recipe
     from test_train import DEMO
 
     assert "report_to" in OPERATIONAL_KEYS  # changing it reruns nothing
@@ -143,8 +144,8 @@ def cuda_without_kernels(monkeypatch):
 
 
 def test_cuda_without_kernels_fails_before_training_loads_a_model(cuda_without_kernels, tmp_path):
-    from mamba_align.recipes import load_recipe
-    from mamba_align.train import train_sft
+    from mamba_align.train.recipes import load_recipe
+    from mamba_align.train.run import train_sft
     from test_train import DEMO
 
     with pytest.raises(UserError) as e:  # the model folder does not even exist: nothing was loaded
@@ -155,7 +156,7 @@ def test_cuda_without_kernels_fails_before_training_loads_a_model(cuda_without_k
 
 
 def test_cuda_without_kernels_fails_before_generation_loads_a_model(cuda_without_kernels, tmp_path):
-    from mamba_align.engine import load_engine
+    from mamba_align.eval.engine import load_engine
 
     with pytest.raises(UserError, match="generation on CUDA needs the Mamba kernels"):
         load_engine(str(tmp_path / "no-model"))

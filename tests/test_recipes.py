@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mamba_align.recipes import DPORecipe, SFTRecipe, gradient_accumulation_steps, load_recipe, parse_overrides
+from mamba_align.train.recipes import DPORecipe, SFTRecipe, gradient_accumulation_steps, load_recipe, parse_overrides
 from mamba_align.utils import UserError
 
 RECIPES = Path(__file__).resolve().parents[1] / "config" / "recipes"
@@ -101,7 +101,7 @@ def test_accumulation_keeps_the_global_batch(gpus, accumulation):
 
 
 def test_stage_recipe_learns_from_params_and_runs_with_the_current_config():
-    from mamba_align.recipes import as_dict, learning_settings, stage_recipe
+    from mamba_align.train.recipes import as_dict, learning_settings, stage_recipe
 
     base = RECIPES.parents[1]
     scheduled = as_dict(load_recipe(RECIPES / "zephyr-7b-beta", "sft"))
@@ -164,7 +164,7 @@ def test_accepted_names_are_what_transformers_accepts():
     from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
-    from mamba_align.recipes import accepted_names
+    from mamba_align.train.recipes import accepted_names
 
     assert list(accepted_names("optim")) == [o.value for o in OptimizerNames]
     assert list(accepted_names("lr_scheduler_type")) == [s.value for s in SchedulerType]
@@ -175,7 +175,7 @@ def test_accepted_loss_types_are_what_trl_lists():
 
     from trl import DPOConfig
 
-    from mamba_align.recipes import accepted_names
+    from mamba_align.train.recipes import accepted_names
 
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
     listed = re.findall(r"`'(\w+)'`", help_text.split("If multiple")[0])
@@ -183,7 +183,7 @@ def test_accepted_loss_types_are_what_trl_lists():
 
 
 def test_override_typo_names_the_config_key_and_file():
-    from mamba_align.recipes import config_recipe
+    from mamba_align.train.recipes import config_recipe
 
     config = {"recipe": "demo", "recipe_overrides": {"sft": {"learnin_rate": 0.1}}}
     with pytest.raises(UserError, match=r"the config \(my\.yaml\): unknown key\(s\) "

@@ -1,4 +1,4 @@
-"""mamba_align.runs and the checkpoint-folder lock on a tiny random Mamba (CPU, offline): a training run is keyed
+"""mamba_align.ops.runs and the checkpoint-folder lock on a tiny random Mamba (CPU, offline): a training run is keyed
 by its settings, data and parent model; a finished run stores its model, points the stage's path at it and
 deletes its checkpoints; a retrain really retrains and keeps the earlier model; two jobs never share a
 checkpoint folder, and a killed one leaves no stale lock."""
@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mamba_align import runs
-from mamba_align.recipes import load_recipe
-from mamba_align.train import lock_checkpoint_dir, release_checkpoint_dir
+from mamba_align.ops import runs
+from mamba_align.train.recipes import load_recipe
+from mamba_align.train.run import lock_checkpoint_dir, release_checkpoint_dir
 from mamba_align.utils import UserError, read_json
 from wfhelpers import bench_module
 
@@ -107,7 +107,7 @@ def test_sft_on_other_data_gives_dpo_a_fresh_checkpoint_folder(tiny, tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from mamba_align.train import lock_checkpoint_dir
+from mamba_align.train.run import lock_checkpoint_dir
 lock_checkpoint_dir(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(600)

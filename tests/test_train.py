@@ -1,4 +1,4 @@
-"""mamba_align.train on a tiny random Mamba (CPU, offline): SFT and DPO learn and touch every parameter, a
+"""mamba_align.train.run on a tiny random Mamba (CPU, offline): SFT and DPO learn and touch every parameter, a
 run killed mid-training resumes to the same weights, SIGTERM/SIGUSR1/STOP leave a resumable checkpoint, two
 ranks keep the global batch, bad inputs fail early. The tiny model and data come from bench/train_throughput.py.
 """
@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mamba_align.recipes import load_recipe
-from mamba_align.train import (PREEMPTED_EXIT_CODE, _decay_parameter_names, last_complete_checkpoint, main,
+from mamba_align.train.recipes import load_recipe
+from mamba_align.train.run import (PREEMPTED_EXIT_CODE, _decay_parameter_names, last_complete_checkpoint, main,
                                train_dpo, train_sft, truncate_pair)
 from mamba_align.utils import UserError, read_json
 from wfhelpers import bench_module
@@ -108,7 +108,7 @@ def test_dpo_with_precomputed_reference_matches(tiny, tmp_path):
 def test_fused_adamw_clips_inside_its_step_with_the_same_result(tiny, tmp_path, monkeypatch):
     """With a fused AdamW the trainer folds gradient clipping into the optimizer's kernel (fast.py): same losses,
     gradient norms and weights as the Trainer's own clip-then-step."""
-    from mamba_align import fast
+    from mamba_align.model import fast
 
     recipe = load_recipe(DEMO, "sft", {"max_steps": 4, "logging_steps": 1, "optim": "adamw_torch_fused",
                                        "max_grad_norm": 0.05})  # every step clips
@@ -135,7 +135,7 @@ def test_without_clipping_the_logged_norm_is_the_trainers(tiny, tmp_path, monkey
     rescales every gradient by 1); same norms and losses."""
     from transformers import Trainer
 
-    from mamba_align import train
+    from mamba_align.train import run as train
 
     recipe = load_recipe(DEMO, "sft", {"max_steps": 3, "logging_steps": 1, "max_grad_norm": 0.0})
     runs = {}
@@ -158,7 +158,7 @@ def test_sft_with_the_fast_paths_own_loss_logs_what_trl_logs(tiny, tmp_path, mon
     token count) are read at log time: the same losses, metrics and weights as TRL's fused LM head. (The fast
     path runs here on CPU with the plain-PyTorch add+norm; on the GPU its Triton kernels are tested against
     this path in test_fast.py.)"""
-    from mamba_align import fast
+    from mamba_align.model import fast
 
     recipe = load_recipe(DEMO, "sft", {"max_steps": 4, "logging_steps": 2})
     own_loss = []
@@ -191,7 +191,7 @@ def test_token_count_read_at_log_time_equals_the_trainers(tiny, tmp_path, monkey
     read-back (DPO batches are padded, so the count is not rows x length)."""
     from transformers import Trainer
 
-    from mamba_align import train
+    from mamba_align.train import run as train
 
     recipe = load_recipe(DEMO, "dpo", {"max_steps": 3, "logging_steps": 2})
     runs = {}
@@ -214,7 +214,7 @@ def test_token_count_read_at_log_time_equals_the_trainers(tiny, tmp_path, monkey
 
 def cli(tiny, out: Path, stage="sft", *overrides) -> list[str]:
     data = "sft" if stage == "sft" else "dpo"
-    return [sys.executable, "-m", "mamba_align.train", stage, "--model", str(tiny / "model"),
+    return [sys.executable, "-m", "mamba_align.train.run", stage, "--model", str(tiny / "model"),
             "--train", str(tiny / f"{data}_train.parquet"), "--recipe-dir", str(DEMO),
             "--out", str(out / "model"), "--checkpoint-dir", str(out / "ckpt"), "--metrics", str(out / "m.json"),
             "--log", str(out / "log.txt"), *[a for o in overrides for a in ("--override", o)]]
@@ -319,7 +319,7 @@ def test_two_ranks_with_the_fast_paths_own_loss_log_what_trl_logs(tiny, tmp_path
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
-        "import mamba_align.fast as fast\n"
+        "import mamba_align.model.fast as fast\n"
         "fast.enable_fast_path = lambda model, **kw: fast.patch_model(\n"
         "    model, fast.reference_add_rms_norm, cuda_only=False) or True\n")
     over = ("max_steps=4", "logging_steps=2")
@@ -371,7 +371,7 @@ def test_gradients_are_ddp_bucket_views_zeroed_in_place(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from mamba_align.train import _prepare_model_grads_in_buckets
+    from mamba_align.train.run import _prepare_model_grads_in_buckets
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
@@ -398,7 +398,7 @@ def test_gradients_are_ddp_bucket_views_zeroed_in_place(tmp_path):
 def test_one_process_with_several_gpus_uses_one(caplog):
     from types import SimpleNamespace
 
-    from mamba_align.train import _one_gpu_per_process
+    from mamba_align.train.run import _one_gpu_per_process
 
     args = SimpleNamespace(n_gpu=2, _n_gpu=2, device="cuda:0")
     args_n = type("Args", (), {"n_gpu": property(lambda self: self._n_gpu), "device": "cuda:0", "_n_gpu": 2})()
@@ -414,7 +414,7 @@ def test_one_process_with_several_gpus_uses_one(caplog):
 def test_a_recipe_too_big_for_the_gpu_is_refused_before_loading(tiny, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from mamba_align.train import check_memory
+    from mamba_align.train.run import check_memory
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 10**9))
@@ -483,7 +483,7 @@ def test_batch_not_divisible_by_processes(tiny, tmp_path):
 def test_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny, tmp_path, monkeypatch, caplog):
     import collections
 
-    import mamba_align.train as train_mod
+    import mamba_align.train.run as train_mod
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
@@ -492,13 +492,13 @@ def test_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny, tmp_
         _train(tiny, tmp_path)
     assert not list((tmp_path / "ckpt").glob("checkpoint-*")) and not (tmp_path / "out").exists()
     # enough for the first checkpoint but not for save_total_limit + 1 of them: a warning, and training runs
-    from mamba_align.plan import checkpoint_gb, params_from_config
+    from mamba_align.ops.plan import checkpoint_gb, params_from_config
 
     cfg = json.loads((tiny / "model" / "config.json").read_text())
     one = checkpoint_gb(params_from_config(cfg), "adamw_torch") * 1e9
     final = params_from_config(cfg) * 4
     monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**12, 0, int(one + final + 1)))
-    caplog.set_level("WARNING", logger="mamba_align.train")
+    caplog.set_level("WARNING", logger="mamba_align.train.run")
     train_mod.check_disk(tmp_path / "ckpt2", tmp_path / "out2", cfg, load_recipe(DEMO, "sft"))
     assert "lower save_total_limit" in caplog.text
 
@@ -516,7 +516,7 @@ MAMBA_2_8B = {"d_model": 2560, "n_layer": 64, "vocab_size": 50280}
 def test_disk_check_before_training(tmp_path, monkeypatch, caplog, free_gb, refused, warned):
     import collections
 
-    import mamba_align.train as train_mod
+    import mamba_align.train.run as train_mod
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**13, 0, free_gb * 10**9))

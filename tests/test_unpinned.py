@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from mamba_align import provenance
-from mamba_align.plan import format_plan, make_plan
-from mamba_align.recipes import as_dict, config_recipe
+from mamba_align.ops import provenance
+from mamba_align.ops.plan import format_plan, make_plan
+from mamba_align.train.recipes import as_dict, config_recipe
 from mamba_align.utils import read_json
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-from . import layout
-from .utils import UserError, read_json, read_jsonl
+from mamba_align.ops import layout
+from mamba_align.utils import UserError, read_json, read_jsonl
 
 TRAINED = ("sft", "dpo")
 
@@ -88,7 +88,7 @@ def _eval_status(results: Path, stage: str) -> list[str]:
                         f"questions answered so far")
     ae = Path(layout.eval_summary(str(results), stage, "alpacaeval"))
     if ae.exists():
-        from .alpacaeval import summary_line
+        from mamba_align.eval.alpacaeval import summary_line
 
         rows.append(summary_line(read_json(ae)))
     else:
@@ -136,7 +136,7 @@ def status(results: str | Path) -> str:
 def rescore(results: str | Path, stage: str) -> dict:
     """MT-Bench scores recomputed from the stored judgments' text (FastChat's rating parser), without any
     judge call: for a changed parser, or to check a summary against its judgments."""
-    from .mtbench import combine_ratings, parse_rating, summarize
+    from mamba_align.eval.mtbench import combine_ratings, parse_rating, summarize
 
     results = Path(results)
     judgments_path = results / "eval" / stage / "mt_bench_judgments.jsonl"
@@ -171,14 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results", nargs="?", default="results")
     r.add_argument("--stage", choices=TRAINED, default=layout.FINAL_STAGE)
     r.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    sub.add_parser("plan", help="GPU-hours and judge cost (python -m mamba_align.plan --help)", add_help=False)
+    sub.add_parser("plan", help="GPU-hours and judge cost (python -m mamba_align.ops.plan --help)", add_help=False)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:  # its own options
-        from .plan import main as plan_main
+        from mamba_align.ops.plan import main as plan_main
 
         plan_main(argv[1:])
         return 0

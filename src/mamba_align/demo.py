@@ -10,7 +10,7 @@ import hashlib
 import random
 from pathlib import Path
 
-from .utils import atomic_path, setup_logging
+from mamba_align.utils import atomic_path, setup_logging
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
 ANIMALS = ["cat", "dog", "bird", "fish", "horse", "cow"]
@@ -75,7 +75,7 @@ def build_demo_inputs(out_dir, vocab_files=(), d_model: int = 64, n_layer: int =
     """Write out_dir/{data/ultrachat,data/ultrafeedback,tokenizer,base_mamba_ssm}.
 
     `vocab_files` (e.g. the demo's eval questions) are read so the tokenizer knows their words too."""
-    from .convert import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
+    from mamba_align.model.convert import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
 
     out = Path(out_dir)
     sft = {"train_sft": ultrachat_rows(256, seed), "test_sft": ultrachat_rows(16, seed + 1)}

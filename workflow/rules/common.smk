@@ -3,12 +3,14 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from mamba_align import condor_env, jobenv, layout
-from mamba_align import experiments as experiments_of
-from mamba_align.judge_client import check_judge
-from mamba_align import plan as planner
-from mamba_align import recipes
-from mamba_align.recipes import as_dict, learning_settings
+from mamba_align.ops import condor_env
+from mamba_align.ops import jobenv
+from mamba_align.ops import layout
+from mamba_align.ops import experiments as experiments_of
+from mamba_align.eval.judge.client import check_judge
+from mamba_align.ops import plan as planner
+from mamba_align.train import recipes
+from mamba_align.train.recipes import as_dict, learning_settings
 from mamba_align.utils import UserError
 
 min_version("9.0")

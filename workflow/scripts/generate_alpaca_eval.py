@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from mamba_align.generate import generate_alpaca_eval
-from mamba_align.provenance import record_snakemake_job
+from mamba_align.eval.generate import generate_alpaca_eval
+from mamba_align.ops.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,5 +1,5 @@
-from mamba_align.alpacaeval import judge_alpaca_eval
-from mamba_align.provenance import record_snakemake_job
+from mamba_align.eval.alpacaeval import judge_alpaca_eval
+from mamba_align.ops.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,6 +1,6 @@
-from mamba_align.mtbench import judge_mt_bench
-from mamba_align.plan import judge_prices
-from mamba_align.provenance import record_snakemake_job
+from mamba_align.eval.mtbench import judge_mt_bench
+from mamba_align.ops.plan import judge_prices
+from mamba_align.ops.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

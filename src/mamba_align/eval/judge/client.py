@@ -107,7 +107,7 @@ class JudgeClient:
 
     def _endpoint(self) -> str | None:
         if self.base_url is None and self.backend == "local":
-            from mamba_align.judge_server import serve_local_judge
+            from mamba_align.eval.judge.server import serve_local_judge
 
             self.base_url = self._stack.enter_context(serve_local_judge(self.cfg.get("local") or {}, self.model))
         return self.base_url

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from .utils import atomic_path, read_json, setup_logging, write_json
+from mamba_align.utils import atomic_path, read_json, setup_logging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def plot_training_curves(metrics: dict[str, str], out_png: Path) -> None:
 def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[str, str], out_dir,
                  demo: bool = False) -> list[dict]:
     """evals: {stage: {"mtbench": path, "alpacaeval": path}}; metrics: {"sft": path, "dpo": path}."""
-    from .mtbench import plot_radar
+    from mamba_align.eval.mtbench import plot_radar
 
     out_dir = Path(out_dir)
     rows = [stage_row(run_name, stage, *(read_json(p[b]) if p.get(b) else None for b in ("mtbench", "alpacaeval")))
@@ -304,7 +304,7 @@ def _unique_rows(entries: list[dict]) -> list[dict]:
 
 def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo: bool = False) -> list[dict]:
     """entries: experiments.Grid.report_entries(); axes: the swept axes (one plot each)."""
-    from .experiments import plot_name
+    from mamba_align.ops.experiments import plot_name
 
     out_dir = Path(out_dir)
     rows = _unique_rows(entries)

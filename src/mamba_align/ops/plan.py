@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .utils import UserError, read_json, write_json
+from mamba_align.utils import UserError, read_json, write_json
 
 # Training tokens/s per GPU at the 2.8B shape through the pipeline's own train_sft / train_dpo (TRL, fp32 params
 # + bf16 autocast, mamba_ssm kernels + the fast path, fused AdamW), one H100, median step, and whether gradient
@@ -337,7 +337,7 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
                             note="upper bound: every answer at max_new_tokens")
         jobs += [per_stage] * len(ev["stages"])
     judge = judge_cost(cfg, len(ev["stages"]))
-    from .provenance import unpinned
+    from mamba_align.ops.provenance import unpinned
 
     return {
         "gpu_type": gpu_type,
@@ -425,7 +425,7 @@ def write_plan(plan: dict, out_json, out_txt=None) -> None:
 def main(argv=None):
     import yaml
 
-    from .recipes import as_dict, config_recipe
+    from mamba_align.train.recipes import as_dict, config_recipe
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="config/config.yaml")

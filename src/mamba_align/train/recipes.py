@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .utils import UserError
+from mamba_align.utils import UserError
 
 
 @dataclass

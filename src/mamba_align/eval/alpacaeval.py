@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
 
-from .utils import UserError, fetch_file, read_json, setup_logging, sha256_file, write_json
+from mamba_align.utils import UserError, fetch_file, read_json, setup_logging, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
     results = {}
     with contextlib.ExitStack() as stack:
         if base_url is None and judge_cfg.get("backend") == "local":
-            from .judge_server import serve_local_judge  # transformers only when a local judge is asked for
+            from mamba_align.eval.judge.server import serve_local_judge  # transformers only when a local judge is asked for
 
             judge["base_url"] = stack.enter_context(serve_local_judge(judge_cfg.get("local", {}), judge["model"]))
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -474,7 +474,7 @@ def summary_line(metrics: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mamba_align.alpacaeval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mamba_align.eval.alpacaeval", description=__doc__.splitlines()[0])
     p.add_argument("--log", help="log file (the rule's log)")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download (or copy) the AlpacaEval data files")

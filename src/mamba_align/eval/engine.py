@@ -579,7 +579,7 @@ def load_engine(model_dir: str, device: str | None = None, batch_size: int = 8, 
     if backend not in ("auto", "transformers", "mamba_ssm"):
         raise ValueError(f"unknown generation backend {backend!r} (expected auto, mamba_ssm or transformers)")
     if device is None or str(device).startswith("cuda"):
-        from .kernels import require_kernels
+        from mamba_align.model.kernels import require_kernels
 
         require_kernels("generation")  # before the model loads: the transformers path is ~10x slower on GPU
     if backend in ("auto", "mamba_ssm"):

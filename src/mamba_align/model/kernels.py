@@ -10,7 +10,7 @@ import importlib.util
 import logging
 import os
 
-from .utils import UserError
+from mamba_align.utils import UserError
 
 log = logging.getLogger(__name__)
 

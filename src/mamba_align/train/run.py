@@ -5,7 +5,7 @@ newest complete checkpoint; the model directory appears atomically only when tra
 SIGTERM / SIGUSR1 (e.g. Slurm `--signal=TERM@900`, see profiles/README.md) or a file `<checkpoint_dir>/STOP` make the run save a
 checkpoint at the end of the current optimizer step and exit with PREEMPTED_EXIT_CODE.
 
-    python -m mamba_align.train sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
+    python -m mamba_align.train.run sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
         --out results/sft --checkpoint-dir results/checkpoints/sft --metrics results/metrics/sft.json
 """
 
@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from .recipes import OPERATIONAL_KEYS, DPORecipe, SFTRecipe, TrainCommon, as_dict, gradient_accumulation_steps, load_recipe, \
+from mamba_align.train.recipes import OPERATIONAL_KEYS, DPORecipe, SFTRecipe, TrainCommon, as_dict, gradient_accumulation_steps, load_recipe, \
     parse_overrides
-from .utils import UserError, atomic_path, read_json, setup_logging, write_json
+from mamba_align.utils import UserError, atomic_path, read_json, setup_logging, write_json
 
-log = logging.getLogger("mamba_align.train")
+log = logging.getLogger("mamba_align.train.run")
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: Snakemake (--retries) resubmits the job, which resumes
 STOP_FILE = "STOP"
@@ -105,7 +105,7 @@ def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainC
     """Refuse to start a run whose first checkpoint or final model cannot fit on its filesystem (a 2.8B
     checkpoint is 33 GB with AdamW: weights + optimizer state); warn when save_total_limit + 1 checkpoints
     (the newest is written before the oldest goes) and the final model may not."""
-    from .plan import checkpoint_gb, model_gb, params_from_config
+    from mamba_align.ops.plan import checkpoint_gb, model_gb, params_from_config
 
     try:
         params = params_from_config(config)
@@ -140,7 +140,7 @@ def check_memory(config: dict, recipe: TrainCommon, stage: str, num_processes: i
     measurements) does not fit this GPU, naming the recipe change that makes it fit."""
     import torch
 
-    from .plan import memory_fix, params_from_config
+    from mamba_align.ops.plan import memory_fix, params_from_config
 
     if fsdp or not torch.cuda.is_available():
         return
@@ -260,7 +260,7 @@ def _prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommo
 
 def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir, checkpoint_dir, metrics_path,
            num_processes, fsdp) -> dict:
-    from .kernels import require_kernels
+    from mamba_align.model.kernels import require_kernels
 
     require_kernels(f"training ({stage})")  # before any model is loaded
     _check_trackers(recipe)
@@ -335,7 +335,7 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
         dist = ["--multi_gpu"]  # torch.distributed.run underneath; on a machine without CUDA, gloo on CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "bf16" if recipe.bf16 and cuda else "no", *dist,
-           "-m", "mamba_align.train", stage, "--model", str(model_dir), "--train", str(train_path),
+           "-m", "mamba_align.train.run", stage, "--model", str(model_dir), "--train", str(train_path),
            "--recipe-dir", str(recipe_dir), "--out", str(out_dir), "--checkpoint-dir", str(checkpoint_dir),
            "--metrics", str(metrics_path), "--num-processes", str(num_processes)]
     if test_path is not None:
@@ -459,7 +459,7 @@ def _progress_callback(stage: str):
     """At every logging step (rank 0): step i/N, loss, tokens/s since the last log, elapsed and ETA."""
     from transformers import TrainerCallback
 
-    from .utils import format_duration
+    from mamba_align.utils import format_duration
 
     class Progress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -568,7 +568,7 @@ def _trainer_classes():
             # applied inside the optimizer's kernel instead of by a pass over the gradients (fast.py)
             from accelerate.utils import DistributedType
 
-            from .fast import fused_clip_grad_norm_
+            from mamba_align.model.fast import fused_clip_grad_norm_
 
             norm = None
             if self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) \
@@ -582,7 +582,7 @@ def _trainer_classes():
             # which also multiplies every gradient by 1: here the norm alone, one pass over the gradients
             from accelerate.utils import DistributedType
 
-            from .fast import total_grad_norm
+            from mamba_align.model.fast import total_grad_norm
 
             if grad_norm is None and self.accelerator.distributed_type in (DistributedType.NO,
                                                                            DistributedType.MULTI_GPU):
@@ -623,7 +623,7 @@ def _trainer_classes():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             from accelerate.utils import DistributedType
 
-            from .fast import fast_path_enabled
+            from mamba_align.model.fast import fast_path_enabled
 
             if return_outputs or self.compute_loss_func is not None or self.label_smoother is not None \
                     or self.args.loss_type != "nll" or self.aux_loss_enabled or self._tp_size != 1 \
@@ -760,7 +760,7 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"  # Mamba is causal: right padding never reaches the real tokens
     model, saved_config = _load_model(model_dir, cpu=not cuda)
-    from .fast import enable_fast_path  # mamba_ssm's fused add+RMSNorm and a chunked LM loss, on GPU only
+    from mamba_align.model.fast import enable_fast_path  # mamba_ssm's fused add+RMSNorm and a chunked LM loss, on GPU only
 
     if enable_fast_path(model):
         log.info("mamba_ssm fast path on (fused add+RMSNorm, chunked LM loss)")
@@ -882,7 +882,7 @@ def _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, re
 # ---------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mamba_align.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mamba_align.train.run", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=["sft", "dpo"])
     p.add_argument("--model", required=True, help="transformers checkpoint directory (with tokenizer)")
     p.add_argument("--ref-model", help="DPO reference model directory (default: --model)")

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .utils import read_json, sha256_file, write_json
+from mamba_align.utils import read_json, sha256_file, write_json
 
 PACKAGES = ("mamba-align", "torch", "transformers", "trl", "accelerate", "datasets", "mamba-ssm", "causal-conv1d",
             "alpaca-eval", "openai", "snakemake", "snakemake-executor-plugin-slurm",
@@ -117,7 +117,7 @@ def unpinned(config: dict, sft: dict | None = None, dpo: dict | None = None) -> 
 
 def _recipes_of(config: dict, workflow_dir: str | Path) -> tuple[dict | None, dict | None]:
     try:
-        from .recipes import as_dict, config_recipe
+        from mamba_align.train.recipes import as_dict, config_recipe
 
         return tuple(as_dict(config_recipe(config, s, workflow_dir)) for s in ("sft", "dpo"))
     except Exception:  # a record is written after the step's work: never fail it for this

@@ -20,11 +20,11 @@ import os
 import shutil
 from pathlib import Path
 
-from . import layout
-from .recipes import OPERATIONAL_KEYS, as_dict
-from .utils import read_json, write_json
+from mamba_align.ops import layout
+from mamba_align.train.recipes import OPERATIONAL_KEYS, as_dict
+from mamba_align.utils import read_json, write_json
 
-log = logging.getLogger("mamba_align.runs")
+log = logging.getLogger("mamba_align.ops.runs")
 
 RUN_FILE = "run.json"  # in a stored model: its key and what it learned from
 PREVIOUS = ".previous"
@@ -86,7 +86,7 @@ def train_stage(stage: str, model, train, test, recipe, out, checkpoints, metric
                 fsdp: bool = False) -> dict:
     """Train `stage` (sft or dpo; DPO uses its input model as the reference) into the keyed model directory,
     point `out` at it and delete the run's checkpoints. Returns the metrics."""
-    from .train import last_complete_checkpoint, lock_checkpoint_dir, release_checkpoint_dir, train_dpo, train_sft
+    from mamba_align.train.run import last_complete_checkpoint, lock_checkpoint_dir, release_checkpoint_dir, train_dpo, train_sft
 
     what = learned_from(stage, recipe, [train, test], model)
     key = _key(what)

@@ -8,8 +8,8 @@ import codecs
 import logging
 from pathlib import Path
 
-from .recipes import DatasetSpec, load_recipe
-from .utils import UserError, setup_logging, write_json
+from mamba_align.train.recipes import DatasetSpec, load_recipe
+from mamba_align.utils import UserError, setup_logging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def prepare_preference_data(spec: DatasetSpec, model_dir, out_dir, max_length: i
 
 
 def _write_parquet(ds, path: Path) -> None:
-    from .utils import atomic_path
+    from mamba_align.utils import atomic_path
 
     with atomic_path(path) as tmp:
         ds.to_parquet(str(tmp))

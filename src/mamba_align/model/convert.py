@@ -378,7 +378,7 @@ def verify_against_reference(model_dir: Path, ssm_sd: dict, ssm_config: dict, ep
     mamba_ref's forward of the source weights."""
     from transformers import MambaForCausalLM
 
-    from mamba_align import mamba_ref
+    from mamba_align.model import mamba_ref
 
     model, info = MambaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_mambapy=True,
                                                    output_loading_info=True)
@@ -405,7 +405,7 @@ def verify_against_reference(model_dir: Path, ssm_sd: dict, ssm_config: dict, ep
         "greedy_converted": hf_greedy,
         "greedy_continuation_identical": ref_greedy == hf_greedy,
         "converted_runtime": "transformers MambaForCausalLM, CPU, use_mambapy=True",
-        "reference_runtime": "mamba_align.mamba_ref (sequential fp32 scan)",
+        "reference_runtime": "mamba_align.model.mamba_ref (sequential fp32 scan)",
     }
 
 

@@ -225,7 +225,7 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
     Judge calls go through JudgeClient (cached in `cache_path`, so a rerun only sends what is
     missing); with backend "local" and no base_url the local judge server is started as needed.
     """
-    from mamba_align.judge_client import JudgeClient
+    from mamba_align.eval.judge.client import JudgeClient
 
     t0 = time.monotonic()
     questions = load_questions(question_path)
@@ -332,7 +332,7 @@ def plot_radar(runs: list[tuple[str, str | Path]], out_png: str | Path) -> None:
 
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mamba_align.mtbench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mamba_align.eval.mtbench", description=__doc__.splitlines()[0])
     p.add_argument("--log", help="log file (the rule's log)")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download (or copy) the MT-Bench data files")

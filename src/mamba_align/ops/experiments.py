@@ -26,8 +26,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import layout
-from .utils import UserError
+from mamba_align.ops import layout
+from mamba_align.utils import UserError
 
 STAGE_AXES = ("sft", "dpo")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")

@@ -1,0 +1,3 @@
+from mamba_align.train.run import main
+
+main()
