@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from mamba_align.demo import build_tiny_mamba_ssm_checkpoint
     from mamba_align.model import mamba_ref
-    from mamba_align.model.convert import build_tiny_mamba_ssm_checkpoint, prepare_base_model
+    from mamba_align.model.convert import prepare_base_model
     from mamba_align.utils import setup_logging, write_json
 
     setup_logging()

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamba_align.model import convert
-from mamba_align.model import mamba_ref
-from mamba_align.model.convert import (CHAT_TEMPLATES, build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer,
-                                 prepare_base_model)
+from mamba_align.demo import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
+from mamba_align.model import convert, mamba_ref
+from mamba_align.model.convert import CHAT_TEMPLATES, prepare_base_model
 from mamba_align.utils import UserError, read_json
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "A state space model reads one token at a time.",
@@ -180,11 +179,9 @@ def test_chat_templates_are_plain_strings():
     assert set(CHAT_TEMPLATES) == {"zephyr", "chatml"} and all(isinstance(t, str) for t in CHAT_TEMPLATES.values())
 
 
-def test_cli_builds_and_converts(tmp_path):
-    texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(TEXTS))
-    convert.build_tiny_main(["--out-dir", str(tmp_path / "ssm"), "--d-model", "32", "--n-layer", "1",
-                             "--tokenizer-out", str(tmp_path / "tok"), "--texts", str(texts)])
+def test_cli_converts(tmp_path):
+    build_tiny_mamba_ssm_checkpoint(tmp_path / "ssm", d_model=32, n_layer=1)
+    build_tiny_tokenizer(tmp_path / "tok", TEXTS)
     convert.main(["--source", str(tmp_path / "ssm"), "--tokenizer", str(tmp_path / "tok"), "--chat-template", "zephyr",
                   "--out-dir", str(tmp_path / "out"), "--report", str(tmp_path / "r.json")])
     report = read_json(tmp_path / "r.json")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -26,7 +25,13 @@ from pathlib import Path
 
 import torch
 
-from mamba_align.utils import UserError, atomic_path, setup_logging, sha256_file, write_json
+from mamba_align.utils import (
+    UserError,
+    atomic_path,
+    setup_logging,
+    sha256_file,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +88,12 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def _hub_call(src: "_Source", fn, *args, **kwargs):
     """Run a huggingface_hub call; turn its errors into UserErrors that name the repo and revision."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     what, repo_id, revision = src.what, src.name, src.revision
     try:
@@ -144,7 +153,7 @@ class _Source:
 # Configs: mamba_ssm's dict <-> transformers' MambaConfig
 # ---------------------------------------------------------------------------------------------------
 
-def _padded(vocab_size: int, multiple: int) -> int:
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return vocab_size + (-vocab_size) % multiple
 
 
@@ -207,7 +216,7 @@ def hf_config_from_ssm(cfg: dict, eps: float = 1e-5):
 
     mixer = {hf_key: cfg["ssm_cfg"][k] for k, hf_key in SSM_MIXER_KEYS.items() if k in (cfg.get("ssm_cfg") or {})}
     config = MambaConfig(
-        vocab_size=_padded(cfg["vocab_size"], cfg.get("pad_vocab_size_multiple", 8)),
+        vocab_size=padded_vocab_size(cfg["vocab_size"], cfg.get("pad_vocab_size_multiple", 8)),
         hidden_size=cfg["d_model"], num_hidden_layers=cfg["n_layer"], layer_norm_epsilon=eps,
         residual_in_fp32=cfg.get("residual_in_fp32", True), tie_word_embeddings=cfg.get("tie_embeddings", True),
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
@@ -349,25 +358,6 @@ def _prepare_tokenizer(src: _Source, chat_template: str | None, rows: int):
     return tok, added
 
 
-def build_tiny_tokenizer(out_dir: str | os.PathLike, texts: list[str], vocab_size: int = 300) -> Path:
-    """A tiny byte-level BPE tokenizer laid out like GPT-NeoX's (<|endoftext|> id 0 is bos/eos/unk,
-    <|padding|> id 1, no pad token set), trained on `texts`, saved as a PreTrainedTokenizerFast dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                  unk_token=EOS_TOKEN)
-    with atomic_path(out_dir) as tmp:
-        tok.save_pretrained(tmp)
-    return Path(out_dir)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Verification
 # ---------------------------------------------------------------------------------------------------
@@ -494,55 +484,6 @@ def prepare_base_model(source: str, revision: str | None, tokenizer: str | None,
 
 
 # ---------------------------------------------------------------------------------------------------
-# A tiny random mamba_ssm checkpoint for tests and the demo
-# ---------------------------------------------------------------------------------------------------
-
-def build_tiny_mamba_ssm_checkpoint(out_dir: str | os.PathLike, d_model: int = 64, n_layer: int = 2,
-                                    vocab_size: int = 301, pad_vocab_size_multiple: int = 8, seed: int = 0,
-                                    d_state: int = 16) -> Path:
-    """Write a random-init checkpoint in mamba_ssm's format (config.json + pytorch_model.bin), initialised
-    the way mamba_ssm's MambaLMHeadModel initialises itself, so forward values look like a real model's."""
-    g = torch.Generator().manual_seed(seed)
-
-    def uniform(shape, bound):
-        return (torch.rand(shape, generator=g) * 2 - 1) * bound
-
-    d_inner, d_conv = 2 * d_model, 4
-    dt_rank = math.ceil(d_model / 16)
-    rows = _padded(vocab_size, pad_vocab_size_multiple)
-    embedding = torch.randn(rows, d_model, generator=g) * 0.02
-    sd = {"backbone.embedding.weight": embedding}
-    for i in range(n_layer):
-        p = f"backbone.layers.{i}."
-        dt = torch.exp(torch.rand(d_inner, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        dt = dt.clamp(min=1e-4)
-        sd.update({
-            p + "mixer.A_log": torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1),
-            p + "mixer.D": torch.ones(d_inner),
-            p + "mixer.in_proj.weight": uniform((2 * d_inner, d_model), d_model ** -0.5),  # nn.Linear default
-            p + "mixer.conv1d.weight": uniform((d_inner, 1, d_conv), d_conv ** -0.5),  # nn.Conv1d default
-            p + "mixer.conv1d.bias": uniform((d_inner,), d_conv ** -0.5),
-            p + "mixer.x_proj.weight": uniform((dt_rank + 2 * d_state, d_inner), d_inner ** -0.5),
-            p + "mixer.dt_proj.weight": uniform((d_inner, dt_rank), dt_rank ** -0.5),
-            p + "mixer.dt_proj.bias": dt + torch.log(-torch.expm1(-dt)),  # inverse softplus
-            # kaiming_uniform(a=sqrt(5)) then / sqrt(n_layer), as mamba_ssm's _init_weights does
-            p + "mixer.out_proj.weight": uniform((d_model, d_inner), d_inner ** -0.5) / math.sqrt(n_layer),
-            p + "norm.weight": torch.ones(d_model),
-        })
-    sd["backbone.norm_f.weight"] = torch.ones(d_model)
-    sd["lm_head.weight"] = embedding  # tied: torch.save stores one tensor under both names, like mamba_ssm
-    config = {"d_model": d_model, "d_intermediate": 0, "n_layer": n_layer, "vocab_size": vocab_size,
-              "ssm_cfg": {"layer": "Mamba1", "d_state": d_state}, "attn_layer_idx": [], "attn_cfg": {},
-              "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
-              "pad_vocab_size_multiple": pad_vocab_size_multiple, "tie_embeddings": True}
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        torch.save(sd, tmp / "pytorch_model.bin")
-        (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
-    return Path(out_dir)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Command lines
 # ---------------------------------------------------------------------------------------------------
 
@@ -566,28 +507,6 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log)
     prepare_base_model(args.source, args.revision, args.tokenizer, args.tokenizer_revision, args.chat_template,
                        args.out_dir, args.report, verify=args.verify)
-
-
-def build_tiny_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write a tiny random mamba_ssm-format checkpoint "
-                                            "(and optionally a tiny GPT-NeoX-style tokenizer).")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=301)
-    p.add_argument("--pad-vocab-size-multiple", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer-out", help="also write a tiny tokenizer here, trained on --texts")
-    p.add_argument("--texts", help="text file (one example a line) to train the tiny tokenizer on")
-    args = p.parse_args(argv)
-    setup_logging()
-    if args.tokenizer_out:
-        if not args.texts:
-            p.error("--tokenizer-out needs --texts")
-        texts = Path(args.texts).read_text(encoding="utf-8").splitlines()
-        build_tiny_tokenizer(args.tokenizer_out, texts, vocab_size=args.vocab_size)
-    build_tiny_mamba_ssm_checkpoint(args.out_dir, args.d_model, args.n_layer, args.vocab_size,
-                                    args.pad_vocab_size_multiple, args.seed)
 
 
 if __name__ == "__main__":
