@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from mamba_align.model import fast
+    from mamba_align.train import fast
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -309,7 +309,7 @@ def main(argv=None) -> dict:
 
 def _ablations(a) -> None:
     """Patch the trainer for --profile, --no-checkpoint-save, --no-fused-optimizer, --no-mask-check, --trl-loss."""
-    from mamba_align.model import fast
+    from mamba_align.train import fast
     from mamba_align.train import run as train
 
     if a.trl_loss:

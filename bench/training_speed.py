@@ -1,5 +1,5 @@
 """Training throughput, side by side on one device: transformers MambaForCausalLM vs mamba_ssm's
-MambaLMHeadModel (native, fused add+RMSNorm) vs transformers + `mamba_align.model.fast.enable_fast_path`.
+MambaLMHeadModel (native, fused add+RMSNorm) vs transformers + `mamba_align.train.fast.enable_fast_path`.
 
 Same recipe for all: random weights at the 2.8B shape, fp32 parameters, bf16 autocast, fused AdamW,
 sequence length 2048, causal LM loss on every token. Each variant runs in its own process (clean peak
@@ -61,7 +61,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
         with torch.device(device):
             model = MambaForCausalLM(cfg)
         if variant in FAST_VARIANTS:
-            from mamba_align.model.fast import enable_fast_path, patch_model, reference_add_rms_norm
+            from mamba_align.train.fast import enable_fast_path, patch_model, reference_add_rms_norm
 
             if not enable_fast_path(model, native_mixer_layout=variant != "fast_hf_mixer",
                                     save_mixer_activations=variant != "fast_recompute"):
@@ -92,7 +92,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
             loss = loss_fn()
         loss.backward()
         if max_grad_norm > 0:
-            from mamba_align.model.fast import fused_clip_grad_norm_
+            from mamba_align.train.fast import fused_clip_grad_norm_
 
             if variant not in FAST_VARIANTS or fused_clip_grad_norm_(model.parameters(), opt, max_grad_norm) is None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

@@ -3,7 +3,7 @@
 1. Build a random-weight mamba_ssm MambaLMHeadModel (d_model 2560, 64 layers, vocab 50277 -> 50280 rows),
    fp32 on CUDA; take its logits on a fixed random batch and its greedy continuation (its own kernels
    and decode loop); save it in mamba_ssm's format (config.json + pytorch_model.bin); free it.
-2. Run mamba_align.model.mamba_ref (pure PyTorch) on the saved weights: shows the reference agrees with the
+2. Run mamba_align.model.reference (pure PyTorch) on the saved weights: shows the reference agrees with the
    kernels, so a CPU check against the reference means something.
 3. Convert with prepare_base_model(verify=False, tokenizer=None); load the result with transformers'
    MambaForCausalLM on CUDA (it uses mamba_ssm / causal_conv1d kernels when installed); compare.
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from mamba_align.demo import build_tiny_mamba_ssm_checkpoint
-    from mamba_align.model import mamba_ref
+    from mamba_align.testing.demo import build_tiny_mamba_ssm_checkpoint
+    from mamba_align.model import reference
     from mamba_align.model.convert import prepare_base_model
     from mamba_align.utils import setup_logging, write_json
 
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             # 2. the pure-PyTorch reference on the saved weights
             sd = torch.load(ssm_dir / "pytorch_model.bin", map_location=device, weights_only=True)
             config = json.loads((ssm_dir / "config.json").read_text())
-            logits["reference"] = mamba_ref.forward(sd, config, ids).cpu()
-            greedy["reference"] = mamba_ref.greedy(sd, config, ids, n).cpu()
+            logits["reference"] = reference.forward(sd, config, ids).cpu()
+            greedy["reference"] = reference.greedy(sd, config, ids, n).cpu()
             del sd
             free(device)
             lap("reference")

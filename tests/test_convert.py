@@ -1,4 +1,4 @@
-"""Base-model preparation: mamba_ssm -> transformers conversion, checked against mamba_ref; bad inputs.
+"""Base-model preparation: mamba_ssm -> transformers conversion, checked against model/reference.py; bad inputs.
 
 Everything runs offline on tiny checkpoints and a tiny GPT-NeoX-style tokenizer built here.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamba_align.demo import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
-from mamba_align.model import convert, mamba_ref
+from mamba_align.testing.demo import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
+from mamba_align.model import convert, reference
 from mamba_align.model.convert import CHAT_TEMPLATES, prepare_base_model
 from mamba_align.utils import UserError, read_json
 
@@ -87,7 +87,7 @@ def test_transformers_forward_matches_reference_on_a_batch(tiny, converted, use_
     model = MambaForCausalLM.from_pretrained(converted["dir"], use_mambapy=use_mambapy).eval()
     with torch.no_grad():
         logits = model(ids).logits
-    ref = mamba_ref.forward(sd, config, ids)
+    ref = reference.forward(sd, config, ids)
     assert logits.shape == (2, 37, 304)
     assert (logits - ref).abs().max().item() < 1e-5
 
@@ -264,8 +264,8 @@ def test_missing_local_dir_and_unpinned_hub_id(tiny, tmp_path):
 
 
 def test_failed_verification_writes_nothing(tiny, tmp_path, monkeypatch):
-    real = mamba_ref.forward
-    monkeypatch.setattr(mamba_ref, "forward", lambda *a, **k: real(*a, **k) + 0.01)
+    real = reference.forward
+    monkeypatch.setattr(reference, "forward", lambda *a, **k: real(*a, **k) + 0.01)
     with pytest.raises(UserError, match="disagrees with the reference"):
         prepare_base_model(tiny["ssm"], None, None, None, None, tmp_path / "o", tmp_path / "r.json")
     assert not (tmp_path / "o").exists() and not (tmp_path / "r.json").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mamba_align.demo import ultrachat_rows, ultrafeedback_rows
+from mamba_align.testing.demo import ultrachat_rows, ultrafeedback_rows
 from mamba_align.train.data import prepare_preference_data, prepare_sft_data
 from mamba_align.train.recipes import DatasetSpec
 from mamba_align.utils import UserError
@@ -15,7 +15,7 @@ from mamba_align.utils import UserError
 def tokenizer_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from mamba_align.demo import build_tiny_tokenizer
+    from mamba_align.testing.demo import build_tiny_tokenizer
     from mamba_align.model.convert import CHAT_TEMPLATES
 
     rows = ultrachat_rows(64, 0) + ultrafeedback_rows(32, 1)

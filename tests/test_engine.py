@@ -86,7 +86,7 @@ def test_mamba_ssm_config_rejects_what_it_cannot_map():
 def test_mapped_weights_give_the_same_logits_in_mamba_ssm_layout(tie):
     """The renamed state dict, read by the project's independent mamba_ssm-layout reference, reproduces the
     transformers model's logits: keys, vocab rows, tying and config all line up."""
-    from mamba_align.model import mamba_ref
+    from mamba_align.model import reference
 
     model = tiny_model(tie_word_embeddings=tie)
     if not tie:
@@ -99,7 +99,7 @@ def test_mapped_weights_give_the_same_logits_in_mamba_ssm_layout(tie):
     ids = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         ref = model(ids).logits
-    got = mamba_ref.forward(sd, cfg, ids, eps=model.config.layer_norm_epsilon)
+    got = reference.forward(sd, cfg, ids, eps=model.config.layer_norm_epsilon)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 

@@ -181,7 +181,7 @@ def test_a_shared_sft_model_is_one_row_without_the_axes_it_does_not_depend_on(tm
 def test_a_base_model_family_axis_converts_and_verifies_each_and_the_plan_knows_its_size(tmp_path):
     """Two tiny stand-ins for the Mamba-1 family (sizes differ as mamba-130m and mamba-370m do: width and depth),
     converted as the grid's prepare_base_model_grid job does it, each verified, each sized by the plan."""
-    from mamba_align.demo import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
+    from mamba_align.testing.demo import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
     from mamba_align.model.convert import prepare_base_model
 
     tok = build_tiny_tokenizer(tmp_path / "tokenizer", ["hello world, a tiny family of models"] * 4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_align.model import fast
+from mamba_align.train import fast
 
 HAS_GPU_KIT = torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm") is not None
 gpu = pytest.mark.skipif(not HAS_GPU_KIT, reason="needs CUDA and mamba_ssm")

@@ -108,7 +108,7 @@ def test_dpo_with_precomputed_reference_matches(tiny, tmp_path):
 def test_fused_adamw_clips_inside_its_step_with_the_same_result(tiny, tmp_path, monkeypatch):
     """With a fused AdamW the trainer folds gradient clipping into the optimizer's kernel (fast.py): same losses,
     gradient norms and weights as the Trainer's own clip-then-step."""
-    from mamba_align.model import fast
+    from mamba_align.train import fast
 
     recipe = load_recipe(DEMO, "sft", {"max_steps": 4, "logging_steps": 1, "optim": "adamw_torch_fused",
                                        "max_grad_norm": 0.05})  # every step clips
@@ -158,7 +158,7 @@ def test_sft_with_the_fast_paths_own_loss_logs_what_trl_logs(tiny, tmp_path, mon
     token count) are read at log time: the same losses, metrics and weights as TRL's fused LM head. (The fast
     path runs here on CPU with the plain-PyTorch add+norm; on the GPU its Triton kernels are tested against
     this path in test_fast.py.)"""
-    from mamba_align.model import fast
+    from mamba_align.train import fast
 
     recipe = load_recipe(DEMO, "sft", {"max_steps": 4, "logging_steps": 2})
     own_loss = []
@@ -319,7 +319,7 @@ def test_two_ranks_with_the_fast_paths_own_loss_log_what_trl_logs(tiny, tmp_path
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
-        "import mamba_align.model.fast as fast\n"
+        "import mamba_align.train.fast as fast\n"
         "fast.enable_fast_path = lambda model, **kw: fast.patch_model(\n"
         "    model, fast.reference_add_rms_norm, cuda_only=False) or True\n")
     over = ("max_steps=4", "logging_steps=2")

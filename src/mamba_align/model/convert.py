@@ -1,12 +1,12 @@
 """Prepare the base model: a Mamba-1 checkpoint (mamba_ssm's format or transformers') -> a transformers
 `MambaForCausalLM` directory (fp32 safetensors, config, generation config, tokenizer with chat template),
-checked against an independent reference forward (mamba_ref.py) and described in a JSON report.
+checked against an independent reference forward (model/reference.py) and described in a JSON report.
 
 Order of work, so that bad input fails before the expensive parts: chat template name -> config.json
 (a few KB) -> tokenizer (a few MB) -> weights (GBs) -> shapes -> write -> verify.
 
 Verification runs the written checkpoint with transformers on CPU (mambapy's parallel scan) and the
-source weights with mamba_ref.forward, on a short fixed prompt (VERIFY_PROMPT_TOKENS tokens, then
+source weights with reference.forward, on a short fixed prompt (VERIFY_PROMPT_TOKENS tokens, then
 VERIFY_NEW_TOKENS greedy tokens). Measured max |dlogit|: ~1e-7..1e-6 on tiny CPU models. For a 2.8B model
 it needs ~24 GB of RAM (source + converted copy) and, by estimate, minutes of CPU; pass verify=False
 (CLI: --no-verify) to skip it. bench/verify_conversion_gpu.py checks the 2.8B shape on a GPU against
@@ -365,10 +365,10 @@ def _prepare_tokenizer(src: _Source, chat_template: str | None, rows: int):
 def verify_against_reference(model_dir: Path, ssm_sd: dict, ssm_config: dict, eps: float, prompt_ids: list[int],
                              new_tokens: int = VERIFY_NEW_TOKENS) -> dict:
     """Logits and greedy continuation of the written checkpoint (transformers, CPU, mambapy scan) vs
-    mamba_ref's forward of the source weights."""
+    the reference forward of the source weights."""
     from transformers import MambaForCausalLM
 
-    from mamba_align.model import mamba_ref
+    from mamba_align.model import reference
 
     model, info = MambaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_mambapy=True,
                                                    output_loading_info=True)
@@ -383,8 +383,8 @@ def verify_against_reference(model_dir: Path, ssm_sd: dict, ssm_config: dict, ep
         # no eos so both sides produce exactly new_tokens
         hf_greedy = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                                    pad_token_id=PAD_ID)[0, ids.shape[1]:].tolist()
-    ref_logits = mamba_ref.forward(ssm_sd, ssm_config, ids, eps=eps)
-    ref_greedy = mamba_ref.greedy(ssm_sd, ssm_config, ids, new_tokens)[0].tolist()
+    ref_logits = reference.forward(ssm_sd, ssm_config, ids, eps=eps)
+    ref_greedy = reference.greedy(ssm_sd, ssm_config, ids, new_tokens)[0].tolist()
     diff = (hf_logits - ref_logits).abs()
     return {
         "prompt_ids": prompt_ids,
@@ -395,7 +395,7 @@ def verify_against_reference(model_dir: Path, ssm_sd: dict, ssm_config: dict, ep
         "greedy_converted": hf_greedy,
         "greedy_continuation_identical": ref_greedy == hf_greedy,
         "converted_runtime": "transformers MambaForCausalLM, CPU, use_mambapy=True",
-        "reference_runtime": "mamba_align.model.mamba_ref (sequential fp32 scan)",
+        "reference_runtime": "mamba_align.model.reference (sequential fp32 scan)",
     }
 
 
@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--report", required=True, help="JSON report path")
     p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the CPU check against mamba_ref (slow for 2.8B)")
+                   help="skip the CPU check against model/reference.py (slow for 2.8B)")
     p.add_argument("--log", help="log file")
     return p
 

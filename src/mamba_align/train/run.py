@@ -568,7 +568,7 @@ def _trainer_classes():
             # applied inside the optimizer's kernel instead of by a pass over the gradients (fast.py)
             from accelerate.utils import DistributedType
 
-            from mamba_align.model.fast import fused_clip_grad_norm_
+            from mamba_align.train.fast import fused_clip_grad_norm_
 
             norm = None
             if self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) \
@@ -582,7 +582,7 @@ def _trainer_classes():
             # which also multiplies every gradient by 1: here the norm alone, one pass over the gradients
             from accelerate.utils import DistributedType
 
-            from mamba_align.model.fast import total_grad_norm
+            from mamba_align.train.fast import total_grad_norm
 
             if grad_norm is None and self.accelerator.distributed_type in (DistributedType.NO,
                                                                            DistributedType.MULTI_GPU):
@@ -623,7 +623,7 @@ def _trainer_classes():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             from accelerate.utils import DistributedType
 
-            from mamba_align.model.fast import fast_path_enabled
+            from mamba_align.train.fast import fast_path_enabled
 
             if return_outputs or self.compute_loss_func is not None or self.label_smoother is not None \
                     or self.args.loss_type != "nll" or self.aux_loss_enabled or self._tp_size != 1 \
@@ -760,7 +760,7 @@ def _run(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"  # Mamba is causal: right padding never reaches the real tokens
     model, saved_config = _load_model(model_dir, cpu=not cuda)
-    from mamba_align.model.fast import enable_fast_path  # mamba_ssm's fused add+RMSNorm and a chunked LM loss, on GPU only
+    from mamba_align.train.fast import enable_fast_path  # mamba_ssm's fused add+RMSNorm and a chunked LM loss, on GPU only
 
     if enable_fast_path(model):
         log.info("mamba_ssm fast path on (fused add+RMSNorm, chunked LM loss)")

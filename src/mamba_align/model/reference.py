@@ -57,7 +57,7 @@ def forward(state_dict: dict[str, torch.Tensor], config: dict, input_ids: torch.
             eps: float = 1e-5) -> torch.Tensor:
     """Logits (batch, L, vocab rows) of a mamba_ssm-format Mamba-1 model with RMSNorm, in fp32."""
     if not config.get("rms_norm", True) or config.get("d_intermediate", 0) or config.get("attn_layer_idx"):
-        raise ValueError("mamba_ref covers pure Mamba-1 models with RMSNorm and no MLP/attention layers")
+        raise ValueError("model/reference.py covers pure Mamba-1 models with RMSNorm and no MLP/attention layers")
     ssm_cfg = config.get("ssm_cfg") or {}
     d_model = config["d_model"]
     d_state = ssm_cfg.get("d_state", 16)
