@@ -30,5 +30,6 @@ test: setup
 	$(VENV)/bin/python -m pytest -q -rs --durations=10
 
 lint: setup
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/snakemake --lint --configfile config/demo.yaml
 	$(VENV)/bin/snakefmt --check Snakefile workflow/rules

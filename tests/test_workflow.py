@@ -100,6 +100,17 @@ def test_snakefmt_is_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_ruff_is_clean():
+    """The package, tests, bench and scripts pass the ruff rules in pyproject.toml (absolute imports, order)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("ruff")  # installed with the `test` extra
+    proc = subprocess.run([str(exe), "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("profile", ["slurm", "condor"])
 @pytest.mark.parametrize("configfile", ["config/config.yaml", "config/demo.yaml"])
 def test_dry_run_with_each_profile(workflow_copy, profile, configfile):
