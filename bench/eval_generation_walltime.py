@@ -84,6 +84,7 @@ def main(argv=None) -> dict:
     import torch
 
     from mamba_align.eval import engine as E
+    from mamba_align.eval.sampling import Sampling
     from mamba_align.eval.generate import generate_alpaca_eval, generate_mt_bench
 
     cuda = torch.cuda.is_available()
@@ -121,7 +122,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         mt_q, alpaca_q = write_inputs(tmp, vocab, a.n_mt, a.n_alpaca)
-        engine.generate([[11, 12, 13]] * a.batch_size, E.Sampling(max_new_tokens=4))  # warm-up / graphs
+        engine.generate([[11, 12, 13]] * a.batch_size, Sampling(max_new_tokens=4))  # warm-up / graphs
         for key in stats:
             stats[key] = 0
         if "mt_bench" in a.steps:
@@ -152,10 +153,10 @@ def main(argv=None) -> dict:
         engine.batch_size = bs
         ps = [[11 + (i * 7 + j) % (vocab - 11) for j in range(128)] for i in range(bs)]
         n_new = 8 if a.tiny else 256
-        engine.generate(ps, E.Sampling(max_new_tokens=4))
+        engine.generate(ps, Sampling(max_new_tokens=4))
         cuda_sync()
         t = time.perf_counter()
-        engine.generate(ps, E.Sampling(temperature=0.7, max_new_tokens=n_new))
+        engine.generate(ps, Sampling(temperature=0.7, max_new_tokens=n_new))
         cuda_sync()
         rates[bs] = round(bs * n_new / (time.perf_counter() - t), 1)
     result = dict(benchmark="eval_generation_walltime", shape=shape, engine=engine.name,

@@ -47,7 +47,10 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from mamba_align.eval.engine import MambaSSMEngine, Sampling, TransformersEngine, _mamba_ssm_missing
+    from mamba_align.eval.engine import _mamba_ssm_missing
+    from mamba_align.eval.engine_mamba_ssm import MambaSSMEngine
+    from mamba_align.eval.engine_transformers import TransformersEngine
+    from mamba_align.eval.sampling import Sampling
 
     cuda = torch.cuda.is_available()
     shape = "tiny" if a.tiny else "2.8b"

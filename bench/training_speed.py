@@ -51,7 +51,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
-        from mamba_align.eval.engine import mamba_ssm_config_from_hf
+        from mamba_align.model.mapping import mamba_ssm_config_from_hf
 
         model = MambaLMHeadModel(MambaConfig(**mamba_ssm_config_from_hf(cfg)), device=device,
                                  dtype=torch.float32)

@@ -10,8 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mamba_align.eval import decode as D
 from mamba_align.eval import engine as E
-from mamba_align.eval.engine import Sampling
+from mamba_align.eval import engine_mamba_ssm as MS
+from mamba_align.eval import sampling as S
+from mamba_align.eval.engine_transformers import TransformersEngine
+from mamba_align.eval.sampling import Sampling
+from mamba_align.model import mapping as M
 
 HAS_GPU_KIT = torch.cuda.is_available() and all(
     importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d"))
@@ -58,11 +63,11 @@ def test_sampling_greedy_threshold():
     ([1, 2], [], [1, 2]),
 ])
 def test_cut_at_eos(tokens, eos, expected):
-    assert E._cut_at_eos(tokens, eos) == expected
+    assert S.cut_at_eos(tokens, eos) == expected
 
 
 def test_mamba_ssm_config_from_hf():
-    cfg = E.mamba_ssm_config_from_hf(tiny_config(use_bias=True, use_conv_bias=False, residual_in_fp32=False,
+    cfg = M.mamba_ssm_config_from_hf(tiny_config(use_bias=True, use_conv_bias=False, residual_in_fp32=False,
                                                  tie_word_embeddings=False))
     assert cfg == dict(d_model=64, d_intermediate=0, n_layer=3, vocab_size=97,
                        ssm_cfg=dict(layer="Mamba1", d_state=8, d_conv=4, expand=2, dt_rank=6, conv_bias=False,
@@ -75,11 +80,11 @@ def test_mamba_ssm_config_rejects_what_it_cannot_map():
     from transformers import Mamba2Config
 
     with pytest.raises(ValueError, match="model_type 'mamba'"):
-        E.mamba_ssm_config_from_hf(Mamba2Config(hidden_size=64, num_hidden_layers=1, num_heads=2, head_dim=64))
+        M.mamba_ssm_config_from_hf(Mamba2Config(hidden_size=64, num_hidden_layers=1, num_heads=2, head_dim=64))
     bad = tiny_config()
     bad.intermediate_size = 100
     with pytest.raises(ValueError, match="intermediate_size"):
-        E.mamba_ssm_config_from_hf(bad)
+        M.mamba_ssm_config_from_hf(bad)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -92,8 +97,8 @@ def test_mapped_weights_give_the_same_logits_in_mamba_ssm_layout(tie):
     if not tie:
         with torch.no_grad():
             model.lm_head.weight.normal_()
-    cfg = E.mamba_ssm_config_from_hf(model.config)
-    sd = E.hf_to_mamba_ssm_state_dict(model.state_dict(), cfg["tie_embeddings"])
+    cfg = M.mamba_ssm_config_from_hf(model.config)
+    sd = M.hf_to_mamba_ssm_state_dict(model.state_dict(), cfg["tie_embeddings"])
     assert "backbone.embedding.weight" in sd and "backbone.embeddings.weight" not in sd
     assert (sd["lm_head.weight"] is sd["backbone.embedding.weight"]) == tie
     ids = torch.randint(0, 97, (2, 11))
@@ -106,22 +111,22 @@ def test_mapped_weights_give_the_same_logits_in_mamba_ssm_layout(tie):
 
 def test_untied_checkpoint_without_lm_head_is_an_error():
     with pytest.raises(ValueError, match="lm_head.weight"):
-        E.hf_to_mamba_ssm_state_dict({"backbone.embeddings.weight": torch.zeros(2, 2)}, tie_embeddings=False)
+        M.hf_to_mamba_ssm_state_dict({"backbone.embeddings.weight": torch.zeros(2, 2)}, tie_embeddings=False)
 
 
 def test_sample_next_greedy_and_vanishing_nucleus_are_argmax():
     torch.manual_seed(0)
     logits = torch.randn(8, 50)
-    assert torch.equal(E.sample_next(logits, Sampling(temperature=0.0)), logits.argmax(-1))
+    assert torch.equal(S.sample_next(logits, Sampling(temperature=0.0)), logits.argmax(-1))
     # a nucleus of (almost) zero mass keeps only the top token, whatever the temperature
-    assert torch.equal(E.sample_next(logits, Sampling(temperature=1.5, top_p=1e-9)), logits.argmax(-1))
+    assert torch.equal(S.sample_next(logits, Sampling(temperature=1.5, top_p=1e-9)), logits.argmax(-1))
 
 
 def test_sample_next_draws_from_the_tempered_distribution():
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     n = 40000
-    draws = E.sample_next(logits.expand(n, -1), Sampling(temperature=0.7))
+    draws = S.sample_next(logits.expand(n, -1), Sampling(temperature=0.7))
     freq = torch.bincount(draws, minlength=4).float() / n
     expected = torch.softmax(logits[0] / 0.7, -1)
     assert (freq - expected).abs().max() < 0.01
@@ -132,12 +137,12 @@ def test_sample_next_top_p_keeps_the_smallest_prefix_reaching_p():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log()[None].expand(20000, -1)
     # p = 0.7: {0.5, 0.3} reach it; renormalised 0.625 / 0.375
-    draws = E.sample_next(logits, Sampling(temperature=1.0, top_p=0.7))
+    draws = S.sample_next(logits, Sampling(temperature=1.0, top_p=0.7))
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert freq[2] == 0 and freq[3] == 0
     assert abs(freq[0] - 0.625) < 0.015
     # p = 0.8 exactly reached by the first two: the third is not needed (transformers' rule)
-    draws = E.sample_next(logits, Sampling(temperature=1.0, top_p=0.8))
+    draws = S.sample_next(logits, Sampling(temperature=1.0, top_p=0.8))
     assert torch.bincount(draws, minlength=4)[2:].sum() == 0
 
 
@@ -195,7 +200,7 @@ def run_toy(prompts, max_new, eos, batch_size, **kw):
             runners[slots] = ToyRunner(slots, log)
         return runners[slots]
 
-    out = E.decode_loop(prompts, Sampling(max_new_tokens=max_new), eos, get_runner, batch_size, **kw)
+    out = D.decode_loop(prompts, Sampling(max_new_tokens=max_new), eos, get_runner, batch_size, **kw)
     return out, log
 
 
@@ -218,7 +223,7 @@ def test_decode_loop_stops_at_any_of_several_eos_ids():
 
     def alone(p):  # the toy model run alone, stopping at either id
         a = toy_reference(p, 40, None)
-        return E._cut_at_eos(a, [4, 9])
+        return S.cut_at_eos(a, [4, 9])
 
     assert out == [alone(p) for p in prompts]
     assert out != [toy_reference(p, 40, 4) for p in prompts]  # the second id did stop some sequences
@@ -247,9 +252,9 @@ def test_decode_loop_edge_cases():
 
 
 def test_slot_sizes():
-    assert E._slot_sizes(16) == [1, 2, 4, 8, 16]
-    assert E._slot_sizes(24) == [1, 2, 4, 8, 16, 24]
-    assert E._fit(5, [1, 2, 4, 8]) == 8 and E._fit(100, [1, 2, 4, 8]) == 8
+    assert D._slot_sizes(16) == [1, 2, 4, 8, 16]
+    assert D._slot_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert D._fit(5, [1, 2, 4, 8]) == 8 and D._fit(100, [1, 2, 4, 8]) == 8
 
 
 class MixerParams(torch.nn.Module):
@@ -297,9 +302,9 @@ def test_masked_left_padded_prefill_equals_unpadded_runs():
     for j, n in enumerate(lengths):
         mask[j, width - n:] = True
     with torch.no_grad():
-        out, conv, ssm = E.masked_mixer_prefill(m, hidden, mask, ref_conv, ref_scan)
+        out, conv, ssm = MS.masked_mixer_prefill(m, hidden, mask, ref_conv, ref_scan)
         for j, n in enumerate(lengths):
-            alone_out, alone_conv, alone_ssm = E.masked_mixer_prefill(m, hidden[j:j + 1, width - n:], None,
+            alone_out, alone_conv, alone_ssm = MS.masked_mixer_prefill(m, hidden[j:j + 1, width - n:], None,
                                                                       ref_conv, ref_scan)
             torch.testing.assert_close(out[j, width - n:], alone_out[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(ssm[j], alone_ssm[0], rtol=1e-5, atol=1e-5)
@@ -313,8 +318,8 @@ def test_prefill_state_continues_like_a_longer_prompt():
     m = MixerParams()
     hidden = torch.randn(1, 7, 16)
     with torch.no_grad():
-        _, conv, ssm = E.masked_mixer_prefill(m, hidden[:, :6], None, ref_conv, ref_scan)
-        full, _, _ = E.masked_mixer_prefill(m, hidden, None, ref_conv, ref_scan)
+        _, conv, ssm = MS.masked_mixer_prefill(m, hidden[:, :6], None, ref_conv, ref_scan)
+        full, _, _ = MS.masked_mixer_prefill(m, hidden, None, ref_conv, ref_scan)
         xz = m.in_proj(hidden[:, 6])
         x, z = xz.chunk(2, -1)
         window = torch.cat([conv[:, :, 1:], x[:, :, None]], -1)
@@ -339,13 +344,13 @@ def test_load_engine_backend_choice_on_cpu(tmp_path, monkeypatch):
 
 def test_transformers_engine_from_model_greedy_cpu():
     model = tiny_model()
-    eng = E.TransformersEngine.from_model(model, batch_size=4)
+    eng = TransformersEngine.from_model(model, batch_size=4)
     prompts = [[1, 2, 3], [4, 6], [7, 8, 9]]
     out = eng.generate(prompts, Sampling(max_new_tokens=6))
     for p, o in zip(prompts, out):
         alone = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=5,
                                pad_token_id=0)[0, len(p):].tolist()
-        assert o == E._cut_at_eos(alone, 5)
+        assert o == S.cut_at_eos(alone, 5)
 
 
 # ------------------------------------------------------------------------------------------------- GPU
@@ -380,8 +385,8 @@ def _prompts(n, seed=0, lo=1, hi=40, vocab=1000):
 @pytest.mark.gpu
 @gpu
 def test_gpu_greedy_token_identical_to_transformers_fp32(gpu_checkpoint):
-    tr = E.TransformersEngine(str(gpu_checkpoint), device="cuda", batch_size=8, dtype=torch.float32)
-    ms = E.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=8, dtype=torch.float32)
+    tr = TransformersEngine(str(gpu_checkpoint), device="cuda", batch_size=8, dtype=torch.float32)
+    ms = MS.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=8, dtype=torch.float32)
     prompts = _prompts(12, seed=1)
     s = Sampling(max_new_tokens=48)
     assert ms.generate(prompts, s) == tr.generate(prompts, s)
@@ -393,7 +398,7 @@ def test_gpu_greedy_token_identical_to_transformers_fp32(gpu_checkpoint):
 def test_gpu_batched_mixed_lengths_equal_unbatched(gpu_checkpoint, dtype):
     """Left-padded masked prefill + continuous batching give each prompt what it gets alone (fp32: exactly;
     bf16: batch-size-dependent GEMM rounding may flip a near-tie, so compare the first tokens only)."""
-    ms = E.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=8, dtype=dtype)
+    ms = MS.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=8, dtype=dtype)
     ms.eos_token_id = None
     prompts = _prompts(19, seed=2, lo=1, hi=70)
     s = Sampling(max_new_tokens=40)
@@ -409,7 +414,7 @@ def test_gpu_batched_mixed_lengths_equal_unbatched(gpu_checkpoint, dtype):
 @pytest.mark.gpu
 @gpu
 def test_gpu_each_sequence_stops_at_its_own_eos(gpu_checkpoint):
-    ms = E.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=4, dtype=torch.float32)
+    ms = MS.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=4, dtype=torch.float32)
     ms.eos_token_id = None
     prompts = _prompts(6, seed=4)
     s = Sampling(max_new_tokens=30)
@@ -417,14 +422,14 @@ def test_gpu_each_sequence_stops_at_its_own_eos(gpu_checkpoint):
     eos = free[0][7]  # a token the first sequence produces at step 7
     ms.eos_token_id = eos
     cut = ms.generate(prompts, s)
-    assert cut == [E._cut_at_eos(o, eos) for o in free]
+    assert cut == [S.cut_at_eos(o, eos) for o in free]
     assert len(cut[0]) <= 7
 
 
 @pytest.mark.gpu
 @gpu
 def test_gpu_sampling_is_honoured_and_seeded(gpu_checkpoint):
-    ms = E.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=8)
+    ms = MS.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=8)
     ms.eos_token_id = None
     prompts = _prompts(8, seed=5)
     greedy = ms.generate(prompts, Sampling(max_new_tokens=32))
@@ -440,8 +445,8 @@ def test_gpu_sampling_is_honoured_and_seeded(gpu_checkpoint):
 def test_gpu_cuda_graphs_match_eager_steps(gpu_checkpoint):
     prompts = _prompts(5, seed=6)
     s = Sampling(max_new_tokens=24)
-    with_graphs = E.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=4).generate(prompts, s)
-    eager = E.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=4, cuda_graphs=False).generate(prompts, s)
+    with_graphs = MS.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=4).generate(prompts, s)
+    eager = MS.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=4, cuda_graphs=False).generate(prompts, s)
     assert with_graphs == eager
 
 
@@ -461,8 +466,8 @@ def test_gpu_untied_checkpoint_matches_transformers(tmp_path):
         model.lm_head.weight.normal_(std=0.5)
     model.save_pretrained(tmp_path)
     _save_tokenizer(tmp_path, 300)
-    tr = E.TransformersEngine(str(tmp_path), device="cuda", dtype=torch.float32)
-    ms = E.MambaSSMEngine(str(tmp_path), device="cuda", dtype=torch.float32)
+    tr = TransformersEngine(str(tmp_path), device="cuda", dtype=torch.float32)
+    ms = MS.MambaSSMEngine(str(tmp_path), device="cuda", dtype=torch.float32)
     prompts = _prompts(4, seed=9, vocab=300)
     s = Sampling(max_new_tokens=20)
     assert ms.generate(prompts, s) == tr.generate(prompts, s)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from mamba_align.model.convert import EOS_TOKEN, PAD_TOKEN, padded_vocab_size
+from mamba_align.model.mapping import padded_vocab_size
+from mamba_align.model.tokenizer import EOS_TOKEN, PAD_TOKEN
 from mamba_align.utils import atomic_path, setup_logging
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
