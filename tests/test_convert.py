@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamba_align.testing.demo import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
 from mamba_align.model import convert, reference
 from mamba_align.model.convert import prepare_base_model
 from mamba_align.model.tokenizer import CHAT_TEMPLATES
+from mamba_align.testing.demo import (
+    build_tiny_mamba_ssm_checkpoint,
+    build_tiny_tokenizer,
+)
 from mamba_align.utils import UserError, read_json
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "A state space model reads one token at a time.",

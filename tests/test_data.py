@@ -15,8 +15,8 @@ from mamba_align.utils import UserError
 def tokenizer_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from mamba_align.testing.demo import build_tiny_tokenizer
     from mamba_align.model.tokenizer import CHAT_TEMPLATES
+    from mamba_align.testing.demo import build_tiny_tokenizer
 
     rows = ultrachat_rows(64, 0) + ultrafeedback_rows(32, 1)
     texts = [m["content"] for r in rows for m in r.get("messages", r.get("chosen"))]

@@ -64,11 +64,11 @@ def read_config(path: Path) -> tuple[str, dict, float]:
     if not {"d_model", "n_layer"} <= raw.keys():
         raise UserError(f"{path}: neither a transformers Mamba config (model_type 'mamba') nor a mamba_ssm "
                         "config (d_model, n_layer, vocab_size, ssm_cfg, ...)")
-    check_ssm_config(raw, path)
+    _check_ssm_config(raw, path)
     return "mamba_ssm", raw, 1e-5  # mamba_ssm's MixerModel always uses norm_epsilon 1e-5
 
 
-def check_ssm_config(cfg: dict, path: Path) -> None:
+def _check_ssm_config(cfg: dict, path: Path) -> None:
     """UserError unless `cfg` (read from `path`) is a pure Mamba-1 mamba_ssm config transformers can hold."""
     unknown = sorted(cfg.keys() - SSM_CONFIG_KEYS)
     if unknown:
@@ -248,7 +248,8 @@ def load_weights(directory: Path, patterns: list[str]) -> tuple[dict[str, torch.
 
 
 def read_checkpoint_state_dict(model_dir: str | Path) -> dict:
-    """All tensors of a transformers checkpoint folder (safetensors, single file or sharded), on the CPU."""
+    """All tensors of a transformers checkpoint folder (safetensors, single file or sharded, else
+    pytorch_model.bin), on the CPU, under transformers' key names."""
     model_dir = Path(model_dir)
     files = [p.name for p in model_dir.iterdir()] if model_dir.is_dir() else []
     return load_weights(model_dir, weight_patterns(files, "transformers", str(model_dir)))[0]

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def hub_call(src: Source, fn, *args, **kwargs):
+def _hub_call(src: Source, fn, *args, **kwargs):
     """Run a huggingface_hub call; turn its errors into UserErrors that name the repo and revision."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -64,7 +64,7 @@ class Source:
             snapshot = self.fetch(None)
             self.files = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
         else:
-            self.files = hub_call(self, HfApi().list_repo_files, name, revision=revision,
+            self.files = _hub_call(self, HfApi().list_repo_files, name, revision=revision,
                                   token=os.environ.get("HF_TOKEN") or None)
 
     def fetch(self, patterns: list[str] | None) -> Path:
@@ -73,7 +73,7 @@ class Source:
         from huggingface_hub import snapshot_download
 
         # snapshot_download resumes interrupted downloads from the HF cache (HF_HOME).
-        path = Path(hub_call(self, snapshot_download, self.name,
+        path = Path(_hub_call(self, snapshot_download, self.name,
                              revision=self.revision, allow_patterns=patterns,
                              token=os.environ.get("HF_TOKEN") or None))
         self.commit = path.name  # the cache names snapshot folders by commit sha
