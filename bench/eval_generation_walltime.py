@@ -84,8 +84,8 @@ def main(argv=None) -> dict:
     import torch
 
     from mamba_align.eval import engine as E
+    from mamba_align.eval.engine.sampling import Sampling
     from mamba_align.eval.generate import generate_alpaca_eval, generate_mt_bench
-    from mamba_align.eval.sampling import Sampling
 
     cuda = torch.cuda.is_available()
     shape = "tiny" if a.tiny else "2.8b"

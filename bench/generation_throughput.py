@@ -48,9 +48,9 @@ def main(argv=None) -> dict:
     import torch
 
     from mamba_align.eval.engine import _mamba_ssm_missing
-    from mamba_align.eval.engine_mamba_ssm import MambaSSMEngine
-    from mamba_align.eval.engine_transformers import TransformersEngine
-    from mamba_align.eval.sampling import Sampling
+    from mamba_align.eval.engine.hf import TransformersEngine
+    from mamba_align.eval.engine.sampling import Sampling
+    from mamba_align.eval.engine.ssm import MambaSSMEngine
 
     cuda = torch.cuda.is_available()
     shape = "tiny" if a.tiny else "2.8b"

@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from mamba_align.testing.demo import build_tiny_mamba_ssm_checkpoint
     from mamba_align.model import reference
     from mamba_align.model.convert import prepare_base_model
+    from mamba_align.testing.demo import build_tiny_mamba_ssm_checkpoint
     from mamba_align.utils import setup_logging, write_json
 
     setup_logging()

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_align.eval import decode as D
 from mamba_align.eval import engine as E
-from mamba_align.eval import engine_mamba_ssm as MS
-from mamba_align.eval import sampling as S
-from mamba_align.eval.engine_transformers import TransformersEngine
-from mamba_align.eval.sampling import Sampling
+from mamba_align.eval.engine import decode as D
+from mamba_align.eval.engine import sampling as S
+from mamba_align.eval.engine import ssm as MS
+from mamba_align.eval.engine.hf import TransformersEngine
+from mamba_align.eval.engine.sampling import Sampling
 from mamba_align.model import mapping as M
 
 HAS_GPU_KIT = torch.cuda.is_available() and all(

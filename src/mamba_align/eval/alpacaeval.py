@@ -433,7 +433,9 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
     results = {}
     with contextlib.ExitStack() as stack:
         if base_url is None and judge_cfg.get("backend") == "local":
-            from mamba_align.eval.judge.server import serve_local_judge  # transformers only when a local judge is asked for
+            from mamba_align.eval.judge.server import (
+                serve_local_judge,  # transformers only when a local judge is asked for
+            )
 
             judge["base_url"] = stack.enter_context(serve_local_judge(judge_cfg.get("local", {}), judge["model"]))
         cache_dir.mkdir(parents=True, exist_ok=True)

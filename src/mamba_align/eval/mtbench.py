@@ -21,8 +21,16 @@ import statistics
 import time
 from pathlib import Path
 
-from mamba_align.utils import (UserError, atomic_path, fetch_file, read_json, setup_logging,
-                               sha256_file, write_json, write_jsonl)
+from mamba_align.utils import (
+    UserError,
+    atomic_path,
+    fetch_file,
+    read_json,
+    setup_logging,
+    sha256_file,
+    write_json,
+    write_jsonl,
+)
 
 log = logging.getLogger(__name__)
 

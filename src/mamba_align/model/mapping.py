@@ -1,7 +1,7 @@
 """The one mapping between mamba_ssm's Mamba-1 checkpoints and transformers' `MambaForCausalLM`.
 
 Used both ways: model/convert.py turns a mamba_ssm (or transformers) checkpoint into a transformers folder;
-eval/engine_mamba_ssm.py loads a transformers folder into mamba_ssm's `MambaLMHeadModel` for fast decoding.
+eval/engine/ssm.py loads a transformers folder into mamba_ssm's `MambaLMHeadModel` for fast decoding.
 
 - Configs: `hf_config_from_ssm` (mamba_ssm dict -> transformers `MambaConfig`, vocabulary padded as
   mamba_ssm pads it), `mamba_ssm_config_from_hf` (back; `pad_vocab_size_multiple=1` keeps exactly the

@@ -1,20 +1,20 @@
-"""Text generation engines for the evaluation steps: `load_engine` picks the fastest one the machine has.
+"""Text generation engines of the generate_* rules: `load_engine` picks the fastest one the machine has.
 
 Every engine takes token-id prompts and returns the new token ids of each prompt, stopped at (and
 without) the model's eos, honouring the sampling parameters per call (`generate(prompts, sampling)`).
 
-- eval/engine_mamba_ssm.py: `MambaSSMEngine`, mamba_ssm's model with CUDA graphs and continuous batching
+- eval/engine/ssm.py: `MambaSSMEngine`, mamba_ssm's model with CUDA graphs and continuous batching
   (needs CUDA, mamba_ssm and causal_conv1d); ~10x the tokens/s of transformers on a GPU.
-- eval/engine_transformers.py: `TransformersEngine`, transformers' `generate`; the portable fallback.
-- eval/decode.py: the continuous-batching loop; eval/sampling.py: `Sampling` and drawing tokens.
+- eval/engine/hf.py: `TransformersEngine`, transformers' `generate`; the portable fallback.
+- eval/engine/decode.py: the continuous-batching loop; eval/engine/sampling.py: `Sampling` and drawing tokens.
 """
 
 from __future__ import annotations
 
 import logging
 
-from mamba_align.eval.engine_mamba_ssm import MambaSSMEngine
-from mamba_align.eval.engine_transformers import TransformersEngine
+from mamba_align.eval.engine.hf import TransformersEngine
+from mamba_align.eval.engine.ssm import MambaSSMEngine
 
 log = logging.getLogger(__name__)
 

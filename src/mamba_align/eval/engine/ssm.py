@@ -2,15 +2,15 @@
 
 `MambaSSMEngine` loads the transformers checkpoint's weights into mamba_ssm's `MambaLMHeadModel`
 (through model/mapping.py) and decodes with CUDA graphs in the continuous-batching loop of
-eval/decode.py. Prompts of different lengths are prefilled together, left-padded, with the padding masked
+eval/engine/decode.py. Prompts of different lengths are prefilled together, left-padded, with the padding masked
 out of the convolution input and the scan input (`masked_mixer_prefill`): a masked position adds exactly
 zero to the state, so each sequence's state and outputs are those of an unpadded run.
 """
 
 from __future__ import annotations
 
-from mamba_align.eval.decode import decode_loop
-from mamba_align.eval.sampling import Sampling
+from mamba_align.eval.engine.decode import decode_loop
+from mamba_align.eval.engine.sampling import Sampling
 from mamba_align.model.mapping import (
     hf_to_mamba_ssm_state_dict,
     mamba_ssm_config_from_hf,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mamba_align.eval.sampling import Sampling, cut_at_eos, stop_ids
+from mamba_align.eval.engine.sampling import Sampling, cut_at_eos, stop_ids
 
 
 class TransformersEngine:

@@ -1,14 +1,14 @@
 """The continuous-batching decode loop, independent of the model: a fixed number of slots is kept busy,
 and a finished sequence's slot is refilled with the next prompt at once (a Mamba sequence's whole
 context is a fixed-size state, so slots are interchangeable). The model side is a "runner" (see
-`decode_loop`); eval/engine_mamba_ssm.py provides the CUDA-graph one, tests a toy one on CPU."""
+`decode_loop`); eval/engine/ssm.py provides the CUDA-graph one, tests a toy one on CPU."""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
 
-from mamba_align.eval.sampling import Sampling, cut_at_eos, sample_next, stop_ids
+from mamba_align.eval.engine.sampling import Sampling, cut_at_eos, sample_next, stop_ids
 
 
 def _slot_sizes(batch_size: int) -> list[int]:
