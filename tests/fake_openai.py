@@ -13,8 +13,9 @@ The responder gets the parsed request body and returns the message content (str)
 `top_logprobs` is cut to the requested count.
 
 Faults (chosen per request from a seeded RNG, in arrival order): "429" (with Retry-After),
-"500", "timeout" (no answer for `hang_s`, then the connection is closed) and "garbage"
-(status 200 with a body that is not JSON).
+"500", "timeout" (no answer for `hang_s`, then the connection is closed), "garbage"
+(status 200 with a body that is not JSON) and "400" (a request the server refuses, which no
+retry can fix).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-FAULT_KINDS = ("429", "500", "timeout", "garbage")
+FAULT_KINDS = ("429", "500", "timeout", "garbage", "400")
 
 
 def logprob_entry(token: str, top: dict[str, float]) -> dict:
@@ -192,6 +193,8 @@ class FakeOpenAI:
             return None
         if fault == "garbage":
             return 200, b'{"id": "chatcmpl-garbage", "choices": [{"mess', {}
+        if fault == "400":
+            return 400, {"error": {"message": "Invalid value for 'max_tokens'", "type": "invalid_request_error"}}, {}
         if body is None or not isinstance(body.get("messages"), list):
             return 400, {"error": {"message": "body must be JSON with a 'messages' list",
                                    "type": "invalid_request_error"}}, {}

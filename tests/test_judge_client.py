@@ -1,4 +1,5 @@
-"""JudgeClient against the fake OpenAI server: requests, retries, Retry-After, cache and resume."""
+"""JudgeClient against the fake OpenAI server: requests, the openai client's retries, Retry-After, re-asks on
+unreadable answers, cache and resume."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_missing_api_key_is_a_user_error_before_any_request(monkeypatch, tmp_pat
 def test_request_body_result_and_no_key_anywhere(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     with FakeOpenAI(lambda body: "Fine. Rating: [[7]]", faults={"500": 0.5}, seed=1) as fake:
-        with JudgeClient(judge_cfg(), tmp_path / "c.jsonl", base_url=fake.base_url, backoff_s=0.001) as judge:
+        with JudgeClient(judge_cfg(), tmp_path / "c.jsonl", base_url=fake.base_url) as judge:
             [[row]] = judge.complete_many(requests_(1))
     assert fake.answered_bodies() == [{"model": "gpt-4", "messages": requests_(1)[0]["messages"], "n": 1,
                                        "temperature": 0.0, "max_tokens": 2048}]
@@ -56,8 +57,7 @@ def test_faults_retried_until_every_request_answered_once(tmp_path):
     n = 120
     faults = {"429": 0.1, "500": 0.1, "timeout": 0.05, "garbage": 0.05}  # 30 %
     with FakeOpenAI(faults=faults, seed=3, hang_s=1.0, retry_after_s=0.01) as fake:
-        with JudgeClient(judge_cfg(timeout_s=0.3), tmp_path / "c.jsonl", base_url=fake.base_url,
-                         backoff_s=0.005) as judge:
+        with JudgeClient(judge_cfg(timeout_s=0.3), tmp_path / "c.jsonl", base_url=fake.base_url) as judge:
             results = judge.complete_many(requests_(n))
     kinds = Counter(r.fault for r in fake.log)
     assert all(kinds[k] > 0 for k in faults), kinds
@@ -66,13 +66,42 @@ def test_faults_retried_until_every_request_answered_once(tmp_path):
     assert len(results) == n and all(len(r) == 1 for r in results)
     cached = read_jsonl(tmp_path / "c.jsonl")
     assert len(cached) == n and len({r["key"] for r in cached}) == n
-    assert judge.n_attempts == len(fake.log)
+    assert n + judge.n_retries == len(fake.log)  # every repeated call counted (the progress lines show it)
+
+
+@pytest.mark.parametrize("status", ["429", "500"])
+def test_the_openai_client_retries_429_and_500_until_answered(tmp_path, status):
+    with FakeOpenAI(faults={status: 0.6}, seed=7, retry_after_s=0.2) as fake:
+        with JudgeClient(judge_cfg(concurrency=1), tmp_path / "c.jsonl", base_url=fake.base_url) as judge:
+            [[row]] = judge.complete_many(requests_(1))
+    faults = [r.fault for r in fake.log]
+    assert faults[-1] is None and faults[:-1] == [status, status], faults
+    assert row["content"] == "A fake judgment. Rating: [[5]]" and judge.n_retries == len(faults) - 1
+    # the client's retries, not ours: one logical request, the client's retry counter in the headers
+    assert [{k.lower(): v for k, v in r.headers.items()}["x-stainless-retry-count"] for r in fake.log] == [str(i) for i in range(len(faults))]
+    if status == "429":  # Retry-After (0.2 s) is honoured
+        assert all(b.time - a.time >= 0.19 for a, b in zip(fake.log, fake.log[1:]))
+
+
+def test_a_permanent_4xx_fails_at_once_with_a_clear_error(tmp_path):
+    with FakeOpenAI(faults={"400": 1.0}) as fake:
+        with pytest.raises(UserError, match=r"1 of 1 judge calls failed.*HTTP 400: .*Invalid value for 'max_tokens'"):
+            JudgeClient(judge_cfg(), tmp_path / "c.jsonl", base_url=fake.base_url).complete_many(requests_(1))
+    assert len(fake.log) == 1  # not retried
+    assert read_jsonl(tmp_path / "c.jsonl") == []
+
+
+def test_an_unreadable_answer_is_asked_again_within_max_retries(tmp_path, caplog):
+    with FakeOpenAI(faults={"garbage": 1.0}) as fake:
+        with pytest.raises(UserError, match=r"unparseable answer: .* \(asked 3 times\)"):
+            JudgeClient(judge_cfg(max_retries=2), tmp_path / "c.jsonl", base_url=fake.base_url).complete_many(
+                requests_(1))
+    assert len(fake.log) == 3 and caplog.text.count("asking again") == 2
 
 
 def test_retry_after_is_honoured_and_a_failed_call_is_not_cached(tmp_path):
     with FakeOpenAI(faults={"429": 1.0}, retry_after_s=0.3) as fake:
-        judge = JudgeClient(judge_cfg(max_retries=2), tmp_path / "c.jsonl", base_url=fake.base_url,
-                            backoff_s=0.001)
+        judge = JudgeClient(judge_cfg(max_retries=2), tmp_path / "c.jsonl", base_url=fake.base_url)
         with pytest.raises(UserError, match="1 of 1 judge calls failed.*HTTP 429"):
             judge.complete_many(requests_(1))
     times = [r.time for r in fake.log]

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from fake_openai import KEY, judge_cfg, FakeOpenAI
-from mamba_align.eval.judge import client as judge_client
 from mamba_align.eval import mtbench
 from mamba_align.eval.judge.client import request_key
 from mamba_align.utils import UserError, read_json, read_jsonl
@@ -31,7 +30,6 @@ PARAMS = {"temperature": 0.0, "max_tokens": 2048}
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    monkeypatch.setattr(judge_client, "BACKOFF_S", 0.005)  # keep fault tests fast
 
 
 @pytest.fixture
@@ -305,7 +303,6 @@ def test_repeats_take_the_median(data, tmp_path):
 
 CRASH_SCRIPT = """
 import sys
-from mamba_align.eval.judge import client as judge_client
 from mamba_align.eval import mtbench
 d, tmp, url = sys.argv[1:4]
 cfg = {"backend": "openai", "model": "gpt-4", "base_url": None, "api_key_env": "OPENAI_API_KEY",

@@ -1,27 +1,28 @@
 """The one judge interface: OpenAI chat completions, against the real API or our local judge server.
 
 `JudgeClient.complete_many` sends every request that is not already in the JSONL cache, with
-bounded concurrency and its own retries (jittered exponential backoff, Retry-After honoured), and
-appends each finished judgment to the cache at once (fsync). A rerun after a crash therefore sends
-only what is missing. Failed calls are never cached. The API key is read from the environment and
-never written anywhere.
+bounded concurrency, and appends each finished judgment to the cache at once (fsync). A rerun after
+a crash therefore sends only what is missing. Failed calls are never cached. The API key is read
+from the environment and never written anywhere.
+
+Retries are the openai client's own (`max_retries`: 408, 409, 429, 5xx, timeouts and connection
+errors, with jittered exponential backoff, Retry-After honoured). Only an answer the client cannot
+read (a body that is not JSON, no message content) is ours to handle: it is asked again, within the
+same `max_retries`, and is a failure of that request when none of the answers could be read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
 
 from mamba_align.utils import ProgressLog, UserError, append_jsonl, read_jsonl
 
@@ -29,9 +30,6 @@ log = logging.getLogger(__name__)
 
 # Request keys a caller may set per request; everything else comes from the judge config.
 REQUEST_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs")
-MAX_RETRY_AFTER_S = 300.0
-BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0  # retry n waits BACKOFF_S * 2**n (capped), times a jitter in [0.5, 1]
-
 
 URL = re.compile(r"https?://[^\s/:?#]+(:\d+)?(/\S*)?")
 
@@ -52,7 +50,8 @@ def check_judge(judge_cfg: dict, environ=os.environ) -> None:
 
 
 class JudgeError(Exception):
-    """One request failed for good (retries exhausted or a non-retryable answer)."""
+    """One request failed for good (the client's retries exhausted, a non-retryable status, or no
+    readable answer in `max_retries` + 1 tries)."""
 
 
 def request_key(model: str, messages: list[dict], params: dict, repeat: int) -> str:
@@ -74,8 +73,7 @@ class JudgeClient:
     """
 
     def __init__(self, judge_cfg: dict, cache_path: str | os.PathLike, base_url: str | None = None,
-                 *, backoff_s: float | None = None, max_backoff_s: float | None = None,
-                 prices: tuple[float, float] | None = None):
+                 *, prices: tuple[float, float] | None = None):
         """`prices`: USD per million (prompt, completion) tokens, for the spend in the progress lines."""
         self.cfg = judge_cfg
         self.prices = prices
@@ -87,12 +85,10 @@ class JudgeClient:
             self._api_key = os.environ[judge_cfg.get("api_key_env") or "OPENAI_API_KEY"].strip()
         else:
             self._api_key = "local-judge"  # our local server ignores it
-        self.backoff_s = BACKOFF_S if backoff_s is None else backoff_s
-        self.max_backoff_s = MAX_BACKOFF_S if max_backoff_s is None else max_backoff_s
         self.cache_path = Path(cache_path)
         self._cache: dict[str, dict] = {r["key"]: r for r in read_jsonl(self.cache_path, repair=True)}
         self._stack = contextlib.ExitStack()
-        self.n_attempts = 0  # HTTP calls made by this object, retries included
+        self.n_retries = 0  # repeated HTTP calls of this object: the client's retries and our re-asks
         self._count_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -151,14 +147,15 @@ class JudgeClient:
     def _run(self, todo: dict[str, dict]) -> None:
         from openai import OpenAI
 
-        client = OpenAI(base_url=self._endpoint(), api_key=self._api_key, max_retries=0,
+        client = OpenAI(base_url=self._endpoint(), api_key=self._api_key, max_retries=int(self.cfg["max_retries"]),
                         timeout=float(self.cfg["timeout_s"]))
         failures: list[str] = []
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         pool = ThreadPoolExecutor(max_workers=int(self.cfg["concurrency"]))
         done = 0
         spent = {"prompt_tokens": 0, "completion_tokens": 0}
-        progress = ProgressLog(f"judge {self.model}", len(todo), extra=lambda: self._spend(spent), logger=log)
+        progress = ProgressLog(f"judge {self.model}", len(todo), logger=log,
+                               extra=lambda: f"{self._spend(spent)}, {self.n_retries} retries")
         try:
             with open(self.cache_path, "a", encoding="utf-8") as fh:
                 futures = {pool.submit(self._complete_one, client, key, req): key
@@ -197,60 +194,41 @@ class JudgeClient:
         params = self.params(req)
         max_retries = int(self.cfg["max_retries"])
         for attempt in range(max_retries + 1):
-            retry_after = None
-            with self._count_lock:
-                self.n_attempts += 1
             try:
-                resp = client.chat.completions.create(model=self.model, messages=req["messages"],
-                                                      n=1, **params)
+                raw = client.chat.completions.with_raw_response.create(model=self.model, messages=req["messages"],
+                                                                       n=1, **params)
+            except openai.APIStatusError as e:  # not retryable, or the client's retries are spent
+                raise JudgeError(self._redact(f"HTTP {e.status_code}: {e.message}")) from None
+            except openai.APIConnectionError as e:  # includes APITimeoutError
+                raise JudgeError(self._redact(f"{type(e).__name__}: {e} (after {max_retries} retries)")) from None
+            self._count_retries(raw.retries_taken + (attempt > 0))
+            try:
+                resp = raw.parse()
                 choice = resp.choices[0]
                 if choice.message.content is None:
                     raise ValueError("the answer has no message content")
-                return {
-                    "key": key,
-                    "repeat": req["repeat"],
-                    "model_requested": self.model,
-                    "model_reported": resp.model,
-                    "content": choice.message.content,
-                    "finish_reason": choice.finish_reason,
-                    "logprobs": choice.logprobs.model_dump(mode="json") if choice.logprobs else None,
-                    "usage": resp.usage.model_dump(mode="json", exclude_none=True) if resp.usage else None,
-                    "tstamp": time.time(),
-                }
-            except openai.APIStatusError as e:
-                if not (e.status_code in (408, 409, 429) or e.status_code >= 500):
-                    raise JudgeError(self._redact(f"HTTP {e.status_code}: {e.message}")) from None
-                error = f"HTTP {e.status_code}: {e.message}"
-                retry_after = _retry_after_s(e.response.headers)
-            except openai.APIConnectionError as e:  # includes APITimeoutError
-                error = f"{type(e).__name__}: {e}"
-            except (ValueError, IndexError, AttributeError, TypeError) as e:  # unparseable answer
+            except (ValueError, IndexError, AttributeError, TypeError) as e:  # ValueError: body is not JSON
                 error = f"unparseable answer: {type(e).__name__}: {e}"
-            if attempt == max_retries:
-                break
-            backoff = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
-            wait = retry_after if retry_after is not None else backoff
-            log.warning("judge call failed (%s); retry %d/%d in %.2f s",
-                        self._redact(error), attempt + 1, max_retries, wait)
-            time.sleep(wait)
-        raise JudgeError(self._redact(f"{error} (after {max_retries} retries)"))
+                if attempt < max_retries:
+                    log.warning("judge call: %s; asking again (%d/%d)", self._redact(error), attempt + 1, max_retries)
+                continue
+            return {
+                "key": key,
+                "repeat": req["repeat"],
+                "model_requested": self.model,
+                "model_reported": resp.model,
+                "content": choice.message.content,
+                "finish_reason": choice.finish_reason,
+                "logprobs": choice.logprobs.model_dump(mode="json") if choice.logprobs else None,
+                "usage": resp.usage.model_dump(mode="json", exclude_none=True) if resp.usage else None,
+                "tstamp": time.time(),
+            }
+        raise JudgeError(self._redact(f"{error} (asked {max_retries + 1} times)"))
+
+    def _count_retries(self, n: int) -> None:
+        with self._count_lock:
+            self.n_retries += n
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if len(self._api_key) >= 8 else text
 
-
-def _retry_after_s(headers: Any) -> float | None:
-    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
-    try:
-        if headers.get("retry-after-ms"):
-            return min(float(headers["retry-after-ms"]) / 1000, MAX_RETRY_AFTER_S)
-        value = headers.get("retry-after")
-        if not value:
-            return None
-        try:
-            return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(value).timestamp()
-            return min(max(when - time.time(), 0.0), MAX_RETRY_AFTER_S)
-    except (TypeError, ValueError):
-        return None
