@@ -21,16 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from mamba_align.utils import (
-    UserError,
-    atomic_path,
-    fetch_file,
-    read_json,
-    setup_logging,
-    sha256_file,
-    write_json,
-    write_jsonl,
-)
+from mamba_align.utils import UserError, fetch_file, setup_logging, sha256_file, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -308,36 +299,6 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
     return out
 
 
-# ---------------------------------------------------------------------------------------- plot
-def plot_radar(runs: list[tuple[str, str | Path]], out_png: str | Path) -> None:
-    """Per-category MT-Bench scores (0-10) of several runs (label, mtbench.json) on one radar."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = [(label, read_json(path)["per_category"]) for label, path in runs]
-    if not data:
-        raise UserError("plot_radar: no runs given")
-    categories = list(data[0][1])
-    angles = [2 * math.pi * i / len(categories) for i in range(len(categories))]
-    fig, ax = plt.subplots(figsize=(6, 6), subplot_kw={"projection": "polar"})
-    for label, per_cat in data:
-        values = [(per_cat.get(c) or {}).get("overall") or 0.0 for c in categories]
-        ax.plot(angles + angles[:1], values + values[:1], label=label)
-        ax.fill(angles + angles[:1], values + values[:1], alpha=0.1)
-    ax.set_xticks(angles)
-    ax.set_xticklabels(categories)
-    ax.set_ylim(0, 10)
-    ax.set_title("MT-Bench score per category")
-    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1))
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mamba_align.eval.mtbench", description=__doc__.splitlines()[0])
@@ -355,9 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--cache", required=True, help="judge cache JSONL (resumes from it)")
     j.add_argument("--judgments", help="judgments JSONL (default: beside --out)")
     j.add_argument("--out", required=True, help="summary JSON")
-    r = sub.add_parser("radar", help="per-category radar chart of several summaries")
-    r.add_argument("--run", nargs=2, action="append", required=True, metavar=("LABEL", "MTBENCH_JSON"))
-    r.add_argument("--out", required=True, help="PNG")
     return p
 
 
@@ -366,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log)
     if args.command == "fetch":
         fetch_mt_bench(args.commit, args.local_dir, args.out_dir)
-    elif args.command == "judge":
+    else:
         import yaml
 
         judge_cfg = yaml.safe_load(Path(args.judge_config).read_text()) or {}
@@ -374,8 +332,6 @@ def main(argv: list[str] | None = None) -> None:
         judge_mt_bench(args.answers, d / "question.jsonl", d / "judge_prompts.jsonl",
                        d / "reference_answer.jsonl", judge_cfg, args.out, args.cache,
                        judgments_path=args.judgments, base_url=args.base_url)
-    else:
-        plot_radar([tuple(run) for run in args.run], args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from mamba_align.utils import atomic_path, read_json, setup_logging, write_json
+from mamba_align.utils import UserError, atomic_path, read_json, setup_logging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,38 @@ def plot_training_curves(metrics: dict[str, str], out_png: Path) -> None:
     plt.close(fig)
 
 
+def plot_radar(runs: list[tuple[str, str | Path]], out_png: str | Path) -> None:
+    """Per-category MT-Bench scores (0-10) of several runs (label, mtbench.json) on one radar."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [(label, read_json(path)["per_category"]) for label, path in runs]
+    if not data:
+        raise UserError("plot_radar: no runs given")
+    categories = list(data[0][1])
+    angles = [2 * math.pi * i / len(categories) for i in range(len(categories))]
+    fig, ax = plt.subplots(figsize=(6, 6), subplot_kw={"projection": "polar"})
+    for label, per_cat in data:
+        values = [(per_cat.get(c) or {}).get("overall") or 0.0 for c in categories]
+        ax.plot(angles + angles[:1], values + values[:1], label=label)
+        ax.fill(angles + angles[:1], values + values[:1], alpha=0.1)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(categories)
+    ax.set_ylim(0, 10)
+    ax.set_title("MT-Bench score per category")
+    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1))
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[str, str], out_dir,
                  demo: bool = False) -> list[dict]:
     """evals: {stage: {"mtbench": path, "alpacaeval": path}}; metrics: {"sft": path, "dpo": path}."""
-    from mamba_align.eval.mtbench import plot_radar
-
     out_dir = Path(out_dir)
     rows = [stage_row(run_name, stage, *(read_json(p[b]) if p.get(b) else None for b in ("mtbench", "alpacaeval")))
             for stage, p in evals.items()]
