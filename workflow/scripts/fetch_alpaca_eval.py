@@ -1,4 +1,4 @@
-from mamba_align.eval.alpacaeval import fetch_alpaca_eval
+from mamba_align.eval.alpacaeval_data import fetch_alpaca_eval
 from mamba_align.ops.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 

@@ -1,16 +1,16 @@
-"""AlpacaEval through the `alpaca_eval` library: pinned data, a configurable judge, resumable annotation.
+"""AlpacaEval through the `alpaca_eval` library: a configurable judge, resumable annotation, and the stage's CLI.
 
-`fetch_alpaca_eval` copies the 805 instructions with both references, and the `df_gamed.csv` that the
-length-controlled win rate needs, from the HF dataset repo at a pinned revision (or from a local folder).
-`judge_alpaca_eval` runs `alpaca_eval.evaluate` once per annotator. Everything alpaca_eval would write by
-default into its own package directory (annotation caches, GLM weights, leaderboards) goes to `cache_dir`.
+`judge_alpaca_eval` runs `alpaca_eval.evaluate` once per annotator on the data that `fetch_alpaca_eval`
+(eval/alpacaeval_data.py) pinned. Everything alpaca_eval would write by default into its own package directory
+(annotation caches, GLM weights, leaderboards) goes to `cache_dir`. The judge is reached through alpaca_eval's
+client configs, whose `client_class` is our `openai_client`; what alpaca_eval 0.6.6 cannot be told through its
+arguments is in eval/alpacaeval_compat.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import logging
 import math
 import os
@@ -18,128 +18,17 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
-from unittest import mock
+from typing import Any
 
-from mamba_align.utils import UserError, fetch_file, read_json, setup_logging, sha256_file, write_json
+from mamba_align.eval.alpacaeval_compat import annotator_class, lc_file_from, metric
+from mamba_align.eval.alpacaeval_data import ANNOTATORS, DATA_FILES, LC_FILE, fetch_alpaca_eval, validate_records
+from mamba_align.utils import UserError, read_json, setup_logging, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
-HF_REPO = "tatsu-lab/alpaca_eval"
-LC_FILE = "df_gamed.csv"  # AlpacaEval 2.0's length-control GLM is fit on these "gamed" annotations
-REFERENCE_FILES = ("alpaca_eval.json", "alpaca_eval_gpt4_baseline.json")
-DATA_FILES = (*REFERENCE_FILES, LC_FILE)
-RECORD_KEYS = ("instruction", "output", "generator", "dataset")
-LC_COLUMNS = ("index", "preference", "instruction_difficulty", "not_gamed_baseline")
-
-# requested annotator -> (AlpacaEval version, reference file); both are package configs of alpaca_eval 0.6.6
-ANNOTATORS = {
-    "alpaca_eval_gpt4": ("1.0", "alpaca_eval.json"),
-    "weighted_alpaca_eval_gpt4_turbo": ("2.0", "alpaca_eval_gpt4_baseline.json"),
-}
 LOGPROB_ANNOTATORS = {"weighted_alpaca_eval_gpt4_turbo"}
 # a judge without logprobs still ranks in text, with the 1.0 annotator's prompt and parser
 RANKING_FALLBACK = "alpaca_eval_gpt4"
-
-
-# ---------------------------------------------------------------- data
-
-
-def _hub_download(filename: str, revision: str) -> tuple[Path, str | None]:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        path = Path(hf_hub_download(repo_id=HF_REPO, repo_type="dataset", filename=filename, revision=revision))
-    except Exception as e:  # offline, unknown revision, gated, ...
-        raise UserError(f"could not download {filename} from the HF dataset {HF_REPO}@{revision}: {e}. "
-                        f"On an offline machine set eval.alpaca_eval.local_dir to a folder with {DATA_FILES}") from e
-    commit = path.parent.name if path.parent.parent.name == "snapshots" else None  # the HF cache's layout
-    return path, commit
-
-
-def validate_records(path: str | os.PathLike, keys: tuple[str, ...] = RECORD_KEYS) -> list[dict]:
-    """Read an alpaca_eval JSON file: a list of dicts with string values for `keys`."""
-    try:
-        rows = read_json(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable JSON file ({e})") from e
-    if not isinstance(rows, list) or not rows:
-        raise UserError(f"{path}: expected a non-empty JSON list of {{{', '.join(keys)}}} records")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: record {i} is not a JSON object")
-        for key in keys:
-            if not isinstance(row.get(key), str):
-                raise UserError(f"{path}: record {i} has no string '{key}' key (expected keys {list(keys)})")
-    return rows
-
-
-def _validate_lc_file(path: Path) -> None:
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
-    missing = [c for c in LC_COLUMNS if c not in header]
-    if missing:
-        raise UserError(f"{path}: missing columns {missing} (expected alpaca_eval's df_gamed.csv)")
-
-
-def fetch_alpaca_eval(revision: str, local_dir: str | os.PathLike | None, out_dir: str | os.PathLike,
-                      sha256: dict[str, str] | None = None, annotators: list[str] | None = None) -> Path:
-    """Put the AlpacaEval data files into `out_dir` and record their sha256 in `out_dir/hashes.json`.
-
-    From `local_dir` if given (same file names; df_gamed.csv may be absent, then no length-controlled win
-    rate), else from the HF dataset repo at `revision`. `sha256` (file name -> hash) pins the content.
-    Only the reference files of `annotators` (default: all) are required: a 2.0-only run needs no 1.0 file.
-    A second call with the same source and intact files does nothing.
-    """
-    out_dir, sha256 = Path(out_dir), dict(sha256 or {})
-    unknown = [a for a in annotators or [] if a not in ANNOTATORS]
-    if unknown:
-        raise UserError(f"unknown AlpacaEval annotators {unknown}; expected some of {list(ANNOTATORS)}")
-    needed = {ANNOTATORS[a][1] for a in annotators} if annotators else set(REFERENCE_FILES)
-    unknown = set(sha256) - set(DATA_FILES)
-    if unknown:
-        raise UserError(f"sha256 pins for unknown files {sorted(unknown)}; expected some of {list(DATA_FILES)}")
-    source = f"local:{Path(local_dir).resolve()}" if local_dir else f"hf:{HF_REPO}@{revision}"
-    hashes_path = out_dir / "hashes.json"
-    if hashes_path.exists():
-        old = read_json(hashes_path)
-        if old.get("source") == source and set(sha256) <= set(old["files"]) and all(
-            (out_dir / name).exists() and sha256_file(out_dir / name) == h == sha256.get(name, h)
-            for name, h in old["files"].items()
-        ) and needed <= set(old["files"]):
-            log.info("AlpacaEval data already in %s (%s)", out_dir, source)
-            return out_dir
-    if not local_dir and not re.fullmatch(r"[0-9a-f]{40}", revision or ""):
-        log.warning("eval.alpaca_eval.revision=%r is not a commit sha; the data is not pinned", revision)
-
-    files, commit = {}, None
-    for name in DATA_FILES:
-        if name in REFERENCE_FILES and name not in needed and name not in sha256:
-            if not (local_dir and (Path(local_dir) / name).exists()):
-                continue  # no annotator of this run compares against it
-        if local_dir:
-            src = Path(local_dir) / name
-            if not src.exists():
-                if name == LC_FILE and name not in sha256:
-                    log.warning("%s has no %s: AlpacaEval 2.0 will report no length-controlled win rate",
-                                local_dir, name)
-                    continue
-                required = sorted(needed | set(sha256)) + [f"{LC_FILE} (optional)"]
-                raise UserError(f"{src} does not exist (eval.alpaca_eval.local_dir must hold {required})")
-        else:
-            src, commit = _hub_download(name, revision)
-        if name == LC_FILE:
-            _validate_lc_file(src)
-        else:
-            validate_records(src)
-        dest = out_dir / name
-        dest.unlink(missing_ok=True)  # fetch_file would reuse it
-        fetch_file(f"https://huggingface.co/datasets/{HF_REPO}/resolve/{revision}/{name}", dest,
-                   sha256=sha256.get(name), local_path=src)
-        files[name] = sha256_file(dest)
-    write_json(hashes_path, {"source": source, "repo": HF_REPO, "revision": revision, "commit": commit,
-                             "files": files})
-    return out_dir
 
 
 # ---------------------------------------------------------------- judge
@@ -162,40 +51,37 @@ def _load_outputs(outputs_path: str | os.PathLike, references: dict[str, Path]) 
     return outputs
 
 
+def openai_client(api_key_env: str = "OPENAI_API_KEY", **client_kwargs: Any):
+    """The judge's OpenAI client, for alpaca_eval (as the `client_class` of the client config we write) and for
+    our logprobs probe. The API key is read here, from the variable judge.api_key_env names, so it is in no file
+    and not among the completion kwargs that alpaca_eval logs; local servers get a placeholder, as the client
+    wants one."""
+    import openai
+
+    return openai.OpenAI(api_key=os.environ.get(api_key_env, "").strip() or "EMPTY", **client_kwargs)
+
+
 def _judge_settings(judge_cfg: dict, base_url: str | None) -> dict:
     backend = judge_cfg.get("backend", "openai")
     if backend not in ("openai", "local"):
         raise UserError(f"judge.backend must be 'openai' or 'local', got {backend!r}")
     key_env = judge_cfg.get("api_key_env") or "OPENAI_API_KEY"
-    api_key = os.environ.get(key_env)
-    if not api_key and base_url is None and backend == "openai":
+    if not os.environ.get(key_env, "").strip() and base_url is None and backend == "openai":
         raise UserError(f"the judge needs an API key in the environment variable {key_env} (judge.api_key_env)")
     concurrency = int(judge_cfg.get("concurrency") or 1)
+    # the openai client's retries (429, 5xx, timeouts; Retry-After honoured) and timeout, as for MT-Bench
+    client = {"max_retries": int(judge_cfg["max_retries"])} if judge_cfg.get("max_retries") is not None else {}
+    if judge_cfg.get("timeout_s") is not None:
+        client["timeout"] = float(judge_cfg["timeout_s"])
     return {
         "model": judge_cfg.get("model"),
         "base_url": base_url,
-        "api_key": api_key or "EMPTY",  # local OpenAI-compatible servers ignore it, the client wants one
+        "api_key_env": key_env,
+        "client": client,
         "concurrency": concurrency,
         # annotations reach the cache file after each chunk: a crash loses at most the chunk in flight
         "chunksize": int(judge_cfg.get("chunksize") or max(16, 4 * concurrency)),
     }
-
-
-@contextlib.contextmanager
-def _openai_key(api_key: str) -> Iterator[None]:
-    """alpaca_eval builds its OpenAI clients itself; they read the key from OPENAI_API_KEY.
-
-    Passing it in the client config would write it to disk, and through decoding kwargs it would be logged.
-    """
-    old = os.environ.get("OPENAI_API_KEY")
-    os.environ["OPENAI_API_KEY"] = api_key
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("OPENAI_API_KEY", None)
-        else:
-            os.environ["OPENAI_API_KEY"] = old
 
 
 def _package_config(config_name: str) -> tuple[dict, Path]:
@@ -212,10 +98,12 @@ def _write_annotator_config(config_name: str, model: str, judge: dict, work_dir:
 
     cfg, package_dir = _package_config(config_name)
     kwargs = cfg["completions_kwargs"]
-    # alpaca_eval 0.6.6 reads the OpenAI client kwargs (base_url, ...) from a client_config_path yaml;
-    # "default" applies to every model name
+    # alpaca_eval builds its clients from a client_config_path yaml: `client_class` and its kwargs; "default"
+    # applies to every model name. The kwargs name the key's variable, never the key.
+    client = {"client_class": f"{__name__}.{openai_client.__name__}", "api_key_env": judge["api_key_env"],
+              **judge["client"], **({"base_url": judge["base_url"]} if judge["base_url"] else {})}
     client_cfg = work_dir / "client_configs.yaml"
-    client_cfg.write_text(yaml.safe_dump({"default": [{"base_url": judge["base_url"]} if judge["base_url"] else {}]}))
+    client_cfg.write_text(yaml.safe_dump({"default": [client]}))
     kwargs.update(model_name=model, client_config_path=str(client_cfg), num_procs=judge["concurrency"],
                   requires_chatml=True)  # chat endpoint for any model name (alpaca_eval guesses from the name)
     # prompt paths are relative to the parent of the config's folder, as in the package
@@ -236,7 +124,7 @@ def _has_logprobs(judge: dict, model: str, probe_path: Path) -> bool:
             return probe["logprobs"]
     import openai
 
-    client = openai.OpenAI(base_url=judge["base_url"], api_key=judge["api_key"])
+    client = openai_client(judge["api_key_env"], base_url=judge["base_url"], **judge["client"])
     try:
         r = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Reply with one letter: m or M."}],
@@ -250,25 +138,6 @@ def _has_logprobs(judge: dict, model: str, probe_path: Path) -> bool:
         raise UserError(f"judge {model} at {judge['base_url'] or 'api.openai.com'} is not usable: {e}") from e
     write_json(probe_path, {"model": model, "logprobs": ok})
     return ok
-
-
-@contextlib.contextmanager
-def _lc_inputs_from(data_dir: Path) -> Iterator[None]:
-    """Serve alpaca_eval's run-time hf_hub_download of df_gamed.csv from data_dir.
-
-    alpaca_eval 0.6.6 has no argument for this file: metrics/glm_winrate.py downloads it (unpinned, revision
-    main) inside get_length_controlled_winrate. We give it our pinned, hashed copy instead.
-    """
-    from alpaca_eval.metrics import glm_winrate
-
-    def local_file(repo_id: str, filename: str, **kwargs: Any) -> str:
-        path = data_dir / filename
-        if repo_id != HF_REPO or not path.exists():
-            raise UserError(f"alpaca_eval asked for {repo_id}/{filename}; expected it in {data_dir}")
-        return str(path)
-
-    with mock.patch.object(glm_winrate, "hf_hub_download", local_file):
-        yield
 
 
 def _caching_path(work_dir: Path, config_name: str, model: str) -> Path:
@@ -293,40 +162,6 @@ def _check_cache(path: Path) -> None:
             read_json(path)
         except ValueError as e:
             raise UserError(f"annotation cache {path} is corrupt ({e}); delete it to re-annotate") from e
-
-
-def _annotator_class():
-    from alpaca_eval.annotators import PairwiseAnnotator
-
-    class CacheAsFloat(PairwiseAnnotator):
-        """pandas 3 reads a cache of whole-number preferences (1.0, 2.0) back as int64, and alpaca_eval 0.6.6
-        then fails to write a 1.5 (tie) into that column on restart. Preferences are floats: read them so."""
-
-        def load_(self, path=None):
-            super().load_(path)
-            if self.df_annotations is not None and self.annotation_key in self.df_annotations:
-                self.df_annotations[self.annotation_key] = self.df_annotations[self.annotation_key].astype(float)
-
-    return CacheAsFloat
-
-
-def _metric(length_controlled: bool):
-    """alpaca_eval's metric, after making the preferences numeric.
-
-    With pandas 3, a missing annotation (unparsable judge answer) reaches the metric as None in an object
-    column, which alpaca_eval 0.6.6 fails to round; as NaN it is dropped from the counts, as intended.
-    """
-    import pandas as pd
-    from alpaca_eval import metrics
-
-    def metric(annotations, **kwargs) -> dict:
-        df = pd.DataFrame(list(annotations))
-        df["preference"] = pd.to_numeric(df["preference"], errors="coerce")
-        if length_controlled and df["preference"].notna().any():
-            return metrics.get_length_controlled_winrate(df, **kwargs)
-        return metrics.get_winrate(df)
-
-    return metric
 
 
 def _clean(value: Any) -> Any:
@@ -366,7 +201,7 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
         log.warning("no %s in %s: no length-controlled win rate", LC_FILE, data_dir)
     generator = outputs[0]["generator"]
     log.info("AlpacaEval %s: %s vs %s with %s (%s)", version, generator, reference_file, config_name, model)
-    with _lc_inputs_from(data_dir), _openai_key(judge["api_key"]):
+    with lc_file_from(data_dir):
         leaderboard, _ = alpaca_eval_main.evaluate(
             model_outputs=outputs,
             reference_outputs=str(data_dir / reference_file),
@@ -376,12 +211,12 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
             precomputed_leaderboard=None,  # "auto" would read, and is_cache_leaderboard write, package files
             is_cache_leaderboard=False,
             is_return_instead_of_print=True,
-            fn_metric=_metric(lc),
+            fn_metric=metric(lc),
             metric_kwargs={"save_weights_dir": work_dir / "lc_weights"} if lc else None,  # "auto" = package dir
             sort_by="win_rate",
             annotation_kwargs={"chunksize": judge["chunksize"]},
             caching_path=str(caching_path),
-            Annotator=_annotator_class(),
+            Annotator=annotator_class(),
         )
     row = {k: _clean(v) for k, v in leaderboard.loc[generator].items()}
     return {
