@@ -100,7 +100,7 @@ def _write_annotator_config(config_name: str, model: str, judge: dict, work_dir:
     kwargs = cfg["completions_kwargs"]
     # alpaca_eval builds its clients from a client_config_path yaml: `client_class` and its kwargs; "default"
     # applies to every model name. The kwargs name the key's variable, never the key.
-    client = {"client_class": f"{__name__}.{openai_client.__name__}", "api_key_env": judge["api_key_env"],
+    client = {"client_class": "mamba_align.eval.alpacaeval.openai_client", "api_key_env": judge["api_key_env"],
               **judge["client"], **({"base_url": judge["base_url"]} if judge["base_url"] else {})}
     client_cfg = work_dir / "client_configs.yaml"
     client_cfg.write_text(yaml.safe_dump({"default": [client]}))
