@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-
 from fake_openai import FakeOpenAI, logprob_entry
+
 from mamba_align.eval import alpacaeval, alpacaeval_compat, alpacaeval_data
 from mamba_align.utils import UserError, read_json, sha256_file
 
@@ -41,7 +41,8 @@ def judge_responder(body, logprobs=True):
         other = {"m": "M", "M": "m"}[token]
         return {"content": token, "logprobs": [logprob_entry(token, {token: 0.9, other: 0.1})]}
     if "model_1" in prompt:
-        winner, loser = ("model_1", "model_2") if GOOD in _answer(prompt, 'model": "model_1') else ("model_2", "model_1")
+        first_wins = GOOD in _answer(prompt, 'model": "model_1')
+        winner, loser = ("model_1", "model_2") if first_wins else ("model_2", "model_1")
         return f"[{{'model': '{winner}', 'rank': 1}}, {{'model': '{loser}', 'rank': 2}}]"
     if logprobs:  # the probe
         return {"content": "m", "logprobs": [logprob_entry("m", {"m": 0.6, "M": 0.4})]}
@@ -321,7 +322,7 @@ def test_the_key_reaches_alpaca_evals_clients_only_in_memory(tmp_path, data_dir,
 
 
 def test_shim_lc_file_from_is_still_needed():
-    """alpaca_eval downloads df_gamed.csv itself (unpinned) in get_length_controlled_winrate, with no way to name a file."""
+    """alpaca_eval downloads df_gamed.csv itself (unpinned) in get_length_controlled_winrate; no way to name a file."""
     import inspect
 
     import pandas as pd

@@ -8,11 +8,10 @@ import logging
 from collections import Counter
 
 import pytest
+from fake_openai import KEY, FakeOpenAI, judge_cfg, logprob_entry
 
-from fake_openai import KEY, judge_cfg, FakeOpenAI, logprob_entry
 from mamba_align.eval.judge.client import JudgeClient, check_judge, request_key
 from mamba_align.utils import UserError, read_jsonl
-
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +77,8 @@ def test_the_openai_client_retries_429_and_500_until_answered(tmp_path, status):
     assert faults[-1] is None and faults[:-1] == [status, status], faults
     assert row["content"] == "A fake judgment. Rating: [[5]]" and judge.n_retries == len(faults) - 1
     # the client's retries, not ours: one logical request, the client's retry counter in the headers
-    assert [{k.lower(): v for k, v in r.headers.items()}["x-stainless-retry-count"] for r in fake.log] == [str(i) for i in range(len(faults))]
+    retry_counts = [{k.lower(): v for k, v in r.headers.items()}["x-stainless-retry-count"] for r in fake.log]
+    assert retry_counts == [str(i) for i in range(len(faults))]
     if status == "429":  # Retry-After (0.2 s) is honoured
         assert all(b.time - a.time >= 0.19 for a, b in zip(fake.log, fake.log[1:]))
 

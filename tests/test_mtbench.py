@@ -15,8 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fake_openai import KEY, FakeOpenAI, judge_cfg
 
-from fake_openai import KEY, judge_cfg, FakeOpenAI
 from mamba_align.eval import mtbench
 from mamba_align.eval.judge.client import request_key
 from mamba_align.ops.report import plot_radar
@@ -82,8 +82,10 @@ def rating_by_question(body) -> str:
 def test_fetch_downloads_pinned_files_and_checks_hashes(tmp_path, monkeypatch):
     import urllib.request
 
-    served = {f"https://raw.githubusercontent.com/lm-sys/FastChat/{mtbench.PINNED_COMMIT}/fastchat/llm_judge/data/{p}": f
-              for p, f in (("mt_bench/question.jsonl", "question.jsonl"), ("judge_prompts.jsonl", "judge_prompts.jsonl"),
+    base = f"https://raw.githubusercontent.com/lm-sys/FastChat/{mtbench.PINNED_COMMIT}/fastchat/llm_judge/data"
+    served = {f"{base}/{p}": f
+              for p, f in (("mt_bench/question.jsonl", "question.jsonl"),
+                           ("judge_prompts.jsonl", "judge_prompts.jsonl"),
                            ("mt_bench/reference_answer/gpt-4.jsonl", "reference_answer_gpt-4.jsonl"))}
     urls = []
 
@@ -225,7 +227,8 @@ def test_full_run_sends_exactly_fastchats_160_requests(data, tmp_path):
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the "
          "response provided by an AI assistant to the user question displayed below. Your evaluation should consider "
-         "factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of the response. "
+         "factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of the "
+         "response. "
          "Begin your evaluation by providing a short explanation. Be as objective as possible. After providing your "
          "explanation, you must rate the response on a scale of 1 to 10 by strictly following this format: "
          "\"[[rating]]\", for example: \"Rating: [[5]]\".\n\n[Question]\n" + q81 + "\n\n[The Start of Assistant's "

@@ -361,7 +361,8 @@ def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo
     groups = seed_groups(rows)
     if groups:
         lines += ["", "## Over seeds (mean ± sample standard deviation)", "",
-                  "| experiments | seeds | MT-Bench | AE 1.0 win % | AE 2.0 win % | AE 2.0 LC % |", "|---|---|---|---|---|---|"]
+                  "| experiments | seeds | MT-Bench | AE 1.0 win % | AE 2.0 win % | AE 2.0 LC % |",
+                  "|---|---|---|---|---|---|"]
         for g in groups:
             lines.append(f"| {g['model']} | {', '.join(map(str, g['seeds']))} | "
                          + " | ".join(_pm(g[k], g[f"{k}_spread"]) for k in
