@@ -3,11 +3,9 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from mamba_align.ops import condor_env
-from mamba_align.ops import jobenv
-from mamba_align.ops import layout
-from mamba_align.ops import experiments as experiments_of
 from mamba_align.eval.judge.client import check_judge
+from mamba_align.ops import condor_env, jobenv, layout
+from mamba_align.ops import experiments as experiments_of
 from mamba_align.ops import plan as planner
 from mamba_align.train import recipes
 from mamba_align.train.recipes import as_dict, learning_settings
