@@ -44,7 +44,7 @@ def main() -> int:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     from mamba_align.train.recipes import load_recipe
-    from mamba_align.train.run import train_sft
+    from mamba_align.train.launch import train_sft
 
     lines: list[str] = []
 

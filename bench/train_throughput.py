@@ -1,4 +1,4 @@
-"""Training throughput of mamba_align.train.run (train_sft / train_dpo) on synthetic data, random weights.
+"""Training throughput of mamba_align.train (train_sft / train_dpo) on synthetic data, random weights.
 
 Default: the Mamba-2.8B shape (d_model 2560, 64 layers, vocab 50280) on one GPU, with transformers'
 MambaForCausalLM (mamba_ssm / causal_conv1d kernels when installed), fp32 weights + bf16 autocast,
@@ -143,7 +143,8 @@ class _PreemptAt(logging.Handler):
 
 def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompute: bool = False,
            preempt_at: int = 0) -> dict:
-    from mamba_align.train.run import PREEMPTED_EXIT_CODE, STOP_FILE, train_dpo, train_sft
+    from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE
+    from mamba_align.train.launch import train_dpo, train_sft
 
     tag = f"{stage}{'-precompute' if precompute else ''}"
     out, ckpt, metrics = work / f"out-{tag}", work / f"ckpt-{tag}", work / f"{tag}.json"
@@ -158,7 +159,7 @@ def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompu
     t0 = time.time()
     if preempt_at:  # stop at step k as on SIGTERM, then rerun: it must resume from checkpoint-k
         watcher = _PreemptAt(ckpt / STOP_FILE, preempt_at)
-        logging.getLogger("mamba_align.train.run").addHandler(watcher)
+        logging.getLogger("mamba_align.train").addHandler(watcher)
         ckpt.mkdir(parents=True, exist_ok=True)
         try:
             run()
@@ -166,7 +167,7 @@ def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompu
         except SystemExit as e:
             code = e.code
         finally:
-            logging.getLogger("mamba_align.train.run").removeHandler(watcher)
+            logging.getLogger("mamba_align.train").removeHandler(watcher)
         res["preempted"] = {"exit_code": code, "expected_exit_code": PREEMPTED_EXIT_CODE,
                             "checkpoints": sorted(c.name for c in ckpt.glob("checkpoint-*")),
                             "log": watcher.saves, "wall_time_s": round(time.time() - t0, 1)}
@@ -309,17 +310,16 @@ def main(argv=None) -> dict:
 
 def _ablations(a) -> None:
     """Patch the trainer for --profile, --no-checkpoint-save, --no-fused-optimizer, --no-mask-check, --trl-loss."""
-    from mamba_align.train import fast
-    from mamba_align.train import run as train
+    from mamba_align.train import fast, fit, trainer
 
     if a.trl_loss:
         from trl import SFTTrainer
 
-        sft_cls, dpo_cls = train._trainer_classes()
+        sft_cls, dpo_cls = fit.trainer_classes()
         trl_loss = type(sft_cls.__name__, (sft_cls,), {"compute_loss": SFTTrainer.compute_loss})
-        train._trainer_classes = lambda: (trl_loss, dpo_cls)
+        fit.trainer_classes = lambda: (trl_loss, dpo_cls)
     if a.no_fused_optimizer:
-        train.FUSED_OPTIMIZERS = {}
+        trainer.FUSED_OPTIMIZERS = {}
         fast.fused_clip_grad_norm_ = lambda *args: None
     if a.no_mask_check:
         fast.mask_with_padding = lambda mask: mask
@@ -328,7 +328,7 @@ def _ablations(a) -> None:
 
         Trainer._save_checkpoint = lambda self, *args, **kw: None
     if a.profile:
-        classes = train._trainer_classes
+        classes = fit.trainer_classes
 
         def add_profiler(cls):
             def __init__(self, *args, callbacks=None, **kw):
@@ -336,7 +336,7 @@ def _ablations(a) -> None:
 
             return type(cls.__name__, (cls,), {"__init__": __init__})
 
-        train._trainer_classes = lambda: tuple(add_profiler(c) for c in classes())
+        fit.trainer_classes = lambda: tuple(add_profiler(c) for c in classes())
 
 
 def _step_profiler(path, trace=None, first: int = 3, count: int = 2):

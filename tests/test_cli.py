@@ -37,7 +37,7 @@ def results(tmp_path) -> Path:
     write(r / "checkpoints/sft-0123456789/checkpoint-8/trainer_state.json",
           json.dumps({"global_step": 8, "max_steps": 20}))
     write(r / "checkpoints/sft-0123456789/checkpoint-10/optimizer.pt", "")  # torn save: no trainer_state.json
-    write(r / "logs/train_sft.log", "2026-01-01 00:00:00,000 INFO mamba_align.train.run: sft progress: step 9/20 "
+    write(r / "logs/train_sft.log", "2026-01-01 00:00:00,000 INFO mamba_align.train.callbacks: sft progress: step 9/20 "
           "(45.0%) | loss 1.2345 | 15,620 tokens/s | elapsed 0:45:00 | ETA 0:55:00\n")
     write(r / "logs/fetch_alpaca_eval.log", "2026-01-01 00:00:00,000 ERROR mamba_align: /x/alpaca_eval.json does "
           "not exist\n")

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from mamba_align.ops import plan
+from mamba_align.train import sizes
 from mamba_align.utils import UserError
 
 CFG = {
@@ -89,7 +90,7 @@ def test_params_from_config_matches_a_real_model():
     cfg = MambaConfig(vocab_size=304, hidden_size=64, num_hidden_layers=2, state_size=16)
     n = sum(p.numel() for p in MambaForCausalLM(cfg).parameters())  # lm_head tied
     torch.manual_seed(0)
-    assert plan.params_from_config(cfg.to_dict()) == n
+    assert sizes.params_from_config(cfg.to_dict()) == n
 
 
 def test_command_line_plans_the_real_config(tmp_path, monkeypatch, workflow_copy):
@@ -113,10 +114,10 @@ def test_stage_throughput_and_checkpointing_by_hand():
 
 def test_disk_per_stage_by_hand():
     # measured at 2.77B: a checkpoint is 33.2 GB with AdamW, 22.15 GB with RMSprop
-    assert plan.checkpoint_gb(2.768e9, "adamw_torch") == pytest.approx(33.2, abs=0.05)
-    assert plan.checkpoint_gb(2.768e9, "rmsprop") == pytest.approx(22.15, abs=0.05)
+    assert sizes.checkpoint_gb(2.768e9, "adamw_torch") == pytest.approx(33.2, abs=0.05)
+    assert sizes.checkpoint_gb(2.768e9, "rmsprop") == pytest.approx(22.15, abs=0.05)
     # 2 kept + 1 being written + the final fp32 model
-    assert plan.disk_gb(2.768e9, {"optim": "adamw_torch", "save_total_limit": 2}) == pytest.approx(
+    assert sizes.disk_gb(2.768e9, {"optim": "adamw_torch", "save_total_limit": 2}) == pytest.approx(
         3 * 33.216 + 11.072, abs=0.01)
 
 
@@ -137,24 +138,24 @@ def test_memory_model_reproduces_the_measured_peaks():
     """docs/benchmarks.md section 8 (2.8B shape, gradient accumulation, DDP on 2 x H200) and issue #17's table:
     SFT 2 x 2,048 tokens per device 64.39 GiB, 4 x 2,048 81.2 GiB; DPO 2 pairs with checkpointing and the
     reference model 51.67 GiB."""
-    assert plan.train_memory_gib(2.77e9, 2 * 2048, False, "adamw_torch") == pytest.approx(64.39, abs=0.05)
-    assert plan.train_memory_gib(2.77e9, 4 * 2048, False, "adamw_torch") == pytest.approx(81.2, abs=0.05)
-    assert plan.train_memory_gib(2.77e9, 2 * 2 * 1024, True, "rmsprop") + 2.77e9 * 4 / 2**30 == \
+    assert sizes.train_memory_gib(2.77e9, 2 * 2048, False, "adamw_torch") == pytest.approx(64.39, abs=0.05)
+    assert sizes.train_memory_gib(2.77e9, 4 * 2048, False, "adamw_torch") == pytest.approx(81.2, abs=0.05)
+    assert sizes.train_memory_gib(2.77e9, 2 * 2 * 1024, True, "rmsprop") + 2.77e9 * 4 / 2**30 == \
         pytest.approx(51.67, abs=0.05)
     dpo = {"per_device_train_batch_size": 2, "gradient_checkpointing": True, "max_length": 1024, "optim": "rmsprop"}
-    assert plan.stage_memory_gib(2.77e9, dpo, "dpo") == pytest.approx(51.67, abs=0.05)
+    assert sizes.stage_memory_gib(2.77e9, dpo, "dpo") == pytest.approx(51.67, abs=0.05)
 
 
 def test_a_recipe_that_does_not_fit_gets_the_fix_named(tmp_path):
     sft = {"per_device_train_batch_size": 4, "gradient_checkpointing": False, "max_seq_length": 2048,
            "optim": "adamw_torch", "global_batch_size": 512}
-    fix = plan.memory_fix(2.77e9, sft, "sft", 8, 80)  # 81.2 GiB modelled > 76 of 80
+    fix = sizes.memory_fix(2.77e9, sft, "sft", 8, 80)  # 81.2 GiB modelled > 76 of 80
     assert "81.2 GiB" in fix and "per_device_train_batch_size: 2" in fix
-    assert plan.memory_fix(2.77e9, sft | {"per_device_train_batch_size": 2}, "sft", 8, 80) is None
+    assert sizes.memory_fix(2.77e9, sft | {"per_device_train_batch_size": 2}, "sft", 8, 80) is None
     # a 1B model on a 20 GB GPU fits only with checkpointing; the 2.8B one never fits 40 GB unsharded
-    assert "gradient_checkpointing: true" in plan.memory_fix(1e9, sft | {"per_device_train_batch_size": 1}, "sft",
-                                                             8, 20)
-    assert "even at per-device batch 1" in plan.memory_fix(2.77e9, sft, "sft", 8, 24)
+    assert "gradient_checkpointing: true" in sizes.memory_fix(1e9, sft | {"per_device_train_batch_size": 1}, "sft",
+                                                              8, 20)
+    assert "even at per-device batch 1" in sizes.memory_fix(2.77e9, sft, "sft", 8, 24)
     jobs = plan.make_plan(CFG, SFT | sft | {"save_total_limit": 2}, DPO | {"save_total_limit": 2, "optim": "rmsprop"},
                           {"train_sft": 8, "train_dpo": 8}, "A100-80GB", tmp_path)["jobs"]
     assert "DOES NOT FIT" in next(j["note"] for j in jobs if j["rule"] == "train_sft")
@@ -166,4 +167,4 @@ def test_the_shipped_recipes_fit_80_gb_at_the_2p8b_shape():
     for name in ("zephyr-7b-beta", "zephyr-7b-beta-2024", "zephyr-7b-gemma"):
         for stage in ("sft", "dpo"):
             recipe = as_dict(load_recipe(f"config/recipes/{name}", stage))
-            assert plan.memory_fix(2.77e9, recipe, stage, 8, 80) is None, (name, stage)
+            assert sizes.memory_fix(2.77e9, recipe, stage, 8, 80) is None, (name, stage)

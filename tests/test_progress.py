@@ -102,7 +102,7 @@ def test_judge_logs_count_eta_and_spend(tmp_path, caplog, monkeypatch):
 def test_training_logs_progress_and_writes_tensorboard_events(tmp_path, caplog, monkeypatch):
     from test_train import DEMO, bench
     from mamba_align.train.recipes import load_recipe
-    from mamba_align.train.run import train_sft
+    from mamba_align.train.launch import train_sft
 
     bench.write_model(tmp_path / "model", **bench.SHAPES["tiny"])
     bench.write_sft_rows(tmp_path / "train.parquet", 64, bench.words(512)[:40], seed=0)
@@ -145,7 +145,7 @@ def cuda_without_kernels(monkeypatch):
 
 def test_cuda_without_kernels_fails_before_training_loads_a_model(cuda_without_kernels, tmp_path):
     from mamba_align.train.recipes import load_recipe
-    from mamba_align.train.run import train_sft
+    from mamba_align.train.launch import train_sft
     from test_train import DEMO
 
     with pytest.raises(UserError) as e:  # the model folder does not even exist: nothing was loaded

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from mamba_align.ops import runs
 from mamba_align.train.recipes import load_recipe
-from mamba_align.train.run import lock_checkpoint_dir, release_checkpoint_dir
+from mamba_align.train.checkpoints import lock_checkpoint_dir, release_checkpoint_dir
 from mamba_align.utils import UserError, read_json
 from wfhelpers import bench_module
 
@@ -107,7 +107,7 @@ def test_sft_on_other_data_gives_dpo_a_fresh_checkpoint_folder(tiny, tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from mamba_align.train.run import lock_checkpoint_dir
+from mamba_align.train.checkpoints import lock_checkpoint_dir
 lock_checkpoint_dir(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(600)

@@ -1,4 +1,4 @@
-"""mamba_align.train.run on a tiny random Mamba (CPU, offline): SFT and DPO learn and touch every parameter, a
+"""mamba_align.train on a tiny random Mamba (CPU, offline): SFT and DPO learn and touch every parameter, a
 run killed mid-training resumes to the same weights, SIGTERM/SIGUSR1/STOP leave a resumable checkpoint, two
 ranks keep the global batch, bad inputs fail early. The tiny model and data come from bench/train_throughput.py.
 """
@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from mamba_align.train.recipes import load_recipe
-from mamba_align.train.run import (PREEMPTED_EXIT_CODE, _decay_parameter_names, last_complete_checkpoint, main,
-                               train_dpo, train_sft, truncate_pair)
+from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, last_complete_checkpoint
+from mamba_align.train.launch import main, train_dpo, train_sft
+from mamba_align.train.trainer import _decay_parameter_names, truncate_pair
 from mamba_align.utils import UserError, read_json
 from wfhelpers import bench_module
 
@@ -135,14 +136,14 @@ def test_without_clipping_the_logged_norm_is_the_trainers(tiny, tmp_path, monkey
     rescales every gradient by 1); same norms and losses."""
     from transformers import Trainer
 
-    from mamba_align.train import run as train
+    from mamba_align.train import fit
 
     recipe = load_recipe(DEMO, "sft", {"max_steps": 3, "logging_steps": 1, "max_grad_norm": 0.0})
     runs = {}
     for mode in ("norm only", "trainer"):
         if mode == "trainer":
-            classes = train._trainer_classes
-            monkeypatch.setattr(train, "_trainer_classes", lambda: tuple(
+            classes = fit.trainer_classes
+            monkeypatch.setattr(fit, "trainer_classes", lambda: tuple(
                 type(c.__name__, (c,), {"_get_grad_norm": Trainer._get_grad_norm}) for c in classes()))
         out = tmp_path / mode
         runs[mode] = train_sft(tiny / "model", tiny / "sft_train.parquet", None, recipe, out / "sft", out / "ckpt",
@@ -191,14 +192,14 @@ def test_token_count_read_at_log_time_equals_the_trainers(tiny, tmp_path, monkey
     read-back (DPO batches are padded, so the count is not rows x length)."""
     from transformers import Trainer
 
-    from mamba_align.train import run as train
+    from mamba_align.train import fit
 
     recipe = load_recipe(DEMO, "dpo", {"max_steps": 3, "logging_steps": 2})
     runs = {}
     for mode in ("deferred", "trainer"):
         if mode == "trainer":
-            classes = train._trainer_classes
-            monkeypatch.setattr(train, "_trainer_classes", lambda: tuple(
+            classes = fit.trainer_classes
+            monkeypatch.setattr(fit, "trainer_classes", lambda: tuple(
                 type(c.__name__, (c,), {"_track_num_input_tokens": Trainer._track_num_input_tokens})
                 for c in classes()))
         out = tmp_path / mode
@@ -214,7 +215,7 @@ def test_token_count_read_at_log_time_equals_the_trainers(tiny, tmp_path, monkey
 
 def cli(tiny, out: Path, stage="sft", *overrides) -> list[str]:
     data = "sft" if stage == "sft" else "dpo"
-    return [sys.executable, "-m", "mamba_align.train.run", stage, "--model", str(tiny / "model"),
+    return [sys.executable, "-m", "mamba_align.train", stage, "--model", str(tiny / "model"),
             "--train", str(tiny / f"{data}_train.parquet"), "--recipe-dir", str(DEMO),
             "--out", str(out / "model"), "--checkpoint-dir", str(out / "ckpt"), "--metrics", str(out / "m.json"),
             "--log", str(out / "log.txt"), *[a for o in overrides for a in ("--override", o)]]
@@ -371,7 +372,7 @@ def test_gradients_are_ddp_bucket_views_zeroed_in_place(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from mamba_align.train.run import _prepare_model_grads_in_buckets
+    from mamba_align.train.trainer import _prepare_model_grads_in_buckets
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
@@ -398,23 +399,23 @@ def test_gradients_are_ddp_bucket_views_zeroed_in_place(tmp_path):
 def test_one_process_with_several_gpus_uses_one(caplog):
     from types import SimpleNamespace
 
-    from mamba_align.train.run import _one_gpu_per_process
+    from mamba_align.train.trainer import one_gpu_per_process
 
     args = SimpleNamespace(n_gpu=2, _n_gpu=2, device="cuda:0")
     args_n = type("Args", (), {"n_gpu": property(lambda self: self._n_gpu), "device": "cuda:0", "_n_gpu": 2})()
     with caplog.at_level("WARNING"):
-        _one_gpu_per_process(args_n)
+        one_gpu_per_process(args_n)
     assert args_n.n_gpu == 1
     assert "CUDA_VISIBLE_DEVICES" in caplog.text and "`gpu` resource" in caplog.text
     one = SimpleNamespace(n_gpu=1, _n_gpu=1, device="cuda:0")
-    _one_gpu_per_process(one)
+    one_gpu_per_process(one)
     assert one._n_gpu == 1 and args.n_gpu == 2
 
 
 def test_a_recipe_too_big_for_the_gpu_is_refused_before_loading(tiny, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from mamba_align.train.run import check_memory
+    from mamba_align.train.preflight import check_memory
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 10**9))
@@ -483,23 +484,23 @@ def test_batch_not_divisible_by_processes(tiny, tmp_path):
 def test_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny, tmp_path, monkeypatch, caplog):
     import collections
 
-    import mamba_align.train.run as train_mod
+    from mamba_align.train import preflight
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
     with pytest.raises(UserError, match=r"GB free, but one checkpoint of this 0\.\d+B-parameter model with optim "
                                         r"adamw_torch is 0\.\d+ GB .*or a save would fail"):
         _train(tiny, tmp_path)
     assert not list((tmp_path / "ckpt").glob("checkpoint-*")) and not (tmp_path / "out").exists()
     # enough for the first checkpoint but not for save_total_limit + 1 of them: a warning, and training runs
-    from mamba_align.ops.plan import checkpoint_gb, params_from_config
+    from mamba_align.train.sizes import checkpoint_gb, params_from_config
 
     cfg = json.loads((tiny / "model" / "config.json").read_text())
     one = checkpoint_gb(params_from_config(cfg), "adamw_torch") * 1e9
     final = params_from_config(cfg) * 4
-    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**12, 0, int(one + final + 1)))
-    caplog.set_level("WARNING", logger="mamba_align.train.run")
-    train_mod.check_disk(tmp_path / "ckpt2", tmp_path / "out2", cfg, load_recipe(DEMO, "sft"))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**12, 0, int(one + final + 1)))
+    caplog.set_level("WARNING", logger="mamba_align.train.preflight")
+    preflight.check_disk(tmp_path / "ckpt2", tmp_path / "out2", cfg, load_recipe(DEMO, "sft"))
     assert "lower save_total_limit" in caplog.text
 
 
@@ -516,12 +517,12 @@ MAMBA_2_8B = {"d_model": 2560, "n_layer": 64, "vocab_size": 50280}
 def test_disk_check_before_training(tmp_path, monkeypatch, caplog, free_gb, refused, warned):
     import collections
 
-    import mamba_align.train.run as train_mod
+    from mamba_align.train import preflight
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: usage(10**13, 0, free_gb * 10**9))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**13, 0, free_gb * 10**9))
     recipe = load_recipe(ROOT / "config" / "recipes" / "zephyr-7b-beta", "sft")
-    check = lambda: train_mod.check_disk(tmp_path / "ckpt", tmp_path / "out", MAMBA_2_8B, recipe)  # noqa: E731
+    check = lambda: preflight.check_disk(tmp_path / "ckpt", tmp_path / "out", MAMBA_2_8B, recipe)  # noqa: E731
     if refused:
         with pytest.raises(UserError, match=rf"{tmp_path}: {free_gb}\.0 GB free, but one checkpoint of this 2\.77B-"
                                             r"parameter model with optim adamw_torch is 33\.2 GB .* the final model "

@@ -86,7 +86,8 @@ def train_stage(stage: str, model, train, test, recipe, out, checkpoints, metric
                 fsdp: bool = False) -> dict:
     """Train `stage` (sft or dpo; DPO uses its input model as the reference) into the keyed model directory,
     point `out` at it and delete the run's checkpoints. Returns the metrics."""
-    from mamba_align.train.run import last_complete_checkpoint, lock_checkpoint_dir, release_checkpoint_dir, train_dpo, train_sft
+    from mamba_align.train.checkpoints import last_complete_checkpoint, lock_checkpoint_dir, release_checkpoint_dir
+    from mamba_align.train.launch import train_dpo, train_sft
 
     what = learned_from(stage, recipe, [train, test], model)
     key = _key(what)

@@ -1,3 +1,3 @@
-from mamba_align.train.run import main
+from mamba_align.train.launch import main
 
 main()

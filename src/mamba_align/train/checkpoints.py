@@ -1,0 +1,106 @@
+"""The checkpoint folder of a training run: complete checkpoints to resume from, the lock that keeps a second job
+out, the STOP file that asks the run to checkpoint and exit, and its run.json of the recipe's learning settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from mamba_align.train.recipes import OPERATIONAL_KEYS, TrainCommon, as_dict
+from mamba_align.utils import UserError, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: Snakemake (--retries) resubmits the job, which resumes
+STOP_FILE = "STOP"
+LOCK_FILE = "LOCK"
+_held_locks: dict[Path, int] = {}  # checkpoint folder -> open file descriptor holding its flock
+
+
+def _complete(ckpt: Path) -> bool:
+    """The Trainer writes trainer_state.json last (after model, optimizer, scheduler, RNG states)."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_complete_checkpoint(checkpoint_dir) -> Path | None:
+    """Newest complete `checkpoint-N` (a job killed while saving leaves an incomplete one)."""
+    done = [c for c in Path(checkpoint_dir).glob("checkpoint-*") if c.name[11:].isdigit() and _complete(c)]
+    return max(done, key=lambda c: int(c.name[11:]), default=None)
+
+
+def _holder() -> str:
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("CONDOR_ID")
+    return (f"host {socket.gethostname()} pid {os.getpid()}" + (f" job {job}" if job else "")
+            + time.strftime(" since %Y-%m-%d %H:%M:%S"))
+
+
+def lock_checkpoint_dir(checkpoint_dir: Path) -> None:
+    """Hold an exclusive lock on the folder until release_checkpoint_dir or this process ends (the kernel drops
+    it when the holder dies, so a killed job leaves no stale lock). Two jobs never write one checkpoint folder:
+    the second fails naming the first (host, pid, Slurm/HTCondor job id)."""
+    import errno
+    import fcntl
+
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    path = checkpoint_dir / LOCK_FILE
+    held = _held_locks.get(checkpoint_dir)
+    if held is not None:
+        try:
+            if os.fstat(held).st_ino == path.stat().st_ino:
+                return  # this process holds it already (train_sft called twice in one process)
+        except FileNotFoundError:
+            pass
+        release_checkpoint_dir(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{checkpoint_dir} is being written by {holder}; two jobs must not train into one "
+                        f"checkpoint folder: wait for that job or cancel it") from None
+    except OSError as e:  # a filesystem without locks (some Lustre mounts): say so, run unlocked
+        if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            os.close(fd)
+            raise
+        log.warning("%s: the filesystem does not support locks (%s); not locked", path, e)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (_holder() + "\n").encode(), 0)
+    _held_locks[checkpoint_dir] = fd
+
+
+def release_checkpoint_dir(checkpoint_dir: Path) -> None:
+    fd = _held_locks.pop(Path(checkpoint_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon) -> None:
+    """Outermost process only: lock the folder, refuse another recipe's checkpoints, drop stale stop requests
+    and torn saves."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    lock_checkpoint_dir(checkpoint_dir)
+    run_file = checkpoint_dir / "run.json"
+    settings = {k: v for k, v in as_dict(recipe).items() if k not in OPERATIONAL_KEYS}
+    run = json.loads(json.dumps({"stage": stage, "recipe": settings}))
+    if run_file.exists() and read_json(run_file) != run:
+        old = read_json(run_file).get("recipe", {})
+        changed = sorted(k for k in set(old) | set(run["recipe"]) if old.get(k) != run["recipe"].get(k))
+        raise UserError(f"{checkpoint_dir} holds checkpoints of a {stage} run with other settings "
+                        f"({', '.join(changed) or 'stage'}); delete the folder to start afresh, or use another")
+    write_json(run_file, run)
+    (checkpoint_dir / STOP_FILE).unlink(missing_ok=True)
+    for ckpt in checkpoint_dir.glob("checkpoint-*"):
+        if not _complete(ckpt):
+            log.warning("removing incomplete checkpoint %s (killed while saving)", ckpt)
+            shutil.rmtree(ckpt)

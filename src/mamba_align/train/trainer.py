@@ -1,0 +1,246 @@
+"""TRL's SFTTrainer / DPOTrainer for Mamba (weight decay, DDP gradients in the all-reduce buckets, fused clipping,
+the fast path's loss, deferred token counts, TRL 0.7's DPO truncation) and a recipe's TrainingArguments."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import sys
+from pathlib import Path
+
+from mamba_align.train.recipes import TrainCommon
+
+log = logging.getLogger(__name__)
+
+# On GPU a recipe's optimizer runs as its fused CUDA kernel where torch has one: the same update in one pass over
+# weights, gradients and moments instead of a dozen, with gradient clipping folded into it
+# (MambaTrainerMixin._clip_grad_norm); docs/benchmarks.md §1b: SFT step 0.589 -> 0.537 s at 2.8B on an H100.
+FUSED_OPTIMIZERS = {"adamw_torch": "adamw_torch_fused"}
+
+
+def _decay_parameter_names(model) -> list[str]:
+    """Weight decay only on matrices: not on A_log and D (as mamba_ssm's _no_weight_decay), norms or biases."""
+    return [n for n, _ in model.named_parameters()
+            if not (n.endswith(("A_log", ".D", "bias")) or any("norm" in part for part in n.split(".")))]
+
+
+def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int) -> dict:
+    """TRL >= 1.0 has no max_prompt_length; this is the rule of the TRL 0.7 the handbook ran
+    (trl/trainer/utils.py DPODataCollatorWithPadding, default truncation_mode="keep_end"): when the prompt
+    plus the longer answer exceed max_length, keep the prompt's last max_prompt_length tokens; if still too
+    long, cut both answers to max_length - max_prompt_length."""
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_length:
+        prompt = prompt[-max_prompt_length:]
+    if len(prompt) + longer > max_length:
+        chosen, rejected = chosen[: max_length - max_prompt_length], rejected[: max_length - max_prompt_length]
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+
+def _prepare_model_grads_in_buckets(prepare_model, model, *args, **kwargs):
+    """accelerate's prepare_model, for DDP with gradients that live in its all-reduce buckets all along.
+
+    DDP otherwise holds the gradients twice, in the parameters' .grad and in its buckets: 10.3 GiB more per GPU at
+    the 2.8B shape (docs/benchmarks.md §8). `gradient_as_bucket_view` alone is not enough with gradient
+    accumulation: the Trainer sets .grad to None after every step, the micro-batches under no_sync then accumulate
+    into new tensors, and the last one copies them into the buckets (both copies alive). So the gradients exist
+    before DDP is built (DDP turns them into bucket views) and are zeroed in place instead of dropped."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    training = not kwargs.get("evaluation_mode", False)
+    if training:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    wrapped = prepare_model(model, *args, **kwargs)
+    if isinstance(wrapped, DistributedDataParallel) and wrapped.gradient_as_bucket_view:
+        wrapped.zero_grad = functools.partial(torch.nn.Module.zero_grad, wrapped, set_to_none=False)
+    elif training:
+        model.zero_grad(set_to_none=True)  # not wrapped in DDP after all: nothing to keep them for
+    return wrapped
+
+
+def trainer_classes():
+    import torch
+    from trl import DPOTrainer, SFTTrainer
+
+    class MambaTrainerMixin:
+        def get_decay_parameter_names(self, model):
+            return _decay_parameter_names(model)
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+            if self.accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+                return  # not DDP
+            if self.accelerator.ddp_handler is None:
+                self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=False)
+            self.accelerator.ddp_handler.gradient_as_bucket_view = True
+            self.accelerator.prepare_model = functools.partial(_prepare_model_grads_in_buckets,
+                                                               self.accelerator.prepare_model)
+
+        def _clip_grad_norm(self, model):
+            # With a fused AdamW on one process or DDP (whole gradients on every rank), the clipping scale is
+            # applied inside the optimizer's kernel instead of by a pass over the gradients (fast.py)
+            from accelerate.utils import DistributedType
+
+            from mamba_align.train.fast import fused_clip_grad_norm_
+
+            norm = None
+            if self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) \
+                    and self.accelerator.scaler is None:
+                norm = fused_clip_grad_norm_(model.parameters(), getattr(self.optimizer, "optimizer", self.optimizer),
+                                             self.args.max_grad_norm)
+            return super()._clip_grad_norm(model) if norm is None else norm
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            # Without clipping (max_grad_norm 0) the Trainer still logs the norm, through clip_grad_norm_(inf),
+            # which also multiplies every gradient by 1: here the norm alone, one pass over the gradients
+            from accelerate.utils import DistributedType
+
+            from mamba_align.train.fast import total_grad_norm
+
+            if grad_norm is None and self.accelerator.distributed_type in (DistributedType.NO,
+                                                                           DistributedType.MULTI_GPU):
+                grad_norm = total_grad_norm(model.parameters())
+            return super()._get_grad_norm(model, grad_norm)
+
+        # The Trainer reads the tokens of every micro-batch back from the GPU right after its backward, so the GPU
+        # idles while the CPU then clips and launches the optimizer (~16 ms per step at 2.8B on an H100,
+        # docs/benchmarks.md §1b). On one process the count stays on the GPU until the next log, save or the end.
+        def _track_num_input_tokens(self, inputs):
+            mask = inputs.get("attention_mask")
+            if self.args.include_num_input_tokens_seen != "non_padding" or mask is None \
+                    or self.accelerator.num_processes > 1:
+                return super()._track_num_input_tokens(inputs)
+            unread = getattr(self, "_unread_tokens", None)
+            self._unread_tokens = mask.sum() if unread is None else unread + mask.sum()
+
+        def read_num_input_tokens(self) -> int:
+            unread = getattr(self, "_unread_tokens", None)
+            if unread is not None:
+                self.state.num_input_tokens_seen += int(unread)
+                self._unread_tokens = None
+            return self.state.num_input_tokens_seen
+
+        def log(self, *args, **kwargs):
+            self.read_num_input_tokens()
+            return super().log(*args, **kwargs)
+
+        def _save_checkpoint(self, *args, **kwargs):
+            self.read_num_input_tokens()
+            return super()._save_checkpoint(*args, **kwargs)
+
+    class MambaSFTTrainer(MambaTrainerMixin, SFTTrainer):
+        # With the fast path, the loss is the model's own chunked one (fast.py: one Triton kernel per chunk for
+        # loss, gradient, entropy and top-1), not TRL's fused LM head on top of it (which recomputes the logits in
+        # backward), and TRL's per-micro-batch metrics (entropy, token accuracy, token count: three read-backs
+        # from the GPU between forward and backward) stay on the device until the next log: the same numbers.
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from accelerate.utils import DistributedType
+
+            from mamba_align.train.fast import fast_path_enabled
+
+            if return_outputs or self.compute_loss_func is not None or self.label_smoother is not None \
+                    or self.args.loss_type != "nll" or self.aux_loss_enabled or self._tp_size != 1 \
+                    or self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU) \
+                    or not fast_path_enabled(self.accelerator.unwrap_model(model)):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            out = model(**{k: v for k, v in inputs.items() if k != "labels"}, labels=inputs["labels"],
+                        num_items_in_batch=num_items_in_batch, use_cache=False, token_stats=True)
+            loss = out.loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as SFTTrainer.compute_loss: DDP averages
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            else:
+                tokens = torch.tensor(inputs["position_ids"].size(1), device=loss.device)
+            pending = self.__dict__.setdefault("_pending_token_stats", {"train": [], "eval": []})
+            pending[mode].append(torch.cat([out.token_stats, tokens.float()[None]]))
+            return loss
+
+        def _read_token_stats(self, mode):
+            """SFTTrainer's per-micro-batch metrics, from the statistics kept on the device: one read-back (and
+            one all-reduce across processes, where SFTTrainer gathers every micro-batch)."""
+            pending = self.__dict__.get("_pending_token_stats", {}).get(mode)
+            if not pending:
+                return
+            rows = self.accelerator.reduce(torch.stack(pending), reduction="sum").tolist()
+            pending.clear()
+            for entropy, top1, valid, tokens in rows:
+                self._metrics[mode]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+                self._metrics[mode]["mean_token_accuracy"].append(top1 / valid if valid > 0 else 0.0)
+                if mode == "train":
+                    self._total_train_tokens += int(tokens)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        def log(self, logs, *args, **kwargs):
+            self._read_token_stats("train" if self.model.training else "eval")
+            return super().log(logs, *args, **kwargs)
+
+    class MambaDPOTrainer(MambaTrainerMixin, DPOTrainer):
+        def __init__(self, *args, max_prompt_length: int, **kwargs):
+            self.max_prompt_length = max_prompt_length
+            super().__init__(*args, **kwargs)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # TRL drops pairs whose prompt alone reaches max_length; TRL 0.7 kept them with the prompt cut
+            untruncated = copy.copy(args)
+            untruncated.max_length = None
+            dataset = super()._prepare_dataset(dataset, processing_class, untruncated, dataset_name)
+            return dataset.map(lambda r: truncate_pair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"],
+                                                       args.max_length, self.max_prompt_length),
+                               desc=f"Truncating {dataset_name} prompts to max_prompt_length")
+
+    return MambaSFTTrainer, MambaDPOTrainer
+
+
+def training_args(recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, cuda: bool, has_eval: bool) -> dict:
+    from transformers import TrainingArguments
+
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name deprecated)
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    if not has_eval:
+        eval_strategy = "no"
+    else:
+        eval_strategy = "epoch" if recipe.eval_steps is None else "steps"
+    return dict(
+        output_dir=str(checkpoint_dir), num_train_epochs=recipe.num_train_epochs, max_steps=recipe.max_steps,
+        learning_rate=recipe.learning_rate, lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_ratio,  # transformers 5: a float < 1 is the warmup ratio
+        weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm,
+        optim=FUSED_OPTIMIZERS.get(recipe.optim, recipe.optim) if cuda else recipe.optim,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        per_device_eval_batch_size=recipe.per_device_eval_batch_size,
+        gradient_accumulation_steps=accumulation, **{ckpt: recipe.gradient_checkpointing,
+                                                     f"{ckpt}_kwargs": {"use_reentrant": False}},
+        bf16=recipe.bf16 and cuda, seed=recipe.seed, use_cpu=not cuda,
+        # a progress bar for interactive runs only (a job's log gets the Progress callback's lines instead);
+        # live curves to TensorBoard / W&B as the recipe's operational key report_to says
+        logging_steps=recipe.logging_steps, logging_first_step=True, disable_tqdm=not sys.stderr.isatty(),
+        report_to=list(getattr(recipe, "report_to", [])) or "none",
+        save_strategy="steps", save_steps=recipe.save_steps, save_total_limit=recipe.save_total_limit,
+        eval_strategy=eval_strategy, eval_steps=recipe.eval_steps,
+        include_num_input_tokens_seen="non_padding", ddp_find_unused_parameters=False,
+        # the Trainer's default drops inf/nan losses from the logged mean (hiding them), reading every micro-batch's
+        # loss back from the GPU to do so; a diverged run must show in its log
+        logging_nan_inf_filter=False,
+        # the next batch's copy to the GPU does not wait for the optimizer step: the trainer prepares that batch
+        # (collation, pinning: ~7 ms per step at 2.8B) while the GPU still updates the weights
+        dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
+    )
+
+
+def one_gpu_per_process(args) -> None:
+    """Without a distributed launch, the Trainer wraps the model in nn.DataParallel when several GPUs are visible
+    (TRL refuses it; it would also be slower than DDP): train on the first GPU and say how to use them all."""
+    if args.n_gpu > 1:
+        log.warning("%d GPUs are visible to one training process: training on %s only. To train on all of them "
+                    "(DDP), set the rule's `gpu` resource (or --num-processes) to the GPU count; to choose the GPU, "
+                    "set CUDA_VISIBLE_DEVICES", args.n_gpu, args.device)
+        args._n_gpu = 1  # what the Trainer sets for a model split across devices: no DataParallel
