@@ -43,8 +43,8 @@ def main() -> int:
     spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from mamba_align.train.recipes import load_recipe
     from mamba_align.train.launch import train_sft
+    from mamba_align.train.recipes import load_recipe
 
     lines: list[str] = []
 

@@ -300,7 +300,8 @@ def main(argv=None) -> dict:
                                                            precompute, preempt_at=0 if precompute else a.preempt_at)}
         if a.precompute_ref and "dpo" in result and "dpo_precompute_ref" in result:
             pre, ref = result["dpo_precompute_ref"], result["dpo"]
-            result["dpo_step_time_ratio_precompute_vs_not"] = round(pre["seconds_per_step"] / ref["seconds_per_step"], 3)
+            ratio = pre["seconds_per_step"] / ref["seconds_per_step"]
+            result["dpo_step_time_ratio_precompute_vs_not"] = round(ratio, 3)
             result["dpo_step_time_ratio_precompute_vs_not_median"] = round(
                 pre["seconds_per_step_median"] / ref["seconds_per_step_median"], 3)
     write_json(a.out, result)

@@ -83,6 +83,7 @@ def test_generation_logs_count_and_eta(tmp_path, caplog):
 
 def test_judge_logs_count_eta_and_spend(tmp_path, caplog, monkeypatch):
     from fake_openai import KEY, FakeOpenAI, judge_cfg
+
     from mamba_align.eval.judge.client import JudgeClient
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -101,8 +102,9 @@ def test_judge_logs_count_eta_and_spend(tmp_path, caplog, monkeypatch):
 
 def test_training_logs_progress_and_writes_tensorboard_events(tmp_path, caplog, monkeypatch):
     from test_train import DEMO, bench
-    from mamba_align.train.recipes import load_recipe
+
     from mamba_align.train.launch import train_sft
+    from mamba_align.train.recipes import load_recipe
 
     bench.write_model(tmp_path / "model", **bench.SHAPES["tiny"])
     bench.write_sft_rows(tmp_path / "train.parquet", 64, bench.words(512)[:40], seed=0)
@@ -115,14 +117,16 @@ def test_training_logs_progress_and_writes_tensorboard_events(tmp_path, caplog, 
     assert [x.split(" (")[0] for x in lines] == ["sft progress: step 1/4", "sft progress: step 2/4",
                                                  "sft progress: step 4/4"], lines
     for x in lines:
-        assert re.search(r"\| loss \d+\.\d{4} \| [\d,]+ tokens/s \| elapsed \d+:\d\d:\d\d \| ETA (\d+:\d\d:\d\d|\?)$", x), x
+        assert re.search(r"\| loss \d+\.\d{4} \| [\d,]+ tokens/s \| elapsed \d+:\d\d:\d\d \| "
+                         r"ETA (\d+:\d\d:\d\d|\?)$", x), x
     assert lines[-1].endswith("ETA 0:00:00")
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
 def test_report_to_is_operational_and_checked():
-    from mamba_align.train.recipes import OPERATIONAL_KEYS, load_recipe
     from test_train import DEMO
+
+    from mamba_align.train.recipes import OPERATIONAL_KEYS, load_recipe
 
     assert "report_to" in OPERATIONAL_KEYS  # changing it reruns nothing
     assert load_recipe(DEMO, "sft").report_to == ["tensorboard"]
@@ -144,9 +148,10 @@ def cuda_without_kernels(monkeypatch):
 
 
 def test_cuda_without_kernels_fails_before_training_loads_a_model(cuda_without_kernels, tmp_path):
-    from mamba_align.train.recipes import load_recipe
-    from mamba_align.train.launch import train_sft
     from test_train import DEMO
+
+    from mamba_align.train.launch import train_sft
+    from mamba_align.train.recipes import load_recipe
 
     with pytest.raises(UserError) as e:  # the model folder does not even exist: nothing was loaded
         train_sft(tmp_path / "no-model", tmp_path / "t.parquet", None, load_recipe(DEMO, "sft"), tmp_path / "o",

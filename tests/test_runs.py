@@ -7,18 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from wfhelpers import bench_module
 
 from mamba_align.ops import runs
-from mamba_align.train.recipes import load_recipe
 from mamba_align.train.checkpoints import lock_checkpoint_dir, release_checkpoint_dir
+from mamba_align.train.recipes import load_recipe
 from mamba_align.utils import UserError, read_json
-from wfhelpers import bench_module
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]

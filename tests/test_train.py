@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from wfhelpers import bench_module
 
-from mamba_align.train.recipes import load_recipe
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, last_complete_checkpoint
 from mamba_align.train.launch import main, train_dpo, train_sft
+from mamba_align.train.recipes import load_recipe
 from mamba_align.train.trainer import _decay_parameter_names, truncate_pair
 from mamba_align.utils import UserError, read_json
-from wfhelpers import bench_module
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]

@@ -93,7 +93,8 @@ def dpo_tokens(recipe: dict, stats: dict | None) -> tuple[float, str]:
     that precomputes the reference log-probs when the recipe asks for it."""
     ds = recipe["dataset"]
     if stats and "train" in stats and "tokens" in stats["train"]:
-        pairs, per_seq, source = stats["train"]["rows_out"], stats["train"]["tokens"] / stats["train"]["rows_out"], "prepared data"
+        pairs, source = stats["train"]["rows_out"], "prepared data"
+        per_seq = stats["train"]["tokens"] / pairs
     else:
         pairs, per_seq = _published(ds)
         pairs = min(pairs, ds.get("max_train_samples") or pairs)
@@ -182,7 +183,8 @@ def judge_cost(cfg: dict, n_stages: int) -> dict:
     turns, prompts = MT_BENCH_TURNS, ALPACA_EVAL_PROMPTS
     if (ev["mt_bench"].get("local_dir") and (q := Path(ev["mt_bench"]["local_dir"]) / "question.jsonl").exists()):
         turns = sum(len(json.loads(line)["turns"]) for line in q.read_text().splitlines() if line.strip())
-    if (ev["alpaca_eval"].get("local_dir") and (a := Path(ev["alpaca_eval"]["local_dir"]) / "alpaca_eval.json").exists()):
+    if (ev["alpaca_eval"].get("local_dir")
+            and (a := Path(ev["alpaca_eval"]["local_dir"]) / "alpaca_eval.json").exists()):
         prompts = len(json.loads(a.read_text()))
     price = (0.0, 0.0) if judge.get("backend") == "local" else (plan["judge_price_per_1m_input"],
                                                                 plan["judge_price_per_1m_output"])

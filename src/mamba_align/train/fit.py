@@ -66,7 +66,8 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"  # Mamba is causal: right padding never reaches the real tokens
     model, saved_config = _load_model(model_dir, cpu=not cuda)
-    from mamba_align.train.fast import enable_fast_path  # mamba_ssm's fused add+RMSNorm and a chunked LM loss, on GPU only
+    # mamba_ssm's fused add+RMSNorm and a chunked LM loss, on GPU only
+    from mamba_align.train.fast import enable_fast_path
 
     if enable_fast_path(model):
         log.info("mamba_ssm fast path on (fused add+RMSNorm, chunked LM loss)")

@@ -2,8 +2,8 @@
 
 Each run checkpoints into `checkpoint_dir` (beside, not inside, the output) and a rerun resumes from the
 newest complete checkpoint; the model directory appears atomically only when training has finished.
-SIGTERM / SIGUSR1 (e.g. Slurm `--signal=TERM@900`, see profiles/README.md) or a file `<checkpoint_dir>/STOP` make the run save a
-checkpoint at the end of the current optimizer step and exit with PREEMPTED_EXIT_CODE.
+SIGTERM / SIGUSR1 (e.g. Slurm `--signal=TERM@900`, see profiles/README.md) or a file `<checkpoint_dir>/STOP` make
+the run save a checkpoint at the end of the current optimizer step and exit with PREEMPTED_EXIT_CODE.
 
     python -m mamba_align.train sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
         --out results/sft --checkpoint-dir results/checkpoints/sft --metrics results/metrics/sft.json
@@ -21,10 +21,23 @@ from pathlib import Path
 from mamba_align.train.callbacks import on_signals, restore_signals
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, prepare_checkpoint_dir
 from mamba_align.train.fit import fit
-from mamba_align.train.preflight import (check_columns, check_disk, check_length, check_memory, check_model_dir,
-                                         check_tokenizer, check_trackers)
-from mamba_align.train.recipes import (DPORecipe, SFTRecipe, as_dict, gradient_accumulation_steps, load_recipe,
-                                       parse_overrides)
+from mamba_align.train.preflight import (
+    check_columns,
+    check_disk,
+    check_length,
+    check_memory,
+    check_model_dir,
+    check_tokenizer,
+    check_trackers,
+)
+from mamba_align.train.recipes import (
+    DPORecipe,
+    SFTRecipe,
+    as_dict,
+    gradient_accumulation_steps,
+    load_recipe,
+    parse_overrides,
+)
 from mamba_align.utils import UserError, read_json, setup_logging
 
 log = logging.getLogger(__name__)
