@@ -597,6 +597,34 @@ def test_truncate_pair_follows_trl_0_7(prompt, answer, expected):
     assert out["prompt_ids"] == list(range(prompt))[-expected[0]:]  # the prompt's end is kept
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_every_recipe_key_reaches_trls_config(tmp_path, stage):
+    """A recipe key is the field of TRL's SFTConfig / DPOConfig of the same name, with the recipe's value; the few
+    that are not are translated as trainer.trl_config says. A key dropped on the way, or renamed by TRL, fails here."""
+    from mamba_align.train.recipes import as_dict
+    from mamba_align.train.trainer import trl_config
+
+    for folder in sorted(p for p in (ROOT / "config" / "recipes").iterdir() if (p / f"{stage}.yaml").exists()):
+        recipe = load_recipe(folder, stage)
+        accumulation = recipe.global_batch_size // recipe.per_device_train_batch_size
+        args = trl_config(stage, recipe, tmp_path, accumulation, cuda=False, has_eval=True)
+        assert not args.bf16 and args.use_cpu  # the recipe's bf16 and fused optimizer apply on CUDA only
+        translated = {  # recipe key: its value as TRL holds it (None: not TRL's, used elsewhere)
+            "dataset": None,  # the prepare steps'
+            "max_prompt_length": None,  # TRL >= 1.0 has none: MambaDPOTrainer truncates (truncate_pair)
+            "bf16": None,
+            "global_batch_size": args.gradient_accumulation_steps * args.per_device_train_batch_size,
+            "warmup_ratio": args.warmup_steps,  # transformers 5: a float < 1 is the ratio
+            "gradient_checkpointing": args.activation_checkpointing,
+            "max_seq_length": args.max_length,
+            "loss_type": args.loss_type[0] if stage == "dpo" else None,
+        }
+        for key, value in as_dict(recipe).items():
+            got = translated[key] if key in translated else getattr(args, key, "no such field in TRL's config")
+            if key not in translated or got is not None:
+                assert getattr(got, "value", got) == value, f"{folder.name}/{stage}.yaml: {key}"
+
+
 def test_no_weight_decay_on_A_log_D_norms_biases(tiny):
     from transformers import AutoModelForCausalLM
 

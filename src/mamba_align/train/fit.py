@@ -13,7 +13,7 @@ from mamba_align.train.callbacks import on_signals, progress_callback, restore_s
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, last_complete_checkpoint
 from mamba_align.train.preflight import COLUMNS
 from mamba_align.train.recipes import as_dict
-from mamba_align.train.trainer import one_gpu_per_process, trainer_classes, training_args
+from mamba_align.train.trainer import one_gpu_per_process, trainer_classes, trl_config
 from mamba_align.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
         metrics_path: Path, num_processes: int, accumulation: int) -> dict:
     import torch
     from transformers import AutoTokenizer
-    from trl import DPOConfig, SFTConfig
 
     started = time.time()
     cuda = torch.cuda.is_available()
@@ -74,15 +73,13 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
     cache = checkpoint_dir / "cache"
     train_ds = _load_rows(train_path, stage, cache)
     eval_ds = _load_rows(test_path, stage, cache) if test_path is not None else None
-    common = training_args(recipe, checkpoint_dir, accumulation, cuda, eval_ds is not None)
+    args = trl_config(stage, recipe, checkpoint_dir, accumulation, cuda, eval_ds is not None)
+    one_gpu_per_process(args)
     sft_cls, dpo_cls = trainer_classes()
     throughput: dict = {}
     stopper, timer = stop_and_timing_callbacks(checkpoint_dir / STOP_FILE, throughput)
     callbacks = [stopper, timer, progress_callback(stage)]
     if stage == "sft":
-        args = SFTConfig(**common, dataset_text_field="text", max_length=recipe.max_seq_length,
-                         packing=recipe.packing, packing_strategy="wrapped", completion_only_loss=False)
-        one_gpu_per_process(args)
         trainer = sft_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=callbacks)
     else:
@@ -90,9 +87,6 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
         if not (recipe.precompute_ref_log_probs and Path(ref_model_dir) == Path(model_dir)):
             ref_model, _ = _load_model(ref_model_dir, cpu=not cuda)
             enable_fast_path(ref_model)
-        args = DPOConfig(**common, beta=recipe.beta, loss_type=[recipe.loss_type], max_length=recipe.max_length,
-                         precompute_ref_log_probs=recipe.precompute_ref_log_probs)
-        one_gpu_per_process(args)
         trainer = dpo_cls(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks,
                           max_prompt_length=recipe.max_prompt_length)

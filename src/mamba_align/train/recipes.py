@@ -1,7 +1,8 @@
 """Training recipes: one YAML per model x stage x variant under config/recipes/<recipe>/{sft,dpo}.yaml.
 
 Parsed strictly into dataclasses: an unknown or wrongly typed key is an error naming the file and key.
-The config's `recipe_overrides` (and the command line of each step) override values.
+The config's `recipe_overrides` (and the command line of each step) override values. A key is named as the field
+of TRL's SFTConfig / DPOConfig it sets; the few that are not are translated in trainer.trl_config.
 """
 
 from __future__ import annotations

@@ -199,8 +199,14 @@ def trainer_classes():
     return MambaSFTTrainer, MambaDPOTrainer
 
 
-def training_args(recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, cuda: bool, has_eval: bool) -> dict:
+def trl_config(stage: str, recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, cuda: bool, has_eval: bool):
+    """The recipe as TRL's SFTConfig / DPOConfig on this machine. A recipe key is the TRL field of the same name,
+    except where noted here (tests/test_train.py pins that for every shipped recipe): warmup_ratio, SFT's
+    max_seq_length and DPO's loss_type under TRL's names; global_batch_size as the accumulation; bf16 and the fused
+    optimizer on CUDA only; max_prompt_length, which TRL >= 1.0 lacks, by MambaDPOTrainer; dataset by the prepare
+    steps."""
     from transformers import TrainingArguments
+    from trl import DPOConfig, SFTConfig
 
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name deprecated)
     ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
@@ -209,7 +215,7 @@ def training_args(recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, 
         eval_strategy = "no"
     else:
         eval_strategy = "epoch" if recipe.eval_steps is None else "steps"
-    return dict(
+    common = dict(
         output_dir=str(checkpoint_dir), num_train_epochs=recipe.num_train_epochs, max_steps=recipe.max_steps,
         learning_rate=recipe.learning_rate, lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=recipe.warmup_ratio,  # transformers 5: a float < 1 is the warmup ratio
@@ -234,6 +240,11 @@ def training_args(recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, 
         # (collation, pinning: ~7 ms per step at 2.8B) while the GPU still updates the weights
         dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
     )
+    if stage == "sft":
+        return SFTConfig(**common, dataset_text_field="text", max_length=recipe.max_seq_length,
+                         packing=recipe.packing, packing_strategy="wrapped", completion_only_loss=False)
+    return DPOConfig(**common, beta=recipe.beta, loss_type=[recipe.loss_type], max_length=recipe.max_length,
+                     precompute_ref_log_probs=recipe.precompute_ref_log_probs)
 
 
 def one_gpu_per_process(args) -> None:
