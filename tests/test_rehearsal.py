@@ -130,7 +130,7 @@ def test_driver_on_cpu_runs_the_rehearsal_and_sft_resumes(workflow_copy):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:] + (out / "snakemake.log").read_text()[-5000:]
     s = json.loads((out / "summary.json").read_text())
     assert {"build_demo_inputs", "prepare_base_model", "train_sft", "train_dpo", "report", "judge_mt_bench/judge",
-            "generate_alpaca_eval/sft"} <= set(s["rules"])
+            "generate_alpaca_eval/dpo"} <= set(s["rules"])
     assert all(r["s"] > 0 and r["max_rss_mb"] for r in s["rules"].values())
     assert s["sft_stop"]["stop_requested_at_step"] >= 10 and s["sft_stop"]["snakemake_exit"] != 0
     assert "checkpoint-1" in s["training"]["sft"]["resumed_from"] and s["training"]["sft"]["global_step"] == 14
