@@ -135,3 +135,26 @@ def test_driver_on_cpu_runs_the_rehearsal_and_sft_resumes(workflow_copy):
     assert s["sft_stop"]["stop_requested_at_step"] >= 10 and s["sft_stop"]["snakemake_exit"] != 0
     assert "checkpoint-1" in s["training"]["sft"]["resumed_from"] and s["training"]["sft"]["global_step"] == 14
     assert Path(workflow_copy, "results", "report", "scores.md").exists()
+
+
+def test_summary_reads_benchmarks_metrics_and_gpu_samples(tmp_path):
+    driver = bench_module("rehearsal")
+    res = tmp_path / "results"
+    (res / "benchmarks" / "generate_mt_bench").mkdir(parents=True)
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    (res / "benchmarks" / "train_sft.tsv").write_text(header + "312.5\t0:05:12\t40960.5\t1\t1\t1\t1\t1\t1\t1\n")
+    (res / "benchmarks" / "generate_mt_bench" / "sft.tsv").write_text(header + "80.0\t0:01:20\tNA\t1\t1\t1\t1\t1\t1\t1\n")
+    (res / "metrics").mkdir()
+    (res / "metrics" / "sft.json").write_text(json.dumps({"global_step": 30, "resumed_from": "x/checkpoint-11",
+                                                         "peak_gpu_memory_gib_per_rank": [64.4, 64.3],
+                                                         "log_history": [{"loss": 1.0}]}))
+    smi = tmp_path / "nvidia-smi.csv"
+    smi.write_text("2026/12/01 10:00:00.000, 0, 1200, 5\n2026/12/01 10:00:02.000, 0, 70100, 99\n"
+                   "2026/12/01 10:00:02.000, 1, 69000, 98\n")
+    s = driver.summary(res, smi)
+    assert s["rules"] == {"train_sft": {"s": 312.5, "max_rss_mb": 40960.5},
+                          "generate_mt_bench/sft": {"s": 80.0, "max_rss_mb": None}}
+    assert s["training"]["sft"] == {"global_step": 30, "resumed_from": "x/checkpoint-11",
+                                    "peak_gpu_memory_gib_per_rank": [64.4, 64.3]}
+    assert s["gpu_memory_peak_mib_this_phase"] == {"0": 70100, "1": 69000}
+    assert "| train_sft | 312.5 | 40,960 |" in driver.summary_markdown(s)

@@ -1,6 +1,7 @@
 rule build_demo_inputs:
     """The demo's own inputs: a tiny mamba_ssm-format model, a tokenizer and synthetic chat data; with
-    `demo_inputs` (the rehearsal), a model of that shape, sized data and benchmark-sized question sets."""
+    `demo_inputs` (the rehearsal), a model of that shape, sized data and benchmark-sized question sets.
+    """
     input:
         vocab=[
             "config/demo/mt_bench/question.jsonl",
