@@ -89,7 +89,7 @@ def run_snakemake(targets, cpu, gpus, log: Path, deadline: float, watch=None) ->
         try:
             return proc.wait(timeout=max(1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            f.write(f"\n[rehearsal] phase limit reached: SIGTERM to snakemake (run the phase again to continue)\n")
+            f.write("\n[rehearsal] phase limit reached: SIGTERM to snakemake (run the phase again to continue)\n")
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 return proc.wait(timeout=60)

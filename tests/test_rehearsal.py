@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from wfhelpers import REPO, bench_module, planned_jobs, snakemake
 
 from mamba_align.testing import rehearsal
@@ -143,7 +142,8 @@ def test_summary_reads_benchmarks_metrics_and_gpu_samples(tmp_path):
     (res / "benchmarks" / "generate_mt_bench").mkdir(parents=True)
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     (res / "benchmarks" / "train_sft.tsv").write_text(header + "312.5\t0:05:12\t40960.5\t1\t1\t1\t1\t1\t1\t1\n")
-    (res / "benchmarks" / "generate_mt_bench" / "sft.tsv").write_text(header + "80.0\t0:01:20\tNA\t1\t1\t1\t1\t1\t1\t1\n")
+    (res / "benchmarks" / "generate_mt_bench" / "sft.tsv").write_text(
+        header + "80.0\t0:01:20\tNA\t1\t1\t1\t1\t1\t1\t1\n")
     (res / "metrics").mkdir()
     (res / "metrics" / "sft.json").write_text(json.dumps({"global_step": 30, "resumed_from": "x/checkpoint-11",
                                                          "peak_gpu_memory_gib_per_rank": [64.4, 64.3],

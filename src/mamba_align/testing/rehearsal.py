@@ -24,8 +24,7 @@ import json
 import random
 from pathlib import Path
 
-from mamba_align.testing.demo import (_pid, _write_rows, build_tiny_mamba_ssm_checkpoint,
-                                      build_tiny_tokenizer)
+from mamba_align.testing.demo import _pid, _write_rows, build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
 from mamba_align.utils import atomic_path
 
 MT_BENCH_CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
