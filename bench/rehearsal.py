@@ -113,7 +113,7 @@ def stop_sft_after(step: int, marker: Path):
                     Path(d, "STOP").touch()
                 marker.write_text(json.dumps({"stop_requested_at_step": max(steps), "time": time.time()}))
                 return
-            time.sleep(1)
+            time.sleep(0.2)
 
     return watch
 

@@ -132,7 +132,7 @@ def test_driver_on_cpu_runs_the_rehearsal_and_sft_resumes(workflow_copy):
             "generate_alpaca_eval/dpo"} <= set(s["rules"])
     assert all(r["s"] > 0 and r["max_rss_mb"] for r in s["rules"].values())
     assert s["sft_stop"]["stop_requested_at_step"] >= 10 and s["sft_stop"]["snakemake_exit"] != 0
-    assert "checkpoint-1" in s["training"]["sft"]["resumed_from"] and s["training"]["sft"]["global_step"] == 14
+    assert "checkpoint-1" in s["training"]["sft"]["resumed_from"] and s["training"]["sft"]["global_step"] == 24
     assert Path(workflow_copy, "results", "report", "scores.md").exists()
 
 
