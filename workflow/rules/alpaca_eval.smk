@@ -4,6 +4,8 @@ AE = EVAL["alpaca_eval"]
 rule fetch_alpaca_eval:
     """AlpacaEval instructions and the reference outputs its annotators need (1.0 and/or 2.0) plus the
     length-control inputs."""
+    input:
+        built_by_demo(AE["local_dir"]),
     output:
         directory(f"{R}/data/alpaca_eval"),
     log:

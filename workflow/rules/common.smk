@@ -130,6 +130,12 @@ def demo_inputs():
     return [f"{R}/demo"] if config["demo"] else []
 
 
+def built_by_demo(local_dir):
+    """The demo's inputs when a benchmark's local_dir lies inside them (the rehearsal's question sets)."""
+    inside = local_dir and Path(local_dir).is_relative_to(f"{R}/demo")
+    return demo_inputs() if inside else []
+
+
 def model_of(stage):
     return layout.model_dir(R, stage)
 

@@ -3,6 +3,8 @@ MTB = EVAL["mt_bench"]
 
 rule fetch_mt_bench:
     """MT-Bench questions, judge prompts and GPT-4 reference answers from FastChat at a pinned commit."""
+    input:
+        built_by_demo(MTB["local_dir"]),
     output:
         questions=f"{R}/data/mt_bench/question.jsonl",
         judge_prompts=f"{R}/data/mt_bench/judge_prompts.jsonl",
