@@ -12,7 +12,8 @@ All fp32 with TF32 off. Writes a JSON with max/mean |dlogit| and greedy agreemen
 exits 1 if a pair is over --atol or a greedy continuation differs.
 
 On the device (H100, kit from shared/gpu copied to .gpu/, carry [".gpu"]):
-    source .gpu/install.sh && PYTHONPATH=$PWD/src:$PYTHONPATH python3 bench/verify_conversion_gpu.py --out $OUT/verify.json
+    source .gpu/install.sh && PYTHONPATH=$PWD/src:$PYTHONPATH \
+        python3 bench/verify_conversion_gpu.py --out $OUT/verify.json
 Measured 2026-11-25 on one H100 (torch 2.11, transformers 5.17, mamba_ssm 2.3.2.post1): 104 s for the script
 (+25 s kit install), peak 10.8 GiB GPU, 11.9 GiB host RSS, ~22 GB temp disk; max |dlogit| 3.1e-5
 (transformers vs reference), 2.5e-5 (mamba_ssm vs reference), 2.3e-5 (transformers vs mamba_ssm),
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
         result["versions"]["transformers"] = transformers.__version__
         result["transformers_sees_kernels"] = {
-            name: getattr(import_utils, f"is_{name}_available", lambda: None)() for name in ("mamba_ssm", "causal_conv1d")}
+            name: getattr(import_utils, f"is_{name}_available", lambda: None)()
+            for name in ("mamba_ssm", "causal_conv1d")}
         model = MambaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
         with torch.no_grad():
             logits["transformers"] = model(ids).logits.cpu()

@@ -47,7 +47,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def converted(tiny, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("converted")
-    report = prepare_base_model(tiny["ssm"], None, tiny["tokenizer"], None, "zephyr", out / "model", out / "report.json")
+    report = prepare_base_model(tiny["ssm"], None, tiny["tokenizer"], None, "zephyr", out / "model",
+                                out / "report.json")
     return {"dir": out / "model", "report": report, "report_path": out / "report.json"}
 
 
@@ -138,7 +139,8 @@ def test_tokenizer_pad_eos_and_zephyr_template(converted):
     assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (0, 0, 1)
     assert tok.pad_token == "<|padding|>" and tok.eos_token == "<|endoftext|>"
     text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
-    assert text == ("<|system|>\nBe brief.<|endoftext|>\n<|user|>\nHi<|endoftext|>\n<|assistant|>\nHello!<|endoftext|>\n"
+    assert text == ("<|system|>\nBe brief.<|endoftext|>\n<|user|>\nHi<|endoftext|>\n"
+                    "<|assistant|>\nHello!<|endoftext|>\n"
                     "<|user|>\nBye<|endoftext|>\n<|assistant|>\n")
 
 
@@ -164,7 +166,8 @@ def test_transformers_input_passes_through(converted, tmp_path):
 def test_chatml_adds_tokens_into_spare_rows(tiny, tmp_path):
     from transformers import AutoTokenizer
 
-    report = prepare_base_model(tiny["ssm"], None, tiny["tokenizer"], None, "chatml", tmp_path / "m", tmp_path / "r.json",
+    report = prepare_base_model(tiny["ssm"], None, tiny["tokenizer"], None, "chatml", tmp_path / "m",
+                                tmp_path / "r.json",
                                 verify=False)
     assert report["added_tokens"] == ["<|im_start|>", "<|im_end|>"] and report["verify"] is None
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")

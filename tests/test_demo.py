@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from wfhelpers import SNAKEMAKE, as_normal_user, copy_workflow, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,6 @@ import time
 
 import pytest
 import yaml
-
 from wfhelpers import as_normal_user, copy_workflow, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow

@@ -139,7 +139,8 @@ def _write_evals(tmp_path, name, stage, mt, ae1, lc):
     d = tmp_path / name / stage
     d.mkdir(parents=True)
     (d / "mtbench.json").write_text(json.dumps({"scores": {"overall": mt, "turn_1": mt, "turn_2": mt},
-                                                "per_category": {"writing": {"overall": mt}, "math": {"overall": 1.0}}}))
+                                                "per_category": {"writing": {"overall": mt},
+                                                                 "math": {"overall": 1.0}}}))
     (d / "alpacaeval.json").write_text(json.dumps({"results": {
         "alpaca_eval_gpt4": {"win_rate": ae1, "standard_error": 1.5},
         "weighted_alpaca_eval_gpt4_turbo": {"win_rate": lc - 1, "length_controlled_winrate": lc,
@@ -158,7 +159,8 @@ def test_experiments_report_table_seed_means_and_axis_plot(tmp_path):
     assert len(rows) == 4 and rows[0]["mt_bench:writing"] == 5.0 and rows[0]["alpaca_eval_2_lc_standard_error"] == 0.5
     groups = seed_groups(rows)
     assert [(g["axis:dpo.beta"], g["n_seeds"]) for g in groups] == [(0.01, 2), (0.1, 2)]
-    assert groups[0]["mt_bench_overall"] == pytest.approx(5.5) and groups[0]["mt_bench_overall_spread"] == pytest.approx(0.7071, abs=1e-4)
+    assert groups[0]["mt_bench_overall"] == pytest.approx(5.5)
+    assert groups[0]["mt_bench_overall_spread"] == pytest.approx(0.7071, abs=1e-4)
     md = (out / "scores.md").read_text()
     assert "| beta0.01-seed1 | dpo | 0.01 | 1 | 5.00 | 5.00 | 1.00 | 10.00 ± 1.50 | 10.00 | 11.00 ± 0.50 |" in md
     assert "5.50 ± 0.71" in md and "zephyr-7b-beta (paper)" in md and "![dpo.beta](dpo.beta.png)" in md
@@ -181,8 +183,8 @@ def test_a_shared_sft_model_is_one_row_without_the_axes_it_does_not_depend_on(tm
 def test_a_base_model_family_axis_converts_and_verifies_each_and_the_plan_knows_its_size(tmp_path):
     """Two tiny stand-ins for the Mamba-1 family (sizes differ as mamba-130m and mamba-370m do: width and depth),
     converted as the grid's prepare_base_model_grid job does it, each verified, each sized by the plan."""
-    from mamba_align.testing.demo import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
     from mamba_align.model.convert import prepare_base_model
+    from mamba_align.testing.demo import build_tiny_mamba_ssm_checkpoint, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(tmp_path / "tokenizer", ["hello world, a tiny family of models"] * 4)
     family = [build_tiny_mamba_ssm_checkpoint(tmp_path / name, d_model=d, n_layer=n, vocab_size=301)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import yaml
-
 from wfhelpers import planned_jobs, snakemake
 
 DEMO_GRID = ("--configfile", "config/demo.yaml", "config/demo-grid.yaml")
@@ -76,7 +75,8 @@ def test_lint_is_clean_on_a_grid(workflow_copy):
 def test_bad_grid_is_named_before_any_job(workflow_copy):
     for patch, expected in [({"experiments": {"grid": {"sed": [1]}}}, "sed"),
                             ({"experiments": {"grid": {"dpo": {"betta": [0.1]}}}}, "betta"),
-                            ({"experiments": {"list": [{"name": "a"}, {"name": "a"}]}}, "two experiments are named 'a'")]:
+                            ({"experiments": {"list": [{"name": "a"}, {"name": "a"}]}},
+                             "two experiments are named 'a'")]:
         (workflow_copy / "bad.yaml").write_text(yaml.safe_dump(patch))
         proc = snakemake(workflow_copy, "-n", "--configfile", "config/demo.yaml", "bad.yaml", check=False)
         assert proc.returncode != 0 and expected in proc.stdout + proc.stderr, patch

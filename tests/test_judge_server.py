@@ -89,7 +89,8 @@ def test_smollm2_gguf_judge_answers_and_rates(tmp_path):
             models = json.load(r)
         again = post_chat(judge.base_url, rate)
     elapsed = time.monotonic() - t0
-    print(f"\nSmolLM2 GGUF local judge: load + 3 requests in {elapsed:.1f} s; {rating['content']!r}, {hello['content']!r}")
+    print(f"\nSmolLM2 GGUF local judge: load + 3 requests in {elapsed:.1f} s; "
+          f"{rating['content']!r}, {hello['content']!r}")
 
     m = re.fullmatch(r"Rating: \[\[(\d+\.\d+)\]\]", rating["content"])
     assert m and 1.0 <= float(m.group(1)) <= 10.0

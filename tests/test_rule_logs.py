@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from wfhelpers import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow

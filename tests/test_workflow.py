@@ -6,7 +6,6 @@ import json
 
 import pytest
 import yaml
-
 from wfhelpers import REPO, planned_jobs, snakemake
 
 CHAIN = ["prepare_base_model", "prepare_sft_data", "train_sft", "prepare_preference_data", "train_dpo",

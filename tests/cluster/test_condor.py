@@ -8,11 +8,7 @@ GPUs, GPU class, memory, disk and CPUs per rule, and no GPU for the CPU rules.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 

@@ -1,6 +1,6 @@
-from mamba_align.train.recipes import stage_recipe, workflow_root
-from mamba_align.ops.runs import train_stage
 from mamba_align.ops.provenance import record_snakemake_job
+from mamba_align.ops.runs import train_stage
+from mamba_align.train.recipes import stage_recipe, workflow_root
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -58,7 +58,8 @@ def drop_progress(out_path: str | Path) -> None:
 
 def _encode(tokenizer, messages: list[dict]) -> list[int]:
     # the same conversation shape as in training (an empty system turn where the template has one)
-    ids = tokenizer.apply_chat_template(with_system_turn(tokenizer, messages), add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(with_system_turn(tokenizer, messages), add_generation_prompt=True,
+                                        tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)

@@ -24,7 +24,6 @@ import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from mamba_align.ops import layout
 from mamba_align.utils import UserError
