@@ -1,0 +1,64 @@
+"""The package layout docs/architecture.md describes: imports point down the stages, every module is in the
+document, none is large."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "mamba_align"
+DOC = PKG.parents[1] / "docs" / "architecture.md"
+# what each folder may import (utils and cli are top-level modules; cli may import anything)
+MAY_IMPORT = {
+    "utils": set(),
+    "model": {"utils", "model"},
+    "train": {"utils", "model", "train"},
+    "eval": {"utils", "model", "train", "eval"},
+    "ops": {"utils", "model", "train", "ops"},
+    "testing": {"utils", "model", "testing"},
+}
+MAX_LINES = 450
+
+
+def modules():
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        yield path, (rel.parts[0] if len(rel.parts) > 1 else rel.stem)
+
+
+def imported_parts(path: Path) -> set[str]:
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import"
+        for name in names:
+            if name.startswith("mamba_align."):
+                parts.add(name.split(".")[1])
+    return parts
+
+
+def test_imports_point_down_the_stages():
+    wrong = []
+    for path, folder in modules():
+        if folder in ("cli", "__init__"):
+            continue
+        bad = imported_parts(path) - MAY_IMPORT[folder]
+        if bad:
+            wrong.append(f"{path.relative_to(PKG)} imports {sorted(bad)}")
+    assert not wrong, wrong
+
+
+def test_every_module_is_in_the_architecture_document():
+    doc = DOC.read_text()
+    named = set(re.findall(r"`([\w/]+)\.py`", doc)) | set(re.findall(r"(\w+)\.py", doc))
+    missing = [str(p.relative_to(PKG)) for p, _ in modules()
+               if p.stem not in ("__init__", "__main__") and p.stem not in named]
+    assert not missing, f"not described in docs/architecture.md: {missing}"
+
+
+def test_no_module_is_large():
+    large = {str(p.relative_to(PKG)): n for p, _ in modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not large, large
