@@ -30,6 +30,8 @@ import pytest
 import submits
 import yaml
 
+from mamba_align.train.checkpoints import is_complete
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PROFILE = REPO / "profiles" / "slurm"
@@ -254,7 +256,7 @@ def test_cancelled_training_resumes_from_its_checkpoint(slurm, fresh_repo_copy, 
     def cancel_once_checkpointed():
         if cancelled:
             return
-        done = [c for c in work.glob("results/checkpoints/sft-*/checkpoint-*") if _complete(c)]
+        done = [c for c in work.glob("results/checkpoints/sft-*/checkpoint-*") if is_complete(c)]
         if not done:
             return
         running = running_jobs(work, "train_sft")
@@ -286,11 +288,3 @@ def test_cancelled_training_resumes_from_its_checkpoint(slurm, fresh_repo_copy, 
     assert int(resumed.group(1)) >= cancelled["step"]
     metrics = json.loads((work / "results/metrics/sft.json").read_text())
     assert metrics["resumed_from"] and metrics["resumed_from"].endswith(f"checkpoint-{resumed.group(1)}")
-
-
-def _complete(checkpoint: Path) -> bool:
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-        return True
-    except (OSError, ValueError):
-        return False

@@ -22,7 +22,7 @@ LOCK_FILE = "LOCK"
 _held_locks: dict[Path, int] = {}  # checkpoint folder -> open file descriptor holding its flock
 
 
-def _complete(ckpt: Path) -> bool:
+def is_complete(ckpt: Path) -> bool:
     """The Trainer writes trainer_state.json last (after model, optimizer, scheduler, RNG states)."""
     try:
         json.loads((ckpt / "trainer_state.json").read_text())
@@ -33,7 +33,7 @@ def _complete(ckpt: Path) -> bool:
 
 def last_complete_checkpoint(checkpoint_dir) -> Path | None:
     """Newest complete `checkpoint-N` (a job killed while saving leaves an incomplete one)."""
-    done = [c for c in Path(checkpoint_dir).glob("checkpoint-*") if c.name[11:].isdigit() and _complete(c)]
+    done = [c for c in Path(checkpoint_dir).glob("checkpoint-*") if c.name[11:].isdigit() and is_complete(c)]
     return max(done, key=lambda c: int(c.name[11:]), default=None)
 
 
@@ -101,6 +101,6 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon
     write_json(run_file, run)
     (checkpoint_dir / STOP_FILE).unlink(missing_ok=True)
     for ckpt in checkpoint_dir.glob("checkpoint-*"):
-        if not _complete(ckpt):
+        if not is_complete(ckpt):
             log.warning("removing incomplete checkpoint %s (killed while saving)", ckpt)
             shutil.rmtree(ckpt)
