@@ -360,3 +360,83 @@ def test_hub_offline_uses_the_cache(fake_hub, tmp_path, monkeypatch):
                                 verify=False)
     assert report["resolved_commit"] == fake_hub["commit"]
     assert not any(c[0] == "list" for c in fake_hub["calls"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An environment with the GPU extra installed, on a CPU node (model/kernels.cpu_mamba_class)
+# --------------------------------------------------------------------------------------------------------------
+
+FAKE_KERNEL = '''\
+def causal_conv1d_fn(x, *args, **kwargs):
+    if not x.is_cuda:
+        raise RuntimeError("Expected x.is_cuda() to be true, but got false.  (fake causal_conv1d)")
+    raise NotImplementedError
+
+
+causal_conv1d_update = causal_conv1d_fn
+'''
+
+
+@pytest.fixture
+def cuda_kernels_installed(tmp_path) -> dict:
+    """A subprocess environment where `causal_conv1d` is importable and, like the real CUDA extension, fails on
+    CPU tensors (the conversion check ran into the real one on the GPU machine: docs/benchmarks.md)."""
+    import os
+    import sys
+
+    (tmp_path / "fake" / "causal_conv1d").mkdir(parents=True)
+    (tmp_path / "fake" / "causal_conv1d" / "__init__.py").write_text(FAKE_KERNEL)
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), str(src)]), CUDA_VISIBLE_DEVICES="")
+    return {"env": env, "python": sys.executable}
+
+
+def test_transformers_still_calls_cuda_kernels_for_cpu_tensors(cuda_kernels_installed):
+    """Why cpu_mamba_class exists: fails (and cpu_mamba_class can go) once transformers checks the device."""
+    import subprocess
+
+    code = ("import torch; from transformers import MambaConfig, MambaForCausalLM; "
+            "m = MambaForCausalLM(MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=32, use_mambapy=True)); "
+            "m(torch.tensor([[1, 2, 3]]))")
+    r = subprocess.run([cuda_kernels_installed["python"], "-c", code], env=cuda_kernels_installed["env"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "fake causal_conv1d" in r.stderr, r.stderr[-2000:]
+
+
+def test_conversion_check_runs_on_cpu_with_cuda_kernels_installed(tiny, tmp_path, cuda_kernels_installed):
+    import subprocess
+
+    r = subprocess.run([cuda_kernels_installed["python"], "-m", "mamba_align.model.convert", "--source",
+                        str(tiny["ssm"]), "--tokenizer", str(tiny["tokenizer"]), "--chat-template", "zephyr",
+                        "--out-dir", str(tmp_path / "model"), "--report", str(tmp_path / "report.json")],
+                       env=cuda_kernels_installed["env"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = read_json(tmp_path / "report.json")
+    assert report["verified"] and report["verify"]["greedy_continuation_identical"], report
+    assert report["verify"]["max_abs_logit_diff"] < 1e-5
+
+
+def test_cpu_mamba_class_refuses_a_module_bound_to_the_kernels(cuda_kernels_installed):
+    import subprocess
+
+    code = ("import transformers.models.mamba.modeling_mamba; from mamba_align.model.kernels import cpu_mamba_class; "
+            "cpu_mamba_class()")
+    r = subprocess.run([cuda_kernels_installed["python"], "-c", code], env=cuda_kernels_installed["env"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "in its own process" in r.stderr, r.stderr[-2000:]
+
+
+def test_cpu_generation_and_training_load_with_cuda_kernels_installed(converted, cuda_kernels_installed):
+    """The demo's CPU steps in an environment that has the GPU extra: generation and the training model load."""
+    import subprocess
+
+    code = ("import sys, torch; from mamba_align.eval.engine.hf import TransformersEngine; "
+            "from mamba_align.train.fit import _load_model; "
+            "e = TransformersEngine(sys.argv[1], device='cpu', batch_size=2); "
+            "from mamba_align.eval.engine.sampling import Sampling; "
+            "print(e.generate([[5, 6, 7]], Sampling(max_new_tokens=3))); "
+            "m, _ = _load_model(sys.argv[1], cpu=True); m.train(); "
+            "m(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()")
+    r = subprocess.run([cuda_kernels_installed["python"], "-c", code, str(converted["dir"])],
+                       env=cuda_kernels_installed["env"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
