@@ -481,56 +481,56 @@ def test_batch_not_divisible_by_processes(tiny, tmp_path):
         _train(tiny, tmp_path, num_processes=3)
 
 
-def test_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny, tmp_path, monkeypatch, caplog):
+def test_disk_too_small_is_refused_before_training(tiny, tmp_path, monkeypatch):
     import collections
 
     from mamba_align.train import preflight
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
-    with pytest.raises(UserError, match=r"GB free, but one checkpoint of this 0\.\d+B-parameter model with optim "
-                                        r"adamw_torch is 0\.\d+ GB .*or a save would fail"):
+    with pytest.raises(UserError, match=r"GB free, but this run needs 0\.\d+ GB more there: it will hold up to \d "
+                                        r"checkpoints at once .* one checkpoint of this 0\.\d+B-parameter model "
+                                        r"with optim adamw_torch is 0\.\d+ GB"):
         _train(tiny, tmp_path)
     assert not list((tmp_path / "ckpt").glob("checkpoint-*")) and not (tmp_path / "out").exists()
-    # enough for the first checkpoint but not for save_total_limit + 1 of them: a warning, and training runs
-    from mamba_align.train.sizes import checkpoint_gb, params_from_config
-
-    cfg = json.loads((tiny / "model" / "config.json").read_text())
-    one = checkpoint_gb(params_from_config(cfg), "adamw_torch") * 1e9
-    final = params_from_config(cfg) * 4
-    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**12, 0, int(one + final + 1)))
-    caplog.set_level("WARNING", logger="mamba_align.train.preflight")
-    preflight.check_disk(tmp_path / "ckpt2", tmp_path / "out2", cfg, load_recipe(DEMO, "sft"))
-    assert "lower save_total_limit" in caplog.text
 
 
 # 2.8B with AdamW: one checkpoint 33.2 GB, the final fp32 model 11.1 GB, save_total_limit 2 -> 3 checkpoints at peak
 MAMBA_2_8B = {"d_model": 2560, "n_layer": 64, "vocab_size": 50280}
 
 
-@pytest.mark.parametrize("free_gb, refused, warned", [
-    (30, True, False),  # not even one checkpoint
-    (40, True, False),  # one checkpoint but not the final model beside it
-    (50, False, True),  # one checkpoint and the final model: runs, warns that later saves may fail
-    (120, False, False),  # save_total_limit + 1 checkpoints and the final model
+@pytest.mark.parametrize("free_gb, overrides, kept, refused", [
+    (30, {}, [], True),  # not even one checkpoint
+    (50, {}, [], True),  # one checkpoint and the final model, but a run of epochs reaches 3 checkpoints at once
+    (120, {}, [], False),  # save_total_limit + 1 checkpoints and the final model
+    # the rehearsal on the 1-GPU machine: 45.9 GB free, 30 steps, a save every 10: saves at 10, 20, 30 -> 3 held.
+    # Before this check it trained, saved checkpoint-10 and failed writing checkpoint-20 (disk full)
+    (45.9, {"max_steps": 30, "save_steps": 10}, [], True),
+    (45.9, {"max_steps": 30, "save_steps": 50}, [], False),  # one save (the last step) and the final model: 44.3 GB
+    (80, {"max_steps": 30, "save_steps": 10}, [20], False),  # resumed at 20: one more save, 33.2 + 11.1 GB
+    (40, {"max_steps": 30, "save_steps": 10}, [20], True),
+    (12, {"max_steps": 30, "save_steps": 10}, [20, 30], False),  # finished training: only the final model left
 ])
-def test_disk_check_before_training(tmp_path, monkeypatch, caplog, free_gb, refused, warned):
+def test_disk_check_before_training(tmp_path, monkeypatch, free_gb, overrides, kept, refused):
     import collections
+    import dataclasses
 
     from mamba_align.train import preflight
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**13, 0, free_gb * 10**9))
-    recipe = load_recipe(ROOT / "config" / "recipes" / "zephyr-7b-beta", "sft")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**13, 0, int(free_gb * 10**9)))
+    recipe = dataclasses.replace(load_recipe(ROOT / "config" / "recipes" / "zephyr-7b-beta", "sft"), **overrides)
+    for step in kept:
+        (tmp_path / "ckpt" / f"checkpoint-{step}").mkdir(parents=True)
     check = lambda: preflight.check_disk(tmp_path / "ckpt", tmp_path / "out", MAMBA_2_8B, recipe)  # noqa: E731
     if refused:
-        with pytest.raises(UserError, match=rf"{tmp_path}: {free_gb}\.0 GB free, but one checkpoint of this 2\.77B-"
-                                            r"parameter model with optim adamw_torch is 33\.2 GB .* the final model "
-                                            r"11\.1 GB: at least 44\.3 GB are needed there"):
+        with pytest.raises(UserError, match=rf"{tmp_path}(/ckpt)?: {free_gb:.1f} GB free, but this run needs "
+                                            r"[\d.]+ GB more there: .* one checkpoint of this 2\.77B-parameter model "
+                                            r"with optim adamw_torch is 33\.2 GB .* the final model 11\.1 GB\. Lower "
+                                            r"save_total_limit or raise save_steps"):
             check()
     else:
         check()
-    assert ("lower save_total_limit" in caplog.text) == warned
 
 
 def test_missing_model_dir(tiny, tmp_path):

@@ -78,10 +78,24 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def checkpoints_held(checkpoint_dir: Path, recipe: TrainCommon) -> int:
+    """The most checkpoints this run will hold at once: save_total_limit + the one being written (the Trainer
+    deletes the oldest only after the new one is saved), or fewer where the run has fewer saves ahead (max_steps,
+    save_steps and the checkpoints already there). A run measured in epochs is taken to reach the limit (the
+    recipes' do: hundreds of steps, a save every 50-200)."""
+    kept = sorted(Path(checkpoint_dir).glob("checkpoint-*"))
+    most = recipe.save_total_limit + 1
+    if recipe.max_steps <= 0:
+        return most
+    done = max((int(c.name.split("-")[-1]) for c in kept if c.name.split("-")[-1].isdigit()), default=0)
+    ahead = -(-recipe.max_steps // recipe.save_steps) - done // recipe.save_steps  # the last step saves too
+    return min(most, len(kept) + max(0, ahead))
+
+
 def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainCommon) -> None:
-    """Refuse to start a run whose first checkpoint or final model cannot fit on its filesystem (a 2.8B
-    checkpoint is 33 GB with AdamW: weights + optimizer state); warn when save_total_limit + 1 checkpoints
-    (the newest is written before the oldest goes) and the final model may not."""
+    """Refuse to start a run whose checkpoints or final model will not fit on their filesystem: a 2.8B checkpoint
+    is 33 GB with AdamW (weights + optimizer state), and a save that finds the disk full fails the job, at every
+    rerun, after the GPU time up to it (the rehearsal's SFT did: docs/benchmarks.md)."""
     try:
         params = params_from_config(config)
     except (KeyError, TypeError, ValueError):  # not a Mamba-1 config: no estimate, no check
@@ -89,25 +103,24 @@ def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainC
     one = checkpoint_gb(params, recipe.optim) * 1e9
     final = model_gb(params) * 1e9
     kept = len(list(Path(checkpoint_dir).glob("checkpoint-*")))
-    need: dict[int, list] = {}  # filesystem -> [folder, bytes needed at least, bytes needed at peak]
-    for path, least, peak in ((checkpoint_dir, one, max(0, recipe.save_total_limit + 1 - kept) * one),
-                              (Path(out_dir).parent, final, final)):
+    held = checkpoints_held(checkpoint_dir, recipe)
+    need: dict[int, list] = {}  # filesystem -> [folder, bytes still to be written at the peak]
+    for path, peak in ((checkpoint_dir, max(0, held - kept) * one), (Path(out_dir).parent, final)):
         anc = _existing_ancestor(path)
-        entry = need.setdefault(anc.stat().st_dev, [anc, 0.0, 0.0])
-        entry[1] += least
-        entry[2] += peak
-    for anc, least, peak in need.values():
+        entry = need.setdefault(anc.stat().st_dev, [anc, 0.0])
+        entry[1] += peak
+    for anc, peak in need.values():
         free = shutil.disk_usage(anc).free
-        sizes = (f"one checkpoint of this {params / 1e9:.2f}B-parameter model with optim {recipe.optim} is "
-                 f"{one / 1e9:.1f} GB (fp32 weights + optimizer state), the final model {final / 1e9:.1f} GB")
-        if free < least:
-            raise UserError(f"{anc}: {free / 1e9:.1f} GB free, but {sizes}: at least {least / 1e9:.1f} GB are needed "
-                            f"there, or a save would fail. Free space, or put results/checkpoints on a larger "
-                            f"filesystem (a symlink will do)")
-        if free < peak:
-            log.warning("%s: %.1f GB free; up to %d checkpoints + the final model need %.1f GB (%s): lower "
-                        "save_total_limit or free space before the later saves fail", anc, free / 1e9,
-                        recipe.save_total_limit + 1, peak / 1e9, sizes)
+        if free >= peak:
+            continue
+        raise UserError(
+            f"{anc}: {free / 1e9:.1f} GB free, but this run needs {peak / 1e9:.1f} GB more there: it will hold up to "
+            f"{held} checkpoints at once ({kept} there now; save_total_limit {recipe.save_total_limit} + the one "
+            f"being written, a save every {recipe.save_steps} steps) and then the final model; one checkpoint of this "
+            f"{params / 1e9:.2f}B-parameter model with optim {recipe.optim} is {one / 1e9:.1f} GB (fp32 weights + "
+            f"optimizer state), the final model {final / 1e9:.1f} GB. Lower save_total_limit or raise save_steps "
+            f"(operational: nothing reruns), free space, or put results/checkpoints on a larger filesystem (a "
+            f"symlink will do)")
 
 
 def check_memory(config: dict, recipe: TrainCommon, stage: str, num_processes: int, fsdp: bool) -> None:
