@@ -5,6 +5,7 @@
 #   bash bench/issue20_run.sh speed   # training speed, same run: the package before the restructure (956c551,
 #                                     #   unpacked into bench-old/ beforehand, see below) vs now, SFT and DPO
 #   bash bench/issue20_run.sh loss    # SFT loss at the recipe's settings: the fast path's own vs TRL's fused head, ABAB
+#                                     #   (needs the tree at 256d774: the own loss was deleted after this measurement)
 # Before `speed`, here: rm -rf bench-old && mkdir bench-old && git archive 956c551 src bench | tar -x -C bench-old
 # Setup (docs/benchmarks.md): the GPU kit in .gpu (../shared/gpu/README.md), carried with the first call.
 set -euo pipefail

@@ -235,10 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logging-steps", type=int, default=5, help="the recipes' value (1 with --preempt-at)")
     p.add_argument("--no-fused-optimizer", action="store_true",
                    help="ablation: the recipe's optimizer as written (no fused kernel, no clipping folded into it)")
-    p.add_argument("--sft-losses", default="fast",
-                   help="comma-separated SFT runs in this order on the same model, each 'fast' (the fast path's own "
-                        "loss) or 'trl' (ablation: TRL's fused LM head and per-step metric read-backs); e.g. "
-                        "fast,trl,fast,trl for a same-run comparison")
     p.add_argument("--sft-global-batch", type=int, default=0,
                    help="SFT rows per optimizer step (default: --sft-batch, no accumulation); the recipes "
                         "accumulate, e.g. --sft-batch 2 --sft-global-batch 32")
@@ -277,7 +273,7 @@ def main(argv=None) -> dict:
               "shape": shape, "parameters": params, "steps": a.steps,
               "gradient_checkpointing": not a.no_gradient_checkpointing,
               "fused_optimizer": not a.no_fused_optimizer, "checkpoint_save": not a.no_checkpoint_save,
-              "mask_check": not a.no_mask_check, "sft_losses": a.sft_losses.split(","),
+              "mask_check": not a.no_mask_check,
               "max_grad_norm": a.max_grad_norm, "logging_steps": common["logging_steps"],
               "mamba_ssm_kernels": _importable("mamba_ssm") and _importable("causal_conv1d"),
               "versions": {m: _version(m) for m in ("torch", "transformers", "trl", "mamba_ssm", "causal_conv1d")}}
@@ -289,11 +285,8 @@ def main(argv=None) -> dict:
         write_sft_rows(work / "sft.parquet", docs, vocab, lo=seq // 16, hi=seq // 6)
         recipe = SFTRecipe(**common, max_seq_length=seq, packing=True, per_device_train_batch_size=a.sft_batch,
                            global_batch_size=global_batch, optim=a.optim)
-        for i, loss in enumerate(a.sft_losses.split(",")):
-            _use_sft_loss(loss)
-            run = {"max_seq_length": seq, "global_batch_size": global_batch, "sft_loss": loss,
-                   **_bench("sft", work, model_dir, work / "sft.parquet", recipe, preempt_at=a.preempt_at)}
-            result["sft" if i == 0 else f"sft_{i}"] = run
+        result["sft"] = {"max_seq_length": seq, "global_batch_size": global_batch,
+                         **_bench("sft", work, model_dir, work / "sft.parquet", recipe, preempt_at=a.preempt_at)}
     if "dpo" in stages:
         pairs = (a.steps + 1) * a.dpo_batch
         # prompts up to max_prompt_length, answers long enough that most pairs are truncated to max_length
@@ -340,27 +333,6 @@ def _ablations(a) -> None:
             return type(cls.__name__, (cls,), {"__init__": __init__})
 
         fit.trainer_classes = lambda: tuple(add_profiler(c) for c in classes())
-
-
-def _use_sft_loss(loss: str) -> None:
-    """'fast': the pipeline's SFT trainer as it is; 'trl': the same with TRL's SFTTrainer.compute_loss."""
-    from mamba_align.train import fit
-
-    if not hasattr(fit, "_bench_trainer_classes"):
-        fit._bench_trainer_classes = fit.trainer_classes
-    classes = fit._bench_trainer_classes
-    if loss == "fast":
-        fit.trainer_classes = classes
-    elif loss == "trl":
-        from trl import SFTTrainer
-
-        def trl_classes():
-            sft_cls, dpo_cls = classes()
-            return type(sft_cls.__name__, (sft_cls,), {"compute_loss": SFTTrainer.compute_loss}), dpo_cls
-
-        fit.trainer_classes = trl_classes
-    else:
-        raise SystemExit(f"--sft-losses: {loss!r} is neither 'fast' nor 'trl'")
 
 
 def _step_profiler(path, trace=None, first: int = 3, count: int = 2):

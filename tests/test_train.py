@@ -154,39 +154,6 @@ def test_without_clipping_the_logged_norm_is_the_trainers(tiny, tmp_path, monkey
     assert losses(runs["norm only"]) == pytest.approx(losses(runs["trainer"]), abs=1e-6)
 
 
-def test_sft_with_the_fast_paths_own_loss_logs_what_trl_logs(tiny, tmp_path, monkeypatch):
-    """With the fast path on, the SFT loss is the model's chunked one and TRL's metrics (entropy, token accuracy,
-    token count) are read at log time: the same losses, metrics and weights as TRL's fused LM head. (The fast
-    path runs here on CPU with the plain-PyTorch add+norm; on the GPU its Triton kernels are tested against
-    this path in test_fast.py.)"""
-    from mamba_align.train import fast
-
-    recipe = load_recipe(DEMO, "sft", {"max_steps": 4, "logging_steps": 2})
-    own_loss = []
-    loss_fn = fast.causal_lm_loss
-    monkeypatch.setattr(fast, "causal_lm_loss", lambda *a: own_loss.append(1) or loss_fn(*a))
-    runs = {}
-    for mode in ("fast", "trl"):
-        if mode == "fast":
-            monkeypatch.setattr(fast, "enable_fast_path", lambda model: fast.patch_model(
-                model, fast.reference_add_rms_norm, cuda_only=False) or True)
-        else:
-            monkeypatch.undo()
-        out = tmp_path / mode
-        runs[mode] = train_sft(tiny / "model", tiny / "sft_train.parquet", tiny / "sft_test.parquet", recipe,
-                               out / "sft", out / "ckpt", out / "metrics.json")
-    assert len(own_loss) == 4 * 2 + 1  # 4 steps x 2 micro-batches, 1 eval batch; none in the TRL run
-    for key in ("loss", "entropy", "mean_token_accuracy", "eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
-        got, ref = losses(runs["fast"], key), losses(runs["trl"], key)
-        assert len(got) == len(ref) > 0 and got == pytest.approx(ref, abs=1e-4), key
-    for key in ("num_tokens", "num_input_tokens_seen"):
-        assert losses(runs["fast"], key) == losses(runs["trl"], key)
-    assert 0 < losses(runs["fast"], "mean_token_accuracy")[-1] < 1
-    a, b = weights(tmp_path / "fast" / "sft"), weights(tmp_path / "trl" / "sft")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
-
-
 def test_token_count_read_at_log_time_equals_the_trainers(tiny, tmp_path, monkeypatch):
     """The count of non-padding tokens kept on the device until the next log equals the Trainer's own per-step
     read-back (DPO batches are padded, so the count is not rows x length)."""

@@ -68,11 +68,11 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"  # Mamba is causal: right padding never reaches the real tokens
     model, saved_config = _load_model(model_dir, cpu=not cuda)
-    # mamba_ssm's fused add+RMSNorm and a chunked LM loss, on GPU only
+    # mamba_ssm's fused add+RMSNorm and mixer call, on GPU only
     from mamba_align.train.fast import enable_fast_path
 
     if enable_fast_path(model):
-        log.info("mamba_ssm fast path on (fused add+RMSNorm, chunked LM loss)")
+        log.info("mamba_ssm fast path on (fused add+RMSNorm and mixer call)")
     cache = checkpoint_dir / "cache"
     train_ds = _load_rows(train_path, stage, cache)
     eval_ds = _load_rows(test_path, stage, cache) if test_path is not None else None

@@ -63,7 +63,6 @@ def _prepare_model_grads_in_buckets(prepare_model, model, *args, **kwargs):
 
 
 def trainer_classes():
-    import torch
     from trl import DPOTrainer, SFTTrainer
 
     class MambaTrainerMixin:
@@ -135,52 +134,7 @@ def trainer_classes():
             return super()._save_checkpoint(*args, **kwargs)
 
     class MambaSFTTrainer(MambaTrainerMixin, SFTTrainer):
-        # With the fast path, the loss is the model's own chunked one (fast.py: one Triton kernel per chunk for
-        # loss, gradient, entropy and top-1), not TRL's fused LM head on top of it (which recomputes the logits in
-        # backward), and TRL's per-micro-batch metrics (entropy, token accuracy, token count: three read-backs
-        # from the GPU between forward and backward) stay on the device until the next log: the same numbers.
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from accelerate.utils import DistributedType
-
-            from mamba_align.train.fast import fast_path_enabled
-
-            if return_outputs or self.compute_loss_func is not None or self.label_smoother is not None \
-                    or self.args.loss_type != "nll" or self.aux_loss_enabled or self._tp_size != 1 \
-                    or self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU) \
-                    or not fast_path_enabled(self.accelerator.unwrap_model(model)):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            mode = "train" if self.model.training else "eval"
-            out = model(**{k: v for k, v in inputs.items() if k != "labels"}, labels=inputs["labels"],
-                        num_items_in_batch=num_items_in_batch, use_cache=False, token_stats=True)
-            loss = out.loss
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # as SFTTrainer.compute_loss: DDP averages
-            if "attention_mask" in inputs:
-                tokens = inputs["attention_mask"].sum()
-            else:
-                tokens = torch.tensor(inputs["position_ids"].size(1), device=loss.device)
-            pending = self.__dict__.setdefault("_pending_token_stats", {"train": [], "eval": []})
-            pending[mode].append(torch.cat([out.token_stats, tokens.float()[None]]))
-            return loss
-
-        def _read_token_stats(self, mode):
-            """SFTTrainer's per-micro-batch metrics, from the statistics kept on the device: one read-back (and
-            one all-reduce across processes, where SFTTrainer gathers every micro-batch)."""
-            pending = self.__dict__.get("_pending_token_stats", {}).get(mode)
-            if not pending:
-                return
-            rows = self.accelerator.reduce(torch.stack(pending), reduction="sum").tolist()
-            pending.clear()
-            for entropy, top1, valid, tokens in rows:
-                self._metrics[mode]["entropy"].append(entropy / valid if valid > 0 else 0.0)
-                self._metrics[mode]["mean_token_accuracy"].append(top1 / valid if valid > 0 else 0.0)
-                if mode == "train":
-                    self._total_train_tokens += int(tokens)
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-
-        def log(self, logs, *args, **kwargs):
-            self._read_token_stats("train" if self.model.training else "eval")
-            return super().log(logs, *args, **kwargs)
+        """SFTTrainer with the mixin: its loss is TRL's (the fused LM head on top of the fast backbone)."""
 
     class MambaDPOTrainer(MambaTrainerMixin, DPOTrainer):
         def __init__(self, *args, max_prompt_length: int, **kwargs):
