@@ -60,12 +60,13 @@ def configfiles(cpu: bool) -> list[str]:
     return ["config/rehearsal.yaml"] + (["config/rehearsal-tiny.yaml"] if cpu else [])
 
 
-def snakemake_cmd(targets: list[str], cpu: bool, gpus: int) -> list[str]:
+def snakemake_cmd(targets: list[str], cpu: bool, gpus: int, train_gpus: int = 2) -> list[str]:
     cmd = [sys.executable, "-m", "snakemake", *targets, "--workflow-profile", "profiles/local",
            "--cores", str(os.cpu_count() if not cpu else 2), "--configfile", *configfiles(cpu)]
     if not cpu:
         # where, not what: the training rules' GPU count (a profile's set-resources on a cluster)
-        cmd += ["--resources", f"gpu={gpus}", "--set-resources", "train_sft:gpu=2", "train_dpo:gpu=2"]
+        cmd += ["--resources", f"gpu={gpus}", "--set-resources", f"train_sft:gpu={train_gpus}",
+                f"train_dpo:gpu={train_gpus}"]
     return cmd
 
 
@@ -76,10 +77,10 @@ def env() -> dict:
     return e
 
 
-def run_snakemake(targets, cpu, gpus, log: Path, deadline: float, watch=None) -> int:
+def run_snakemake(targets, cpu, gpus, log: Path, deadline: float, watch=None, train_gpus: int = 2) -> int:
     """snakemake under a deadline (SIGTERM to its group: jobs stop, training saves a checkpoint); its output to
     `log`. `watch(proc)` runs in a thread while it does."""
-    cmd = snakemake_cmd(targets, cpu, gpus)
+    cmd = snakemake_cmd(targets, cpu, gpus, train_gpus)
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
@@ -223,19 +224,20 @@ def phase(a) -> int:
                 install_judge()
             subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                            stdout=open(out / "device.txt", "w"))
-        gpus = 1 if a.phase == "eval" else 2  # generation jobs one at a time (each uses the first visible GPU)
+        gpus = 1 if a.phase == "eval" else a.gpus  # generation jobs one at a time (each uses the first visible GPU)
         if a.phase == "sft":
             marker = ROOT / "results" / "rehearsal-sft-stop.json"
             if not marker.exists():  # first run: stopped mid-run; the same command again resumes
                 t1 = time.time()
-                rc = run_snakemake(TARGETS["sft"], a.cpu, gpus, log, deadline, stop_sft_after(SFT_STOP_AFTER, marker))
+                rc = run_snakemake(TARGETS["sft"], a.cpu, gpus, log, deadline, stop_sft_after(SFT_STOP_AFTER, marker),
+                                   train_gpus=a.gpus)
                 if marker.exists():  # the stopped job leaves no benchmark file: its time goes here
                     marker.write_text(json.dumps({**json.loads(marker.read_text()), "snakemake_exit": rc,
                                                   "stopped_run_s": round(time.time() - t1, 1)}))
                 print(f"train_sft stopped as planned (snakemake exit {rc}); rerunning to resume", file=sys.stderr)
-            rc = run_snakemake(TARGETS["sft"], a.cpu, gpus, log, deadline)
+            rc = run_snakemake(TARGETS["sft"], a.cpu, gpus, log, deadline, train_gpus=a.gpus)
         else:
-            rc = run_snakemake(TARGETS[a.phase], a.cpu, gpus, log, deadline)
+            rc = run_snakemake(TARGETS[a.phase], a.cpu, gpus, log, deadline, train_gpus=a.gpus)
     finally:
         if sampler:
             sampler.stop()
@@ -310,6 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("phase", choices=["pack", "kit", "inputs", "sft", "dpo", "eval", "all"])
     p.add_argument("--cpu", action="store_true", help="tiny shape on CPU (config/rehearsal-tiny.yaml), no installs")
     p.add_argument("--out", default="bench-out/rehearsal", help="where the summary goes when $OUT is unset")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs of the training rules (the machine's)")
     p.add_argument("--limit", type=int, default=PHASE_LIMIT_S, help="seconds before snakemake is stopped")
     a = p.parse_args(argv)
     if a.phase == "pack":
