@@ -280,10 +280,10 @@ def test_two_ranks_keep_the_global_batch(tiny, tmp_path):
     assert (two / "model" / "model.safetensors").exists()
 
 
-def test_two_ranks_with_the_fast_paths_own_loss_log_what_trl_logs(tiny, tmp_path):
-    """Two ranks (DDP over gloo) with the fast path's own SFT loss, whose metrics are summed across ranks once
-    per log, log what TRL's fused head logs with its per-micro-batch gathers. The ranks get the fast path on
-    CPU (plain-PyTorch add+norm) from a sitecustomize on their PYTHONPATH."""
+def test_two_ranks_with_the_fast_backbone_log_what_trl_logs(tiny, tmp_path):
+    """Two ranks (DDP over gloo) with the fast path's backbone under TRL's fused LM head log the same losses and
+    metrics as transformers' own model. The ranks get the fast path on CPU (plain-PyTorch add+norm) from a
+    sitecustomize on their PYTHONPATH."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
