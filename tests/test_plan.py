@@ -119,6 +119,13 @@ def test_disk_per_stage_by_hand():
     # 2 kept + 1 being written + the final fp32 model
     assert sizes.disk_gb(2.768e9, {"optim": "adamw_torch", "save_total_limit": 2}) == pytest.approx(
         3 * 33.216 + 11.072, abs=0.01)
+    # a run of max_steps holds fewer where it saves fewer times: the rehearsal's 30 steps, a save every 10
+    short = {"optim": "adamw_torch", "save_total_limit": 2, "max_steps": 30, "save_steps": 10}
+    assert sizes.checkpoints_at_peak(short) == 3
+    assert sizes.checkpoints_at_peak(short | {"save_total_limit": 1}) == 2
+    assert sizes.checkpoints_at_peak(short | {"save_steps": 50}) == 1  # the last step's save only
+    assert sizes.checkpoints_at_peak(short, kept=1, done_step=20) == 2  # resumed at 20: one save ahead
+    assert sizes.disk_gb(2.768e9, short | {"save_total_limit": 1}) == pytest.approx(2 * 33.216 + 11.072, abs=0.01)
 
 
 def test_dpo_memory_counts_the_reference_model_unless_precomputed():

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from mamba_align.train.recipes import DPORecipe, SFTRecipe, TrainCommon, as_dict
-from mamba_align.train.sizes import checkpoint_gb, memory_fix, model_gb, params_from_config
+from mamba_align.train.sizes import checkpoint_gb, checkpoints_at_peak, memory_fix, model_gb, params_from_config
 from mamba_align.utils import UserError
 
 log = logging.getLogger(__name__)
@@ -79,17 +79,10 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def checkpoints_held(checkpoint_dir: Path, recipe: TrainCommon) -> int:
-    """The most checkpoints this run will hold at once: save_total_limit + the one being written (the Trainer
-    deletes the oldest only after the new one is saved), or fewer where the run has fewer saves ahead (max_steps,
-    save_steps and the checkpoints already there). A run measured in epochs is taken to reach the limit (the
-    recipes' do: hundreds of steps, a save every 50-200)."""
-    kept = sorted(Path(checkpoint_dir).glob("checkpoint-*"))
-    most = recipe.save_total_limit + 1
-    if recipe.max_steps <= 0:
-        return most
+    """sizes.checkpoints_at_peak for this run, counting the complete checkpoints already in `checkpoint_dir`."""
+    kept = list(Path(checkpoint_dir).glob("checkpoint-*"))
     done = max((int(c.name.split("-")[-1]) for c in kept if c.name.split("-")[-1].isdigit()), default=0)
-    ahead = -(-recipe.max_steps // recipe.save_steps) - done // recipe.save_steps  # the last step saves too
-    return min(most, len(kept) + max(0, ahead))
+    return checkpoints_at_peak(as_dict(recipe), len(kept), done)
 
 
 def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainCommon) -> None:

@@ -55,11 +55,23 @@ def model_gb(params: float) -> float:
     return params * 4 / 1e9
 
 
+def checkpoints_at_peak(recipe: dict, kept: int = 0, done_step: int = 0) -> int:
+    """The most checkpoints a run holds at once: save_total_limit + the one being written (the Trainer deletes the
+    oldest only after the new one is saved), or fewer where the run has fewer saves ahead (max_steps, save_steps,
+    `kept` checkpoints already there, the last at `done_step`). A run measured in epochs is taken to reach the limit
+    (the recipes' do: hundreds of steps, a save every 50-200)."""
+    most = recipe.get("save_total_limit", 2) + 1
+    max_steps, every = recipe.get("max_steps", -1), recipe.get("save_steps", 100)
+    if max_steps <= 0:
+        return most
+    ahead = -(-max_steps // every) - done_step // every  # the last step saves too
+    return min(most, kept + max(0, ahead))
+
+
 def disk_gb(params: float, recipe: dict) -> float:
-    """Peak disk of one training stage: save_total_limit checkpoints + the one being written (the oldest is
-    deleted only after) + the final fp32 model."""
-    return (recipe.get("save_total_limit", 2) + 1) * checkpoint_gb(params, recipe.get("optim", "adamw_torch")) \
-        + model_gb(params)
+    """Peak disk of one training stage: the checkpoints it holds at once (checkpoints_at_peak) + the final fp32
+    model."""
+    return checkpoints_at_peak(recipe) * checkpoint_gb(params, recipe.get("optim", "adamw_torch")) + model_gb(params)
 
 
 def train_memory_gib(params: float, tokens_per_device_batch: int, checkpointing: bool,
