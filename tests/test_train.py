@@ -487,8 +487,9 @@ def test_disk_check_before_training(tmp_path, monkeypatch, free_gb, overrides, k
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**13, 0, int(free_gb * 10**9)))
     recipe = dataclasses.replace(load_recipe(ROOT / "config" / "recipes" / "zephyr-7b-beta", "sft"), **overrides)
-    for step in kept:
+    for step in kept:  # complete checkpoints (prepare_checkpoint_dir has dropped torn ones before this check)
         (tmp_path / "ckpt" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "ckpt" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     check = lambda: preflight.check_disk(tmp_path / "ckpt", tmp_path / "out", MAMBA_2_8B, recipe)  # noqa: E731
     if refused:
         with pytest.raises(UserError, match=rf"{tmp_path}(/ckpt)?: {free_gb:.1f} GB free, but this run needs "

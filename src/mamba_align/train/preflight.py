@@ -9,6 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from mamba_align.train.checkpoints import last_complete_checkpoint
 from mamba_align.train.recipes import DPORecipe, SFTRecipe, TrainCommon, as_dict
 from mamba_align.train.sizes import checkpoint_gb, checkpoints_at_peak, memory_fix, model_gb, params_from_config
 from mamba_align.utils import UserError
@@ -78,13 +79,6 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def checkpoints_held(checkpoint_dir: Path, recipe: TrainCommon) -> int:
-    """sizes.checkpoints_at_peak for this run, counting the complete checkpoints already in `checkpoint_dir`."""
-    kept = list(Path(checkpoint_dir).glob("checkpoint-*"))
-    done = max((int(c.name.split("-")[-1]) for c in kept if c.name.split("-")[-1].isdigit()), default=0)
-    return checkpoints_at_peak(as_dict(recipe), len(kept), done)
-
-
 def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainCommon) -> None:
     """Refuse to start a run whose checkpoints or final model will not fit on their filesystem: a 2.8B checkpoint
     is 33 GB with AdamW (weights + optimizer state), and a save that finds the disk full fails the job, at every
@@ -95,8 +89,10 @@ def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainC
         return
     one = checkpoint_gb(params, recipe.optim) * 1e9
     final = model_gb(params) * 1e9
+    # prepare_checkpoint_dir has dropped torn saves: what is there is complete
     kept = len(list(Path(checkpoint_dir).glob("checkpoint-*")))
-    held = checkpoints_held(checkpoint_dir, recipe)
+    last = last_complete_checkpoint(checkpoint_dir)
+    held = checkpoints_at_peak(as_dict(recipe), kept, int(last.name[11:]) if last else 0)
     need: dict[int, list] = {}  # filesystem -> [folder, bytes still to be written at the peak]
     for path, peak in ((checkpoint_dir, max(0, held - kept) * one), (Path(out_dir).parent, final)):
         anc = _existing_ancestor(path)
