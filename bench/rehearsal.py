@@ -17,6 +17,9 @@ files). Every phase ends by writing the summary of what has run so far to $OUT (
 
     python bench/rehearsal.py all --cpu   # the same phases on CPU at a tiny shape (config/rehearsal-tiny.yaml)
 
+On the 1-GPU machine (64 GB disk) add `--gpus 1 --overlay config/rehearsal-790m.yaml` to every phase: at 2.8B one
+SFT checkpoint is 33.2 GB and the two held at a save do not fit beside the inputs.
+
 The summary (summary.md / summary.json): each rule's wall time and peak RSS from Snakemake's benchmark files
 (results/benchmarks/), training's GPU peaks and speed from results/metrics/{sft,dpo}.json, whether and where SFT
 resumed, and the GPUs' memory sampled by nvidia-smi every 2 s during the phase (nvidia-smi.csv).
@@ -56,13 +59,14 @@ TARGETS = {
 }
 
 
-def configfiles(cpu: bool) -> list[str]:
-    return ["config/rehearsal.yaml"] + (["config/rehearsal-tiny.yaml"] if cpu else [])
+def configfiles(cpu: bool, overlays: tuple[str, ...] = ()) -> list[str]:
+    return ["config/rehearsal.yaml"] + (["config/rehearsal-tiny.yaml"] if cpu else []) + list(overlays)
 
 
-def snakemake_cmd(targets: list[str], cpu: bool, gpus: int, train_gpus: int = 2) -> list[str]:
+def snakemake_cmd(targets: list[str], cpu: bool, gpus: int, train_gpus: int = 2,
+                  overlays: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "snakemake", *targets, "--workflow-profile", "profiles/local",
-           "--cores", str(os.cpu_count() if not cpu else 2), "--configfile", *configfiles(cpu)]
+           "--cores", str(os.cpu_count() if not cpu else 2), "--configfile", *configfiles(cpu, overlays)]
     if not cpu:
         # where, not what: the training rules' GPU count (a profile's set-resources on a cluster)
         cmd += ["--resources", f"gpu={gpus}", "--set-resources", f"train_sft:gpu={train_gpus}",
@@ -77,10 +81,11 @@ def env() -> dict:
     return e
 
 
-def run_snakemake(targets, cpu, gpus, log: Path, deadline: float, watch=None, train_gpus: int = 2) -> int:
+def run_snakemake(targets, cpu, gpus, log: Path, deadline: float, watch=None, train_gpus: int = 2,
+                  overlays: tuple[str, ...] = ()) -> int:
     """snakemake under a deadline (SIGTERM to its group: jobs stop, training saves a checkpoint); its output to
     `log`. `watch(proc)` runs in a thread while it does."""
-    cmd = snakemake_cmd(targets, cpu, gpus, train_gpus)
+    cmd = snakemake_cmd(targets, cpu, gpus, train_gpus, overlays)
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
@@ -230,14 +235,14 @@ def phase(a) -> int:
             if not marker.exists():  # first run: stopped mid-run; the same command again resumes
                 t1 = time.time()
                 rc = run_snakemake(TARGETS["sft"], a.cpu, gpus, log, deadline, stop_sft_after(SFT_STOP_AFTER, marker),
-                                   train_gpus=a.gpus)
+                                   train_gpus=a.gpus, overlays=a.overlay)
                 if marker.exists():  # the stopped job leaves no benchmark file: its time goes here
                     marker.write_text(json.dumps({**json.loads(marker.read_text()), "snakemake_exit": rc,
                                                   "stopped_run_s": round(time.time() - t1, 1)}))
                 print(f"train_sft stopped as planned (snakemake exit {rc}); rerunning to resume", file=sys.stderr)
-            rc = run_snakemake(TARGETS["sft"], a.cpu, gpus, log, deadline, train_gpus=a.gpus)
+            rc = run_snakemake(TARGETS["sft"], a.cpu, gpus, log, deadline, train_gpus=a.gpus, overlays=a.overlay)
         else:
-            rc = run_snakemake(TARGETS[a.phase], a.cpu, gpus, log, deadline, train_gpus=a.gpus)
+            rc = run_snakemake(TARGETS[a.phase], a.cpu, gpus, log, deadline, train_gpus=a.gpus, overlays=a.overlay)
     finally:
         if sampler:
             sampler.stop()
@@ -314,6 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-out/rehearsal", help="where the summary goes when $OUT is unset")
     p.add_argument("--gpus", type=int, default=2, help="GPUs of the training rules (the machine's)")
     p.add_argument("--limit", type=int, default=PHASE_LIMIT_S, help="seconds before snakemake is stopped")
+    p.add_argument("--overlay", action="append", default=[], metavar="YAML",
+                   help="a config layered last, every phase the same (config/rehearsal-790m.yaml on the 1-GPU machine)")
     a = p.parse_args(argv)
     if a.phase == "pack":
         return pack(a) or 0
