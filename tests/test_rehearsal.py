@@ -113,6 +113,10 @@ def test_dry_run_of_the_drivers_command_at_the_2_8b_shape(workflow_copy):
                     "judge_alpaca_eval": 2, "report": 1, "plan": 1, "all": 1}
     # the training rules get the driver's 2 GPUs; the questions come from the generated inputs
     assert out.count("gpu=2") >= 2
+    # the local judge runs on CUDA there: its jobs hold the GPU, counted against --resources gpu
+    for rule in ("judge_mt_bench", "judge_alpaca_eval"):
+        block = out.split(f"rule {rule}:")[1].split("rule ")[0]
+        assert "gpu=1" in block, block
     assert "results/demo" in out.split("rule fetch_mt_bench:")[1].split("rule ")[0]
 
 

@@ -72,7 +72,7 @@ rule judge_alpaca_eval:
     conda:
         "../envs/mamba-align.yaml"
     resources:
-        gpu=0,
+        gpu=judge_gpus(JUDGE),  # a local judge on CUDA holds the GPU
         mem_mb=4000,
         runtime=240,
     params:

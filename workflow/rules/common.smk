@@ -3,7 +3,7 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from mamba_align.eval.judge.client import check_judge
+from mamba_align.eval.judge.client import check_judge, judge_gpus
 from mamba_align.ops import condor_env, jobenv, layout
 from mamba_align.ops import experiments as experiments_of
 from mamba_align.ops import plan as planner
@@ -90,7 +90,7 @@ onstart:
     )
     if judging:
         try:
-            check_judge(JUDGE)
+            check_judge(JUDGE, local_exec=workflow.local_exec)
         except UserError as e:
             raise WorkflowError(f"{e}; checked before any job runs.") from None
     # A score that this run will recompute is removed now, not when its job starts: a run that fails
@@ -104,7 +104,7 @@ onstart:
 
 
 # Downloads and judge API calls run where snakemake runs (compute nodes often have no internet);
-# they hold no GPU either way.
+# they hold no GPU, except a local judge on CUDA, which onstart allows only where jobs run locally.
 localrules:
     build_demo_inputs,
     plan,

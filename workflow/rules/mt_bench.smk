@@ -70,7 +70,7 @@ rule judge_mt_bench:
     conda:
         "../envs/mamba-align.yaml"
     resources:
-        gpu=0,
+        gpu=judge_gpus(JUDGE),  # a local judge on CUDA holds the GPU
         mem_mb=4000,
         runtime=120,
     params:

@@ -34,11 +34,25 @@ REQUEST_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs")
 URL = re.compile(r"https?://[^\s/:?#]+(:\d+)?(/\S*)?")
 
 
-def check_judge(judge_cfg: dict, environ=os.environ) -> None:
-    """What judging needs, checked before any job runs: a known backend, an http(s) base_url and, for the
-    OpenAI backend, a non-empty API key in the environment (an empty one is as good as none)."""
+def judge_gpus(judge_cfg: dict) -> int:
+    """GPUs a judge job holds: 1 where it starts the local judge on CUDA, else 0 (an API, or a judge
+    server already running at judge.base_url, needs none)."""
+    local = judge_cfg["backend"] == "local" and not judge_cfg.get("base_url")
+    return int(local and str((judge_cfg.get("local") or {}).get("device") or "cpu").startswith("cuda"))
+
+
+def check_judge(judge_cfg: dict, environ=os.environ, local_exec: bool = True) -> None:
+    """What judging needs, checked before any job runs: a known backend, an http(s) base_url, for the
+    OpenAI backend a non-empty API key in the environment (an empty one is as good as none), and, for a
+    local judge on CUDA, jobs that run on this machine (`local_exec`: the judge rules are localrules, so
+    on a cluster they run where snakemake runs, which is seldom a GPU node)."""
     if judge_cfg["backend"] not in ("openai", "local"):
         raise UserError(f"judge.backend is {judge_cfg['backend']!r}; expected 'openai' or 'local'")
+    if judge_gpus(judge_cfg) and not local_exec:
+        raise UserError(
+            f"judge.local.device is {judge_cfg['local']['device']!r}, but the judge rules run where snakemake "
+            f"runs (localrules), not on the cluster's GPU nodes; set judge.local.device: cpu, or serve the judge "
+            f"model on a GPU node behind an OpenAI-compatible server (e.g. vLLM) and set judge.base_url to it")
     url = judge_cfg.get("base_url")
     if url is not None and not URL.fullmatch(str(url)):
         raise UserError(f"judge.base_url is {url!r}; expected an http(s) URL such as https://api.openai.com/v1 "

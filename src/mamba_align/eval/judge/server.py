@@ -86,8 +86,11 @@ def load_judge_model(local_cfg: dict):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf_file = resolve_model_source(local_cfg)
     device = local_cfg.get("device") or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"judge.local.device is {device!r} but this machine has no CUDA GPU; set "
+                        f"judge.local.device: cpu (a small judge runs there in minutes)")
+    folder, gguf_file = resolve_model_source(local_cfg)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     log.info("loading local judge from %s%s on %s", folder, f" ({gguf_file})" if gguf_file else "", device)
     t0 = time.monotonic()
