@@ -593,6 +593,46 @@ def test_every_recipe_key_reaches_trls_config(tmp_path, stage):
                 assert getattr(got, "value", got) == value, f"{folder.name}/{stage}.yaml: {key}"
 
 
+def _prepared(tiny, tmp_path, stage, rows, workers, cls=None):
+    """The training rows TRL prepares for `stage` with dataset_num_proc `workers`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mamba_align.train.fit import _load_rows
+    from mamba_align.train.trainer import trainer_classes, trl_config
+
+    out = tmp_path / f"{stage}-{workers}-{cls.__name__ if cls else 'ours'}"  # own datasets cache: no reuse
+    ds = _load_rows(rows, stage, out / "cache")
+    args = trl_config(stage, load_recipe(DEMO, stage), out, 1, cuda=False, has_eval=False, workers=workers)
+    kw = dict(model=AutoModelForCausalLM.from_pretrained(tiny / "model"), args=args, train_dataset=ds,
+              processing_class=AutoTokenizer.from_pretrained(tiny / "model"))
+    sft_cls, dpo_cls = trainer_classes()
+    if stage == "dpo":
+        kw["max_prompt_length"] = load_recipe(DEMO, "dpo").max_prompt_length
+    trainer = (cls or (sft_cls if stage == "sft" else dpo_cls))(**kw)
+    columns = ["input_ids", "labels"] if stage == "sft" else ["prompt_ids", "chosen_ids", "rejected_ids"]
+    return trainer.train_dataset.select_columns(columns).to_dict()
+
+
+def test_dataset_preparation_in_several_processes_gives_the_same_rows(tiny, tmp_path):
+    """The job's CPUs prepare the datasets (dataset_num_proc, trainer.dataset_workers) into exactly the rows one
+    process prepares: SFT's tokens and labels row by row in the workers, its packing in one process."""
+    from trl import SFTTrainer
+
+    from mamba_align.train.trainer import ROWS_PER_WORKER, dataset_workers
+
+    assert dataset_workers(ROWS_PER_WORKER - 1) is None  # the demo's few rows: no worker processes
+    assert dataset_workers(10**6) == min(32, len(os.sched_getaffinity(0))) or dataset_workers(10**6) is None
+    bench.write_sft_rows(tmp_path / "sft.parquet", 2500, bench.words(512)[:40], seed=3)  # 3 map batches
+    one = _prepared(tiny, tmp_path, "sft", tmp_path / "sft.parquet", None)
+    assert _prepared(tiny, tmp_path, "sft", tmp_path / "sft.parquet", 2) == one
+    # TRL packs each map batch, so packing in 2 shards gives other sequences (why MambaSFTTrainer packs in one
+    # process); once this fails, TRL's own num_proc path is safe and the override can go
+    assert _prepared(tiny, tmp_path, "sft", tmp_path / "sft.parquet", 2, cls=SFTTrainer)["input_ids"] != \
+        one["input_ids"]
+    dpo = _prepared(tiny, tmp_path, "dpo", tiny / "dpo_train.parquet", None)
+    assert _prepared(tiny, tmp_path, "dpo", tiny / "dpo_train.parquet", 2) == dpo
+
+
 def test_no_weight_decay_on_A_log_D_norms_biases(tiny):
     from transformers import AutoModelForCausalLM
 

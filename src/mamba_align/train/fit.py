@@ -14,7 +14,7 @@ from mamba_align.train.callbacks import on_signals, progress_callback, restore_s
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, last_complete_checkpoint
 from mamba_align.train.preflight import COLUMNS
 from mamba_align.train.recipes import as_dict
-from mamba_align.train.trainer import one_gpu_per_process, trainer_classes, trl_config
+from mamba_align.train.trainer import dataset_workers, one_gpu_per_process, trainer_classes, trl_config
 from mamba_align.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
     cache = checkpoint_dir / "cache"
     train_ds = _load_rows(train_path, stage, cache)
     eval_ds = _load_rows(test_path, stage, cache) if test_path is not None else None
-    args = trl_config(stage, recipe, checkpoint_dir, accumulation, cuda, eval_ds is not None)
+    args = trl_config(stage, recipe, checkpoint_dir, accumulation, cuda, eval_ds is not None,
+                      dataset_workers(len(train_ds)))
     one_gpu_per_process(args)
     sft_cls, dpo_cls = trainer_classes()
     throughput: dict = {}

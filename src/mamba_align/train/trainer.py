@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,19 @@ log = logging.getLogger(__name__)
 # weights, gradients and moments instead of a dozen, with gradient clipping folded into it
 # (MambaTrainerMixin._clip_grad_norm); docs/benchmarks.md §1b: SFT step 0.589 -> 0.537 s at 2.8B on an H100.
 FUSED_OPTIMIZERS = {"adamw_torch": "adamw_torch_fused"}
+
+# TRL prepares the datasets row by row in one process unless told otherwise: 17 s per 4,000 UltraChat-length rows
+# in the rehearsal (docs/benchmarks.md §10), ~15 min for UltraChat's 207,865 at every fresh start of a job that
+# holds its GPUs meanwhile. The job's CPUs share it, one per ROWS_PER_WORKER rows, at most MAX_WORKERS.
+ROWS_PER_WORKER = 1000
+MAX_WORKERS = 32
+
+
+def dataset_workers(rows: int) -> int | None:
+    """Processes for TRL's dataset preparation (None: TRL's one): the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = min(MAX_WORKERS, cpus, rows // ROWS_PER_WORKER)
+    return n if n > 1 else None
 
 
 def _decay_parameter_names(model) -> list[str]:
@@ -136,6 +150,18 @@ def trainer_classes():
     class MambaSFTTrainer(MambaTrainerMixin, SFTTrainer):
         """SFTTrainer with the mixin: its loss is TRL's (the fused LM head on top of the fast backbone)."""
 
+        def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+            # Tokens and labels row by row in dataset_num_proc processes (the same rows whatever their number);
+            # packing in one: TRL packs each map batch, and shards would move the batches' boundaries.
+            if packing and args.dataset_num_proc and "input_ids" not in dataset.column_names:
+                rowwise = copy.copy(args)
+                rowwise.max_length, rowwise.shuffle_dataset = None, False  # no truncation, no shuffle yet
+                dataset = super()._prepare_dataset(dataset, processing_class, rowwise, False, formatting_func,
+                                                   dataset_name)
+                args, formatting_func = copy.copy(args), None
+                args.dataset_num_proc = None
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
     class MambaDPOTrainer(MambaTrainerMixin, DPOTrainer):
         def __init__(self, *args, max_prompt_length: int, **kwargs):
             self.max_prompt_length = max_prompt_length
@@ -148,17 +174,19 @@ def trainer_classes():
             dataset = super()._prepare_dataset(dataset, processing_class, untruncated, dataset_name)
             return dataset.map(lambda r: truncate_pair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"],
                                                        args.max_length, self.max_prompt_length),
+                               num_proc=args.dataset_num_proc,
                                desc=f"Truncating {dataset_name} prompts to max_prompt_length")
 
     return MambaSFTTrainer, MambaDPOTrainer
 
 
-def trl_config(stage: str, recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, cuda: bool, has_eval: bool):
+def trl_config(stage: str, recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, cuda: bool, has_eval: bool,
+               workers: int | None = None):
     """The recipe as TRL's SFTConfig / DPOConfig on this machine. A recipe key is the TRL field of the same name,
     except where noted here (tests/test_train.py pins that for every shipped recipe): warmup_ratio, SFT's
     max_seq_length and DPO's loss_type under TRL's names; global_batch_size as the accumulation; bf16 and the fused
     optimizer on CUDA only; max_prompt_length, which TRL >= 1.0 lacks, by MambaDPOTrainer; dataset by the prepare
-    steps."""
+    steps. `workers`: dataset_num_proc (dataset_workers), where the job runs, not what it learns."""
     from transformers import TrainingArguments
     from trl import DPOConfig, SFTConfig
 
@@ -193,6 +221,7 @@ def trl_config(stage: str, recipe: TrainCommon, checkpoint_dir: Path, accumulati
         # the next batch's copy to the GPU does not wait for the optimizer step: the trainer prepares that batch
         # (collation, pinning: ~7 ms per step at 2.8B) while the GPU still updates the weights
         dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
+        dataset_num_proc=workers,
     )
     if stage == "sft":
         return SFTConfig(**common, dataset_text_field="text", max_length=recipe.max_seq_length,
