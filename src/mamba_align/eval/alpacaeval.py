@@ -173,6 +173,21 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class _Once(logging.Filter):
+    """Lets the first record whose message starts with `prefix` through, and no other: alpaca_eval warns once per
+    annotation about a judge model it has no price for (1,610 lines in the rehearsal's judge log)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
 def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, cache_dir: Path) -> dict:
     from alpaca_eval import main as alpaca_eval_main
 
@@ -201,7 +216,10 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
         log.warning("no %s in %s: no length-controlled win rate", LC_FILE, data_dir)
     generator = outputs[0]["generator"]
     log.info("AlpacaEval %s: %s vs %s with %s (%s)", version, generator, reference_file, config_name, model)
-    with lc_file_from(data_dir):
+    once = _Once("Unknown model ")
+    logging.getLogger().addFilter(once)  # alpaca_eval logs through the root logger
+    with lc_file_from(data_dir), contextlib.ExitStack() as stack:
+        stack.callback(logging.getLogger().removeFilter, once)
         leaderboard, _ = alpaca_eval_main.evaluate(
             model_outputs=outputs,
             reference_outputs=str(data_dir / reference_file),
