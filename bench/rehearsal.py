@@ -229,7 +229,7 @@ def phase(a) -> int:
                 install_judge()
             subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                            stdout=open(out / "device.txt", "w"))
-        gpus = 1 if a.phase == "eval" else a.gpus  # generation jobs one at a time (each uses the first visible GPU)
+        gpus = a.gpus  # each GPU job claims GPUs of its own (mamba_align.ops.gpus): generation on both at once
         if a.phase == "sft":
             marker = ROOT / "results" / "rehearsal-sft-stop.json"
             if not marker.exists():  # first run: stopped mid-run; the same command again resumes

@@ -1,9 +1,11 @@
+from mamba_align.ops.gpus import claim as claim_gpus
 from mamba_align.ops.provenance import record_snakemake_job
 from mamba_align.ops.runs import train_stage
 from mamba_align.train.recipes import stage_recipe, workflow_root
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])
+claim_gpus(int(snakemake.resources.gpu))  # GPUs of its own under the local executor
 i, o, p = snakemake.input, snakemake.output, snakemake.params
 # what is learned from params (the rerun trigger), operational keys from the config as it is now
 # (an experiment of a grid passes its own recipe and overrides as params.config)
