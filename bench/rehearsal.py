@@ -63,14 +63,13 @@ def configfiles(cpu: bool, overlays: tuple[str, ...] = ()) -> list[str]:
     return ["config/rehearsal.yaml"] + (["config/rehearsal-tiny.yaml"] if cpu else []) + list(overlays)
 
 
-def snakemake_cmd(targets: list[str], cpu: bool, gpus: int, train_gpus: int = 2,
-                  overlays: tuple[str, ...] = ()) -> list[str]:
+def snakemake_cmd(targets: list[str], cpu: bool, gpus: int, overlays: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "snakemake", *targets, "--workflow-profile", "profiles/local",
            "--cores", str(os.cpu_count() if not cpu else 2), "--configfile", *configfiles(cpu, overlays)]
     if not cpu:
         # where, not what: the training rules' GPU count (a profile's set-resources on a cluster)
-        cmd += ["--resources", f"gpu={gpus}", "--set-resources", f"train_sft:gpu={train_gpus}",
-                f"train_dpo:gpu={train_gpus}"]
+        cmd += ["--resources", f"gpu={gpus}", "--set-resources", f"train_sft:gpu={gpus}",
+                f"train_dpo:gpu={gpus}"]
     return cmd
 
 
@@ -81,11 +80,10 @@ def env() -> dict:
     return e
 
 
-def run_snakemake(targets, cpu, gpus, log: Path, deadline: float, watch=None, train_gpus: int = 2,
-                  overlays: tuple[str, ...] = ()) -> int:
+def run_snakemake(targets, cpu, gpus, log: Path, deadline: float, watch=None, overlays: tuple[str, ...] = ()) -> int:
     """snakemake under a deadline (SIGTERM to its group: jobs stop, training saves a checkpoint); its output to
     `log`. `watch(proc)` runs in a thread while it does."""
-    cmd = snakemake_cmd(targets, cpu, gpus, train_gpus, overlays)
+    cmd = snakemake_cmd(targets, cpu, gpus, overlays)
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
@@ -229,20 +227,20 @@ def phase(a) -> int:
                 install_judge()
             subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                            stdout=open(out / "device.txt", "w"))
-        gpus = a.gpus  # each GPU job claims GPUs of its own (mamba_align.ops.gpus): generation on both at once
         if a.phase == "sft":
             marker = ROOT / "results" / "rehearsal-sft-stop.json"
             if not marker.exists():  # first run: stopped mid-run; the same command again resumes
                 t1 = time.time()
-                rc = run_snakemake(TARGETS["sft"], a.cpu, gpus, log, deadline, stop_sft_after(SFT_STOP_AFTER, marker),
-                                   train_gpus=a.gpus, overlays=a.overlay)
+                rc = run_snakemake(TARGETS["sft"], a.cpu, a.gpus, log, deadline,
+                                   stop_sft_after(SFT_STOP_AFTER, marker), overlays=a.overlay)
                 if marker.exists():  # the stopped job leaves no benchmark file: its time goes here
                     marker.write_text(json.dumps({**json.loads(marker.read_text()), "snakemake_exit": rc,
                                                   "stopped_run_s": round(time.time() - t1, 1)}))
                 print(f"train_sft stopped as planned (snakemake exit {rc}); rerunning to resume", file=sys.stderr)
-            rc = run_snakemake(TARGETS["sft"], a.cpu, gpus, log, deadline, train_gpus=a.gpus, overlays=a.overlay)
+            rc = run_snakemake(TARGETS["sft"], a.cpu, a.gpus, log, deadline, overlays=a.overlay)
         else:
-            rc = run_snakemake(TARGETS[a.phase], a.cpu, gpus, log, deadline, train_gpus=a.gpus, overlays=a.overlay)
+            # every GPU job claims GPUs of its own (mamba_align.ops.gpus): generation runs on all of them at once
+            rc = run_snakemake(TARGETS[a.phase], a.cpu, a.gpus, log, deadline, overlays=a.overlay)
     finally:
         if sampler:
             sampler.stop()
