@@ -31,10 +31,16 @@ def is_complete(ckpt: Path) -> bool:
         return False
 
 
+def checkpoint_step(ckpt: Path) -> int | None:
+    """N of a `checkpoint-N` folder (None for another name)."""
+    tail = Path(ckpt).name.removeprefix("checkpoint-")
+    return int(tail) if tail.isdigit() else None
+
+
 def last_complete_checkpoint(checkpoint_dir) -> Path | None:
     """Newest complete `checkpoint-N` (a job killed while saving leaves an incomplete one)."""
-    done = [c for c in Path(checkpoint_dir).glob("checkpoint-*") if c.name[11:].isdigit() and is_complete(c)]
-    return max(done, key=lambda c: int(c.name[11:]), default=None)
+    done = [c for c in Path(checkpoint_dir).glob("checkpoint-*") if checkpoint_step(c) is not None and is_complete(c)]
+    return max(done, key=checkpoint_step, default=None)
 
 
 def _holder() -> str:

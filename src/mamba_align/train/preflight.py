@@ -9,7 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from mamba_align.train.checkpoints import last_complete_checkpoint
+from mamba_align.train.checkpoints import checkpoint_step, last_complete_checkpoint
 from mamba_align.train.recipes import DPORecipe, SFTRecipe, TrainCommon, as_dict
 from mamba_align.train.sizes import checkpoint_gb, checkpoints_at_peak, memory_fix, model_gb, params_from_config
 from mamba_align.utils import UserError
@@ -92,7 +92,7 @@ def check_disk(checkpoint_dir: Path, out_dir: Path, config: dict, recipe: TrainC
     # prepare_checkpoint_dir has dropped torn saves: what is there is complete
     kept = len(list(Path(checkpoint_dir).glob("checkpoint-*")))
     last = last_complete_checkpoint(checkpoint_dir)
-    held = checkpoints_at_peak(as_dict(recipe), kept, int(last.name[11:]) if last else 0)
+    held = checkpoints_at_peak(as_dict(recipe), kept, checkpoint_step(last) if last else 0)
     need: dict[int, list] = {}  # filesystem -> [folder, bytes still to be written at the peak]
     for path, peak in ((checkpoint_dir, max(0, held - kept) * one), (Path(out_dir).parent, final)):
         anc = _existing_ancestor(path)
