@@ -5,11 +5,12 @@
 #   bash bench/issue17_run.sh sft      # FSDP 2 GPUs; 1 process with both GPUs visible; DDP 2 GPUs   (SFT)
 #   bash bench/issue17_run.sh ddp      # SFT DDP 2 GPUs again (gradients in DDP's buckets); DPO 1 GPU and DDP 2 GPUs
 #   bash bench/issue17_run.sh resume   # DPO FSDP 2 GPUs; DDP stop at step 3 and resume; 2 launchers x 1 GPU, same
+#   bash bench/issue17_run.sh nodes    # only the last: 2 launchers x 1 GPU (as 2 nodes), stop at step 3 and resume
 # Setup (docs/benchmarks.md): the GPU kit in .gpu (../shared/gpu/README.md), carried with the call.
 set -euo pipefail
 OUT=${OUT:-bench-out}
 WORK=${WORK:-/dev/shm/mamba-mg}
-case "${1:-}" in sft|ddp|resume) ;; *) echo "usage: bash bench/issue17_run.sh sft|ddp|resume" >&2; exit 2 ;; esac
+case "${1:-}" in sft|ddp|resume|nodes) ;; *) echo "usage: bash bench/issue17_run.sh sft|ddp|resume|nodes" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 [ -f /tmp/site/.kit ] || { source .gpu/install.sh >/dev/null && touch /tmp/site/.kit; }; set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -34,6 +35,9 @@ case "$1" in
   resume)
     run --name dpo-fsdp2 --nproc 2 --fsdp --gpus 0,1 "${DPO[@]}"
     run --name sft-ddp2-resume --nproc 2 --gpus 0,1 --preempt-at 3 "${SFT[@]}" --override max_steps=6
+    run --name sft-2nodes-resume --nodes 2 --preempt-at 3 "${SFT[@]}" --override max_steps=6
+    ;;
+  nodes)
     run --name sft-2nodes-resume --nodes 2 --preempt-at 3 "${SFT[@]}" --override max_steps=6
     ;;
 esac
