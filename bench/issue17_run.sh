@@ -6,11 +6,12 @@
 #   bash bench/issue17_run.sh ddp      # SFT DDP 2 GPUs again (gradients in DDP's buckets); DPO 1 GPU and DDP 2 GPUs
 #   bash bench/issue17_run.sh resume   # DPO FSDP 2 GPUs; DDP stop at step 3 and resume; 2 launchers x 1 GPU, same
 #   bash bench/issue17_run.sh nodes    # only the last: 2 launchers x 1 GPU (as 2 nodes), stop at step 3 and resume
+#   bash bench/issue17_run.sh scale    # 1 vs 2 GPUs with each rank accumulating what it does in the recipes on 8 GPUs
 # Setup (docs/benchmarks.md): the GPU kit in .gpu (../shared/gpu/README.md), carried with the call.
 set -euo pipefail
 OUT=${OUT:-bench-out}
 WORK=${WORK:-/dev/shm/mamba-mg}
-case "${1:-}" in sft|ddp|resume|nodes) ;; *) echo "usage: bash bench/issue17_run.sh sft|ddp|resume|nodes" >&2; exit 2 ;; esac
+case "${1:-}" in sft|ddp|resume|nodes|scale) ;; *) echo "usage: bash bench/issue17_run.sh sft|ddp|resume|nodes|scale" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 [ -f /tmp/site/.kit ] || { source .gpu/install.sh >/dev/null && touch /tmp/site/.kit; }; set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -39,5 +40,15 @@ case "$1" in
     ;;
   nodes)
     run --name sft-2nodes-resume --nodes 2 --preempt-at 3 "${SFT[@]}" --override max_steps=6
+    ;;
+  scale)
+    # On 8 GPUs the recipes accumulate 32 micro-batches per rank (SFT: 512 = 8 x 2 x 32) and 2 (DPO: 32 = 8 x 2 x 2).
+    # The same per-rank work on 2 GPUs: SFT global 128 (1 GPU: 64 micro-batches), DPO global 8 (1 GPU: 4).
+    S=(--stage sft --override max_steps=4 --override global_batch_size=128 --override per_device_train_batch_size=2)
+    D=(--stage dpo --override max_steps=6 --override global_batch_size=8)
+    run --name sft-1gpu-acc64 --nproc 1 --gpus 0 "${S[@]}"
+    run --name sft-ddp2-acc32 --nproc 2 --gpus 0,1 "${S[@]}"
+    run --name dpo-1gpu-acc4 --nproc 1 --gpus 0 "${D[@]}"
+    run --name dpo-ddp2-acc2 --nproc 2 --gpus 0,1 "${D[@]}"
     ;;
 esac

@@ -215,9 +215,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path):
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"partial")
 
-    subprocess.run(cli(tiny, run, "sft", *over), check=True, env=ENV, capture_output=True)
+    resumed = subprocess.run(cli(tiny, run, "sft", *over), check=True, env=ENV, capture_output=True, text=True)
     m = read_json(run / "m.json")
     assert m["resumed_from"] == str(killed_at) and m["global_step"] == 16 and not torn.exists()
+    # the tied LM head comes back through the embeddings: not reported missing
+    assert "missing keys" not in resumed.stderr + (run / "log.txt").read_text()
     ref, resumed = weights(tmp_path / "ref" / "model"), weights(run / "model")
     delta = max((ref[k] - resumed[k]).abs().max().item() for k in ref)
     print(f"resumed from {killed_at.name}: max |delta| vs uninterrupted = {delta:.3g}")
@@ -317,6 +319,8 @@ def test_two_ranks_stop_together_when_the_launcher_is_signalled(tiny, tmp_path):
     assert ckpt is not None and int(ckpt.name.split("-")[1]) < 60
     assert (ckpt / "rng_state_0.pth").exists() and (ckpt / "rng_state_1.pth").exists()
     assert not (tmp_path / "model").exists()
+    text = log.read_text()  # both ranks write to the rule's log: what is the same on both is said once
+    assert text.count("stop requested") == 1 and text.count("stopped early") == 1
 
 
 def test_two_ranks_with_accumulation_keep_their_gradients_in_ddps_buckets(tiny, tmp_path):

@@ -35,7 +35,8 @@ def stop_and_timing_callbacks(stop_file: Path, throughput: dict):
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop = bool(flag.item())
             if stop:
-                log.warning("stop requested: saving a checkpoint at step %d, then exiting", state.global_step)
+                if state.is_world_process_zero:  # the same on every rank: said once
+                    log.warning("stop requested: saving a checkpoint at step %d, then exiting", state.global_step)
                 self.stopped = control.should_save = control.should_training_stop = True
 
     class LogAndTime(TrainerCallback):

@@ -111,8 +111,10 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
         restore_signals(previous)
     throughput["tokens1"] = trainer.read_num_input_tokens()
     if stopper.stopped:
-        log.warning("stopped early with a checkpoint in %s; exiting %d so the job is retried",
-                    checkpoint_dir, PREEMPTED_EXIT_CODE)
+        if trainer.accelerator.is_main_process:
+            log.warning("stopped early with a checkpoint in %s; exiting %d so the job is retried",
+                        checkpoint_dir, PREEMPTED_EXIT_CODE)
+        leave_process_group()
         raise SystemExit(PREEMPTED_EXIT_CODE)
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if eval_ds is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
@@ -124,6 +126,7 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
                             dtype=torch.float64, device=trainer.args.device)
         peaks = [[round(b / 2**30, 2) for b in rank] for rank in trainer.accelerator.gather(mine).tolist()]
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective under FSDP: every rank
+    leave_process_group()  # the last collective
     if not trainer.accelerator.is_main_process:
         return {}
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -139,6 +142,15 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
     write_json(metrics_path, metrics)
     log.info("%s done: %s", stage, json.dumps(metrics["final"]))
     return metrics
+
+
+def leave_process_group() -> None:
+    """End this rank's part in the process group once every rank is past its last collective (at exit NCCL
+    otherwise warns on every run: "destroy_process_group() was not called before program exit")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 FINAL_KEYS = ("loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

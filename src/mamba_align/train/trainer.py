@@ -76,6 +76,16 @@ def _prepare_model_grads_in_buckets(prepare_model, model, *args, **kwargs):
     return wrapped
 
 
+def tied_parameter_names(model) -> set[str]:
+    """Names under which a parameter already named earlier appears again (a tied LM head: lm_head.weight)."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
+
+
 def trainer_classes():
     from trl import DPOTrainer, SFTTrainer
 
@@ -146,6 +156,13 @@ def trainer_classes():
         def _save_checkpoint(self, *args, **kwargs):
             self.read_num_input_tokens()
             return super()._save_checkpoint(*args, **kwargs)
+
+        def _issue_warnings_after_load(self, load_result):
+            # A tied LM head is saved once, as the embeddings, and comes back through them; transformers calls it
+            # missing ("There were missing keys in the checkpoint model loaded: ['lm_head.weight']") at every resume
+            tied = tied_parameter_names(self.model)
+            return super()._issue_warnings_after_load(
+                load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied]))
 
     class MambaSFTTrainer(MambaTrainerMixin, SFTTrainer):
         """SFTTrainer with the mixin: its loss is TRL's (the fused LM head on top of the fast backbone)."""
