@@ -172,10 +172,13 @@ def test_bad_outputs_file_names_file_and_key(tmp_path, data_dir, judge):
 def test_ranking_and_weighted_annotators(tmp_path, data_dir, judge, caplog):
     outputs = write_outputs(tmp_path / "outputs.json", n_good=6)
     before = package_files()
-    m = alpacaeval.judge_alpaca_eval(outputs, data_dir, list(alpacaeval.ANNOTATORS), judge_cfg(),
-                                     tmp_path / "metrics.json", tmp_path / "cache", base_url=judge.base_url)
-    # alpaca_eval has no price for a judge of another name: said once per annotator, not once per annotation
+    with caplog.at_level("INFO"):
+        m = alpacaeval.judge_alpaca_eval(outputs, data_dir, list(alpacaeval.ANNOTATORS), judge_cfg(),
+                                         tmp_path / "metrics.json", tmp_path / "cache", base_url=judge.base_url)
+    # alpaca_eval has no price for a judge of another name, and names its client: said once per annotator, not
+    # once per annotation
     assert caplog.text.count("Unknown model fake-judge for computing price per token") == 2
+    assert caplog.text.count("Using OAI client number") == 2
     assert package_files() == before  # nothing written into site-packages
     assert read_json(tmp_path / "metrics.json") == m
     v1, v2 = m["results"]["alpaca_eval_gpt4"], m["results"]["weighted_alpaca_eval_gpt4_turbo"]

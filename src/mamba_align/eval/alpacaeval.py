@@ -174,17 +174,21 @@ def _clean(value: Any) -> Any:
 
 
 class _Once(logging.Filter):
-    """Lets the first record whose message starts with `prefix` through, and no other: alpaca_eval warns once per
-    annotation about a judge model it has no price for (1,610 lines in the rehearsal's judge log)."""
+    """Lets the first record whose message starts with each of `prefixes` through, and no other: alpaca_eval logs
+    once per annotation that it has no price for the judge model and which client it uses (1,610 and 796 lines in
+    the rehearsals' judge logs)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, *prefixes: str):
         super().__init__()
-        self.prefix, self.seen = prefix, False
+        self.prefixes, self.seen = prefixes, set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
+        msg = str(record.msg)
+        prefix = next((p for p in self.prefixes if msg.startswith(p)), None)
+        if prefix is None:
             return True
-        seen, self.seen = self.seen, True
+        seen = prefix in self.seen
+        self.seen.add(prefix)
         return not seen
 
 
@@ -216,7 +220,7 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
         log.warning("no %s in %s: no length-controlled win rate", LC_FILE, data_dir)
     generator = outputs[0]["generator"]
     log.info("AlpacaEval %s: %s vs %s with %s (%s)", version, generator, reference_file, config_name, model)
-    once = _Once("Unknown model ")
+    once = _Once("Unknown model ", "Using OAI client number ")
     logging.getLogger().addFilter(once)  # alpaca_eval logs through the root logger
     with lc_file_from(data_dir), contextlib.ExitStack() as stack:
         stack.callback(logging.getLogger().removeFilter, once)
