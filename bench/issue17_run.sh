@@ -36,8 +36,7 @@ case "$1" in
   resume)
     run --name dpo-fsdp2 --nproc 2 --fsdp --gpus 0,1 "${DPO[@]}"
     run --name sft-ddp2-resume --nproc 2 --gpus 0,1 --preempt-at 3 "${SFT[@]}" --override max_steps=6
-    run --name sft-2nodes-resume --nodes 2 --preempt-at 3 "${SFT[@]}" --override max_steps=6
-    ;;
+    ;&  # and the 2-launcher run, the whole of `nodes`
   nodes)
     run --name sft-2nodes-resume --nodes 2 --preempt-at 3 "${SFT[@]}" --override max_steps=6
     ;;

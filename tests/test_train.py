@@ -215,11 +215,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path):
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"partial")
 
-    resumed = subprocess.run(cli(tiny, run, "sft", *over), check=True, env=ENV, capture_output=True, text=True)
+    rerun = subprocess.run(cli(tiny, run, "sft", *over), check=True, env=ENV, capture_output=True, text=True)
     m = read_json(run / "m.json")
     assert m["resumed_from"] == str(killed_at) and m["global_step"] == 16 and not torn.exists()
     # the tied LM head comes back through the embeddings: not reported missing
-    assert "missing keys" not in resumed.stderr + (run / "log.txt").read_text()
+    assert "missing keys" not in rerun.stderr + (run / "log.txt").read_text()
     ref, resumed = weights(tmp_path / "ref" / "model"), weights(run / "model")
     delta = max((ref[k] - resumed[k]).abs().max().item() for k in ref)
     print(f"resumed from {killed_at.name}: max |delta| vs uninterrupted = {delta:.3g}")
