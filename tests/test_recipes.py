@@ -193,3 +193,69 @@ def test_override_typo_names_the_config_key_and_file():
     with pytest.raises(UserError, match=r"sft\.yaml with recipe_overrides\.sft in the config \(my\.yaml\): "
                                         r"learning_rate is -1\.0; expected a number > 0"):
         config_recipe(config, "sft", RECIPES.parents[1], ["my.yaml"])
+
+
+# ------------------------------------------------------------------------------- NaN and inf (issue #28, §2)
+# YAML's .inf / .nan read as float inf / nan and pass every bound (NaN compares false with everything): a DPO beta
+# of .inf trained a model of NaN weights, marked done, that failed only at generation.
+NON_FINITE = [("dpo", "beta", float("inf")), ("sft", "learning_rate", float("nan")),
+              ("dpo", "warmup_ratio", float("nan")), ("sft", "max_grad_norm", float("-inf")),
+              ("sft", "num_train_epochs", float("inf"))]
+
+
+@pytest.mark.parametrize("stage, key, value", NON_FINITE, ids=[f"{c[0]}.{c[1]}={c[2]}" for c in NON_FINITE])
+def test_non_finite_override_names_the_config_key(stage, key, value):
+    from mamba_align.train.recipes import config_recipe
+
+    config = {"recipe": "demo", "recipe_overrides": {stage: {key: value}}}
+    with pytest.raises(UserError, match=rf"the config \(my\.yaml\): recipe_overrides\.{stage}\.{key} is "
+                                        rf"{value!r}; expected a finite number"):
+        config_recipe(config, stage, RECIPES.parents[1], ["my.yaml"])
+
+
+@pytest.mark.parametrize("text", [".inf", ".nan", "-.inf", "nan", "inf", "1e999"])
+def test_non_finite_in_a_recipe_file_names_the_file_and_key(tmp_path, text):
+    # .inf / .nan are YAML floats; nan / inf / 1e999 are strings that float() would read as non-finite
+    (tmp_path / "dpo.yaml").write_text((RECIPES / "demo" / "dpo.yaml").read_text().replace(
+        "beta: 0.1", f"beta: {text}"))
+    assert f"beta: {text}" in (tmp_path / "dpo.yaml").read_text()
+    with pytest.raises(UserError, match=r"dpo\.yaml.*beta(:| is) .*expected a finite number"):
+        load_recipe(tmp_path, "dpo")
+
+
+@pytest.mark.parametrize("override", [{"learning_rate": "nan"}, {"warmup_ratio": float("nan")},
+                                      {"beta": float("inf")}])
+def test_non_finite_from_the_command_line_or_a_job_is_refused(override):
+    from mamba_align.train.recipes import as_dict, stage_recipe
+
+    with pytest.raises(UserError, match=r"dpo\.yaml with overrides\.\w+: expected a finite number"):
+        load_recipe(RECIPES / "demo", "dpo", override)
+    # a training job's own parse (the rule's params) refuses it too
+    learned = {**as_dict(load_recipe(RECIPES / "demo", "dpo")), **override}
+    with pytest.raises(UserError, match=r"recipe dpo\.\w+: expected a finite number"):
+        stage_recipe({"recipe": "demo"}, "dpo", RECIPES.parents[1], learned)
+
+
+def test_the_whole_config_is_walked_for_non_finite_numbers_cheaply():
+    import time
+
+    import yaml
+
+    from mamba_align.train.recipes import check_config_finite
+
+    config = yaml.safe_load((RECIPES.parent / "config.yaml").read_text())
+    check_config_finite(config, ["config/config.yaml"])  # the shipped config passes
+    for patch, key in [({"judge": {"temperature": float("nan")}}, "judge.temperature"),
+                       ({"plan": {"safety_margin": float("inf")}}, "plan.safety_margin"),
+                       ({"experiments": {"grid": {"dpo": {"beta": [0.1, float("inf")]}}}},
+                        r"experiments\.grid\.dpo\.beta\[1\]"),
+                       ({"experiments": {"list": [{"name": "a", "recipe_overrides": {"sft": {"seed": 1,
+                                                   "learning_rate": float("nan")}}}]}},
+                        r"experiments\.list\[0\]\.recipe_overrides\.sft\.learning_rate")]:
+        with pytest.raises(UserError, match=rf"the config \(a\.yaml, b\.yaml\): {key} is (nan|inf); "
+                                            r"expected a finite number"):
+            check_config_finite({**config, **patch}, ["a.yaml", "b.yaml"])
+    started = time.perf_counter()
+    for _ in range(100):
+        check_config_finite(config)
+    assert time.perf_counter() - started < 1.0  # ~20 µs a walk: nothing to notice at every workflow parse

@@ -33,6 +33,8 @@ JUDGE = config["judge"]
 
 
 # Parsed strictly now, so a bad recipe fails before any job (and any GPU time).
+# NaN / inf anywhere in the config first: the schema's bounds let NaN through (every comparison is false).
+recipes.check_config_finite(config, workflow.configfiles)
 SFT = as_dict(
     recipes.config_recipe(config, "sft", workflow.basedir, workflow.configfiles)
 )

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "2.0e-5" as float but "2e-5" as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: expected a finite number, got {value!r}")
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise UserError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -125,6 +128,32 @@ def check_keys(cls, data: dict, where: str, prefix: str = "") -> None:
         inner = next((t for t in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(t)), None)
         if inner is not None and isinstance(value, dict):
             check_keys(inner, value, where, f"{prefix}{key}.")
+
+
+def non_finite(data, prefix: str = ""):
+    """(dotted key, value) of every NaN or infinite number in `data` (YAML's .nan / .inf), at any depth; list items
+    are named key[i]. Walks the few hundred values of a config in microseconds."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield prefix, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            yield from non_finite(value, f"{prefix}[{i}]")
+
+
+def check_finite(data, where: str, prefix: str = "") -> None:
+    """A NaN or infinite number anywhere in `data` raises UserError naming `where` and the key (`prefix` + its
+    dotted path): a NaN beta or learning rate trains a model of NaN weights that only fails when it generates."""
+    for key, value in non_finite(data, prefix.rstrip(".")):
+        raise UserError(f"{where}: {key} is {value!r}; expected a finite number")
+
+
+def check_config_finite(config: dict, config_files=()) -> None:
+    """Every number of the workflow's config (recipe_overrides, experiment grids, evaluation and judge settings)
+    finite, checked when the workflow is read; the error names the config files and the key."""
+    check_finite(config, f"the config ({', '.join(map(str, config_files))})" if config_files else "the config")
 
 
 def did_you_mean(name: str, known) -> str:
@@ -169,6 +198,7 @@ def config_recipe(config: dict, stage: str, basedir: str | Path, config_files=()
     overrides = (config.get("recipe_overrides") or {}).get(stage) or {}
     source = f"the config ({', '.join(map(str, config_files))})" if config_files else "the config"
     check_keys(RECIPE_CLASSES[stage], overrides, source, f"recipe_overrides.{stage}.")
+    check_finite(overrides, source, f"recipe_overrides.{stage}.")
     return load_recipe(recipe_dir(config["recipe"], basedir), stage, overrides,
                        overridden_by=f"recipe_overrides.{stage} in {source}")
 
@@ -194,6 +224,7 @@ def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = Non
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at top level")
     data.pop("chat_template", None)  # the recipe's, not the trainer's: see recipe_chat_template
+    check_finite(data, str(path))
     where = f"{path} with {overridden_by}" if overrides else str(path)
     recipe = build(RECIPE_CLASSES[stage], _deep_merge(data, overrides or {}), where)
     validate(recipe, where)
@@ -245,6 +276,7 @@ def validate(recipe: TrainCommon, where: str) -> None:
         raise UserError(f"{where}: report_to: expected a list of names like [tensorboard, wandb], "
                         f"got {recipe.report_to!r}")
     values = {**as_dict(recipe), **{f"dataset.{k}": v for k, v in as_dict(recipe.dataset).items()}}
+    check_finite(values, where)  # NaN passes every comparison below
     for key in POSITIVE + NON_NEGATIVE:
         value = values.get(key)
         if value is not None and (value < 0 or (value == 0 and key in POSITIVE)):
