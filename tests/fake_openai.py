@@ -6,6 +6,8 @@
         fake.bodies()       # every chat request body received, parsed, in arrival order
         fake.log            # one FakeRequest per chat request: body, raw bytes, fault, time
         fake.max_in_flight  # most requests answered at once (checks a client's concurrency)
+        fake.tokens_sent    # usage totals of every answer sent back: what a real API would bill
+        fake.gets           # paths of the GET requests (the models list)
 
 The responder gets the parsed request body and returns the message content (str), or a dict
 {"content": str, "logprobs": [entry, ...]} where entries are OpenAI's `logprobs.content` items;
@@ -14,7 +16,8 @@ The responder gets the parsed request body and returns the message content (str)
 
 Faults (chosen per request from a seeded RNG, in arrival order): "429" (with Retry-After),
 "500", "timeout" (no answer for `hang_s`, then the connection is closed), "garbage"
-(status 200 with a body that is not JSON) and "400" (a request the server refuses, which no
+(status 200 with a body that is not JSON), "empty" (status 200, no choices, but usage: billed,
+as a gateway that lost the model's answer does) and "400" (a request the server refuses, which no
 retry can fix).
 """
 
@@ -29,7 +32,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-FAULT_KINDS = ("429", "500", "timeout", "garbage", "400")
+FAULT_KINDS = ("429", "500", "timeout", "garbage", "empty", "400")
 
 
 def logprob_entry(token: str, top: dict[str, float]) -> dict:
@@ -82,6 +85,8 @@ class FakeOpenAI:
         self.delay_s = delay_s  # added to every answer, to keep requests in flight
         self.log: list[FakeRequest] = []
         self.max_in_flight = 0  # most chat requests being answered at once
+        self.tokens_sent = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.gets: list[str] = []
         self._in_flight = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -100,6 +105,7 @@ class FakeOpenAI:
                 pass
 
             def do_GET(self):
+                fake.gets.append(self.path)
                 if self.path.rstrip("/").endswith("/models"):
                     fake._send(self, 200, {"object": "list", "data": [
                         {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake"}]})
@@ -198,6 +204,8 @@ class FakeOpenAI:
         if body is None or not isinstance(body.get("messages"), list):
             return 400, {"error": {"message": "body must be JSON with a 'messages' list",
                                    "type": "invalid_request_error"}}, {}
+        if fault == "empty":
+            return 200, dict(self._completion(body, n), choices=[]), {}
         return 200, self._completion(body, n), {}
 
     def _completion(self, body: dict, n: int) -> dict:
@@ -210,6 +218,9 @@ class FakeOpenAI:
             logprobs = None
         prompt_words = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
         completion_words = len(content.split())
+        with self._lock:
+            self.tokens_sent["prompt_tokens"] += prompt_words
+            self.tokens_sent["completion_tokens"] += completion_words
         return {
             "id": f"chatcmpl-fake-{n}",
             "object": "chat.completion",

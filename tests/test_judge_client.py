@@ -91,10 +91,10 @@ def test_a_permanent_4xx_fails_at_once_with_a_clear_error(tmp_path):
     assert read_jsonl(tmp_path / "c.jsonl") == []
 
 
-def test_an_unreadable_answer_is_asked_again_within_max_retries(tmp_path, caplog):
+def test_an_unreadable_answer_is_asked_again_twice_whatever_max_retries(tmp_path, caplog):
     with FakeOpenAI(faults={"garbage": 1.0}) as fake:
-        with pytest.raises(UserError, match=r"unparseable answer: .* \(asked 3 times\)"):
-            JudgeClient(judge_cfg(max_retries=2), tmp_path / "c.jsonl", base_url=fake.base_url).complete_many(
+        with pytest.raises(UserError, match=r"unusable answer from .*JSONDecodeError.* \(asked 3 times\)"):
+            JudgeClient(judge_cfg(max_retries=8), tmp_path / "c.jsonl", base_url=fake.base_url).complete_many(
                 requests_(1))
     assert len(fake.log) == 3 and caplog.text.count("asking again") == 2
 

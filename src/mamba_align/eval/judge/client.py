@@ -6,9 +6,12 @@ a crash therefore sends only what is missing. Failed calls are never cached. The
 from the environment and never written anywhere.
 
 Retries are the openai client's own (`max_retries`: 408, 409, 429, 5xx, timeouts and connection
-errors, with jittered exponential backoff, Retry-After honoured). Only an answer the client cannot
-read (a body that is not JSON, no message content) is ours to handle: it is asked again, within the
-same `max_retries`, and is a failure of that request when none of the answers could be read.
+errors, with jittered exponential backoff, Retry-After honoured); each is logged with the URL, the
+error and the wait. Only an answer the client cannot read (a body that is not JSON, no choices, no
+message content) is ours to handle. Such an answer is billed all the same, so it is asked again at
+most REASKS times per judgment, every answered call counts in the spend, and UNUSABLE_LIMIT unusable
+answers in a row stop the run with the endpoint's own words: an endpoint that answers nothing
+usable costs a handful of calls, not `max_retries` + 1 per judgment.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from mamba_align.utils import ProgressLog, UserError, append_jsonl, read_jsonl
@@ -33,6 +36,10 @@ REQUEST_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs")
 
 URL = re.compile(r"https?://[^\s/:?#]+(:\d+)?(/\S*)?")
 
+REASKS = 2  # asks again of one judgment whose answer could not be read (each ask is billed)
+UNUSABLE_LIMIT = 5  # unusable answers in a row, over all requests, that stop the run
+PROBE_TIMEOUT_S = 10.0  # the start-up check's GET {base_url}/models
+
 
 def judge_gpus(judge_cfg: dict) -> int:
     """GPUs a judge job holds: 1 where it starts the local judge on CUDA, else 0 (an API, or a judge
@@ -41,11 +48,14 @@ def judge_gpus(judge_cfg: dict) -> int:
     return int(local and str((judge_cfg.get("local") or {}).get("device") or "cpu").startswith("cuda"))
 
 
-def check_judge(judge_cfg: dict, environ=os.environ, local_exec: bool = True) -> None:
+def check_judge(judge_cfg: dict, environ=os.environ, local_exec: bool = True, probe: bool = False) -> None:
     """What judging needs, checked before any job runs: a known backend, an http(s) base_url, for the
     OpenAI backend a non-empty API key in the environment (an empty one is as good as none), and, for a
     local judge on CUDA, jobs that run on this machine (`local_exec`: the judge rules are localrules, so
-    on a cluster they run where snakemake runs, which is seldom a GPU node)."""
+    on a cluster they run where snakemake runs, which is seldom a GPU node).
+
+    With `probe`, also one cheap request to the endpoint (`probe_judge`), unless the judge job starts
+    the local judge itself (backend local, no base_url)."""
     if judge_cfg["backend"] not in ("openai", "local"):
         raise UserError(f"judge.backend is {judge_cfg['backend']!r}; expected 'openai' or 'local'")
     if judge_gpus(judge_cfg) and not local_exec:
@@ -61,6 +71,61 @@ def check_judge(judge_cfg: dict, environ=os.environ, local_exec: bool = True) ->
     if judge_cfg["backend"] == "openai" and not environ.get(env, "").strip():
         raise UserError(f"judge.backend is 'openai' but the environment variable {env} (judge.api_key_env) is "
                         f"{'empty' if env in environ else 'not set'}; export it or use backend 'local'")
+    if probe and (judge_cfg["backend"] == "openai" or url):
+        probe_judge(url, api_key(judge_cfg, environ), env)
+
+
+def api_key(judge_cfg: dict, environ=os.environ) -> str:
+    """The key sent to the judge: judge.api_key_env's value for the API, a placeholder for a local server."""
+    if judge_cfg["backend"] != "openai":
+        return "local-judge"  # our local server ignores it; the openai client wants one
+    return environ[judge_cfg.get("api_key_env") or "OPENAI_API_KEY"].strip()
+
+
+def probe_judge(base_url: str | None, key: str, key_env: str = "OPENAI_API_KEY") -> None:
+    """One `GET {base_url}/models`: refuses an endpoint that does not answer, or refuses the key, before any
+    job runs (a closed port was otherwise found after training, after minutes of silent retries). Any other
+    answer means the server is there; not every OpenAI-compatible server lists its models."""
+    import openai
+
+    client = openai_client(base_url, key, max_retries=1, timeout=PROBE_TIMEOUT_S)
+    where = f"GET {str(client.base_url).rstrip('/')}/models"
+    try:
+        client.models.list()
+    except openai.APIConnectionError as e:  # refused, unresolvable, timed out
+        raise UserError(f"the judge at judge.base_url {base_url or client.base_url} does not answer: {where} failed "
+                        f"with {_cause(e)}; start the judge server or correct judge.base_url") from None
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+        raise UserError(f"the judge at {base_url or client.base_url} refused the API key in {key_env} "
+                        f"(judge.api_key_env): {where}: HTTP {e.status_code}: {e.message}") from None
+    except openai.APIStatusError as e:
+        log.info("judge probe %s: HTTP %s (the server answers)", where, e.status_code)
+
+
+def _cause(err: BaseException) -> str:
+    """What went wrong under an openai error ('Connection error.' says nothing): the transport's error."""
+    inner = err.__cause__ or err
+    return f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+
+
+def openai_client(base_url: str | None, key: str, *, max_retries: int, timeout: float):
+    """An openai.OpenAI client whose retries say what they wait for: the URL, the error and the wait, as a
+    warning in the judge log (the client's own line, at INFO, names neither URL nor error)."""
+    import sys
+
+    from openai import OpenAI
+
+    class LoggedRetries(OpenAI):
+        # the client's retry hook (openai >= 1.6x); called inside its `except`, so the error is sys.exc_info()'s
+        def _sleep_for_retry(self, *, retries_taken, max_retries, options, response):
+            headers = response.headers if response is not None else None
+            wait = self._calculate_retry_timeout(max_retries - retries_taken, options, headers)
+            error = f"HTTP {response.status_code}" if response is not None else _cause(sys.exc_info()[1])
+            log.warning("judge %s %s%s: %s; retry %d of %d in %.1f s", options.method.upper(),
+                        str(self.base_url).rstrip("/"), options.url, error, retries_taken + 1, max_retries, wait)
+            time.sleep(wait)
+
+    return LoggedRetries(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout)
 
 
 class JudgeError(Exception):
@@ -95,14 +160,15 @@ class JudgeClient:
         self.backend = judge_cfg["backend"]
         self.base_url = base_url or judge_cfg.get("base_url")
         check_judge(dict(judge_cfg, base_url=self.base_url))
-        if self.backend == "openai":
-            self._api_key = os.environ[judge_cfg.get("api_key_env") or "OPENAI_API_KEY"].strip()
-        else:
-            self._api_key = "local-judge"  # our local server ignores it
+        self._api_key = api_key(judge_cfg)
         self.cache_path = Path(cache_path)
         self._cache: dict[str, dict] = {r["key"]: r for r in read_jsonl(self.cache_path, repair=True)}
         self._stack = contextlib.ExitStack()
         self.n_retries = 0  # repeated HTTP calls of this object: the client's retries and our re-asks
+        self.n_answered = 0  # calls answered with HTTP 2xx, usable or not: each is billed
+        self.spent = {"prompt_tokens": 0, "completion_tokens": 0}  # the usage of every answered call
+        self._unusable_run = 0  # unusable answers in a row
+        self._stopped: str | None = None  # why the run stops (UNUSABLE_LIMIT reached), for the other workers
         self._count_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -159,17 +225,14 @@ class JudgeClient:
         return [[self._cache[k] for k in keys] for keys in all_keys]
 
     def _run(self, todo: dict[str, dict]) -> None:
-        from openai import OpenAI
-
-        client = OpenAI(base_url=self._endpoint(), api_key=self._api_key, max_retries=int(self.cfg["max_retries"]),
-                        timeout=float(self.cfg["timeout_s"]))
+        client = openai_client(self._endpoint(), self._api_key, max_retries=int(self.cfg["max_retries"]),
+                               timeout=float(self.cfg["timeout_s"]))
         failures: list[str] = []
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         pool = ThreadPoolExecutor(max_workers=int(self.cfg["concurrency"]))
         done = 0
-        spent = {"prompt_tokens": 0, "completion_tokens": 0}
         progress = ProgressLog(f"judge {self.model}", len(todo), logger=log,
-                               extra=lambda: f"{self._spend(spent)}, {self.n_retries} retries")
+                               extra=lambda: f"{self._spend()}, {self.n_retries} retries")
         try:
             with open(self.cache_path, "a", encoding="utf-8") as fh:
                 futures = {pool.submit(self._complete_one, client, key, req): key
@@ -177,67 +240,98 @@ class JudgeClient:
                 for fut in as_completed(futures):
                     try:
                         row = fut.result()
+                    except CancelledError:
+                        continue
                     except JudgeError as e:
                         failures.append(str(e))
+                        if self._stopped:  # the queued requests are not sent; those in flight still land
+                            for f in futures:
+                                f.cancel()
                         continue
                     append_jsonl(self.cache_path, row, fh=fh)
                     self._cache[row["key"]] = row
                     done += 1
-                    for k in spent:
-                        spent[k] += int((row.get("usage") or {}).get(k) or 0)
                     progress.update()
         finally:
             # on Ctrl-C or a crash, do not start the queued requests
             pool.shutdown(wait=True, cancel_futures=True)
+        if self._stopped:
+            raise UserError(f"judging stopped: {self._stopped}. {done} of the {len(todo)} calls to make succeeded and "
+                            f"are cached in {self.cache_path}, and a rerun sends only the rest ({self._spend()})")
         if failures:
             raise UserError(f"{len(failures)} of {len(todo)} judge calls failed; the {done} that "
                             f"succeeded are cached in {self.cache_path} and a rerun sends only the "
-                            f"rest. First failure: {failures[0]}")
+                            f"rest ({self._spend()}). First failure: {failures[0]}")
 
-    def _spend(self, spent: dict) -> str:
-        """Tokens (and dollars, when priced) of this run's calls so far."""
+    def _spend(self) -> str:
+        """Tokens (and dollars, when priced) of this object's answered calls so far, unusable answers included."""
+        spent = self.spent
         text = f"spent {spent['prompt_tokens']:,} prompt + {spent['completion_tokens']:,} completion tokens"
         if self.prices:
             usd = (spent["prompt_tokens"] * self.prices[0] + spent["completion_tokens"] * self.prices[1]) / 1e6
             text += f" (${usd:,.2f})"
-        return text
+        return f"{text} in {self.n_answered} answered calls"
 
     def _complete_one(self, client, key: str, req: dict) -> dict:
         import openai
 
         params = self.params(req)
         max_retries = int(self.cfg["max_retries"])
-        for attempt in range(max_retries + 1):
+        for attempt in range(REASKS + 1):
+            if self._stopped:
+                raise JudgeError(self._stopped)
             try:
                 raw = client.chat.completions.with_raw_response.create(model=self.model, messages=req["messages"],
                                                                        n=1, **params)
             except openai.APIStatusError as e:  # not retryable, or the client's retries are spent
                 raise JudgeError(self._redact(f"HTTP {e.status_code}: {e.message}")) from None
             except openai.APIConnectionError as e:  # includes APITimeoutError
-                raise JudgeError(self._redact(f"{type(e).__name__}: {e} (after {max_retries} retries)")) from None
+                raise JudgeError(self._redact(f"{_cause(e)} from {client.base_url} (after {max_retries} retries)")
+                                 ) from None
             self._count_retries(raw.retries_taken + (attempt > 0))
-            try:
-                resp = raw.parse()
+            resp, error = self._read(raw)
+            if error is None:
                 choice = resp.choices[0]
-                if choice.message.content is None:
-                    raise ValueError("the answer has no message content")
-            except (ValueError, IndexError, AttributeError, TypeError) as e:  # ValueError: body is not JSON
-                error = f"unparseable answer: {type(e).__name__}: {e}"
-                if attempt < max_retries:
-                    log.warning("judge call: %s; asking again (%d/%d)", self._redact(error), attempt + 1, max_retries)
-                continue
-            return {
-                "key": key,
-                "repeat": req["repeat"],
-                "model_requested": self.model,
-                "model_reported": resp.model,
-                "content": choice.message.content,
-                "finish_reason": choice.finish_reason,
-                "logprobs": choice.logprobs.model_dump(mode="json") if choice.logprobs else None,
-                "usage": resp.usage.model_dump(mode="json", exclude_none=True) if resp.usage else None,
-                "tstamp": time.time(),
-            }
-        raise JudgeError(self._redact(f"{error} (asked {max_retries + 1} times)"))
+                return {
+                    "key": key,
+                    "repeat": req["repeat"],
+                    "model_requested": self.model,
+                    "model_reported": resp.model,
+                    "content": choice.message.content,
+                    "finish_reason": choice.finish_reason,
+                    "logprobs": choice.logprobs.model_dump(mode="json") if choice.logprobs else None,
+                    "usage": resp.usage.model_dump(mode="json", exclude_none=True) if resp.usage else None,
+                    "tstamp": time.time(),
+                }
+            if attempt < REASKS and not self._stopped:
+                log.warning("judge call: %s; asking again (%d/%d)", error, attempt + 1, REASKS)
+        raise JudgeError(f"{error} (asked {REASKS + 1} times)")
+
+    def _read(self, raw) -> tuple[object, str | None]:
+        """(the parsed answer, None), or (None, why it is unusable, in the endpoint's words); counts the call and
+        its usage either way, and stops the run at UNUSABLE_LIMIT unusable answers in a row."""
+        try:
+            resp = raw.parse()
+            choices = getattr(resp, "choices", None) or []
+            content = choices[0].message.content if choices else None
+            error = None if content is not None else "no choices" if not choices else "no message content"
+        except (ValueError, TypeError, AttributeError) as e:  # ValueError: the body is not JSON
+            resp, error = None, f"{type(e).__name__}: {e}"
+        usage = getattr(resp, "usage", None)
+        with self._count_lock:
+            self.n_answered += 1
+            for k in self.spent:
+                self.spent[k] += int(getattr(usage, k, 0) or 0)
+            self._unusable_run = 0 if error is None else self._unusable_run + 1
+            if error is None:
+                return resp, None
+            body = raw.http_response.text
+            error = self._redact(f"unusable answer from {raw.http_response.url} ({error}): "
+                                 f"{body[:300]}{'...' if len(body) > 300 else ''}")
+            if self._unusable_run >= UNUSABLE_LIMIT and not self._stopped:
+                self._stopped = f"{UNUSABLE_LIMIT} unusable answers in a row; the last: {error}"
+                log.error("judge: %s", self._stopped)
+        return None, error
 
     def _count_retries(self, n: int) -> None:
         with self._count_lock:
