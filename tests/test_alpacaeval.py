@@ -376,3 +376,11 @@ def test_shim_metric_is_still_needed():
         metrics.get_winrate(pd.DataFrame({"preference": pd.Series([2.0, 1.0, None], dtype=object)}))
     assert alpacaeval_compat.metric(False)([{"preference": 2.0}, {"preference": 1.0}, {"preference": None}])[
         "n_total"] == 2
+
+
+def test_summary_records_the_scored_models_key(tmp_path, data_dir, judge):
+    """Issue #28: a score names the model it was computed for (status and the report compare it with the config's)."""
+    model = {"model_key": "0123456789ab", "model_run_key": "feedbeef0001"}
+    m = alpacaeval.judge_alpaca_eval(write_outputs(tmp_path / "o.json"), data_dir, ["alpaca_eval_gpt4"], judge_cfg(),
+                                     tmp_path / "m.json", tmp_path / "cache", base_url=judge.base_url, model=model)
+    assert {k: m[k] for k in model} == model == {k: read_json(tmp_path / "m.json")[k] for k in model}

@@ -358,3 +358,22 @@ def test_demo_data_through_the_cli(tmp_path):
     # the report's radar reads the summary as written
     plot_radar([("sft", tmp_path / "mtbench.json"), ("dpo", tmp_path / "mtbench.json")], tmp_path / "radar.png")
     assert (tmp_path / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_records_the_scored_models_keys(data, tmp_path):
+    """Issue #28: a score names the model it was computed for (status and the report compare it with the config's)."""
+    from mamba_align.ops.provenance import scored_model
+
+    model_dir = tmp_path / "models" / "dpo"
+    model_dir.mkdir(parents=True)
+    (model_dir / "run.json").write_text(json.dumps({"key": "feedbeef0001"}))
+    learned = {"base": {"source": "x"}, "sft": {"learning_rate": 1e-5}, "dpo": {"beta": 0.01}}
+    answers = write_answers(tmp_path / "answers.jsonl", data / "question.jsonl")
+    with FakeOpenAI(lambda body: "Rating: [[5]]") as fake:
+        mtbench.judge_mt_bench(answers, data / "question.jsonl", data / "judge_prompts.jsonl",
+                               data / "reference_answer.jsonl", judge_cfg(), tmp_path / "mtbench.json",
+                               tmp_path / "cache.jsonl", tmp_path / "judgments.jsonl", base_url=fake.base_url,
+                               model=scored_model(learned, model_dir))
+    out = read_json(tmp_path / "mtbench.json")
+    assert out["model_run_key"] == "feedbeef0001" and len(out["model_key"]) == 12
+    assert scored_model(learned, tmp_path / "nowhere") == {"model_key": out["model_key"], "model_run_key": None}

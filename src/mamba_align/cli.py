@@ -1,7 +1,9 @@
 """The `mamba-align` command: what a user asks between Snakemake runs.
 
-    mamba-align status [results]            which stages are done, training checkpoints and ETA, eval progress,
-                                            scores, and the last error of each failed step
+    mamba-align status [results] [--configfile F ...]
+                                            which stages are done, training checkpoints and ETA, eval progress,
+                                            scores (each marked stale when computed for another model than the
+                                            config's), the report, and the last error of each failed step
     mamba-align rescore [results] --stage S re-score stored MT-Bench judgments (no judge call)
     mamba-align plan [--config ...]         GPU-hours, wall time and judge cost before anything runs
 
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 from mamba_align.ops import layout
+from mamba_align.ops.provenance import stale_reason
 from mamba_align.utils import UserError, read_json, read_jsonl
 
 TRAINED = ("sft", "dpo")
@@ -71,13 +74,30 @@ def _count_lines(paths) -> int:
     return sum(len(read_jsonl(p)) for p in paths)
 
 
-def _eval_status(results: Path, stage: str) -> list[str]:
+def _run_key(results: Path, stage: str) -> str | None:
+    """The key in the stored model's run.json (runs.py), None for the base model or no model."""
+    run = Path(layout.model_dir(str(results), stage)) / "run.json"
+    try:
+        return read_json(run).get("key") if run.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _marked(line: str, summary: dict, current_key: str | None, run_key: str | None) -> str:
+    reason = stale_reason(summary, current_key, run_key)
+    return f"{line} [{reason}]" if reason else line
+
+
+def _eval_status(results: Path, stage: str, current_key: str | None = None) -> list[str]:
     rows = []
     eval_dir = results / "eval" / stage
+    run_key = _run_key(results, stage)
     mt = Path(layout.eval_summary(str(results), stage, "mtbench"))
     if mt.exists():
-        s = read_json(mt)["scores"]
-        rows.append(f"MT-Bench: overall {s['overall']}, turn 1 {s['turn_1']}, turn 2 {s['turn_2']}")
+        summary = read_json(mt)
+        s = summary["scores"]
+        rows.append(_marked(f"MT-Bench: overall {s['overall']}, turn 1 {s['turn_1']}, turn 2 {s['turn_2']}",
+                            summary, current_key, run_key))
     else:
         answers = eval_dir / "mt_bench_answers.jsonl"
         if answers.exists():
@@ -90,7 +110,8 @@ def _eval_status(results: Path, stage: str) -> list[str]:
     if ae.exists():
         from mamba_align.eval.alpacaeval import summary_line
 
-        rows.append(summary_line(read_json(ae)))
+        summary = read_json(ae)
+        rows.append(_marked(summary_line(summary), summary, current_key, run_key))
     else:
         outputs = eval_dir / "alpaca_eval_outputs.json"
         if outputs.exists():
@@ -101,12 +122,46 @@ def _eval_status(results: Path, stage: str) -> list[str]:
     return rows
 
 
-def status(results: str | Path) -> str:
-    """A plain-text report of a results folder; reads files only (safe while Snakemake runs)."""
+def _report_status(results: Path, current: dict[str, str] | None) -> str | None:
+    """The report's line: its path, and stale when a row it shows as current is of another model."""
+    table, data = results / "report" / "scores.md", results / "report" / "scores.json"
+    if not table.exists():
+        return None
+    rows = read_json(data) if data.exists() else []
+    ours = [r for r in rows if isinstance(r, dict) and r.get("source") == "this run" and r.get("stage")]
+    stale = []
+    for r in ours:
+        if r.get("status", "current") != "current" or current is None or r["stage"] not in current:
+            continue  # a stale row the report itself marks, or nothing to compare with
+        reason = stale_reason(r, current[r["stage"]])
+        if reason:
+            stale.append(f"its {r['stage']} row is {reason}")
+    if current is not None and not ours:
+        stale.append("stale: it records no model keys (written before keys were)")
+    if stale:
+        return f"report: {table} [STALE: {'; '.join(stale)}]; rebuild it with snakemake {table}"
+    return f"report: {table}"
+
+
+def status(results: str | Path, config_files=None, workflow_dir: str | Path = ".") -> str:
+    """A plain-text report of a results folder; reads files only (safe while Snakemake runs).
+
+    Scores are compared with the model keys of the config (provenance.current_model_keys: config/config.yaml
+    under `workflow_dir` with `config_files` merged over it, as `snakemake --configfile` reads them)."""
     results = Path(results)
     if not results.is_dir():
         raise UserError(f"{results} is not a folder (the config's results_dir, e.g. results)")
+    from mamba_align.ops.provenance import current_model_keys
+
     out = [f"mamba-align status of {results}/", ""]
+    named = ", ".join(map(str, [Path(workflow_dir) / "config" / "config.yaml", *(config_files or [])]))
+    try:
+        current = current_model_keys(config_files or (), workflow_dir)
+        out.append(f"scores compared with the models of {named}: "
+                   + ", ".join(f"{s} {k}" for s, k in current.items()))
+    except UserError as e:
+        current = None
+        out.append(f"scores not compared with a config ({e})")
     plan = results / "plan.txt"
     if plan.exists():
         total = _last_line(plan, r"total GPU-hours|judge total")
@@ -119,8 +174,11 @@ def status(results: str | Path) -> str:
     for stage in TRAINED:
         out.append(f"train {stage}: {_training_status(results, stage)}")
     for stage in TRAINED:
-        for row in _eval_status(results, stage):
+        for row in _eval_status(results, stage, (current or {}).get(stage)):
             out.append(f"eval {stage}: {row}")
+    report = _report_status(results, current)
+    if report:
+        out.append(report)
     failures = []
     for log_file in sorted((results / "logs").rglob("*.log")):
         last = _last_line(log_file, r" (ERROR|CRITICAL) ")
@@ -139,7 +197,11 @@ def rescore(results: str | Path, stage: str) -> dict:
     from mamba_align.eval.mtbench import combine_ratings, parse_rating, summarize
 
     results = Path(results)
-    judgments_path = results / "eval" / stage / "mt_bench_judgments.jsonl"
+    stored_path = Path(layout.eval_summary(str(results), stage, "mtbench"))
+    # beside the summary (the judge rule's declared output); earlier runs kept it in eval/<stage>/
+    judgments_path = stored_path.with_name("mt_bench_judgments.jsonl")
+    if not judgments_path.exists() and (results / "eval" / stage / "mt_bench_judgments.jsonl").exists():
+        judgments_path = results / "eval" / stage / "mt_bench_judgments.jsonl"
     questions_path = results / "data" / "mt_bench" / "question.jsonl"
     for p in (judgments_path, questions_path):
         if not p.exists():
@@ -153,7 +215,6 @@ def rescore(results: str | Path, stage: str) -> dict:
         rows.append({**j, "category": categories[j["question_id"]],
                      "score": combine_ratings([parse_rating(t) for t in texts])})
     summary = summarize(rows, list(dict.fromkeys(categories.values())))
-    stored_path = Path(layout.eval_summary(str(results), stage, "mtbench"))
     stored = read_json(stored_path)["scores"] if stored_path.exists() else None
     return {"stage": stage, "judgments": str(judgments_path), "n": len(rows), **summary,
             "stored_scores": stored, "changed": stored is not None and stored != summary["scores"]}
@@ -167,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("status", help="what is done in a results folder, progress, scores, errors")
     s.add_argument("results", nargs="?", default="results")
+    s.add_argument("--configfile", "--config", nargs="+", action="extend", default=[], metavar="FILE",
+                   help="the config files given to snakemake (merged over config/config.yaml): scores computed "
+                        "for other models than these describe are marked stale")
+    s.add_argument("--workflow-dir", default=".", help="the workflow's folder (its config/ and workflow/schemas/)")
     r = sub.add_parser("rescore", help="re-score stored MT-Bench judgments without judge calls")
     r.add_argument("results", nargs="?", default="results")
     r.add_argument("--stage", choices=TRAINED, default=layout.FINAL_STAGE)
@@ -185,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "status":
-            print(status(args.results))
+            print(status(args.results, args.configfile, args.workflow_dir))
         elif args.command == "rescore":
             r = rescore(args.results, args.stage)
             if args.json:

@@ -34,6 +34,7 @@ rule generate_alpaca_eval:
         data=rules.fetch_alpaca_eval.output[0],
     output:
         f"{R}/eval/{{stage}}/alpaca_eval_outputs.json",
+        provenance=f"{R}/provenance/generate_alpaca_eval-{{stage}}.json",
     log:
         f"{R}/logs/generate_alpaca_eval/{{stage}}.log",
     benchmark:
@@ -65,6 +66,7 @@ rule judge_alpaca_eval:
         data=rules.fetch_alpaca_eval.output[0],
     output:
         f"{R}/eval/{{stagedir}}alpacaeval.json",
+        provenance=f"{R}/provenance/{{stagedir}}judge_alpaca_eval.json",
     log:
         f"{R}/logs/judge_alpaca_eval/{{stagedir}}judge.log",
     benchmark:
@@ -79,5 +81,8 @@ rule judge_alpaca_eval:
         judge={**JUDGE, "model": AE["judge_model"]},
         annotators=AE["annotators"],
         cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/alpaca_eval_cache",
+        # the scored model's identity, recorded in the score (model_key, model_run_key) for status and the report
+        model=scored_learned_by,
+        model_dir=scored_model_dir,
     script:
         "../scripts/judge_alpaca_eval.py"

@@ -4,7 +4,7 @@ from pathlib import Path
 from snakemake.utils import min_version, validate
 
 from mamba_align.eval.judge.client import check_judge, judge_gpus
-from mamba_align.ops import condor_env, jobenv, layout
+from mamba_align.ops import condor_env, jobenv, layout, provenance
 from mamba_align.ops import experiments as experiments_of
 from mamba_align.ops import plan as planner
 from mamba_align.train import recipes
@@ -149,13 +149,27 @@ def model_for(wildcards):
 def learned_by(stage):
     """What the model of `stage` learned from, as known before anything runs: the base model and each stage's
     learning settings up to `stage`. Generation rules carry it as a param, so an evaluation reruns whenever
-    its model is to change, even after a failed retrain has left no model to compare dates with.
+    its model is to change, even after a failed retrain has left no model to compare dates with; judge rules
+    record its key (provenance.model_key) in the score, which `mamba-align status` and the report compare
+    with the current config's.
     """
-    chain = {"base": BASE}
-    for s, recipe in (("sft", SFT), ("dpo", DPO)):
-        if layout.STAGES.index(s) <= layout.STAGES.index(stage):
-            chain[s] = learning_settings(recipe)
-    return chain
+    return provenance.learned_by(stage, BASE, SFT, DPO)
+
+
+def scored_learned_by(w):
+    """What the model a judge job scores learned from (classic layout or a grid's model folder): its key
+    goes into the score, for status and the report to compare with the current config's.
+    """
+    if hasattr(w, "home"):
+        return GRID.learned_by(w.home, learning_settings)
+    return learned_by(layout.stage_of(w.stagedir))
+
+
+def scored_model_dir(w):
+    """The model folder a judge job's answers came from (its run.json key goes into the score)."""
+    if hasattr(w, "home"):
+        return f"{R}/{w.home}/model"
+    return model_of(layout.stage_of(w.stagedir))
 
 
 def answers_for(name):

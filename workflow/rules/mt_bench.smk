@@ -33,6 +33,7 @@ rule generate_mt_bench:
         questions=rules.fetch_mt_bench.output.questions,
     output:
         f"{R}/eval/{{stage}}/mt_bench_answers.jsonl",
+        provenance=f"{R}/provenance/generate_mt_bench-{{stage}}.json",
     log:
         f"{R}/logs/generate_mt_bench/{{stage}}.log",
     benchmark:
@@ -63,6 +64,8 @@ rule judge_mt_bench:
         reference=rules.fetch_mt_bench.output.reference,
     output:
         f"{R}/eval/{{stagedir}}mtbench.json",
+        judgments=f"{R}/eval/{{stagedir}}mt_bench_judgments.jsonl",
+        provenance=f"{R}/provenance/{{stagedir}}judge_mt_bench.json",
     log:
         f"{R}/logs/judge_mt_bench/{{stagedir}}judge.log",
     benchmark:
@@ -76,6 +79,8 @@ rule judge_mt_bench:
     params:
         judge=JUDGE,
         cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judge_cache.jsonl",
-        judgments=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judgments.jsonl",
+        # the scored model's identity, recorded in the score (model_key, model_run_key) for status and the report
+        model=scored_learned_by,
+        model_dir=scored_model_dir,
     script:
         "../scripts/judge_mt_bench.py"

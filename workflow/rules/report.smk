@@ -12,6 +12,7 @@ rule report:
             f"{R}/report/scores.md", caption="../report/scores.rst", category="Scores"
         ),
         csv=f"{R}/report/scores.csv",
+        json=f"{R}/report/scores.json",
         radar=report(
             f"{R}/report/mt_bench_radar.png",
             caption="../report/radar.rst",
@@ -22,6 +23,7 @@ rule report:
             caption="../report/curves.rst",
             category="Training",
         ),
+        provenance=f"{R}/provenance/report.json",
     log:
         f"{R}/logs/report.log",
     benchmark:
@@ -35,6 +37,8 @@ rule report:
     params:
         run_name=config["run_name"],
         stages=EVAL["stages"],
+        # what each stage's model learned from: a score computed for another model is shown as stale
+        models={s: learned_by(s) for s in EVAL["stages"]},
         demo=config["demo"],
     script:
         "../scripts/report.py"

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from mamba_align.ops import layout
-from mamba_align.ops.provenance import record_snakemake_job
+from mamba_align.ops.provenance import model_key, record_snakemake_job
 from mamba_align.ops.report import build_report
 from mamba_align.utils import setup_logging
 
@@ -10,5 +10,6 @@ p = snakemake.params
 results = snakemake.config["results_dir"]
 evals = {s: {b: layout.eval_summary(results, s, b) for b in layout.BENCHMARKS} for s in p.stages}
 metrics = {Path(m).stem: m for m in snakemake.input.metrics}
-build_report(p.run_name, evals, metrics, Path(snakemake.output.table).parent, demo=p.demo)
+build_report(p.run_name, evals, metrics, Path(snakemake.output.table).parent, demo=p.demo,
+             current_keys={s: model_key(m) for s, m in p.models.items()})
 record_snakemake_job(snakemake)

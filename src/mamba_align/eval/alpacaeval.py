@@ -267,8 +267,11 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
 
 def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLike, annotators: list[str],
                       judge_cfg: dict, out_json: str | os.PathLike, cache_dir: str | os.PathLike,
-                      base_url: str | None = None) -> dict:
+                      base_url: str | None = None, model: dict | None = None) -> dict:
     """Score a model's AlpacaEval outputs with each annotator and write the metrics to out_json.
+
+    `model`: what the summary records about the scored model (provenance.scored_model: model_key,
+    model_run_key), for `mamba-align status` and the report to tell a stale score from a current one.
 
     Resumable: annotations are cached in cache_dir, so a rerun only sends requests for missing items.
     `base_url` overrides judge_cfg["base_url"]; without either, backend "local" starts the local judge server.
@@ -307,6 +310,7 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
     metrics = {
         "benchmark": "alpaca_eval",
         "generator": outputs[0]["generator"],
+        **(model or {"model_key": None, "model_run_key": None}),
         "outputs": str(outputs_path),
         "outputs_sha256": sha256_file(outputs_path),
         "results": results,

@@ -218,8 +218,11 @@ def summarize(rows: list[dict], categories: list[str] | None = None) -> dict:
 
 def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_path, judge_cfg: dict,
                    out_json, cache_path, judgments_path=None, base_url: str | None = None,
-                   prices: tuple[float, float] | None = None) -> dict:
+                   prices: tuple[float, float] | None = None, model: dict | None = None) -> dict:
     """Grade a model's MT-Bench answers; write out_json (the summary) and the judgments JSONL.
+
+    `model`: what the summary records about the scored model (provenance.scored_model: model_key,
+    model_run_key), for `mamba-align status` and the report to tell a stale score from a current one.
 
     Judge calls go through JudgeClient (cached in `cache_path`, so a rerun only sends what is
     missing); with backend "local" and no base_url the local judge server is started as needed.
@@ -275,6 +278,7 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
     out = {
         "benchmark": "mt_bench",
         "model_id": model_id,
+        **(model or {"model_key": None, "model_run_key": None}),
         "judge": {"model_requested": judge_cfg["model"],
                   "model_reported": reported[0] if len(reported) == 1 else reported,
                   "backend": judge_cfg["backend"], "repeats": judge_cfg.get("repeats", 1),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -11,7 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from mamba_align.utils import read_json, sha256_file, write_json
+from mamba_align.ops import layout
+from mamba_align.utils import UserError, read_json, sha256_file, write_json
 
 PACKAGES = ("mamba-align", "torch", "transformers", "trl", "accelerate", "datasets", "mamba-ssm", "causal-conv1d",
             "alpaca-eval", "openai", "snakemake", "snakemake-executor-plugin-slurm",
@@ -142,7 +145,8 @@ def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, o
     }
     write_json(out_path, rec)
     for path in outputs.values():
-        if isinstance(path, str) and path.endswith(".json") and Path(path).is_file():
+        if (isinstance(path, str) and path.endswith(".json") and Path(path).is_file()
+                and Path(path).resolve() != Path(out_path).resolve()):
             data = read_json(path)
             if isinstance(data, dict):
                 data["provenance"] = str(out_path)
@@ -150,14 +154,23 @@ def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, o
     return Path(out_path)
 
 
-def record_snakemake_job(smk) -> Path:
-    """`record` for a Snakemake `script:` job: results/provenance/<rule>[-<wildcards>].json."""
-    workflow_dir = Path(getattr(smk, "scriptdir", "workflow/scripts")).parents[1]
+def record_path(smk) -> str:
+    """Where a Snakemake job's record goes: its declared output `provenance` (Snakemake then deletes it with the
+    job's other outputs when the job fails or is to rerun), else results/provenance/<rule>[-<wildcards>].json."""
+    declared = dict(smk.output.items()).get("provenance")
+    if declared:
+        return str(declared)
     wc = "-".join(str(v).strip("/") for v in dict(smk.wildcards).values() if str(v).strip("/"))
     name = smk.rule + (f"-{wc}" if wc else "")
-    results = smk.config.get("results_dir", "results")
-    return record(smk.rule, _named(smk.input), _named(smk.output), dict(smk.params), dict(smk.config),
-                  f"{results}/provenance/{name}.json", workflow_dir)
+    return f"{smk.config.get('results_dir', 'results')}/provenance/{name}.json"
+
+
+def record_snakemake_job(smk) -> Path:
+    """`record` for a Snakemake `script:` job, at record_path(smk)."""
+    workflow_dir = Path(getattr(smk, "scriptdir", "workflow/scripts")).parents[1]
+    outputs = {k: v for k, v in _named(smk.output).items() if k != "provenance"}
+    return record(smk.rule, _named(smk.input), outputs, dict(smk.params), dict(smk.config), record_path(smk),
+                  workflow_dir)
 
 
 def _named(files) -> dict:
@@ -166,3 +179,69 @@ def _named(files) -> dict:
     covered = {str(f) for v in named.values() for f in (v if isinstance(v, list) else [v])}
     named.update({str(i): str(f) for i, f in enumerate(files) if str(f) not in covered})
     return named
+
+
+# --- which model a score belongs to -----------------------------------------------------------------------------
+
+def learned_by(stage: str, base: dict, sft: dict, dpo: dict) -> dict:
+    """What the model of `stage` learned from, as known before anything runs: the base model config and each
+    stage's learning settings up to `stage` (recipes as dicts). Its model_key is what a score is computed for."""
+    from mamba_align.train.recipes import learning_settings
+
+    chain = {"base": base}
+    for s, recipe in (("sft", sft), ("dpo", dpo)):
+        if layout.STAGES.index(s) <= layout.STAGES.index(stage):
+            chain[s] = learning_settings(recipe)
+    return chain
+
+
+def model_key(learned: dict) -> str:
+    """A short hash of learned_by(...): the same config gives the same key, in the workflow and in `status`."""
+    return hashlib.sha256(json.dumps(learned, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def scored_model(learned: dict | None, model_dir: str | Path | None = None) -> dict:
+    """What a score file records about its model: `model_key` (of the config) and `model_run_key` (the trained
+    model's run.json key, runs.run_key: settings, data and parent model hashed), each None when unknown."""
+    run_key = None
+    run_file = Path(model_dir) / "run.json" if model_dir else None
+    if run_file is not None and run_file.is_file():
+        run_key = read_json(run_file).get("key")
+    return {"model_key": model_key(learned) if learned is not None else None, "model_run_key": run_key}
+
+
+def current_model_keys(config_files=(), workflow_dir: str | Path = ".") -> dict[str, str]:
+    """{stage: model_key} of the config a workflow run with `--configfile config_files` would use (the Snakefile's
+    config/config.yaml first, each file merged over it), validated and defaulted by the workflow's schema, as
+    `mamba-align plan` reads it. Reads YAML only: no model, no data."""
+    import yaml
+    from snakemake.utils import update_config, validate
+
+    from mamba_align.train.recipes import as_dict, config_recipe, resolve_chat_template
+
+    workflow_dir = Path(workflow_dir)
+    files = [workflow_dir / "config" / "config.yaml", *map(Path, config_files)]
+    config: dict = {}
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"config file {f} does not exist (run from the workflow folder or pass --workflow-dir)")
+        update_config(config, yaml.safe_load(f.read_text()) or {})
+    validate(config, str(workflow_dir / "workflow" / "schemas" / "config.schema.yaml"))
+    config["base_model"]["chat_template"] = resolve_chat_template(config, workflow_dir)
+    sft, dpo = (as_dict(config_recipe(config, s, workflow_dir, files)) for s in ("sft", "dpo"))
+    return {s: model_key(learned_by(s, config["base_model"], sft, dpo)) for s in layout.STAGES}
+
+
+def stale_reason(summary: dict, current_key: str | None, current_run_key: str | None = None) -> str | None:
+    """Why a score file does not belong to the current model (None when it does, or when nothing is known to
+    compare it with)."""
+    key = summary.get("model_key")
+    if current_key is not None:
+        if key is None:
+            return f"stale: no model key recorded (written before keys were), current config wants {current_key}"
+        if key != current_key:
+            return f"stale: computed for model {key}, current config wants {current_key}"
+    run_key = summary.get("model_run_key")
+    if run_key and current_run_key and run_key != current_run_key:
+        return f"stale: computed for model run {run_key}, the stored model is run {current_run_key}"
+    return None

@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+from mamba_align.ops.provenance import stale_reason
 from mamba_align.utils import UserError, atomic_path, read_json, setup_logging, write_json
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ LEADERBOARDS = {
 }
 COLUMNS = ["model", "stage", "mt_bench_turn_1", "mt_bench_turn_2", "mt_bench_overall", "mt_bench_unrated",
            "alpaca_eval_1_win_rate", "alpaca_eval_1_standard_error", "alpaca_eval_2_win_rate",
-           "alpaca_eval_2_lc_win_rate", "judge", "source"]
+           "alpaca_eval_2_lc_win_rate", "judge", "source", "model_key", "status"]
+CURRENT = "current"
 
 
 def leaderboard_rows(models=LEADERBOARD_MODELS) -> list[dict]:
@@ -76,7 +78,36 @@ def stage_row(run_name: str, stage: str, mtbench: dict | None, alpacaeval: dict 
                 row["alpaca_eval_2_lc_win_rate"] = _round(res.get("length_controlled_winrate"))
         prov.append(alpacaeval.get("provenance"))
     row["provenance"] = [p for p in prov if p]
+    keys = {s.get("model_key") for s in (mtbench, alpacaeval) if s}
+    row["model_key"] = keys.pop() if len(keys) == 1 else None
     return row
+
+
+def stage_rows(run_name: str, stage: str, mtbench: dict | None, alpacaeval: dict | None,
+               current_key: str | None = None) -> list[dict]:
+    """A stage's rows: one of the scores computed for the current config's model (`current_key`), and one per
+    other model that some score was computed for, marked stale. Scores of different models never share a row;
+    without `current_key`, scores of different models are each marked as not comparable."""
+    summaries = {"mtbench": mtbench, "alpacaeval": alpacaeval}
+    by_model: dict[str | None, dict] = {}
+    for bench, summary in summaries.items():
+        if summary:
+            by_model.setdefault(summary.get("model_key"), {})[bench] = summary
+    if current_key is None and len(by_model) <= 1:
+        return [{**stage_row(run_name, stage, mtbench, alpacaeval), "status": CURRENT}]
+    rows = []
+    if current_key is not None:
+        fresh = by_model.pop(current_key, {})
+        rows.append({**stage_row(run_name, stage, fresh.get("mtbench"), fresh.get("alpacaeval")),
+                     "model_key": current_key, "status": CURRENT})
+    for key, found in by_model.items():
+        summary = next(iter(found.values()))
+        reason = (stale_reason(summary, current_key) if current_key is not None else
+                  f"stale?: computed for model {key}; this stage's other scores are for another model")
+        row = stage_row(run_name, stage, found.get("mtbench"), found.get("alpacaeval"))
+        row.update(model=f"{run_name}-{stage} ({reason.split(':')[0]})", model_key=key, status=reason)
+        rows.append(row)
+    return rows
 
 
 def _round(x):
@@ -105,16 +136,27 @@ def write_tables(rows: list[dict], out_dir: Path, demo: bool) -> None:
         w.writeheader()
         w.writerows(rows)
     head = ["model", "MT-Bench T1", "T2", "overall", "unrated", "AE 1.0 win %", "± SE", "AE 2.0 win %",
-            "AE 2.0 LC %", "judge", "source"]
+            "AE 2.0 LC %", "judge", "model key", "source"]
     keys = ["model", "mt_bench_turn_1", "mt_bench_turn_2", "mt_bench_overall", "mt_bench_unrated",
             "alpaca_eval_1_win_rate", "alpaca_eval_1_standard_error", "alpaca_eval_2_win_rate",
-            "alpaca_eval_2_lc_win_rate", "judge", "source"]
+            "alpaca_eval_2_lc_win_rate", "judge", "model_key", "source"]
+    current = [r for r in rows if r.get("status", CURRENT) == CURRENT]
+    stale = [r for r in rows if r.get("status", CURRENT) != CURRENT]
+
+    def table(rs):
+        return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                + ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rs])
+
     lines = ["# Scores", ""]
     if demo:
         lines += ["**Demo run: a tiny random model judged by a 135M model. These numbers mean nothing; "
                   "they show that every stage ran.**", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    lines += table(current)
+    if stale:
+        lines += ["", "## Stale scores: not of the current config's models", "",
+                  "Computed for a model that the current config no longer describes (a retrain or a config change "
+                  "since); rerun their judge rules to replace them.", ""]
+        lines += table(stale) + [""] + [f"- {r['model']}: {r['status']}" for r in stale]
     lines += ["", "Rows from this run link their provenance records (git commit, config, data hashes, "
               "package versions, hardware, scheduler job):", ""]
     lines += [f"- {r['model']}: " + ", ".join(f"`{p}`" for p in r.get("provenance", [])) for r in rows
@@ -179,14 +221,24 @@ def plot_radar(runs: list[tuple[str, str | Path]], out_png: str | Path) -> None:
 
 
 def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[str, str], out_dir,
-                 demo: bool = False) -> list[dict]:
-    """evals: {stage: {"mtbench": path, "alpacaeval": path}}; metrics: {"sft": path, "dpo": path}."""
+                 demo: bool = False, current_keys: dict[str, str] | None = None) -> list[dict]:
+    """evals: {stage: {"mtbench": path, "alpacaeval": path}}; metrics: {"sft": path, "dpo": path};
+    current_keys: {stage: model key of the current config} (provenance.model_key): scores of other models are
+    shown apart, as stale. Writes scores.md, scores.csv, scores.json, mt_bench_radar.png, training_curves.png."""
     out_dir = Path(out_dir)
-    rows = [stage_row(run_name, stage, *(read_json(p[b]) if p.get(b) else None for b in ("mtbench", "alpacaeval")))
-            for stage, p in evals.items()]
+    current_keys = current_keys or {}
+    summaries = {stage: {b: read_json(p[b]) if p.get(b) else None for b in ("mtbench", "alpacaeval")}
+                 for stage, p in evals.items()}
+    rows = [r for stage, s in summaries.items()
+            for r in stage_rows(run_name, stage, s["mtbench"], s["alpacaeval"], current_keys.get(stage))]
     rows += PAPER_ROWS + leaderboard_rows()
     write_tables(rows, out_dir, demo)
-    radar = [(stage, p["mtbench"]) for stage, p in evals.items() if p.get("mtbench")]
+    radar = []
+    for stage, p in evals.items():
+        mt = summaries[stage]["mtbench"]
+        if mt:
+            reason = stale_reason(mt, current_keys.get(stage))
+            radar.append((f"{stage} (stale: model {mt.get('model_key')})" if reason else stage, p["mtbench"]))
     plot_radar(radar, out_dir / "mt_bench_radar.png")
     plot_training_curves(metrics, out_dir / "training_curves.png")
     write_json(out_dir / "scores.json", rows)
@@ -200,12 +252,14 @@ def main(argv=None):
                    default=[])
     p.add_argument("--metrics", nargs=2, action="append", metavar=("STAGE", "METRICS_JSON"), default=[])
     p.add_argument("--out", required=True)
+    p.add_argument("--model-key", nargs=2, action="append", metavar=("STAGE", "KEY"), default=[],
+                   help="the current config's model key of STAGE: scores of another model are shown as stale")
     p.add_argument("--demo", action="store_true")
     p.add_argument("--log", default=None)
     a = p.parse_args(argv)
     setup_logging(a.log)
     build_report(a.run_name, {s: {"mtbench": m, "alpacaeval": e} for s, m, e in a.eval}, dict(a.metrics),
-                 a.out, a.demo)
+                 a.out, a.demo, dict(a.model_key))
 
 
 if __name__ == "__main__":

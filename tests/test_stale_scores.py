@@ -1,0 +1,188 @@
+"""Issue #28, stale results: every file a rule writes is declared (Snakemake deletes it with the job's outputs,
+so an interrupted rerun leaves no old number behind), and every score carries the key of the model it was
+computed for, so `mamba-align status` and the report never show a stale score as current."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from wfhelpers import REPO, snakemake
+
+from mamba_align import cli
+from mamba_align.ops import provenance
+from mamba_align.ops.report import build_report
+
+DEMO = [str(REPO / "config" / "demo.yaml")]
+OLD_KEY = "0123456789ab"
+
+
+def write(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def mtbench(key: str | None, overall: float = 7.0) -> dict:
+    s = {"turn_1": overall, "turn_2": overall, "overall": overall}
+    return {"benchmark": "mt_bench", "model_id": "demo-dpo", "model_key": key, "model_run_key": None,
+            "scores": s, "per_category": {"writing": s, "math": s}, "n_unrated": 0, "judge": {"model": "j"}}
+
+
+def alpacaeval(key: str | None, win_rate: float = 42.0) -> dict:
+    return {"benchmark": "alpaca_eval", "generator": "demo-dpo", "model_key": key, "model_run_key": None,
+            "results": {"weighted_alpaca_eval_gpt4_turbo": {
+                "version": "2.0", "win_rate": win_rate, "length_controlled_winrate": None, "n": 8}}}
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, str]:
+    """The demo config's model keys, as `status` computes them."""
+    return provenance.current_model_keys(DEMO, REPO)
+
+
+def test_keys_follow_what_the_model_learned_from(keys):
+    assert len(set(keys.values())) == 3  # base, sft, dpo: each stage's model is another model
+    chain = provenance.learned_by("dpo", {"source": "x"}, {"learning_rate": 1.0}, {"beta": 0.1})
+    changed = provenance.learned_by("dpo", {"source": "x"}, {"learning_rate": 1.0}, {"beta": 0.2})
+    assert provenance.model_key(chain) != provenance.model_key(changed)
+    assert provenance.model_key(chain) == provenance.model_key(json.loads(json.dumps(chain)))
+
+
+# --- bullet 2: a stale AlpacaEval next to a fresh MT-Bench ------------------------------------------------------
+
+@pytest.fixture
+def results(tmp_path, keys) -> Path:
+    """After a DPO change, `snakemake results/eval/mtbench.json` rebuilt MT-Bench only: AlpacaEval and the report
+    still hold the old DPO model's numbers."""
+    r = tmp_path / "results"
+    write(r / "eval/mtbench.json", mtbench(keys["dpo"], overall=7.0))
+    write(r / "eval/alpacaeval.json", alpacaeval(OLD_KEY, win_rate=42.0))
+    write(r / "eval/sft/mtbench.json", mtbench(keys["sft"], overall=5.0))
+    write(r / "eval/sft/alpacaeval.json", alpacaeval(keys["sft"], win_rate=11.0))
+    build_report("demo", {"dpo": {"mtbench": r / "eval/mtbench.json", "alpacaeval": r / "eval/alpacaeval.json"}},
+                 {}, r / "report", current_keys={"dpo": OLD_KEY})  # the report of the old model
+    return r
+
+
+def test_status_marks_the_stale_alpacaeval_and_the_stale_report(results, keys, capsys):
+    assert cli.main(["status", str(results), "--configfile", *DEMO, "--workflow-dir", str(REPO)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":", 2)[1].strip(): line for line in out.splitlines() if line.startswith("eval dpo:")}
+    assert "stale" not in lines["MT-Bench"]
+    assert f"[stale: computed for model {OLD_KEY}, current config wants {keys['dpo']}]" in lines["AlpacaEval demo-dpo"]
+    assert not any("stale" in line for line in out.splitlines() if line.startswith("eval sft:"))
+    report = next(line for line in out.splitlines() if line.startswith("report:"))
+    assert f"dpo row is stale: computed for model {OLD_KEY}" in report
+
+
+def test_status_without_keys_in_old_scores_says_so(results, keys, capsys):
+    write(results / "eval/alpacaeval.json", alpacaeval(None))  # written before scores carried keys
+    cli.main(["status", str(results), "--config", *DEMO, "--workflow-dir", str(REPO)])
+    assert "[stale: no model key recorded" in capsys.readouterr().out
+
+
+def test_report_never_shows_the_stale_alpacaeval_in_the_current_row(results, keys):
+    rows = build_report("demo", {s: {"mtbench": results / f"eval/{d}mtbench.json",
+                                     "alpacaeval": results / f"eval/{d}alpacaeval.json"}
+                                 for s, d in (("sft", "sft/"), ("dpo", ""))},
+                        {}, results / "report", current_keys={s: keys[s] for s in ("sft", "dpo")})
+    ours = [r for r in rows if r["source"] == "this run"]
+    current = {r["stage"]: r for r in ours if r["status"] == "current"}
+    stale = [r for r in ours if r["status"] != "current"]
+    assert current["dpo"]["mt_bench_overall"] == 7.0 and current["dpo"]["model_key"] == keys["dpo"]
+    assert current["dpo"].get("alpaca_eval_2_win_rate") is None  # not beside the fresh MT-Bench
+    assert current["sft"]["alpaca_eval_2_win_rate"] == 11.0  # the sft row is one model's
+    assert [(r["stage"], r["model_key"], r["alpaca_eval_2_win_rate"], r.get("mt_bench_overall")) for r in stale] \
+        == [("dpo", OLD_KEY, 42.0, None)]
+    assert stale[0]["status"] == f"stale: computed for model {OLD_KEY}, current config wants {keys['dpo']}"
+    md = (results / "report/scores.md").read_text()
+    main_table, stale_part = md.split("## Stale scores")
+    assert "42.00" not in main_table and "42.00" in stale_part
+    assert json.loads((results / "report/scores.json").read_text()) == json.loads(json.dumps(rows, default=str))
+
+
+def test_report_without_current_keys_keeps_different_models_apart(results):
+    rows = build_report("demo", {"dpo": {"mtbench": results / "eval/mtbench.json",
+                                         "alpacaeval": results / "eval/alpacaeval.json"}}, {}, results / "report")
+    ours = [r for r in rows if r["source"] == "this run"]
+    assert len(ours) == 2 and all(r["status"].startswith("stale?") for r in ours)
+
+
+# --- bullet 1: every file a rule writes is declared ----------------------------------------------------------
+
+def rule_blocks() -> dict[str, tuple[str, str]]:
+    """{rule: (its .smk body, the rule it is a `use rule` of, or itself)} of every rule of the workflow."""
+    blocks = {}
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for name, body in re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", text, re.S | re.M):
+            blocks[name] = (body, name)
+        for base, name, body in re.findall(r"^use rule (\w+) as (\w+) with:\n(.*?)(?=^\S|\Z)", text, re.S | re.M):
+            blocks[name] = (body, base)
+    return blocks
+
+
+def section(body: str, key: str) -> str:
+    m = re.search(rf"^    {key}:\n(.*?)(?=^    \w+:|\Z)", body, re.S | re.M)
+    return m.group(1) if m else ""
+
+
+# Rules outside this change's files whose provenance record is not declared yet (it goes to the undeclared
+# results/provenance/<rule>.json): each needs `provenance=f"{R}/provenance/<rule>....json"` in its output.
+PENDING = {"build_demo_inputs", "plan", "prepare_base_model", "prepare_sft_data", "prepare_preference_data",
+           "train_sft", "train_dpo", "fetch_mt_bench", "fetch_alpaca_eval", "prepare_base_model_grid",
+           "prepare_sft_data_grid", "prepare_preference_data_grid", "train_sft_grid", "train_dpo_grid",
+           "generate_mt_bench_grid", "judge_mt_bench_grid", "generate_alpaca_eval_grid", "judge_alpaca_eval_grid",
+           "report_experiments"}
+
+
+@pytest.mark.parametrize("rule", sorted(rule_blocks()))
+def test_every_provenance_record_is_a_declared_output(rule):
+    blocks = rule_blocks()
+    body, base = blocks[rule]
+    script = re.search(r'"\.\./scripts/(\w+\.py)"', section(blocks[base][0], "script"))
+    if not script or "record_snakemake_job" not in (REPO / "workflow" / "scripts" / script.group(1)).read_text():
+        pytest.skip("writes no provenance record")
+    output = section(body, "output") or section(blocks[base][0], "output")
+    if rule in PENDING and "provenance=" not in output:
+        pytest.xfail(f"{rule}: its .smk is outside issue #28's stale-score change; declare provenance= there")
+    assert re.search(r'^        provenance=f"\{R\}/provenance/', output, re.M), f"{rule} writes an undeclared record"
+
+
+def test_judgments_of_mt_bench_are_declared():
+    body, _ = rule_blocks()["judge_mt_bench"]
+    assert "judgments=" in section(body, "output") and "judgments=" not in section(body, "params")
+
+
+def test_report_rule_writes_only_declared_files(workflow_copy, keys):
+    """The report rule run by Snakemake on hand-made scores (no model, no judge): every file that appears under
+    results/ is a declared output, log or benchmark; its rows are current (the workflow's keys are status's)."""
+    r = workflow_copy / "results"
+    for stage, d in (("sft", "sft/"), ("dpo", "")):
+        write(r / f"eval/{d}mtbench.json", mtbench(keys[stage]))
+        write(r / f"eval/{d}alpacaeval.json", alpacaeval(keys[stage]))
+        write(r / f"metrics/{stage}.json", {"log_history": [{"step": 1, "loss": 1.0}]})
+    write(r / "report/scores.json", [{"model": "demo-dpo", "stage": "dpo", "source": "this run"}])  # an old one
+    time.sleep(0.01)
+    before = {p: p.stat().st_mtime_ns for p in r.rglob("*") if p.is_file()}
+    args = ["results/report/scores.md", "--configfile", "config/demo.yaml", "--allowed-rules", "report"]
+    dry = snakemake(workflow_copy, "-n", *args).stdout
+    block = dry[dry.index("rule report:"):]
+    declared = {f.strip() for key in ("output", "log", "benchmark")
+                for f in re.search(rf"^    {key}: (.*)$", block, re.M).group(1).split(",")}
+    assert {"results/report/scores.json", "results/provenance/report.json"} <= declared
+    snakemake(workflow_copy, "--cores", "1", *args)
+    written = {str(p.relative_to(workflow_copy)) for p in r.rglob("*")
+               if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
+    # a log's hidden attempt history (.<log>.history, beside the declared log) belongs to the log
+    declared |= {str(Path(f).with_name(f".{Path(f).name}.history")) for f in declared if f.endswith(".log")}
+    assert "results/report/scores.json" in written and written - declared == set()
+    rows = json.loads((r / "report/scores.json").read_text())
+    ours = [x for x in rows if x["source"] == "this run"]
+    assert [(x["stage"], x["status"]) for x in ours] == [("sft", "current"), ("dpo", "current")]
+    assert json.loads((r / "eval/mtbench.json").read_text()).get("provenance") is None  # inputs are not rewritten
+    assert json.loads((r / "provenance/report.json").read_text())["step"] == "report"
