@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from mamba_align.model.kernels import cpu_mamba_class
 from mamba_align.model.mapping import (
     canonical_ssm_state_dict,
     expected_ssm_shapes,
@@ -89,9 +88,11 @@ def verify_against_reference(model_dir: Path, ssm_sd: dict, ssm_config: dict, ep
                              new_tokens: int = VERIFY_NEW_TOKENS) -> dict:
     """Logits and greedy continuation of the written checkpoint (transformers, CPU, mambapy scan) vs
     the reference forward of the source weights."""
+    from transformers import MambaForCausalLM
+
     from mamba_align.model import reference
 
-    model, info = cpu_mamba_class().from_pretrained(model_dir, dtype=torch.float32, use_mambapy=True,
+    model, info = MambaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_mambapy=True,
                                                    output_loading_info=True)
     bad = {k: v for k, v in info.items() if v}
     if bad:
@@ -133,7 +134,6 @@ def prepare_base_model(source: str, revision: str | None, tokenizer: str | None,
     tokenizer=None skips the tokenizer (a weights-only check, e.g. on a GPU box); then chat_template must be None.
     """
     started = time.time()
-    cpu_mamba_class()  # this step runs the model on CPU: transformers' Mamba on its PyTorch path in this process
     if chat_template is not None and chat_template not in CHAT_TEMPLATES:
         raise UserError(f"unknown chat template {chat_template!r}; expected one of {sorted(CHAT_TEMPLATES)}")
     if chat_template and not tokenizer:

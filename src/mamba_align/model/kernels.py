@@ -6,11 +6,9 @@ would run out of its time limit and be retried in vain. This check runs before a
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 import os
-import sys
 
 from mamba_align.utils import UserError
 
@@ -49,35 +47,3 @@ def require_kernels(what: str) -> None:
         f"~10x slower and the job outlives its planned time. Install them in the job's environment "
         f"(pip install 'mamba-align[gpu]', or the container: README 'The GPU environment'), or set "
         f"{ALLOW_SLOW_PATH_ENV}=1 to run on the slow path anyway.")
-
-
-MAMBA_MODELING = "transformers.models.mamba.modeling_mamba"
-_imported_on_torch_path = False
-
-
-def cpu_mamba_class():
-    """transformers' MambaForCausalLM on its PyTorch path, for a model that runs on CPU.
-
-    transformers (5.17 to 5.24 at least) binds causal_conv1d's and mamba_ssm's functions, when they are importable,
-    the first time its Mamba module is imported, and then calls them for CPU tensors too: they fail with "Expected
-    x.is_cuda() to be true". An environment with the GPU extra installed (a shared conda env, the cluster's
-    container) would fail every CPU step that runs the model, e.g. the conversion check of `prepare_base_model` on
-    a CPU node. So the module is imported here with the kernel packages hidden (and visible again afterwards).
-    `tests/test_convert.py` fails once transformers no longer needs this."""
-    global _imported_on_torch_path
-    if MAMBA_MODELING not in sys.modules:
-        hidden = [m for m in KERNEL_PACKAGES if m not in sys.modules]
-        for module in hidden:
-            sys.modules[module] = None  # `import` raises ImportError; transformers falls back to PyTorch
-        try:
-            importlib.import_module(MAMBA_MODELING)
-        finally:
-            for module in hidden:
-                sys.modules.pop(module, None)
-        _imported_on_torch_path = len(hidden) == len(KERNEL_PACKAGES)
-    if _imported_on_torch_path or missing_kernels() == list(KERNEL_PACKAGES.values()):
-        return sys.modules[MAMBA_MODELING].MambaForCausalLM
-    raise RuntimeError(
-        "transformers' Mamba was imported in this process while the CUDA kernels (mamba_ssm, causal_conv1d) were "
-        "importable, so it calls them for CPU tensors too; run the CPU model in its own process (as the workflow's "
-        "rules do), or before anything imports the model on GPU")

@@ -9,7 +9,6 @@ import os
 import time
 from pathlib import Path
 
-from mamba_align.model.kernels import cpu_mamba_class
 from mamba_align.train.callbacks import on_signals, progress_callback, restore_signals, stop_and_timing_callbacks
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, last_complete_checkpoint
 from mamba_align.train.preflight import COLUMNS
@@ -29,8 +28,6 @@ def _load_model(model_dir, cpu: bool):
     config.use_cache = False
     if cpu and hasattr(config, "use_mambapy"):
         config.use_mambapy = True  # parallel scan: ~16x faster than the sequential loop on CPU
-    if cpu and config.model_type == "mamba":
-        cpu_mamba_class()  # transformers' PyTorch path even where the CUDA kernels are installed
     # fp32 master weights always; bf16 only as autocast (the SSM recurrence is precision-sensitive)
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
     return model, saved

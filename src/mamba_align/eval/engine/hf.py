@@ -15,14 +15,11 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mamba_align.model.kernels import cpu_mamba_class
-
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs = {}
         if self.device == "cpu":
             kwargs["use_mambapy"] = True  # parallel scan on CPU: much faster than the sequential loop
-            cpu_mamba_class()  # transformers' PyTorch path even where the CUDA kernels are installed
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
