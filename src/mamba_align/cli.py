@@ -159,9 +159,9 @@ def status(results: str | Path, config_files=None, workflow_dir: str | Path = ".
         current = current_model_keys(config_files or (), workflow_dir)
         out.append(f"scores compared with the models of {named}: "
                    + ", ".join(f"{s} {k}" for s, k in current.items()))
-    except UserError as e:
+    except Exception as e:  # a config that does not load (missing, invalid) must not hide the folder's status
         current = None
-        out.append(f"scores not compared with a config ({e})")
+        out.append(f"scores not compared with a config ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     plan = results / "plan.txt"
     if plan.exists():
         total = _last_line(plan, r"total GPU-hours|judge total")
