@@ -1,17 +1,17 @@
 """mamba_align.ops.runs and the checkpoint-folder lock on a tiny random Mamba (CPU, offline): a training run is keyed
 by its settings, data and parent model; a finished run stores its model, points the stage's path at it and
-deletes its checkpoints; a retrain really retrains and keeps the earlier model; two jobs never share a
-checkpoint folder, and a killed one leaves no stale lock."""
+deletes its checkpoints; the same key reuses its stored model, a damaged one is retrained and kept; two jobs
+never share a checkpoint folder, and a killed one leaves no stale lock."""
 
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from wfhelpers import bench_module
 
 from mamba_align.ops import runs
@@ -69,18 +69,39 @@ def test_a_finished_stage_is_stored_by_key_linked_and_its_checkpoints_removed(ti
     assert read_json(tmp_path / "sft.json")["resumed_from"] is None
 
 
-def test_retraining_really_retrains_and_keeps_the_earlier_model(tiny, tmp_path):
+def test_the_same_key_reuses_the_stored_model_without_training(tiny, tmp_path, monkeypatch):
+    first = sft(tiny, tmp_path)
+    link = tmp_path / "models" / "sft"
+    store = link.resolve()
+    assert (store / "manifest.json").is_file() and read_json(store / "run.json")["metrics"]["run"]["key"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the trainer was called for a key whose model is stored")
+
+    monkeypatch.setattr("mamba_align.train.launch.train_sft", no_training)
+    link.unlink()  # what --forcerun train_sft, or an upstream rewrite, does before the job
+    started = time.monotonic()
+    m = sft(tiny, tmp_path)
+    assert time.monotonic() - started < 5
+    assert m["run"]["reused"] and m["run"]["key"] == first["run"]["key"]
+    assert read_json(tmp_path / "sft.json") == m  # the rule's metrics output is written again
+    assert link.resolve() == store and not (tmp_path / "checkpoints" / f"sft-{m['run']['key']}").exists()
+    assert not store.with_name(store.name + ".previous").exists()
+
+
+def test_a_damaged_stored_model_is_retrained_and_kept_as_previous(tiny, tmp_path):
     sft(tiny, tmp_path)
     link = tmp_path / "models" / "sft"
-    first = load_file(link / "model.safetensors")
     store = link.resolve()
-    sft(tiny, tmp_path)  # what --forcerun train_sft (or deleting results/models/sft) does
+    weights = store / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as fh:
+        fh.truncate(size // 2)
+    sft(tiny, tmp_path)
     m = read_json(tmp_path / "sft.json")
-    assert m["resumed_from"] is None and m["steps_this_run"] == 4  # from scratch, not from the final checkpoint
-    assert link.resolve() == store
-    previous = store.with_name(store.name + ".previous")
-    kept = load_file(previous / "model.safetensors")
-    assert all(torch.equal(first[k], kept[k]) for k in first)  # the way back
+    assert m["resumed_from"] is None and m["steps_this_run"] == 4 and not m["run"].get("reused")
+    assert link.resolve() == store and weights.stat().st_size == size
+    assert (store.with_name(store.name + ".previous") / "model.safetensors").stat().st_size == size // 2
 
 
 def test_sft_on_other_data_gives_dpo_a_fresh_checkpoint_folder(tiny, tmp_path):

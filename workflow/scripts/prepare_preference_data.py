@@ -8,6 +8,6 @@ from mamba_align.utils import setup_logging
 setup_logging(snakemake.log[0])
 p = snakemake.params
 prepare_preference_data(DatasetSpec(**p.dataset), snakemake.input.model, Path(snakemake.output.train).parent,
-                        p.max_length, p.max_prompt_length)
+                        p.max_length, p.max_prompt_length, inputs=list(snakemake.input))
 
 record_snakemake_job(snakemake)

@@ -8,6 +8,6 @@ from mamba_align.utils import setup_logging
 setup_logging(snakemake.log[0])
 p = snakemake.params
 prepare_sft_data(DatasetSpec(**p.dataset), snakemake.input.model, Path(snakemake.output.train).parent,
-                 p.max_seq_length, p.packing)
+                 p.max_seq_length, p.packing, inputs=list(snakemake.input))
 
 record_snakemake_job(snakemake)

@@ -43,9 +43,11 @@ from mamba_align.model.tokenizer import (
     PAD_ID,
     prepare_tokenizer,
 )
+from mamba_align.ops.manifest import write_manifest
 from mamba_align.utils import (
     UserError,
     atomic_path,
+    follow_umask,
     setup_logging,
     sha256_file,
     write_json,
@@ -70,9 +72,7 @@ def _write_model(out: Path, ssm_sd: dict, hf_config, stop_ids: tuple[int, ...] =
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
     save_file(mamba_ssm_to_hf_state_dict(ssm_sd, hf_config.tie_word_embeddings), weights, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    weights.chmod(0o666 & ~umask)  # safetensors writes 0600; others on a cluster must read the base model
+    follow_umask(weights)  # safetensors writes 0600; others on a cluster must read the base model
     hf_config.save_pretrained(out)
     # generation stops at eos and at the chat template's end-of-turn token (ChatML's <|im_end|>), if any
     eos = [EOS_ID, *stop_ids] if stop_ids else EOS_ID
@@ -127,11 +127,12 @@ def verify_against_reference(model_dir: Path, ssm_sd: dict, ssm_config: dict, ep
 
 def prepare_base_model(source: str, revision: str | None, tokenizer: str | None, tokenizer_revision: str | None,
                        chat_template: str | None, out_dir: str | os.PathLike, report_path: str | os.PathLike,
-                       verify: bool = True) -> dict:
+                       verify: bool = True, rule: str = "prepare_base_model") -> dict:
     """Convert `source` (local dir or Hub id@revision, mamba_ssm or transformers format) into a transformers
     MambaForCausalLM directory at `out_dir` (written atomically) and write a JSON report to `report_path`.
 
     tokenizer=None skips the tokenizer (a weights-only check, e.g. on a GPU box); then chat_template must be None.
+    The directory's manifest.json (mamba_align.ops.manifest) records its files and `rule`, the rule that rebuilds it.
     """
     started = time.time()
     if chat_template is not None and chat_template not in CHAT_TEMPLATES:
@@ -178,7 +179,8 @@ def prepare_base_model(source: str, revision: str | None, tokenizer: str | None,
                 raise UserError(f"model {source}: converted checkpoint disagrees with the reference forward: "
                                 f"max |dlogit| {checks['max_abs_logit_diff']:.3g} (allowed {VERIFY_ATOL}), greedy "
                                 f"{checks['greedy_converted']} vs {checks['greedy_reference']}")
-        weights_sha256 = {weights.name: sha256_file(weights)}
+        files = write_manifest(tmp, rule)  # what every consumer checks the model against
+        weights_sha256 = {weights.name: files[weights.name]["sha256"]}
 
     import transformers
 

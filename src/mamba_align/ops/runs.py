@@ -5,10 +5,15 @@
   `<checkpoints>/<stage>-<key>/`, the model to `results/models/<stage>-<key>/`, and `results/models/<stage>`
   (the rule's declared output) is a symlink to it: a mistaken `--forcerun` or a failed retrain deletes only
   that symlink, never a finished model.
-- Training always trains: it resumes only an unfinished run of the same key (a pre-empted or killed job).
-  A finished run's checkpoints are deleted once its model is stored, so a retrain starts from scratch.
-- Retraining a key whose model exists first moves that model to `<stage>-<key>.previous` (one previous
-  version is kept; an older one is deleted).
+- The parent model is checked against its manifest first (mamba_align.ops.manifest), in the same read that
+  gives its identity: a damaged file fails naming it and the rule that rebuilds it, before anything is created.
+- A key that already has a complete stored model (run.json of that key, a manifest that verifies, no unfinished
+  checkpoints) is not trained again: the symlink is pointed back at it and its metrics restored. Undoing a
+  change, or a rerun that Snakemake schedules because an upstream file was rewritten byte-identically, costs
+  seconds, not the GPU budget. To really retrain a key, delete `results/models/<stage>-<key>/`.
+- Otherwise it trains, resuming an unfinished run of the same key (a pre-empted or killed job). A finished run's
+  checkpoints are deleted once its model is stored. A stored model that fails its check is moved to
+  `<stage>-<key>.previous` (one previous version is kept; an older one is deleted) and the key retrained.
 """
 
 from __future__ import annotations
@@ -21,37 +26,27 @@ import shutil
 from pathlib import Path
 
 from mamba_align.ops import layout
+from mamba_align.ops.manifest import RUN_FILE, file_digest, file_hashes, identity_of, verify_model, write_manifest
 from mamba_align.train.recipes import OPERATIONAL_KEYS, as_dict
-from mamba_align.utils import read_json, write_json
+from mamba_align.utils import UserError, read_json, write_json
 
 log = logging.getLogger("mamba_align.ops.runs")
 
-RUN_FILE = "run.json"  # in a stored model: its key and what it learned from
+__all__ = ["RUN_FILE", "file_digest", "learned_from", "model_identity", "run_key", "train_stage"]
 PREVIOUS = ".previous"
 
 
-def file_digest(path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def model_identity(model_dir) -> str:
-    """A hash of a model directory's files (names and contents; hidden files such as Snakemake's timestamp and
-    our run.json excluded). Reads every byte: ~10 s for a 2.8B model, once per training job."""
-    root = Path(model_dir).resolve()
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*")):
-        rel = f.relative_to(root)
-        if f.is_file() and not any(p.startswith(".") for p in rel.parts) and rel.name != RUN_FILE:
-            h.update(f"{rel}:{file_digest(f)}\n".encode())
-    return h.hexdigest()
+    """A hash of a model directory's files (names and contents; hidden files such as Snakemake's timestamp, our
+    run.json and manifest.json excluded). Reads every byte: ~10 s for a 2.8B model, once per training job."""
+    return identity_of(file_hashes(model_dir))
 
 
-def learned_from(stage: str, recipe, data_files, parent_model) -> dict:
+def learned_from(stage: str, recipe, data_files, parent_model, parent_identity: str | None = None) -> dict:
     settings = {k: v for k, v in as_dict(recipe).items() if k not in OPERATIONAL_KEYS}
     return {"stage": stage, "recipe": json.loads(json.dumps(settings, default=str)),
             "data": [file_digest(f) if f is not None else None for f in data_files],  # by role: train, test
-            "parent_model": model_identity(parent_model)}
+            "parent_model": parent_identity or model_identity(parent_model)}
 
 
 def run_key(stage: str, recipe, data_files, parent_model) -> str:
@@ -82,14 +77,35 @@ def _keep_as_previous(model: Path) -> Path:
     return previous
 
 
-def train_stage(stage: str, model, train, test, recipe, out, checkpoints, metrics, num_processes: int = 1,
-                fsdp: bool = False) -> dict:
-    """Train `stage` (sft or dpo; DPO uses its input model as the reference) into the keyed model directory,
-    point `out` at it and delete the run's checkpoints. Returns the metrics."""
-    from mamba_align.train.checkpoints import last_complete_checkpoint, lock_checkpoint_dir, release_checkpoint_dir
-    from mamba_align.train.launch import train_dpo, train_sft
+def _stored_and_sound(store: Path, key: str) -> dict | None:
+    """The run.json of a complete stored model of `key` whose files match its manifest, else None (logged)."""
+    run_file = store / RUN_FILE
+    if not run_file.is_file():
+        return None
+    run = read_json(run_file)
+    if run.get("key") != key or "metrics" not in run:
+        log.warning("stored model %s: its %s is not a finished run of key %s (written before reuse existed?); "
+                    "retraining", store, RUN_FILE, key)
+        return None
+    try:
+        verify_model(store)
+    except UserError as e:
+        log.warning("stored model %s cannot be reused: %s; retraining", store, e)
+        return None
+    return run
 
-    what = learned_from(stage, recipe, [train, test], model)
+
+def train_stage(stage: str, model, train, test, recipe, out, checkpoints, metrics, num_processes: int = 1,
+                fsdp: bool = False, rule: str | None = None) -> dict:
+    """Train `stage` (sft or dpo; DPO uses its input model as the reference) into the keyed model directory,
+    point `out` at it and delete the run's checkpoints; or, when that key's model is stored and sound, point
+    `out` at it without training. `rule` (default train_<stage>) is named in the model's manifest as the rule
+    that rebuilds it. Returns the metrics."""
+    from mamba_align.train.checkpoints import last_complete_checkpoint, lock_checkpoint_dir, release_checkpoint_dir
+
+    rule = rule or f"train_{stage}"
+    parent = verify_model(model)  # a damaged parent fails here, naming its file, before any folder is created
+    what = learned_from(stage, recipe, [train, test], model, identity_of(parent))
     key = _key(what)
     ckpt = Path(layout.checkpoint_dir(str(checkpoints), stage, key))
     # live curves (recipe key report_to): `tensorboard --logdir results/logs/tensorboard`, one folder per run
@@ -99,20 +115,35 @@ def train_stage(stage: str, model, train, test, recipe, out, checkpoints, metric
     lock_checkpoint_dir(ckpt)  # before the model store is touched: a second job on this key stops here
     try:
         resume = last_complete_checkpoint(ckpt)
+        stored = _stored_and_sound(store, key) if resume is None else None
+        if stored is not None:
+            log.info("%s run %s: %s holds this key's finished model (same settings, data and parent model); "
+                     "reusing it, not retraining (delete that folder to retrain)", stage, key, store)
+            _point(out, store)
+            metrics_file = {**stored["metrics"], "run": {**stored["metrics"].get("run", {}), "reused": True}}
+            write_json(metrics, metrics_file)
+            shutil.rmtree(ckpt)
+            log.info("%s run %s reused: %s -> %s", stage, key, out, store.name)
+            return metrics_file
         log.info("%s run %s: checkpoints in %s (%s), model to %s", stage, key, ckpt,
                  f"resuming {resume.name}" if resume else "from scratch", store)
         if store.exists() and resume is None:
             _keep_as_previous(store)
+        from mamba_align.train.launch import train_dpo, train_sft
+
         if stage == "sft":
             train_sft(model, train, test, recipe, store, ckpt, metrics, num_processes=num_processes, fsdp=fsdp)
         else:
             train_dpo(model, model, train, test, recipe, store, ckpt, metrics, num_processes=num_processes,
                       fsdp=fsdp)
-        write_json(store / RUN_FILE, {"key": key, "parent_model_path": str(Path(model).resolve()), **what})
-        _point(out, store)
+        write_manifest(store, rule)
         metrics_file = read_json(metrics)
         metrics_file["run"] = {"key": key, "model": str(store), "checkpoints_removed": str(ckpt)}
         write_json(metrics, metrics_file)
+        # run.json last: its metrics mark the stored model as finished, so reusable
+        write_json(store / RUN_FILE, {"key": key, "parent_model_path": str(Path(model).resolve()), **what,
+                                      "metrics": metrics_file})
+        _point(out, store)
         shutil.rmtree(ckpt)  # the model is stored: its checkpoints (tens of GB at 2.8B) go
         log.info("%s run %s finished: %s -> %s; removed %s", stage, key, out, store.name, ckpt)
         return metrics_file
