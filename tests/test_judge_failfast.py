@@ -142,3 +142,17 @@ def test_a_rate_limit_retry_says_the_status_and_the_wait(tmp_path, caplog):
             JudgeClient(judge_cfg(max_retries=1), tmp_path / "c.jsonl", base_url=url).complete_many(requests_(1))
     assert [r.getMessage() for r in caplog.records if "retry" in r.getMessage()] == [
         f"judge POST {url}/chat/completions: HTTP 429; retry 1 of 1 in 0.3 s"]
+
+
+def test_the_workflow_refuses_to_start_when_the_judge_does_not_answer(workflow_copy, closed_port):
+    """Was: training ran, then the judge job was silent for 9 minutes and failed without naming the URL."""
+    import yaml
+    from wfhelpers import snakemake
+
+    url = f"http://127.0.0.1:{closed_port}/v1"
+    (workflow_copy / "judge.yaml").write_text(yaml.safe_dump({"judge": {"base_url": url}}))
+    proc = snakemake(workflow_copy, "--cores", "1", "--configfile", "config/config.yaml", "judge.yaml", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"GET {url}/models failed with " in out and "checked before any job runs" in out, out[-3000:]
+    assert not (workflow_copy / "results" / "models").exists()

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from mamba_align.eval.judge.client import JudgeClient  # noqa: E402
+from mamba_align.eval.judge.client import JudgeClient, check_judge  # noqa: E402
 from mamba_align.eval.judge.server import LocalJudge, load_judge_model, resolve_model_source  # noqa: E402
 from mamba_align.utils import UserError  # noqa: E402
 
@@ -87,6 +87,7 @@ def test_smollm2_gguf_judge_answers_and_rates(tmp_path):
             [{"messages": rate}, {"messages": chat}, {"messages": chat, "logprobs": True, "top_logprobs": 3}])
         with urllib.request.urlopen(judge.base_url + "/models", timeout=10) as r:
             models = json.load(r)
+        check_judge(dict(cfg, base_url=judge.base_url), {}, probe=True)  # the start-up probe of a served judge
         again = post_chat(judge.base_url, rate)
     elapsed = time.monotonic() - t0
     print(f"\nSmolLM2 GGUF local judge: load + 3 requests in {elapsed:.1f} s; "

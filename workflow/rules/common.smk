@@ -20,7 +20,13 @@ condor_env.quiet_condor_config()
 jobenv.use_checkout_source(os.path.join(workflow.basedir, "src"))
 
 
-validate(config, schema="../schemas/config.schema.yaml")
+# one line naming the key and the schema's complaint, not snakemake's dump of the whole schema and config
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as e:
+    from mamba_align.ops.schema import config_error
+
+    raise WorkflowError(config_error(e)) from None
 
 R = config["results_dir"]
 # the recipe's chat template unless the config names one; a different one is an error
@@ -86,13 +92,13 @@ envvars:
 
 onstart:
     # Checked before the first job (not in dry runs) when judge jobs will run, so a missing judge key
-    # fails before training, not after it.
+    # or an endpoint that does not answer (one GET {base_url}/models) fails before training, not after it.
     judging = any(
         j.rule.name.startswith("judge_") for j in workflow.dag.needrun_jobs()
     )
     if judging:
         try:
-            check_judge(JUDGE, local_exec=workflow.local_exec)
+            check_judge(JUDGE, local_exec=workflow.local_exec, probe=True)
         except UserError as e:
             raise WorkflowError(f"{e}; checked before any job runs.") from None
     # A score that this run will recompute is removed now, not when its job starts: a run that fails
