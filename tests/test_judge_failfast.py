@@ -156,3 +156,17 @@ def test_the_workflow_refuses_to_start_when_the_judge_does_not_answer(workflow_c
     assert proc.returncode != 0
     assert f"GET {url}/models failed with " in out and "checked before any job runs" in out, out[-3000:]
     assert not (workflow_copy / "results" / "models").exists()
+
+
+def test_alpaca_evals_judge_retries_say_the_url_the_error_and_the_wait(caplog, closed_port, monkeypatch):
+    """AlpacaEval asks each prompt once (alpaca_eval re-asks only rate limits), through our client's retries."""
+    from mamba_align.eval.alpacaeval import openai_client
+
+    monkeypatch.setenv("FAKE_JUDGE_KEY", KEY)
+    url = f"http://127.0.0.1:{closed_port}/v1"
+    client = openai_client("FAKE_JUDGE_KEY", base_url=url, max_retries=1, timeout=5.0)
+    with pytest.raises(Exception, match="Connection error"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    [line] = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert re.fullmatch(rf"judge POST {re.escape(url)}/chat/completions: .*Connect.*refused.*; retry 1 of 1 in "
+                        rf"\d+\.\d s", line), line

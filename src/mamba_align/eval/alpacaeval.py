@@ -56,9 +56,10 @@ def openai_client(api_key_env: str = "OPENAI_API_KEY", **client_kwargs: Any):
     our logprobs probe. The API key is read here, from the variable judge.api_key_env names, so it is in no file
     and not among the completion kwargs that alpaca_eval logs; local servers get a placeholder, as the client
     wants one."""
-    import openai
+    from mamba_align.eval.judge.client import openai_client as logged_client  # retries name URL, error and wait
 
-    return openai.OpenAI(api_key=os.environ.get(api_key_env, "").strip() or "EMPTY", **client_kwargs)
+    return logged_client(client_kwargs.pop("base_url", None), os.environ.get(api_key_env, "").strip() or "EMPTY",
+                         **client_kwargs)
 
 
 def _judge_settings(judge_cfg: dict, base_url: str | None) -> dict:

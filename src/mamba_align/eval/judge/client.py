@@ -108,9 +108,10 @@ def _cause(err: BaseException) -> str:
     return f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
 
 
-def openai_client(base_url: str | None, key: str, *, max_retries: int, timeout: float):
-    """An openai.OpenAI client whose retries say what they wait for: the URL, the error and the wait, as a
-    warning in the judge log (the client's own line, at INFO, names neither URL nor error)."""
+def openai_client(base_url: str | None, key: str, **kwargs):
+    """An openai.OpenAI client (`kwargs`: its other arguments) whose retries say what they wait for: the URL,
+    the error and the wait, as a warning in the judge log (the client's own line, at INFO, names neither URL nor
+    error). AlpacaEval's judge client is one too."""
     import sys
 
     from openai import OpenAI
@@ -125,7 +126,7 @@ def openai_client(base_url: str | None, key: str, *, max_retries: int, timeout: 
                         str(self.base_url).rstrip("/"), options.url, error, retries_taken + 1, max_retries, wait)
             time.sleep(wait)
 
-    return LoggedRetries(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout)
+    return LoggedRetries(base_url=base_url, api_key=key, **kwargs)
 
 
 class JudgeError(Exception):
