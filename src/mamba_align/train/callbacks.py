@@ -1,15 +1,26 @@
-"""Trainer callbacks: stop at a signal or the STOP file with a checkpoint, time the steps and saves, log progress;
-and the SIGTERM / SIGUSR1 handlers that drive the stop."""
+"""Trainer callbacks: stop at a signal or the STOP file with a checkpoint, time the steps and saves, log progress,
+stop a run whose loss is no longer a number; and the SIGTERM / SIGUSR1 handlers that drive the stop."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from pathlib import Path
 
+from mamba_align.utils import UserError
+
 log = logging.getLogger(__name__)
+
+# Consecutive logged steps with a NaN / infinite loss (or gradient norm) that stop training. Once the weights are
+# NaN no step brings them back; a few steps tell a diverged run from one bad logging window.
+NON_FINITE_STEPS = 3
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged: the loss is NaN or infinite. Raised from inside Trainer.train, so no model is saved."""
 
 
 def stop_and_timing_callbacks(stop_file: Path, throughput: dict):
@@ -111,6 +122,56 @@ def progress_callback(stage: str):
                      format_duration(elapsed), format_duration(eta))
 
     return Progress()
+
+
+def non_finite_loss_callback(stage: str, limit: int = NON_FINITE_STEPS):
+    """Stops training with NonFiniteLoss, naming the step, when the logged loss or gradient norm is NaN or infinite
+    at `limit` consecutive logged steps or at the last step (always logged, so always checked). A non-finite
+    logged step is not checkpointed: the checkpoints left for a resume are of steps that logged finite numbers.
+    Every rank decides the same (the logged loss is the mean over ranks; the flag is reduced anyway)."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def __init__(self):
+            self.bad_steps: list[int] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bad_steps = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the model written is the last step's: check its loss
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return  # evaluation and the final summary
+            numbers = {k: logs[k] for k in ("loss", "grad_norm") if isinstance(logs.get(k), (int, float))}
+            bad = {k: v for k, v in numbers.items() if not math.isfinite(v)}
+            if dist.is_available() and dist.is_initialized():  # every rank must stop at the same step
+                flag = torch.tensor([int(bool(bad))], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                bad = bad or ({"loss": float("nan")} if flag.item() else {})
+            if not bad:
+                self.bad_steps = []
+                return
+            self.bad_steps.append(state.global_step)
+            control.should_save = False  # no checkpoint of weights that may already be NaN
+            what = ", ".join(f"{k} {v}" for k, v in bad.items())
+            last = state.global_step >= state.max_steps
+            if len(self.bad_steps) >= limit or last:
+                steps = ", ".join(map(str, self.bad_steps))
+                raise NonFiniteLoss(
+                    f"{stage} training stopped at step {state.global_step}/{state.max_steps}: {what} "
+                    f"(non-finite at logged step(s) {steps}{', the last step' if last else ''}); no model written. "
+                    f"The run diverged: lower learning_rate or max_grad_norm, raise warmup_ratio, or check the data. "
+                    f"Checkpoints of earlier finite steps stay in {args.output_dir}.")
+            if state.is_world_process_zero:
+                log.warning("%s step %d: %s; training stops if %d consecutive logged steps are non-finite", stage,
+                            state.global_step, what, limit)
+
+    return StopOnNonFiniteLoss()
 
 
 def on_signals(handler) -> dict:

@@ -9,7 +9,13 @@ import os
 import time
 from pathlib import Path
 
-from mamba_align.train.callbacks import on_signals, progress_callback, restore_signals, stop_and_timing_callbacks
+from mamba_align.train.callbacks import (
+    non_finite_loss_callback,
+    on_signals,
+    progress_callback,
+    restore_signals,
+    stop_and_timing_callbacks,
+)
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, last_complete_checkpoint
 from mamba_align.train.preflight import COLUMNS
 from mamba_align.train.recipes import as_dict
@@ -79,7 +85,7 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
     sft_cls, dpo_cls = trainer_classes()
     throughput: dict = {}
     stopper, timer = stop_and_timing_callbacks(checkpoint_dir / STOP_FILE, throughput)
-    callbacks = [stopper, timer, progress_callback(stage)]
+    callbacks = [stopper, timer, progress_callback(stage), non_finite_loss_callback(stage)]
     if stage == "sft":
         trainer = sft_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=callbacks)
