@@ -38,7 +38,14 @@ from mamba_align.train.recipes import (
     load_recipe,
     parse_overrides,
 )
-from mamba_align.utils import UserError, read_json, setup_logging
+from mamba_align.utils import (
+    UserError,
+    follow_umask,
+    read_json,
+    remove_leftovers,
+    setup_logging,
+    terminate_with_this_process,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +94,21 @@ def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_d
         # started by the user's launcher (one per node, profiles/README.md), not by _relaunch: rank 0 does the
         # outer process's pre-flight (the other ranks wait for it while rank 0 prepares the data)
         prepare_checkpoint_dir(checkpoint_dir, stage, recipe)
+        remove_leftovers(out_dir)
         check_disk(checkpoint_dir, Path(out_dir), config, recipe)
     if not launched:
         prepare_checkpoint_dir(checkpoint_dir, stage, recipe)
+        remove_leftovers(out_dir)  # a killed run's partial model (GBs): before the disk check counts the space
         check_disk(checkpoint_dir, Path(out_dir), config, recipe)
         check_memory(config, recipe, stage, num_processes, fsdp)
         if num_processes > 1:
             return _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir,
                              checkpoint_dir, metrics_path, num_processes, fsdp)
-    return fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, Path(out_dir), checkpoint_dir,
-               Path(metrics_path), num_processes, accumulation)
+    metrics = fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, Path(out_dir), checkpoint_dir,
+                  Path(metrics_path), num_processes, accumulation)
+    if metrics:  # the process that saved the model: readable by the project group, as the base model
+        follow_umask(out_dir)
+    return metrics
 
 
 def _in_distributed_launch() -> bool:
@@ -149,8 +161,10 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
     try:
         log.info("launching: %s", " ".join(cmd))
         # own session: a signal to our process group reaches us, not torchrun (which would kill the ranks
-        # 30 s later, maybe mid-save); we pass it on as the STOP file instead
-        rc = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1", **LAUNCH_ENV}, start_new_session=True)
+        # 30 s later, maybe mid-save); we pass it on as the STOP file instead. Should this process die without
+        # passing it on (kill -9), torchrun gets SIGTERM from the kernel and stops the ranks itself.
+        rc = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1", **LAUNCH_ENV}, start_new_session=True,
+                             preexec_fn=terminate_with_this_process())
     finally:
         restore_signals(previous)
     # the ranks exit 75 after a requested stop, which torchrun reports as a failure (1): the STOP file tells
@@ -182,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     a = build_parser().parse_args(argv)
-    setup_logging(a.log)
+    # a rank dies with its launcher; the attempt (header, end, SIGTERM logged) is the outer process's, or rank 0's
+    # under a launcher of the user's (one per node, profiles/README.md)
+    rank = "LOCAL_RANK" in os.environ
+    outer = not rank or (not os.environ.get(LAUNCHED_ENV) and os.environ.get("RANK") == "0")
+    setup_logging(a.log, attempt=outer, die_with_parent=rank or None)
     try:
         recipe = load_recipe(a.recipe_dir, a.stage, parse_overrides(a.override))
         if a.stage == "sft":
