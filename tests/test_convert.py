@@ -387,7 +387,8 @@ def cuda_kernels_installed(tmp_path) -> dict:
     (tmp_path / "fake" / "causal_conv1d").mkdir(parents=True)
     (tmp_path / "fake" / "causal_conv1d" / "__init__.py").write_text(FAKE_KERNEL)
     src = Path(__file__).resolve().parents[1] / "src"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), str(src)]), CUDA_VISIBLE_DEVICES="")
+    path = [str(tmp_path / "fake"), str(src), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), CUDA_VISIBLE_DEVICES="")
     return {"env": env, "python": sys.executable}
 
 

@@ -121,3 +121,21 @@ def test_drop_packages_removes_whole_blocks():
     kept = LOCK._drop_packages(lines, LOCK.TORCH_LIBRARIES)
     assert [k.split()[0] for k in kept if not k.startswith(" ")] == ["a==1", "b==4", "#", "c==5"]
     assert "--hash=sha256:bb" not in "\n".join(kept) and "--hash=sha256:cc" not in "\n".join(kept)
+
+
+def test_models_never_load_kernels_from_the_hub(tmp_path):
+    """transformers 5.25 kernelizes models with code downloaded from the Hub by default; the lock decides what runs."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "USE_HUB_KERNELS"}
+    code = ("import mamba_align, torch; from transformers import MambaConfig, MambaForCausalLM; "
+            "from transformers.integrations.hub_kernels import _kernels_enabled; "
+            "MambaForCausalLM(MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=32)).save_pretrained(%r); "
+            "m = MambaForCausalLM.from_pretrained(%r); m.train(); print(_kernels_enabled(), m.use_kernels)"
+            % (str(tmp_path), str(tmp_path)))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["False", "False"], r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", "import mamba_align, os; print(os.environ['USE_HUB_KERNELS'])"],
+                       env=dict(env, USE_HUB_KERNELS="YES"), capture_output=True, text=True)
+    assert r.stdout.strip() == "YES"  # an explicit choice of the user's stays
