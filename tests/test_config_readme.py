@@ -47,3 +47,20 @@ def test_catalog_files():
     assert catalog["usage"]["software-stack-deployment"]["conda"] is True
     assert "--profile profiles/slurm" in catalog["usage"]["mandatory-flags"]["flags"]
     assert "config/demo.yaml" in (REPO / ".test" / "README.md").read_text()
+
+
+def test_every_test_named_in_the_reliability_document_exists():
+    """docs/reliability.md lists each fault case with its test: every `file::test` there is a test in tests/."""
+    doc = (REPO / "docs" / "reliability.md").read_text()
+    missing = []
+    for row in re.findall(r"^\|.*\|$", doc, re.M):
+        file = None
+        for ref in re.findall(r"`([^`]+)`", row):
+            m = re.match(r"(?:([\w/]+\.py))?::(\w+)(\[[^\]]*\])?$", ref)
+            if not m:
+                continue
+            file = m.group(1) or file
+            if not file or not re.search(rf"^(async )?def {m.group(2)}\(", (REPO / "tests" / file).read_text(), re.M):
+                missing.append(f"{file}::{m.group(2)}")
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
+    assert doc.count("::") > 60

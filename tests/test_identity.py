@@ -15,7 +15,7 @@ import pytest
 import yaml
 from wfhelpers import planned_jobs, snakemake
 
-from mamba_align.ops import manifest
+from mamba_align.model import manifest
 from mamba_align.testing.demo import ultrachat_rows
 from mamba_align.train import data
 from mamba_align.utils import UserError, write_json

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from wfhelpers import bench_module
 
+from mamba_align.process import pid_running
 from mamba_align.testing.demo import build_tiny_mamba_ssm_checkpoint
 from mamba_align.train.checkpoints import last_complete_checkpoint
-from mamba_align.utils import pid_running
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "recipes" / "demo"

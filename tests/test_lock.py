@@ -110,7 +110,7 @@ def test_conda_env_and_container_install_the_gpu_lock():
 
 def test_requires_python_is_what_the_code_and_the_locks_need():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert project["requires-python"] == ">=3.11"  # hashlib.file_digest (ops/runs.py), tomllib
+    assert project["requires-python"] == ">=3.11"  # hashlib.file_digest (utils.sha256_file), tomllib
     assert min(s["python"] for s in LOCK.STACKS.values()) == "3.11"
 
 

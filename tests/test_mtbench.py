@@ -281,7 +281,7 @@ def test_full_run_sends_exactly_fastchats_160_requests(data, tmp_path):
 @needs_ref
 def test_full_run_with_30_percent_faults(data, tmp_path):
     faults = {"429": 0.1, "500": 0.1, "timeout": 0.05, "garbage": 0.05}
-    with FakeOpenAI(rating_by_question, faults=faults, seed=7, hang_s=1.0, retry_after_s=0.01) as fake:
+    with FakeOpenAI(rating_by_question, faults=faults, seed=4, hang_s=1.0, retry_after_s=0.01) as fake:
         out = run(data, tmp_path, fake, timeout_s=0.3)
     assert sum(r.fault is not None for r in fake.log) >= 30
     answered = Counter(canon(b) for b in fake.answered_bodies())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mamba_align.eval.engine import load_engine
 from mamba_align.eval.engine.sampling import Sampling
-from mamba_align.ops.manifest import verify_model
+from mamba_align.model.manifest import verify_model
 from mamba_align.train.data import with_system_turn
 from mamba_align.utils import ProgressLog, UserError, append_jsonl, read_jsonl, setup_logging, write_json, write_jsonl
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mamba_align.model.manifest import write_manifest
 from mamba_align.model.mapping import (
     canonical_ssm_state_dict,
     expected_ssm_shapes,
@@ -43,7 +44,6 @@ from mamba_align.model.tokenizer import (
     PAD_ID,
     prepare_tokenizer,
 )
-from mamba_align.ops.manifest import write_manifest
 from mamba_align.utils import (
     UserError,
     atomic_path,
@@ -132,7 +132,7 @@ def prepare_base_model(source: str, revision: str | None, tokenizer: str | None,
     MambaForCausalLM directory at `out_dir` (written atomically) and write a JSON report to `report_path`.
 
     tokenizer=None skips the tokenizer (a weights-only check, e.g. on a GPU box); then chat_template must be None.
-    The directory's manifest.json (mamba_align.ops.manifest) records its files and `rule`, the rule that rebuilds it.
+    The directory's manifest.json (mamba_align.model.manifest) records its files and `rule`, the rule that rebuilds it.
     """
     started = time.time()
     if chat_template is not None and chat_template not in CHAT_TEMPLATES:

@@ -5,7 +5,7 @@
   `<checkpoints>/<stage>-<key>/`, the model to `results/models/<stage>-<key>/`, and `results/models/<stage>`
   (the rule's declared output) is a symlink to it: a mistaken `--forcerun` or a failed retrain deletes only
   that symlink, never a finished model.
-- The parent model is checked against its manifest first (mamba_align.ops.manifest), in the same read that
+- The parent model is checked against its manifest first (mamba_align.model.manifest), in the same read that
   gives its identity: a damaged file fails naming it and the rule that rebuilds it, before anything is created.
 - A key that already has a complete stored model (run.json of that key, a manifest that verifies, no unfinished
   checkpoints) is not trained again: the symlink is pointed back at it and its metrics restored. Undoing a
@@ -25,14 +25,14 @@ import os
 import shutil
 from pathlib import Path
 
+from mamba_align.model.manifest import RUN_FILE, file_hashes, identity_of, verify_model, write_manifest
 from mamba_align.ops import layout
-from mamba_align.ops.manifest import RUN_FILE, file_digest, file_hashes, identity_of, verify_model, write_manifest
 from mamba_align.train.recipes import OPERATIONAL_KEYS, as_dict
-from mamba_align.utils import UserError, read_json, write_json
+from mamba_align.utils import UserError, read_json, sha256_file, write_json
 
 log = logging.getLogger("mamba_align.ops.runs")
 
-__all__ = ["RUN_FILE", "file_digest", "learned_from", "model_identity", "run_key", "train_stage"]
+__all__ = ["RUN_FILE", "learned_from", "model_identity", "run_key", "train_stage"]
 PREVIOUS = ".previous"
 
 
@@ -45,7 +45,7 @@ def model_identity(model_dir) -> str:
 def learned_from(stage: str, recipe, data_files, parent_model, parent_identity: str | None = None) -> dict:
     settings = {k: v for k, v in as_dict(recipe).items() if k not in OPERATIONAL_KEYS}
     return {"stage": stage, "recipe": json.loads(json.dumps(settings, default=str)),
-            "data": [file_digest(f) if f is not None else None for f in data_files],  # by role: train, test
+            "data": [sha256_file(f) if f is not None else None for f in data_files],  # by role: train, test
             "parent_model": parent_identity or model_identity(parent_model)}
 
 

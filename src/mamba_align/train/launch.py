@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mamba_align.process import terminate_with_this_process
 from mamba_align.train.callbacks import on_signals, restore_signals
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, prepare_checkpoint_dir
 from mamba_align.train.fit import fit
@@ -44,7 +45,6 @@ from mamba_align.utils import (
     read_json,
     remove_leftovers,
     setup_logging,
-    terminate_with_this_process,
 )
 
 log = logging.getLogger(__name__)

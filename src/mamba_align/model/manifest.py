@@ -14,18 +14,13 @@ import json
 import logging
 from pathlib import Path
 
-from mamba_align.utils import UserError, write_json
+from mamba_align.utils import UserError, sha256_file, write_json
 
-log = logging.getLogger("mamba_align.ops.manifest")
+log = logging.getLogger("mamba_align.model.manifest")
 
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"  # a stored model's key and what it learned from (mamba_align.ops.runs)
 NOT_MODEL_FILES = (RUN_FILE, MANIFEST)  # records about a model, not part of it (nor of its identity)
-
-
-def file_digest(path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def model_files(model_dir) -> list[Path]:
@@ -42,7 +37,7 @@ def model_files(model_dir) -> list[Path]:
 def file_hashes(model_dir) -> dict[str, dict]:
     """{relative path: {size, sha256}} of every model file, in model_files' order. Reads every byte."""
     root = Path(model_dir).resolve()
-    return {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": file_digest(f)} for f in model_files(root)}
+    return {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in model_files(root)}
 
 
 def identity_of(hashes: dict[str, dict]) -> str:
