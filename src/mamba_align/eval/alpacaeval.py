@@ -5,24 +5,44 @@
 (annotation caches, GLM weights, leaderboards) goes to `cache_dir`. The judge is reached through alpaca_eval's
 client configs, whose `client_class` is our `openai_client`; what alpaca_eval 0.6.6 cannot be told through its
 arguments is in eval/alpacaeval_compat.py.
+
+A failing judge fails fast and cheaply, as MT-Bench's does (issue #28 §5): every request goes through the judge
+client's `JudgeCalls` (an unusable answer -- no choices, no content, a body that is not JSON -- is asked again at
+most twice, every answered call is in the spend, UNUSABLE_LIMIT unusable answers in a row stop the job with a
+UserError quoting the endpoint). alpaca_eval cannot leave one prompt out and go on, so a judgment that stays
+unusable stops the job too. alpaca_eval saves its annotations only after a whole chunk, so each usable answer is
+also kept at once in `judge_responses.jsonl` beside its cache: a rerun after a stop pays for none of them again.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from mamba_align.eval.alpacaeval_compat import annotator_class, lc_file_from, metric
 from mamba_align.eval.alpacaeval_data import ANNOTATORS, DATA_FILES, LC_FILE, fetch_alpaca_eval, validate_records
-from mamba_align.utils import UserError, read_json, setup_logging, sha256_file, write_json
+from mamba_align.eval.judge.client import JudgeCalls, JudgeError
+from mamba_align.utils import (
+    ProgressLog,
+    UserError,
+    append_jsonl,
+    read_json,
+    read_jsonl,
+    setup_logging,
+    sha256_file,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +75,71 @@ def openai_client(api_key_env: str = "OPENAI_API_KEY", **client_kwargs: Any):
     """The judge's OpenAI client, for alpaca_eval (as the `client_class` of the client config we write) and for
     our logprobs probe. The API key is read here, from the variable judge.api_key_env names, so it is in no file
     and not among the completion kwargs that alpaca_eval logs; local servers get a placeholder, as the client
-    wants one."""
+    wants one. While an annotator runs, its `chat.completions.create` goes through the run's `_JudgeSession`."""
     from mamba_align.eval.judge.client import openai_client as logged_client  # retries name URL, error and wait
 
-    return logged_client(client_kwargs.pop("base_url", None), os.environ.get(api_key_env, "").strip() or "EMPTY",
-                         **client_kwargs)
+    client = logged_client(client_kwargs.pop("base_url", None), os.environ.get(api_key_env, "").strip() or "EMPTY",
+                           **client_kwargs)
+    if _session is not None:
+        _session.guard(client)
+    return client
+
+
+class _JudgeSession:
+    """The judge calls of one annotator run. alpaca_eval makes a client per prompt (and threads of its own), so
+    what the calls share -- the JudgeCalls (re-asks, spend, stop), the answers kept so far, the progress line --
+    lives here, and `openai_client` reaches it through the module's `_session`."""
+
+    def __init__(self, calls: JudgeCalls, responses_path: Path, cache_path: Path):
+        # cache_path: alpaca_eval's annotation cache, once the annotator config is chosen (for the stop's message)
+        self.calls, self.path, self.cache_path = calls, responses_path, cache_path
+        self.responses = {r["key"]: r["response"] for r in read_jsonl(responses_path, repair=True)}
+        self.progress: ProgressLog | None = None
+        self.lock = threading.Lock()
+
+    def guard(self, client) -> None:
+        completions = client.chat.completions
+        raw_create = completions.with_raw_response.create  # taken before `create` is replaced (it would wrap ours)
+        completions.create = lambda **request: self.create(raw_create, **request)
+
+    def create(self, raw_create, **request):
+        from openai.types.chat import ChatCompletion
+
+        key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
+        kept = self.responses.get(key)
+        if kept is not None:
+            resp = ChatCompletion.model_validate(kept)
+        else:
+            try:
+                resp = self.calls.ask(raw_create, **request)
+            except JudgeError as e:  # alpaca_eval cannot leave one prompt out: the job ends here
+                self.calls.stop(str(e))
+                raise UserError(self.stopped()) from None
+            row = {"key": key, "response": resp.model_dump(mode="json")}
+            with self.lock:
+                append_jsonl(self.path, row)
+                self.responses[key] = row["response"]
+        with self.lock:
+            if self.progress is not None:
+                self.progress.update()
+        return resp
+
+    def stopped(self) -> str:
+        return (f"judging stopped: {self.calls.stopped}. The {len(self.responses)} answers obtained are kept in "
+                f"{self.path} (and {self.cache_path}), and a rerun sends only the rest ({self.calls.spend()})")
+
+
+_session: _JudgeSession | None = None  # the annotator run in progress, for the clients alpaca_eval makes
+
+
+@contextlib.contextmanager
+def _judge_session(calls: JudgeCalls, work_dir: Path):
+    global _session
+    _session = _JudgeSession(calls, work_dir / "judge_responses.jsonl", work_dir)
+    try:
+        yield _session
+    finally:
+        _session = None
 
 
 def _judge_settings(judge_cfg: dict, base_url: str | None) -> dict:
@@ -145,15 +225,15 @@ def _caching_path(work_dir: Path, config_name: str, model: str) -> Path:
     return work_dir / f"annotations_{config_name}_{re.sub(r'[^A-Za-z0-9._-]', '_', model)}.json"
 
 
-def _all_annotated(path: Path, outputs: list[dict]) -> bool:
-    """Whether alpaca_eval's cache at `path` already holds a preference for every one of `outputs`."""
+def _not_annotated(path: Path, outputs: list[dict]) -> int:
+    """How many of `outputs` alpaca_eval's cache at `path` holds no preference for."""
     try:
         rows = read_json(path)
     except (OSError, ValueError):
-        return False
+        rows = []
     seen = {(r.get("instruction"), r.get("output_2")) for r in rows if isinstance(r, dict)
             and r.get("preference") is not None and r.get("preference") == r.get("preference")}
-    return all((o["instruction"], o["output"]) in seen for o in outputs)
+    return sum((o["instruction"], o["output"]) not in seen for o in outputs)
 
 
 def _check_cache(path: Path) -> None:
@@ -193,19 +273,31 @@ class _Once(logging.Filter):
         return not seen
 
 
-def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, cache_dir: Path) -> dict:
+def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, cache_dir: Path,
+                   calls: JudgeCalls) -> dict:
+    work_dir = cache_dir / name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with _judge_session(calls, work_dir) as session:
+        try:
+            return _annotate(name, outputs, data_dir, judge, work_dir, session)
+        except UserError:
+            if calls.stopped:  # said again now that the calls in flight at the stop have landed: the final spend
+                raise UserError(session.stopped()) from None
+            raise
+
+
+def _annotate(name: str, outputs: list[dict], data_dir: Path, judge: dict, work_dir: Path,
+              session: _JudgeSession) -> dict:
     from alpaca_eval import main as alpaca_eval_main
 
     version, reference_file = ANNOTATORS[name]
-    work_dir = cache_dir / name
-    work_dir.mkdir(parents=True, exist_ok=True)
     package_model = _package_config(name)[0]["completions_kwargs"]["model_name"]
     model = judge["model"] or package_model
     if model != package_model:
         log.warning("%s: judging with %s instead of the package's %s; scores are not comparable to the public "
                     "leaderboard", name, model, package_model)
     config_name, fallback = name, None
-    if name in LOGPROB_ANNOTATORS and not _all_annotated(_caching_path(work_dir, name, model), outputs):
+    if name in LOGPROB_ANNOTATORS and _not_annotated(_caching_path(work_dir, name, model), outputs):
         # (every output already annotated with logprobs: no probe, no request at all)
         if not _has_logprobs(judge, model, work_dir / "logprobs_probe.json"):
             config_name = RANKING_FALLBACK
@@ -215,6 +307,9 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
     config_path = _write_annotator_config(config_name, model, judge, work_dir)
     caching_path = _caching_path(work_dir, config_name, model)
     _check_cache(caching_path)
+    session.cache_path = caching_path
+    session.progress = ProgressLog(f"judge {config_name} {model}", _not_annotated(caching_path, outputs), logger=log,
+                                   extra=lambda: f"{session.calls.spend()}, {session.calls.n_retries} retries")
 
     lc = version == "2.0" and (data_dir / LC_FILE).exists()
     if version == "2.0" and not lc:
@@ -268,7 +363,8 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
 
 def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLike, annotators: list[str],
                       judge_cfg: dict, out_json: str | os.PathLike, cache_dir: str | os.PathLike,
-                      base_url: str | None = None, model: dict | None = None) -> dict:
+                      base_url: str | None = None, model: dict | None = None,
+                      prices: tuple[float, float] | None = None) -> dict:
     """Score a model's AlpacaEval outputs with each annotator and write the metrics to out_json.
 
     `model`: what the summary records about the scored model (provenance.scored_model: model_key,
@@ -276,6 +372,7 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
 
     Resumable: annotations are cached in cache_dir, so a rerun only sends requests for missing items.
     `base_url` overrides judge_cfg["base_url"]; without either, backend "local" starts the local judge server.
+    `prices`: USD per million (prompt, completion) tokens, for the spend in the progress lines.
     """
     start = time.time()
     # absolute: alpaca_eval resolves relative config paths against its own package folder
@@ -292,6 +389,7 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
     base_url = base_url or judge_cfg.get("base_url")
     judge = _judge_settings(judge_cfg, base_url)
     results = {}
+    calls = JudgeCalls(os.environ.get(judge["api_key_env"], "").strip(), prices)
     with contextlib.ExitStack() as stack:
         if base_url is None and judge_cfg.get("backend") == "local":
             from mamba_align.eval.judge.server import (
@@ -301,7 +399,8 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
             judge["base_url"] = stack.enter_context(serve_local_judge(judge_cfg.get("local", {}), judge["model"]))
         cache_dir.mkdir(parents=True, exist_ok=True)
         for name in annotators:
-            results[name] = _run_annotator(name, outputs, data_dir, judge, cache_dir)
+            results[name] = _run_annotator(name, outputs, data_dir, judge, cache_dir, calls)
+    log.info("judge %s: %s, %d retries", judge["model"], calls.spend(), calls.n_retries)
 
     hashes_path = data_dir / "hashes.json"
     data = read_json(hashes_path) if hashes_path.exists() else {

@@ -11,7 +11,8 @@ error and the wait. Only an answer the client cannot read (a body that is not JS
 message content) is ours to handle. Such an answer is billed all the same, so it is asked again at
 most REASKS times per judgment, every answered call counts in the spend, and UNUSABLE_LIMIT unusable
 answers in a row stop the run with the endpoint's own words: an endpoint that answers nothing
-usable costs a handful of calls, not `max_retries` + 1 per judgment.
+usable costs a handful of calls, not `max_retries` + 1 per judgment. `JudgeCalls` does this for both
+judges: MT-Bench's `JudgeClient` and the client AlpacaEval's annotator gets (eval/alpacaeval.py).
 """
 
 from __future__ import annotations
@@ -134,6 +135,89 @@ class JudgeError(Exception):
     readable answer in `max_retries` + 1 tries)."""
 
 
+class JudgeCalls:
+    """Every call one judge job makes to its endpoint, from any number of threads and clients: `ask` sends one
+    request, asks again (at most REASKS times) when the answer cannot be read, counts every answered call and its
+    usage in the spend, and stops the job at UNUSABLE_LIMIT unusable answers in a row (`stopped` says why; every
+    later `ask` raises JudgeError at once, without sending)."""
+
+    def __init__(self, api_key: str = "", prices: tuple[float, float] | None = None):
+        """`api_key`: kept out of error messages; `prices`: USD per million (prompt, completion) tokens."""
+        self.prices = prices
+        self.n_retries = 0  # repeated HTTP calls: the client's retries and our re-asks
+        self.n_answered = 0  # calls answered with HTTP 2xx, usable or not: each is billed
+        self.spent = {"prompt_tokens": 0, "completion_tokens": 0}  # the usage of every answered call
+        self.stopped: str | None = None  # why the job stops, for the other workers
+        self._unusable_run = 0  # unusable answers in a row
+        self._api_key = api_key
+        self._lock = threading.Lock()
+
+    def ask(self, raw_create, **request):
+        """`raw_create(**request)`: an openai client's `chat.completions.with_raw_response.create`. Returns the parsed
+        answer; raises JudgeError when the job has stopped or the answer stayed unusable in REASKS + 1 asks. The
+        openai client's own errors (its retries spent, a refused request) pass through."""
+        for attempt in range(REASKS + 1):
+            if self.stopped:
+                raise JudgeError(self.stopped)
+            raw = raw_create(**request)
+            self._count_retries(raw.retries_taken + (attempt > 0))
+            resp, error = self._read(raw)
+            if error is None:
+                return resp
+            if attempt < REASKS and not self.stopped:
+                log.warning("judge call: %s; asking again (%d/%d)", error, attempt + 1, REASKS)
+        raise JudgeError(f"{error} (asked {REASKS + 1} times)")
+
+    def stop(self, why: str) -> None:
+        """Stop the job (the first reason stays): later asks send nothing."""
+        with self._lock:
+            if not self.stopped:
+                self.stopped = why
+                log.error("judge: %s", why)
+
+    def spend(self) -> str:
+        """Tokens (and dollars, when priced) of the answered calls so far, unusable answers included."""
+        spent = self.spent
+        text = f"spent {spent['prompt_tokens']:,} prompt + {spent['completion_tokens']:,} completion tokens"
+        if self.prices:
+            usd = (spent["prompt_tokens"] * self.prices[0] + spent["completion_tokens"] * self.prices[1]) / 1e6
+            text += f" (${usd:,.2f})"
+        return f"{text} in {self.n_answered} answered calls"
+
+    def _read(self, raw) -> tuple[object, str | None]:
+        """(the parsed answer, None), or (None, why it is unusable, in the endpoint's words); counts the call and
+        its usage either way, and stops the job at UNUSABLE_LIMIT unusable answers in a row."""
+        try:
+            resp = raw.parse()
+            choices = getattr(resp, "choices", None) or []
+            content = choices[0].message.content if choices else None
+            error = None if content is not None else "no choices" if not choices else "no message content"
+        except (ValueError, TypeError, AttributeError) as e:  # ValueError: the body is not JSON
+            resp, error = None, f"{type(e).__name__}: {e}"
+        usage = getattr(resp, "usage", None)
+        with self._lock:
+            self.n_answered += 1
+            for k in self.spent:
+                self.spent[k] += int(getattr(usage, k, 0) or 0)
+            self._unusable_run = 0 if error is None else self._unusable_run + 1
+            if error is None:
+                return resp, None
+            body = raw.http_response.text
+            error = self.redact(f"unusable answer from {raw.http_response.url} ({error}): "
+                                f"{body[:300]}{'...' if len(body) > 300 else ''}")
+            run = self._unusable_run
+        if run >= UNUSABLE_LIMIT:
+            self.stop(f"{UNUSABLE_LIMIT} unusable answers in a row; the last: {error}")
+        return None, error
+
+    def _count_retries(self, n: int) -> None:
+        with self._lock:
+            self.n_retries += n
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if len(self._api_key) >= 8 else text
+
+
 def request_key(model: str, messages: list[dict], params: dict, repeat: int) -> str:
     """Cache key: sha256 of the judge model, messages, sampling parameters and repeat index."""
     blob = json.dumps({"model": model, "messages": messages, "params": params, "repeat": repeat},
@@ -165,12 +249,14 @@ class JudgeClient:
         self.cache_path = Path(cache_path)
         self._cache: dict[str, dict] = {r["key"]: r for r in read_jsonl(self.cache_path, repair=True)}
         self._stack = contextlib.ExitStack()
-        self.n_retries = 0  # repeated HTTP calls of this object: the client's retries and our re-asks
-        self.n_answered = 0  # calls answered with HTTP 2xx, usable or not: each is billed
-        self.spent = {"prompt_tokens": 0, "completion_tokens": 0}  # the usage of every answered call
-        self._unusable_run = 0  # unusable answers in a row
-        self._stopped: str | None = None  # why the run stops (UNUSABLE_LIMIT reached), for the other workers
-        self._count_lock = threading.Lock()
+        self.calls = JudgeCalls(self._api_key, prices)  # re-asks, the spend and the stop
+
+    # what the calls of this object cost: n_retries (the client's retries and our re-asks), n_answered (calls
+    # answered with HTTP 2xx, usable or not: each is billed) and spent (their usage)
+    n_retries = property(lambda self: self.calls.n_retries)
+    n_answered = property(lambda self: self.calls.n_answered)
+    spent = property(lambda self: self.calls.spent)
+    _stopped = property(lambda self: self.calls.stopped)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "JudgeClient":
@@ -265,79 +351,31 @@ class JudgeClient:
                             f"rest ({self._spend()}). First failure: {failures[0]}")
 
     def _spend(self) -> str:
-        """Tokens (and dollars, when priced) of this object's answered calls so far, unusable answers included."""
-        spent = self.spent
-        text = f"spent {spent['prompt_tokens']:,} prompt + {spent['completion_tokens']:,} completion tokens"
-        if self.prices:
-            usd = (spent["prompt_tokens"] * self.prices[0] + spent["completion_tokens"] * self.prices[1]) / 1e6
-            text += f" (${usd:,.2f})"
-        return f"{text} in {self.n_answered} answered calls"
+        return self.calls.spend()
 
     def _complete_one(self, client, key: str, req: dict) -> dict:
         import openai
 
-        params = self.params(req)
-        max_retries = int(self.cfg["max_retries"])
-        for attempt in range(REASKS + 1):
-            if self._stopped:
-                raise JudgeError(self._stopped)
-            try:
-                raw = client.chat.completions.with_raw_response.create(model=self.model, messages=req["messages"],
-                                                                       n=1, **params)
-            except openai.APIStatusError as e:  # not retryable, or the client's retries are spent
-                raise JudgeError(self._redact(f"HTTP {e.status_code}: {e.message}")) from None
-            except openai.APIConnectionError as e:  # includes APITimeoutError
-                raise JudgeError(self._redact(f"{_cause(e)} from {client.base_url} (after {max_retries} retries)")
-                                 ) from None
-            self._count_retries(raw.retries_taken + (attempt > 0))
-            resp, error = self._read(raw)
-            if error is None:
-                choice = resp.choices[0]
-                return {
-                    "key": key,
-                    "repeat": req["repeat"],
-                    "model_requested": self.model,
-                    "model_reported": resp.model,
-                    "content": choice.message.content,
-                    "finish_reason": choice.finish_reason,
-                    "logprobs": choice.logprobs.model_dump(mode="json") if choice.logprobs else None,
-                    "usage": resp.usage.model_dump(mode="json", exclude_none=True) if resp.usage else None,
-                    "tstamp": time.time(),
-                }
-            if attempt < REASKS and not self._stopped:
-                log.warning("judge call: %s; asking again (%d/%d)", error, attempt + 1, REASKS)
-        raise JudgeError(f"{error} (asked {REASKS + 1} times)")
-
-    def _read(self, raw) -> tuple[object, str | None]:
-        """(the parsed answer, None), or (None, why it is unusable, in the endpoint's words); counts the call and
-        its usage either way, and stops the run at UNUSABLE_LIMIT unusable answers in a row."""
         try:
-            resp = raw.parse()
-            choices = getattr(resp, "choices", None) or []
-            content = choices[0].message.content if choices else None
-            error = None if content is not None else "no choices" if not choices else "no message content"
-        except (ValueError, TypeError, AttributeError) as e:  # ValueError: the body is not JSON
-            resp, error = None, f"{type(e).__name__}: {e}"
-        usage = getattr(resp, "usage", None)
-        with self._count_lock:
-            self.n_answered += 1
-            for k in self.spent:
-                self.spent[k] += int(getattr(usage, k, 0) or 0)
-            self._unusable_run = 0 if error is None else self._unusable_run + 1
-            if error is None:
-                return resp, None
-            body = raw.http_response.text
-            error = self._redact(f"unusable answer from {raw.http_response.url} ({error}): "
-                                 f"{body[:300]}{'...' if len(body) > 300 else ''}")
-            if self._unusable_run >= UNUSABLE_LIMIT and not self._stopped:
-                self._stopped = f"{UNUSABLE_LIMIT} unusable answers in a row; the last: {error}"
-                log.error("judge: %s", self._stopped)
-        return None, error
-
-    def _count_retries(self, n: int) -> None:
-        with self._count_lock:
-            self.n_retries += n
+            resp = self.calls.ask(client.chat.completions.with_raw_response.create, model=self.model,
+                                  messages=req["messages"], n=1, **self.params(req))
+        except openai.APIStatusError as e:  # not retryable, or the client's retries are spent
+            raise JudgeError(self._redact(f"HTTP {e.status_code}: {e.message}")) from None
+        except openai.APIConnectionError as e:  # includes APITimeoutError
+            raise JudgeError(self._redact(f"{_cause(e)} from {client.base_url} (after {self.cfg['max_retries']} "
+                                          f"retries)")) from None
+        choice = resp.choices[0]
+        return {
+            "key": key,
+            "repeat": req["repeat"],
+            "model_requested": self.model,
+            "model_reported": resp.model,
+            "content": choice.message.content,
+            "finish_reason": choice.finish_reason,
+            "logprobs": choice.logprobs.model_dump(mode="json") if choice.logprobs else None,
+            "usage": resp.usage.model_dump(mode="json", exclude_none=True) if resp.usage else None,
+            "tstamp": time.time(),
+        }
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if len(self._api_key) >= 8 else text
-
+        return self.calls.redact(text)
