@@ -17,8 +17,8 @@ The responder gets the parsed request body and returns the message content (str)
 Faults (chosen per request from a seeded RNG, in arrival order): "429" (with Retry-After),
 "500", "timeout" (no answer for `hang_s`, then the connection is closed), "garbage"
 (status 200 with a body that is not JSON), "empty" (status 200, no choices, but usage: billed,
-as a gateway that lost the model's answer does) and "400" (a request the server refuses, which no
-retry can fix).
+as a gateway that lost the model's answer does), "400" (a request the server refuses, which no
+retry can fix) and "no_content" (status 200, a choice whose message content is null, billed).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-FAULT_KINDS = ("429", "500", "timeout", "garbage", "empty", "400")
+# new kinds go last, so that a seed draws the same faults as before
+FAULT_KINDS = ("429", "500", "timeout", "garbage", "empty", "400", "no_content")
 
 
 def logprob_entry(token: str, top: dict[str, float]) -> dict:
@@ -206,6 +207,10 @@ class FakeOpenAI:
                                    "type": "invalid_request_error"}}, {}
         if fault == "empty":
             return 200, dict(self._completion(body, n), choices=[]), {}
+        if fault == "no_content":
+            answer = self._completion(body, n)
+            answer["choices"][0]["message"]["content"] = None
+            return 200, answer, {}
         return 200, self._completion(body, n), {}
 
     def _completion(self, body: dict, n: int) -> dict:

@@ -16,7 +16,8 @@ from mamba_align.eval import alpacaeval
 from mamba_align.eval.judge.client import REASKS, UNUSABLE_LIMIT
 from mamba_align.utils import UserError
 
-WORDS = {"empty": '"choices": []', "garbage": '{"id": "chatcmpl-garbage"'}  # each fault's body, as quoted
+# each fault's body, as quoted
+WORDS = {"empty": '"choices": []', "garbage": '{"id": "chatcmpl-garbage"', "no_content": '"content": null'}
 SPEND = re.compile(r"spent ([\d,]+) prompt \+ ([\d,]+) completion tokens in (\d+) answered calls")
 
 
@@ -42,12 +43,13 @@ def spent(text: str) -> tuple[int, int, int]:
     return int(m.group(1).replace(",", "")), int(m.group(2).replace(",", "")), int(m.group(3))
 
 
-@pytest.mark.parametrize("fault", ["empty", "garbage"])
+@pytest.mark.parametrize("fault", ["empty", "garbage", "no_content"])
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_an_unusable_endpoint_stops_the_job_after_a_few_billed_calls_naming_the_url(tmp_path, data_dir, fault,
                                                                                    concurrency):
     """Was: "empty" -- a whole chunk billed (16 calls), then `ValueError: Length of values (0) does not match length
-    of index (8)`; "garbage" -- a bare JSONDecodeError. Neither named the endpoint, nor counted its spend."""
+    of index (8)`; "garbage" -- a bare JSONDecodeError; "no_content" -- a null judgment left out of the scores,
+    unasked again. None named the endpoint, nor counted its spend."""
     with FakeOpenAI(faults={fault: 1.0}, delay_s=0.02) as fake:
         url = fake.base_url
         with pytest.raises(UserError) as err:
@@ -58,8 +60,9 @@ def test_an_unusable_endpoint_stops_the_job_after_a_few_billed_calls_naming_the_
     assert len(fake.log) <= UNUSABLE_LIMIT + concurrency - 1 <= UNUSABLE_LIMIT + REASKS
     if concurrency == 1:
         assert len(fake.log) == REASKS + 1 and "(asked 3 times)" in msg
+    why = "(no choices|no message content|JSONDecodeError: .*)"
     assert re.match(rf"judging stopped: ({UNUSABLE_LIMIT} unusable answers in a row; the last: )?unusable answer "
-                    rf"from {re.escape(url)}/chat/completions \((no choices|JSONDecodeError: .*)\): ", msg), msg
+                    rf"from {re.escape(url)}/chat/completions \({why}\): ", msg), msg
     assert WORDS[fault] in msg
     assert spent(msg) == (fake.tokens_sent["prompt_tokens"], fake.tokens_sent["completion_tokens"], len(fake.log))
     assert not (tmp_path / "m.json").exists()
