@@ -264,8 +264,9 @@ def test_interrupted_retrain_leaves_no_stale_summary(finished):
 
 
 def test_forcerun_keeps_the_finished_model_and_a_killed_snakemake_recovers(finished):
-    """--forcerun train_sft retrains from scratch and keeps the finished model as .previous; snakemake's process
-    group SIGKILLed mid-training: the rerun needs `snakemake --unlock` (README), then resumes and cleans up."""
+    """--forcerun train_sft at the same key reuses the stored model (nothing is trained again); with that model
+    deleted (README: the way to retrain a key), the retrain starts from scratch; snakemake's process group SIGKILLed
+    mid-training: the rerun needs `snakemake --unlock` (README), then resumes and cleans up."""
     from safetensors.torch import load_file
 
     wf = finished
@@ -274,6 +275,12 @@ def test_forcerun_keeps_the_finished_model_and_a_killed_snakemake_recovers(finis
     store = link.resolve()
     before = load_file(link / "model.safetensors")
     log = r / "logs/train_sft.log"
+    sm(wf, *DEMO, "--cores", "2", "--forcerun", "train_sft", "--", "results/models/sft")
+    assert "reusing it, not retraining" in log.read_text()
+    assert link.resolve() == store and not list((r / "checkpoints").glob("sft-*"))
+    kept = load_file(link / "model.safetensors")
+    assert all((before[k] == kept[k]).all() for k in before)  # the same model, not a retrained one
+    shutil.rmtree(store)
     proc = _start(wf, *DEMO, "--cores", "2", "--forcerun", "train_sft", "--", "results/models/sft")
     try:
         _wait_for_checkpoint(wf, "sft", proc)
@@ -282,9 +289,6 @@ def test_forcerun_keeps_the_finished_model_and_a_killed_snakemake_recovers(finis
         proc.wait()
     starts = [line for line in log.read_text().splitlines() if "sft run " in line and "checkpoints in" in line]
     assert starts and "from scratch" in starts[-1]  # a retrain, not a resume from the finished run
-    previous = store.with_name(store.name + ".previous")
-    kept = load_file(previous / "model.safetensors")
-    assert all((before[k] == kept[k]).all() for k in before)  # the way back
     locked = sm(wf, *DEMO, "--cores", "2", "results/models/sft", check=False)
     assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
     sm(wf, *DEMO, "--unlock")
