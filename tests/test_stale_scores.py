@@ -8,6 +8,7 @@ import json
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from wfhelpers import REPO, snakemake
@@ -131,15 +132,6 @@ def section(body: str, key: str) -> str:
     return m.group(1) if m else ""
 
 
-# Rules outside this change's files whose provenance record is not declared yet (it goes to the undeclared
-# results/provenance/<rule>.json): each needs `provenance=f"{R}/provenance/<rule>....json"` in its output.
-PENDING = {"build_demo_inputs", "plan", "prepare_base_model", "prepare_sft_data", "prepare_preference_data",
-           "train_sft", "train_dpo", "fetch_mt_bench", "fetch_alpaca_eval", "prepare_base_model_grid",
-           "prepare_sft_data_grid", "prepare_preference_data_grid", "train_sft_grid", "train_dpo_grid",
-           "generate_mt_bench_grid", "judge_mt_bench_grid", "generate_alpaca_eval_grid", "judge_alpaca_eval_grid",
-           "report_experiments"}
-
-
 @pytest.mark.parametrize("rule", sorted(rule_blocks()))
 def test_every_provenance_record_is_a_declared_output(rule):
     blocks = rule_blocks()
@@ -148,13 +140,46 @@ def test_every_provenance_record_is_a_declared_output(rule):
     if not script or "record_snakemake_job" not in (REPO / "workflow" / "scripts" / script.group(1)).read_text():
         pytest.skip("writes no provenance record")
     output = section(body, "output") or section(blocks[base][0], "output")
-    if rule in PENDING and "provenance=" not in output:
-        pytest.xfail(f"{rule}: its .smk is outside issue #28's stale-score change; declare provenance= there")
     assert re.search(r'^        provenance=f"\{R\}/provenance/', output, re.M), f"{rule} writes an undeclared record"
 
 
-def test_judgments_of_mt_bench_are_declared():
-    body, _ = rule_blocks()["judge_mt_bench"]
+def dry_run_jobs(wf: Path, *config: str) -> list[tuple[str, dict, list[str]]]:
+    """(rule, wildcards, outputs) of every job a dry run of the whole workflow plans."""
+    out = snakemake(wf, "-n", "--configfile", *config).stdout
+    jobs = []
+    for block in re.split(r"^rule ", out, flags=re.M)[1:]:
+        rule = block.split(":", 1)[0]
+        outputs = re.search(r"^    output: (.*)$", block, re.M)
+        wildcards = re.search(r"^    wildcards: (.*)$", block, re.M)
+        jobs.append((rule, dict(w.split("=", 1) for w in wildcards.group(1).split(", ")) if wildcards else {},
+                     outputs.group(1).split(", ") if outputs else []))
+    return jobs
+
+
+# Moved by the change that declared them (6fbecfb): the sft stage's judge records went from
+# judge_*-sft.json to sft/judge_*.json; an earlier run's judge reruns once, from its judge cache.
+MOVED = {"judge_mt_bench", "judge_alpaca_eval"}
+
+
+def test_declared_records_are_where_undeclared_ones_were(workflow_copy):
+    """A record declared at another path than the one record_path chose without a declaration would be a missing
+    output in every earlier results folder, and Snakemake would rerun the finished training or evaluation."""
+    blocks = rule_blocks()
+    checked = set()
+    for config in (["config/demo.yaml"], ["config/demo.yaml", "config/demo-grid.yaml"]):
+        for rule, wildcards, outputs in dry_run_jobs(workflow_copy, *config):
+            if rule not in blocks or rule in MOVED or not any("/provenance/" in f for f in outputs):
+                continue
+            undeclared = SimpleNamespace(rule=rule, output={}, wildcards=wildcards, config={"results_dir": "results"})
+            assert provenance.record_path(undeclared) in outputs, (rule, wildcards, outputs)
+            checked.add(rule)
+    assert {"train_sft", "train_dpo_grid", "generate_mt_bench_grid", "build_demo_inputs", "plan",
+            "report_experiments"} <= checked
+
+
+@pytest.mark.parametrize("rule", ["judge_mt_bench", "judge_mt_bench_grid"])
+def test_judgments_of_mt_bench_are_declared(rule):
+    body, _ = rule_blocks()[rule]
     assert "judgments=" in section(body, "output") and "judgments=" not in section(body, "params")
 
 
@@ -186,3 +211,28 @@ def test_report_rule_writes_only_declared_files(workflow_copy, keys):
     assert [(x["stage"], x["status"]) for x in ours] == [("sft", "current"), ("dpo", "current")]
     assert json.loads((r / "eval/mtbench.json").read_text()).get("provenance") is None  # inputs are not rewritten
     assert json.loads((r / "provenance/report.json").read_text())["step"] == "report"
+
+
+def test_report_experiments_writes_only_declared_files(workflow_copy):
+    """The grid's report run by Snakemake on hand-made scores of the demo grid: its scores.json and provenance
+    record are declared outputs, and nothing else appears under results/."""
+    r = workflow_copy / "results"
+    grid = ["config/demo.yaml", "config/demo-grid.yaml"]
+    for beta, seed in ((b, s) for b in ("0.05", "0.2") for s in (1, 2)):
+        d = r / f"experiments/beta{beta}-seed{seed}"
+        write(d / "eval/mtbench.json", mtbench(None))
+        write(d / "eval/alpacaeval.json", alpacaeval(None))
+    time.sleep(0.01)
+    before = {p: p.stat().st_mtime_ns for p in r.rglob("*") if p.is_file()}
+    args = ["results/report/experiments/scores.md", "--allowed-rules", "report_experiments", "--configfile", *grid]
+    dry = snakemake(workflow_copy, "-n", *args).stdout
+    block = dry[dry.index("rule report_experiments:"):]
+    declared = {f.strip() for key in ("output", "log", "benchmark")
+                for f in re.search(rf"^    {key}: (.*)$", block, re.M).group(1).split(",")}
+    assert {"results/report/experiments/scores.json", "results/provenance/report_experiments.json"} <= declared
+    snakemake(workflow_copy, "--cores", "1", *args)
+    written = {str(p.relative_to(workflow_copy)) for p in r.rglob("*")
+               if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
+    declared |= {str(Path(f).with_name(f".{Path(f).name}.history")) for f in declared if f.endswith(".log")}
+    assert "results/report/experiments/scores.json" in written and written - declared == set()
+    assert json.loads((r / "provenance/report_experiments.json").read_text())["step"] == "report_experiments"

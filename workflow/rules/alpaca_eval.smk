@@ -8,6 +8,7 @@ rule fetch_alpaca_eval:
         built_by_demo(AE["local_dir"]),
     output:
         directory(f"{R}/data/alpaca_eval"),
+        provenance=f"{R}/provenance/fetch_alpaca_eval.json",
     log:
         f"{R}/logs/fetch_alpaca_eval.log",
     benchmark:

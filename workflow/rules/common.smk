@@ -312,6 +312,22 @@ def local_source(dataset):
     return {"source_files": digest} if digest else {}
 
 
+def grid_local_source(stage):
+    """local_source of each data key of a grid's `stage` (sft or dpo), in place of the one a grid's data step
+    inherits from the config's dataset. Adds nothing when neither is a local source, so the params Snakemake
+    recorded for Hub and demo grids stay the same.
+    """
+    digests = {
+        k: local_source(getattr(r, stage)["dataset"]).get("source_files")
+        for (s, k), r in (GRID.first_data.items() if GRID else ())
+        if s == stage
+    }
+    inherited = local_source({"sft": SFT, "dpo": DPO}[stage]["dataset"])
+    if not any(digests.values()) and not inherited:
+        return {}
+    return {"source_files": lambda w: digests.get(w.key)}
+
+
 # Snakemake touches a job's outputs after it: a data step's byte-identical rewrite gets its earlier time back
 # here, at the next parse, before the DAG compares times (mamba_align.train.data.record_outputs).
 if workflow.is_main_process:

@@ -7,6 +7,7 @@ rule prepare_sft_data:
         train=f"{R}/data/sft/train.parquet",
         test=f"{R}/data/sft/test.parquet",
         stats=f"{R}/data/sft/stats.json",
+        provenance=f"{R}/provenance/prepare_sft_data.json",
     log:
         f"{R}/logs/prepare_sft_data.log",
     benchmark:
@@ -35,6 +36,7 @@ rule prepare_preference_data:
         train=f"{R}/data/dpo/train.parquet",
         test=f"{R}/data/dpo/test.parquet",
         stats=f"{R}/data/dpo/stats.json",
+        provenance=f"{R}/provenance/prepare_preference_data.json",
     log:
         f"{R}/logs/prepare_preference_data.log",
     benchmark:

@@ -10,6 +10,7 @@ rule build_demo_inputs:
         judge_prompts="config/demo/mt_bench/judge_prompts.jsonl",
     output:
         directory(f"{R}/demo"),
+        provenance=f"{R}/provenance/build_demo_inputs.json",
     log:
         f"{R}/logs/build_demo_inputs.log",
     benchmark:

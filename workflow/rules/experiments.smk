@@ -9,6 +9,7 @@ use rule prepare_base_model as prepare_base_model_grid with:
     output:
         model=directory(f"{R}/shared/base/{{key}}/model"),
         report=f"{R}/shared/base/{{key}}/verify.json",
+        provenance=f"{R}/provenance/prepare_base_model_grid-{{key}}.json",
     log:
         f"{R}/logs/shared/base/{{key}}/prepare_base_model.log",
     benchmark:
@@ -25,11 +26,13 @@ use rule prepare_sft_data as prepare_sft_data_grid with:
         train=f"{R}/shared/data/sft/{{key}}/train.parquet",
         test=f"{R}/shared/data/sft/{{key}}/test.parquet",
         stats=f"{R}/shared/data/sft/{{key}}/stats.json",
+        provenance=f"{R}/provenance/prepare_sft_data_grid-{{key}}.json",
     log:
         f"{R}/logs/shared/data/sft/{{key}}/prepare_sft_data.log",
     benchmark:
         f"{R}/benchmarks/shared/data/sft/{{key}}/prepare_sft_data.tsv"
     params:
+        **grid_local_source("sft"),
         dataset=grid_data("sft", "dataset"),
         max_seq_length=grid_data("sft", "max_seq_length"),
         packing=grid_data("sft", "packing"),
@@ -43,11 +46,13 @@ use rule prepare_preference_data as prepare_preference_data_grid with:
         train=f"{R}/shared/data/dpo/{{key}}/train.parquet",
         test=f"{R}/shared/data/dpo/{{key}}/test.parquet",
         stats=f"{R}/shared/data/dpo/{{key}}/stats.json",
+        provenance=f"{R}/provenance/prepare_preference_data_grid-{{key}}.json",
     log:
         f"{R}/logs/shared/data/dpo/{{key}}/prepare_preference_data.log",
     benchmark:
         f"{R}/benchmarks/shared/data/dpo/{{key}}/prepare_preference_data.tsv"
     params:
+        **grid_local_source("dpo"),
         dataset=grid_data("dpo", "dataset"),
         max_length=grid_data("dpo", "max_length"),
         max_prompt_length=grid_data("dpo", "max_prompt_length"),
@@ -60,6 +65,7 @@ use rule train_sft as train_sft_grid with:
     output:
         model=directory(f"{R}/shared/sft/{{key}}/model"),
         metrics=f"{R}/shared/sft/{{key}}/metrics.json",
+        provenance=f"{R}/provenance/train_sft_grid-{{key}}.json",
     log:
         f"{R}/logs/shared/sft/{{key}}/train_sft.log",
     benchmark:
@@ -81,6 +87,7 @@ use rule train_dpo as train_dpo_grid with:
     output:
         model=directory(f"{R}/experiments/{{name}}/model"),
         metrics=f"{R}/experiments/{{name}}/metrics.json",
+        provenance=f"{R}/provenance/train_dpo_grid-{{name}}.json",
     log:
         f"{R}/logs/experiments/{{name}}/train_dpo.log",
     benchmark:
@@ -101,6 +108,7 @@ use rule generate_mt_bench as generate_mt_bench_grid with:
         questions=rules.fetch_mt_bench.output.questions,
     output:
         f"{R}/{{home}}/eval/mt_bench_answers.jsonl",
+        provenance=f"{R}/provenance/generate_mt_bench_grid-{{home}}.json",
     log:
         f"{R}/logs/{{home}}/generate_mt_bench.log",
     benchmark:
@@ -120,6 +128,8 @@ use rule judge_mt_bench as judge_mt_bench_grid with:
         reference=rules.fetch_mt_bench.output.reference,
     output:
         f"{R}/{{home}}/eval/mtbench.json",
+        judgments=f"{R}/{{home}}/eval/mt_bench_judgments.jsonl",
+        provenance=f"{R}/provenance/judge_mt_bench_grid-{{home}}.json",
     log:
         f"{R}/logs/{{home}}/judge_mt_bench.log",
     benchmark:
@@ -127,7 +137,6 @@ use rule judge_mt_bench as judge_mt_bench_grid with:
     params:
         judge=JUDGE,
         cache=f"{R}/{{home}}/eval/mt_bench_judge_cache.jsonl",
-        judgments=f"{R}/{{home}}/eval/mt_bench_judgments.jsonl",
 
 
 use rule generate_alpaca_eval as generate_alpaca_eval_grid with:
@@ -136,6 +145,7 @@ use rule generate_alpaca_eval as generate_alpaca_eval_grid with:
         data=rules.fetch_alpaca_eval.output[0],
     output:
         f"{R}/{{home}}/eval/alpaca_eval_outputs.json",
+        provenance=f"{R}/provenance/generate_alpaca_eval_grid-{{home}}.json",
     log:
         f"{R}/logs/{{home}}/generate_alpaca_eval.log",
     benchmark:
@@ -156,6 +166,7 @@ use rule judge_alpaca_eval as judge_alpaca_eval_grid with:
         data=rules.fetch_alpaca_eval.output[0],
     output:
         f"{R}/{{home}}/eval/alpacaeval.json",
+        provenance=f"{R}/provenance/judge_alpaca_eval_grid-{{home}}.json",
     log:
         f"{R}/logs/{{home}}/judge_alpaca_eval.log",
     benchmark:
@@ -177,6 +188,7 @@ rule report_experiments:
             category="Experiments",
         ),
         csv=f"{R}/report/experiments/scores.csv",
+        json=f"{R}/report/experiments/scores.json",
         plots=[
             report(
                 f"{R}/report/experiments/{experiments_of.plot_name(a)}",
@@ -185,6 +197,7 @@ rule report_experiments:
             )
             for a in (GRID.swept_axes() if GRID else [])
         ],
+        provenance=f"{R}/provenance/report_experiments.json",
     log:
         f"{R}/logs/report_experiments.log",
     benchmark:

@@ -6,6 +6,7 @@ rule prepare_base_model:
     output:
         model=directory(model_of("base")),
         report=f"{R}/models/base.verify.json",
+        provenance=f"{R}/provenance/prepare_base_model.json",
     log:
         f"{R}/logs/prepare_base_model.log",
     benchmark:

@@ -9,6 +9,7 @@ rule fetch_mt_bench:
         questions=f"{R}/data/mt_bench/question.jsonl",
         judge_prompts=f"{R}/data/mt_bench/judge_prompts.jsonl",
         reference=f"{R}/data/mt_bench/reference_answer.jsonl",
+        provenance=f"{R}/provenance/fetch_mt_bench.json",
     log:
         f"{R}/logs/fetch_mt_bench.log",
     benchmark:

@@ -5,6 +5,7 @@ rule plan:
     output:
         json=f"{R}/plan.json",
         table=f"{R}/plan.txt",
+        provenance=f"{R}/provenance/plan.json",
     log:
         f"{R}/logs/plan.log",
     benchmark:

@@ -17,6 +17,7 @@ rule train_sft:
     output:
         model=directory(model_of("sft")),
         metrics=f"{R}/metrics/sft.json",
+        provenance=f"{R}/provenance/train_sft.json",
     log:
         f"{R}/logs/train_sft.log",
     benchmark:
@@ -46,6 +47,7 @@ rule train_dpo:
     output:
         model=directory(model_of("dpo")),
         metrics=f"{R}/metrics/dpo.json",
+        provenance=f"{R}/provenance/train_dpo.json",
     log:
         f"{R}/logs/train_dpo.log",
     benchmark:
