@@ -156,7 +156,9 @@ def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, o
 
 def record_path(smk) -> str:
     """Where a Snakemake job's record goes: its declared output `provenance` (Snakemake then deletes it with the
-    job's other outputs when the job fails or is to rerun), else results/provenance/<rule>[-<wildcards>].json."""
+    job's other outputs when the job fails or is to rerun), else results/provenance/<rule>[-<wildcards>].json.
+    Every rule declares its record, most at that same path, where earlier versions wrote it undeclared: a
+    record declared elsewhere would be missing in an earlier results folder and rerun the finished job."""
     declared = dict(smk.output.items()).get("provenance")
     if declared:
         return str(declared)
