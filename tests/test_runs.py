@@ -149,3 +149,17 @@ def test_a_second_job_on_one_checkpoint_folder_is_refused_naming_the_first(tmp_p
     lock_checkpoint_dir(folder)
     assert f"pid {os.getpid()}" in (folder / "LOCK").read_text()
     release_checkpoint_dir(folder)
+
+
+def test_a_link_to_a_deleted_model_is_dropped_so_the_key_retrains(tmp_path):
+    from mamba_align.ops.runs import drop_dangling_links
+
+    r = tmp_path / "results"
+    (r / "models/sft-abc").mkdir(parents=True)
+    (r / "models/dpo-def").mkdir()
+    (r / "experiments/e1").mkdir(parents=True)
+    for link, target in [("models/sft", "sft-abc"), ("models/dpo", "dpo-gone"), ("experiments/e1/model", "gone")]:
+        (r / link).symlink_to(target)
+    assert sorted(p.relative_to(r).as_posix() for p in drop_dangling_links(r)) == ["experiments/e1/model",
+                                                                                   "models/dpo"]
+    assert (r / "models/sft").is_symlink() and (r / "models/dpo-def").is_dir()

@@ -1,5 +1,6 @@
 import glob
 import os
+import sys
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
@@ -8,6 +9,7 @@ from mamba_align.eval.judge.client import check_judge, judge_gpus
 from mamba_align.ops import condor_env, jobenv, layout, provenance
 from mamba_align.ops import experiments as experiments_of
 from mamba_align.ops import plan as planner
+from mamba_align.ops import runs as model_store
 from mamba_align.train import data as prepared_data
 from mamba_align.train import recipes
 from mamba_align.train.recipes import as_dict, learning_settings
@@ -330,6 +332,9 @@ def grid_local_source(stage):
 
 # Snakemake touches a job's outputs after it: a data step's byte-identical rewrite gets its earlier time back
 # here, at the next parse, before the DAG compares times (mamba_align.train.data.record_outputs).
+# A model link whose stored model was deleted (to retrain its key) is dropped: a missing output, not an error.
 if workflow.is_main_process:
     for d in [f"{R}/data/sft", f"{R}/data/dpo", *glob.glob(f"{R}/shared/data/*/*")]:
         prepared_data.settle_kept_mtimes(d)
+    for link in model_store.drop_dangling_links(R):
+        print(f"{link}: its stored model was deleted; the link is removed", file=sys.stderr)

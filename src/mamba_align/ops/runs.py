@@ -58,6 +58,19 @@ def _key(what: dict) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def drop_dangling_links(results) -> list[Path]:
+    """Remove model links whose stored model was deleted (README: deleting `<stage>-<key>/` is how a key is
+    retrained). Such a link is a missing output, but Snakemake cannot read its time and stops the whole run
+    ("Unable to obtain modification time"); without the link it plans the training job instead."""
+    root, dropped = Path(results), []
+    homes = [*root.glob("shared/*/*"), *root.glob("experiments/*")]  # a grid's model links: <home>/model
+    for link in [*root.glob("models/*"), *(home / "model" for home in homes)]:
+        if link.is_symlink() and not link.exists():
+            link.unlink()
+            dropped.append(link)
+    return dropped
+
+
 def _point(link: Path, target: Path) -> None:
     """Make `link` a relative symlink to `target`, atomically; a real directory there is kept as .previous."""
     if link.exists() and not link.is_symlink():
