@@ -323,7 +323,7 @@ def test_the_key_reaches_alpaca_evals_clients_only_in_memory(tmp_path, data_dir,
     assert not [p for p in written if secret in p.read_text(errors="replace")] and secret not in caplog.text
     client_cfg = yaml.safe_load((tmp_path / "cache" / "alpaca_eval_gpt4" / "client_configs.yaml").read_text())
     assert client_cfg["default"][0] | {"base_url": None} == {
-        "client_class": "mamba_align.eval.alpacaeval.openai_client", "api_key_env": "FAKE_JUDGE_KEY",
+        "client_class": "mamba_align.eval.alpacaeval_client.openai_client", "api_key_env": "FAKE_JUDGE_KEY",
         "max_retries": 3, "timeout": 30.0, "base_url": None}
 
 

@@ -129,7 +129,7 @@ def test_retries_say_which_url_what_error_and_how_long(tmp_path, caplog, closed_
     with pytest.raises(UserError, match=rf"1 of 1 judge calls failed.*Connect.*refused.* from {re.escape(url)}/ "
                                         rf"\(after 2 retries\)"):
         JudgeClient(judge_cfg(max_retries=2), tmp_path / "c.jsonl", base_url=url).complete_many(requests_(1))
-    lines = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]  # tmp_path holds "retry" too
     assert len(lines) == 2, lines
     assert all(re.fullmatch(rf"judge POST {re.escape(url)}/chat/completions: .*Connect.*refused.*; "
                             rf"retry {i} of 2 in \d+\.\d s", line) for i, line in enumerate(lines, 1)), lines
@@ -140,7 +140,7 @@ def test_a_rate_limit_retry_says_the_status_and_the_wait(tmp_path, caplog):
         url = fake.base_url
         with pytest.raises(UserError, match="HTTP 429"):
             JudgeClient(judge_cfg(max_retries=1), tmp_path / "c.jsonl", base_url=url).complete_many(requests_(1))
-    assert [r.getMessage() for r in caplog.records if "retry" in r.getMessage()] == [
+    assert [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()] == [
         f"judge POST {url}/chat/completions: HTTP 429; retry 1 of 1 in 0.3 s"]
 
 
@@ -160,13 +160,13 @@ def test_the_workflow_refuses_to_start_when_the_judge_does_not_answer(workflow_c
 
 def test_alpaca_evals_judge_retries_say_the_url_the_error_and_the_wait(caplog, closed_port, monkeypatch):
     """AlpacaEval asks each prompt once (alpaca_eval re-asks only rate limits), through our client's retries."""
-    from mamba_align.eval.alpacaeval import openai_client
+    from mamba_align.eval.alpacaeval_client import openai_client
 
     monkeypatch.setenv("FAKE_JUDGE_KEY", KEY)
     url = f"http://127.0.0.1:{closed_port}/v1"
     client = openai_client("FAKE_JUDGE_KEY", base_url=url, max_retries=1, timeout=5.0)
     with pytest.raises(Exception, match="Connection error"):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-    [line] = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    [line] = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
     assert re.fullmatch(rf"judge POST {re.escape(url)}/chat/completions: .*Connect.*refused.*; retry 1 of 1 in "
                         rf"\d+\.\d s", line), line

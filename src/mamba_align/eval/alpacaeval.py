@@ -3,42 +3,32 @@
 `judge_alpaca_eval` runs `alpaca_eval.evaluate` once per annotator on the data that `fetch_alpaca_eval`
 (eval/alpacaeval_data.py) pinned. Everything alpaca_eval would write by default into its own package directory
 (annotation caches, GLM weights, leaderboards) goes to `cache_dir`. The judge is reached through alpaca_eval's
-client configs, whose `client_class` is our `openai_client`; what alpaca_eval 0.6.6 cannot be told through its
-arguments is in eval/alpacaeval_compat.py.
-
-A failing judge fails fast and cheaply, as MT-Bench's does (issue #28 §5): every request goes through the judge
-client's `JudgeCalls` (an unusable answer -- no choices, no content, a body that is not JSON -- is asked again at
-most twice, every answered call is in the spend, UNUSABLE_LIMIT unusable answers in a row stop the job with a
-UserError quoting the endpoint). alpaca_eval cannot leave one prompt out and go on, so a judgment that stays
-unusable stops the job too. alpaca_eval saves its annotations only after a whole chunk, so each usable answer is
-also kept at once in `judge_responses.jsonl` beside its cache: a rerun after a stop pays for none of them again.
+client configs, whose `client_class` is our `openai_client` (eval/alpacaeval_client.py: it bounds re-asks, counts
+the spend, stops a failing judge and keeps every answer as it arrives); what alpaca_eval 0.6.6 cannot be told
+through its arguments is in eval/alpacaeval_compat.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from mamba_align.eval.alpacaeval_client import JudgeSession, judge_session, openai_client
 from mamba_align.eval.alpacaeval_compat import annotator_class, lc_file_from, metric
 from mamba_align.eval.alpacaeval_data import ANNOTATORS, DATA_FILES, LC_FILE, fetch_alpaca_eval, validate_records
-from mamba_align.eval.judge.client import JudgeCalls, JudgeError
+from mamba_align.eval.judge.client import JudgeCalls
 from mamba_align.utils import (
     ProgressLog,
     UserError,
-    append_jsonl,
     read_json,
-    read_jsonl,
     setup_logging,
     sha256_file,
     write_json,
@@ -69,77 +59,6 @@ def _load_outputs(outputs_path: str | os.PathLike, references: dict[str, Path]) 
     if len(generators) != 1:
         raise UserError(f"{outputs_path}: expected one 'generator' for all records, found {sorted(generators)}")
     return outputs
-
-
-def openai_client(api_key_env: str = "OPENAI_API_KEY", **client_kwargs: Any):
-    """The judge's OpenAI client, for alpaca_eval (as the `client_class` of the client config we write) and for
-    our logprobs probe. The API key is read here, from the variable judge.api_key_env names, so it is in no file
-    and not among the completion kwargs that alpaca_eval logs; local servers get a placeholder, as the client
-    wants one. While an annotator runs, its `chat.completions.create` goes through the run's `_JudgeSession`."""
-    from mamba_align.eval.judge.client import openai_client as logged_client  # retries name URL, error and wait
-
-    client = logged_client(client_kwargs.pop("base_url", None), os.environ.get(api_key_env, "").strip() or "EMPTY",
-                           **client_kwargs)
-    if _session is not None:
-        _session.guard(client)
-    return client
-
-
-class _JudgeSession:
-    """The judge calls of one annotator run. alpaca_eval makes a client per prompt (and threads of its own), so
-    what the calls share -- the JudgeCalls (re-asks, spend, stop), the answers kept so far, the progress line --
-    lives here, and `openai_client` reaches it through the module's `_session`."""
-
-    def __init__(self, calls: JudgeCalls, responses_path: Path, cache_path: Path):
-        # cache_path: alpaca_eval's annotation cache, once the annotator config is chosen (for the stop's message)
-        self.calls, self.path, self.cache_path = calls, responses_path, cache_path
-        self.responses = {r["key"]: r["response"] for r in read_jsonl(responses_path, repair=True)}
-        self.progress: ProgressLog | None = None
-        self.lock = threading.Lock()
-
-    def guard(self, client) -> None:
-        completions = client.chat.completions
-        raw_create = completions.with_raw_response.create  # taken before `create` is replaced (it would wrap ours)
-        completions.create = lambda **request: self.create(raw_create, **request)
-
-    def create(self, raw_create, **request):
-        from openai.types.chat import ChatCompletion
-
-        key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
-        kept = self.responses.get(key)
-        if kept is not None:
-            resp = ChatCompletion.model_validate(kept)
-        else:
-            try:
-                resp = self.calls.ask(raw_create, **request)
-            except JudgeError as e:  # alpaca_eval cannot leave one prompt out: the job ends here
-                self.calls.stop(str(e))
-                raise UserError(self.stopped()) from None
-            row = {"key": key, "response": resp.model_dump(mode="json")}
-            with self.lock:
-                append_jsonl(self.path, row)
-                self.responses[key] = row["response"]
-        with self.lock:
-            if self.progress is not None:
-                self.progress.update()
-        return resp
-
-    def stopped(self) -> str:
-        return (f"judging stopped: {self.calls.stopped}. The {len(self.responses)} answers obtained are kept in "
-                f"{self.path} (and {self.cache_path}), and a rerun sends only the rest ({self.calls.spend()})")
-
-
-_session: _JudgeSession | None = None  # the annotator run in progress, for the clients alpaca_eval makes
-
-
-@contextlib.contextmanager
-def _judge_session(calls: JudgeCalls, work_dir: Path):
-    global _session
-    _session = _JudgeSession(calls, work_dir / "judge_responses.jsonl", work_dir)
-    try:
-        yield _session
-    finally:
-        _session = None
 
 
 def _judge_settings(judge_cfg: dict, base_url: str | None) -> dict:
@@ -181,7 +100,7 @@ def _write_annotator_config(config_name: str, model: str, judge: dict, work_dir:
     kwargs = cfg["completions_kwargs"]
     # alpaca_eval builds its clients from a client_config_path yaml: `client_class` and its kwargs; "default"
     # applies to every model name. The kwargs name the key's variable, never the key.
-    client = {"client_class": "mamba_align.eval.alpacaeval.openai_client", "api_key_env": judge["api_key_env"],
+    client = {"client_class": "mamba_align.eval.alpacaeval_client.openai_client", "api_key_env": judge["api_key_env"],
               **judge["client"], **({"base_url": judge["base_url"]} if judge["base_url"] else {})}
     client_cfg = work_dir / "client_configs.yaml"
     client_cfg.write_text(yaml.safe_dump({"default": [client]}))
@@ -277,7 +196,7 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
                    calls: JudgeCalls) -> dict:
     work_dir = cache_dir / name
     work_dir.mkdir(parents=True, exist_ok=True)
-    with _judge_session(calls, work_dir) as session:
+    with judge_session(calls, work_dir) as session:
         try:
             return _annotate(name, outputs, data_dir, judge, work_dir, session)
         except UserError:
@@ -287,7 +206,7 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
 
 
 def _annotate(name: str, outputs: list[dict], data_dir: Path, judge: dict, work_dir: Path,
-              session: _JudgeSession) -> dict:
+              session: JudgeSession) -> dict:
     from alpaca_eval import main as alpaca_eval_main
 
     version, reference_file = ANNOTATORS[name]
