@@ -183,6 +183,23 @@ def test_judgments_of_mt_bench_are_declared(rule):
     assert "judgments=" in section(body, "output") and "judgments=" not in section(body, "params")
 
 
+def run_rule(wf: Path, rule: str, target: str, *args: str) -> tuple[set[str], set[str]]:
+    """Run `rule` alone for `target` with Snakemake: (the files it declares as outputs, log and benchmark, the
+    files under results/ it wrote). A log's hidden attempt history (.<log>.history) belongs to the log."""
+    r = wf / "results"
+    time.sleep(0.01)
+    before = {p: p.stat().st_mtime_ns for p in r.rglob("*") if p.is_file()}
+    args = [target, "--allowed-rules", rule, *args]
+    dry = snakemake(wf, "-n", *args).stdout
+    block = dry[dry.index(f"rule {rule}:"):]
+    declared = {f.strip() for key in ("output", "log", "benchmark")
+                for f in re.search(rf"^    {key}: (.*)$", block, re.M).group(1).split(",")}
+    snakemake(wf, "--cores", "1", *args)
+    written = {str(p.relative_to(wf)) for p in r.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
+    declared |= {str(Path(f).with_name(f".{Path(f).name}.history")) for f in declared if f.endswith(".log")}
+    return declared, written
+
+
 def test_report_rule_writes_only_declared_files(workflow_copy, keys):
     """The report rule run by Snakemake on hand-made scores (no model, no judge): every file that appears under
     results/ is a declared output, log or benchmark; its rows are current (the workflow's keys are status's)."""
@@ -192,19 +209,9 @@ def test_report_rule_writes_only_declared_files(workflow_copy, keys):
         write(r / f"eval/{d}alpacaeval.json", alpacaeval(keys[stage]))
         write(r / f"metrics/{stage}.json", {"log_history": [{"step": 1, "loss": 1.0}]})
     write(r / "report/scores.json", [{"model": "demo-dpo", "stage": "dpo", "source": "this run"}])  # an old one
-    time.sleep(0.01)
-    before = {p: p.stat().st_mtime_ns for p in r.rglob("*") if p.is_file()}
-    args = ["results/report/scores.md", "--configfile", "config/demo.yaml", "--allowed-rules", "report"]
-    dry = snakemake(workflow_copy, "-n", *args).stdout
-    block = dry[dry.index("rule report:"):]
-    declared = {f.strip() for key in ("output", "log", "benchmark")
-                for f in re.search(rf"^    {key}: (.*)$", block, re.M).group(1).split(",")}
+    declared, written = run_rule(workflow_copy, "report", "results/report/scores.md", "--configfile",
+                                 "config/demo.yaml")
     assert {"results/report/scores.json", "results/provenance/report.json"} <= declared
-    snakemake(workflow_copy, "--cores", "1", *args)
-    written = {str(p.relative_to(workflow_copy)) for p in r.rglob("*")
-               if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
-    # a log's hidden attempt history (.<log>.history, beside the declared log) belongs to the log
-    declared |= {str(Path(f).with_name(f".{Path(f).name}.history")) for f in declared if f.endswith(".log")}
     assert "results/report/scores.json" in written and written - declared == set()
     rows = json.loads((r / "report/scores.json").read_text())
     ours = [x for x in rows if x["source"] == "this run"]
@@ -222,17 +229,8 @@ def test_report_experiments_writes_only_declared_files(workflow_copy):
         d = r / f"experiments/beta{beta}-seed{seed}"
         write(d / "eval/mtbench.json", mtbench(None))
         write(d / "eval/alpacaeval.json", alpacaeval(None))
-    time.sleep(0.01)
-    before = {p: p.stat().st_mtime_ns for p in r.rglob("*") if p.is_file()}
-    args = ["results/report/experiments/scores.md", "--allowed-rules", "report_experiments", "--configfile", *grid]
-    dry = snakemake(workflow_copy, "-n", *args).stdout
-    block = dry[dry.index("rule report_experiments:"):]
-    declared = {f.strip() for key in ("output", "log", "benchmark")
-                for f in re.search(rf"^    {key}: (.*)$", block, re.M).group(1).split(",")}
+    declared, written = run_rule(workflow_copy, "report_experiments", "results/report/experiments/scores.md",
+                                 "--configfile", *grid)
     assert {"results/report/experiments/scores.json", "results/provenance/report_experiments.json"} <= declared
-    snakemake(workflow_copy, "--cores", "1", *args)
-    written = {str(p.relative_to(workflow_copy)) for p in r.rglob("*")
-               if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
-    declared |= {str(Path(f).with_name(f".{Path(f).name}.history")) for f in declared if f.endswith(".log")}
     assert "results/report/experiments/scores.json" in written and written - declared == set()
     assert json.loads((r / "provenance/report_experiments.json").read_text())["step"] == "report_experiments"
