@@ -91,3 +91,42 @@ def test_plan_subcommand_runs_the_planner(tmp_path):
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "total GPU-hours" in proc.stdout and out.exists()
+
+
+def test_plan_of_the_demo_on_a_fresh_checkout_is_a_one_line_error(workflow_copy, monkeypatch, capsys):
+    """#29: a raw traceback (the demo's base model is built by the workflow, so its size is not known yet)."""
+    monkeypatch.chdir(workflow_copy)
+    assert cli.main(["plan", "--config", "config/demo.yaml", "--out", "plan.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mamba-align: unknown size of base model results/demo/base_mamba_ssm")
+    assert err.count("\n") == 1
+    assert "snakemake --configfile config/demo.yaml results/plan.json" in err
+
+
+@pytest.mark.parametrize("setup, args, expected", [
+    (None, ["--config", "config/nope.yaml"], "config/nope.yaml does not exist"),
+    ({"config/bad.yaml": "eval: [unclosed"}, ["--config", "config/bad.yaml"], "config/bad.yaml: not valid YAML"),
+    ({"config/bad.yaml": "- a list"}, ["--config", "config/bad.yaml"], "expected a mapping of config keys"),
+    ({"config/bad.yaml": "base_modle: {source: x}"}, ["--config", "config/bad.yaml"], "base_modle"),
+    ({"results/models/base.verify.json": '{"source": '}, [], "base.verify.json: not valid JSON"),
+    ({"results/data/sft/stats.json": "[]"}, [], "stats.json: expected a JSON object"),
+    ({"taken": ""}, ["--out", "taken/plan.json"], "taken"),  # a file where the output's folder should be
+], ids=["missing-config", "bad-yaml", "not-a-mapping", "misspelled-key", "torn-verify", "odd-stats", "bad-out"])
+def test_plan_with_bad_inputs_is_a_one_line_error(workflow_copy, monkeypatch, capsys, setup, args, expected):
+    monkeypatch.chdir(workflow_copy)
+    for path, text in (setup or {}).items():
+        write(workflow_copy / path, text)
+    assert cli.main(["plan", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mamba-align: ") and expected in err and err.count("\n") == 1, err
+
+
+def test_rescore_with_bad_files_is_a_one_line_error(results, capsys):
+    judgments = results / "eval/dpo/mt_bench_judgments.jsonl"
+    judgments.write_text('{"question_id": 1, "turn": 1}\n')
+    assert cli.main(["rescore", str(results)]) == 2
+    assert "mt_bench_judgments.jsonl:1: no judgment" in capsys.readouterr().err
+    judgments.write_text('{"question_id": 1, "turn": 1, "judgment": "Rating: [[8]]"}\n')
+    (results / "eval/mtbench.json").write_text("{")
+    assert cli.main(["rescore", str(results)]) == 2
+    assert "eval/mtbench.json: not an MT-Bench summary" in capsys.readouterr().err

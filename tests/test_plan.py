@@ -1,6 +1,8 @@
 """The plan against hand-computed numbers for a small config."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +177,82 @@ def test_the_shipped_recipes_fit_80_gb_at_the_2p8b_shape():
         for stage in ("sft", "dpo"):
             recipe = as_dict(load_recipe(f"config/recipes/{name}", stage))
             assert sizes.memory_fix(2.77e9, recipe, stage, 8, 80) is None, (name, stage)
+
+
+def demo_leftovers(results: Path) -> None:
+    """What `make demo` leaves in results/ that a plan reads: its tiny base model's verify.json (as
+    model.convert.prepare_base_model writes it) and its prepared data's stats.json (as train.data writes them)."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "models").mkdir(exist_ok=True)
+    (results / "models" / "base.verify.json").write_text(json.dumps(
+        {"source": "results/demo/base_mamba_ssm", "revision": "main", "n_params": 104_320}))
+    for stage, source in (("sft", "results/demo/data/ultrachat"), ("dpo", "results/demo/data/ultrafeedback")):
+        (results / "data" / stage).mkdir(parents=True)
+        (results / "data" / stage / "stats.json").write_text(json.dumps(
+            {"source": source, "revision": None, "train": {"split": "train", "rows_out": 80, "tokens": 4_000}}))
+
+
+def test_a_demo_left_in_results_does_not_size_the_real_plan(tmp_path, monkeypatch, workflow_copy):
+    """#29: after `make demo`, the default config's plan read the demo's tiny model (0.00B parameters, 0.0
+    GPU-hours); it plans exactly as a fresh checkout does, and says which results it passed over."""
+    monkeypatch.chdir(workflow_copy)
+    plan.main(["--out", str(tmp_path / "fresh.json")])
+    demo_leftovers(workflow_copy / "results")
+    plan.main(["--out", str(tmp_path / "after_demo.json")])
+    fresh, after = (json.loads((tmp_path / f).read_text()) for f in ("fresh.json", "after_demo.json"))
+    notes = after.pop("notes")
+    assert fresh.pop("notes") == []
+    assert after == fresh
+    assert after["base_params"] == 2.77e9 and after["total_gpu_hours"] == 31.5
+    assert {j["rule"]: j["runtime_min"] for j in after["jobs"][:2]} == {"train_sft": 125, "train_dpo": 190}
+    assert notes[0] == ("results/models/base is results/demo/base_mamba_ssm, not the configured "
+                        "state-spaces/mamba-2.8b-slimpj: planned from the configured model")
+    assert notes[1:] == [
+        "results/data/sft is results/demo/data/ultrachat, not the configured HuggingFaceH4/ultrachat_200k: "
+        "planned from the configured dataset",
+        "results/data/dpo is results/demo/data/ultrafeedback, not the configured "
+        "HuggingFaceH4/ultrafeedback_binarized: planned from the configured dataset"]
+    text = plan.format_plan(after | {"notes": notes})
+    assert "(2.77B parameters)" in text and "planned from the configured model" in text
+
+
+def test_the_slurm_dry_run_after_a_demo_asks_the_real_runtimes(workflow_copy):
+    """#29: `runtime=30` for train_sft after `make demo` (the plan's floor for a 100k-parameter model); a job
+    given that limit dies at it, again and again."""
+    from wfhelpers import snakemake
+
+    demo_leftovers(workflow_copy / "results")
+    out = snakemake(workflow_copy, "-n", "--profile", "profiles/slurm", "results/models/dpo").stdout
+    runtimes = {}
+    for rule in ("train_sft", "train_dpo"):
+        block = out[out.index(f"rule {rule}:"):]
+        runtimes[rule] = int(block.split("runtime=")[1].split(",")[0])
+    assert runtimes == {"train_sft": 125, "train_dpo": 190}
+
+
+def test_a_prepared_model_or_dataset_of_the_configured_source_is_used(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base.verify.json").write_text(json.dumps(
+        {"source": "state-spaces/mamba-2.8b-slimpj", "revision": "main", "resolved_commit": "a" * 40,
+         "n_params": 2_768_345_600}))
+    (tmp_path / "data" / "sft").mkdir(parents=True)
+    (tmp_path / "data" / "sft" / "stats.json").write_text(json.dumps(
+        {"source": "HuggingFaceH4/ultrachat_200k", "revision": "main", "train": {"tokens": 5000, "rows_out": 10}}))
+    notes = []
+    for revision in ("main", "a" * 40):  # by name or by the commit it resolved to
+        cfg = CFG | {"base_model": {"source": "state-spaces/mamba-2.8b-slimpj", "revision": revision}}
+        assert plan.base_params(cfg, str(tmp_path), notes=notes) == 2_768_345_600
+    assert plan.prepared_stats(tmp_path / "data" / "sft", SFT | {"dataset": SFT["dataset"] | {"revision": "main"}},
+                               notes)["train"]["tokens"] == 5000
+    assert notes == []
+    cfg = CFG | {"base_model": {"source": "state-spaces/mamba-2.8b-slimpj", "revision": "b" * 40}}
+    assert plan.base_params(cfg, str(tmp_path), notes=notes) == plan.KNOWN_PARAMS["state-spaces/mamba-2.8b-slimpj"]
+    assert notes == [f"{tmp_path}/models/base is state-spaces/mamba-2.8b-slimpj@main, not the configured "
+                     f"state-spaces/mamba-2.8b-slimpj@{'b' * 40}: planned from the configured model"]
+
+
+def test_a_torn_verify_json_is_a_one_line_error(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base.verify.json").write_text('{"source": ')
+    with pytest.raises(UserError, match=r"base.verify.json: not valid JSON .*prepare again"):
+        plan.base_params(CFG, str(tmp_path))

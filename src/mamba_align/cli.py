@@ -206,16 +206,25 @@ def rescore(results: str | Path, stage: str) -> dict:
     for p in (judgments_path, questions_path):
         if not p.exists():
             raise UserError(f"{p} does not exist: judge the {stage} model first (results/eval/... mtbench.json)")
-    categories = {q["question_id"]: q["category"] for q in read_jsonl(questions_path)}
+    try:
+        categories = {q["question_id"]: q["category"] for q in read_jsonl(questions_path)}
+    except KeyError as e:
+        raise UserError(f"{questions_path}: a question without {e} (not MT-Bench's question.jsonl)") from None
     rows = []
     for i, j in enumerate(read_jsonl(judgments_path), 1):
+        if missing := [k for k in ("question_id", "judgment") if k not in j]:
+            raise UserError(f"{judgments_path}:{i}: no {' or '.join(missing)} (not an MT-Bench judgment)")
         texts = j.get("repeat_judgments") or [j["judgment"]]
         if j["question_id"] not in categories:
             raise UserError(f"{judgments_path}:{i}: question {j['question_id']} is not in {questions_path}")
         rows.append({**j, "category": categories[j["question_id"]],
                      "score": combine_ratings([parse_rating(t) for t in texts])})
     summary = summarize(rows, list(dict.fromkeys(categories.values())))
-    stored = read_json(stored_path)["scores"] if stored_path.exists() else None
+    try:
+        stored = read_json(stored_path)["scores"] if stored_path.exists() else None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{stored_path}: not an MT-Bench summary ({type(e).__name__}: {e}); rebuild it with "
+                        f"snakemake {stored_path}") from None
     return {"stage": stage, "judgments": str(judgments_path), "n": len(rows), **summary,
             "stored_scores": stored, "changed": stored is not None and stored != summary["scores"]}
 
@@ -242,14 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["plan"]:  # its own options
-        from mamba_align.ops.plan import main as plan_main
-
-        plan_main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv) if argv[:1] != ["plan"] else None
     try:
-        if args.command == "status":
+        if args is None:  # plan: its own options
+            from mamba_align.ops.plan import main as plan_main
+
+            plan_main(argv[1:])
+        elif args.command == "status":
             print(status(args.results, args.configfile, args.workflow_dir))
         elif args.command == "rescore":
             r = rescore(args.results, args.stage)
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"turn 1 {s['turn_1']}, turn 2 {s['turn_2']} ({r['n_unrated']} unrated)")
                 if r["stored_scores"] is not None:
                     print("differs from" if r["changed"] else "same as", "the stored summary")
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a file named on the command line that cannot be read or written
         print(f"mamba-align: {e}", file=sys.stderr)
         return 2
     return 0

@@ -199,16 +199,73 @@ def judge_cost(cfg: dict, n_stages: int) -> dict:
     return rows
 
 
-def base_params(cfg: dict, results: str, verify: str | Path | None = None) -> float:
+def is_configured(recorded: dict, source: str, revision: str | None) -> bool:
+    """Whether what was recorded when a model or dataset was prepared (its verify.json / stats.json: `source`,
+    `revision`) is the configured one. A local folder's revision is ignored (the config schema says so); a Hub
+    revision matches by name or by the commit it resolved to."""
+    rec = recorded.get("source")
+    if rec is None:
+        return False
+    if str(rec) != str(source) and not (Path(rec).is_dir() and Path(rec).resolve() == Path(source).resolve()):
+        return False
+    if Path(source).is_dir():
+        return True
+    return revision in (recorded.get("revision"), recorded.get("resolved_commit"), recorded.get("resolved_revision"))
+
+
+def _read_recorded(path: Path) -> dict:
+    try:
+        recorded = read_json(path)
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); delete it and prepare again") from None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(recorded).__name__}; delete it and prepare again")
+    return recorded
+
+
+def _other_than_configured(what: str, recorded: dict, source: str, revision: str | None, planned_from: str) -> str:
+    rec = recorded.get("source", "of unrecorded source")
+    if str(rec) == str(source):  # the revision differs
+        rec, source = f"{rec}@{recorded.get('revision')}", f"{source}@{revision}"
+    return f"{what} is {rec}, not the configured {source}: planned from the {planned_from}"
+
+
+def base_params(cfg: dict, results: str, verify: str | Path | None = None, notes: list[str] | None = None) -> float:
+    """The base model's parameter count: recorded when it was prepared if that is the configured model (a demo
+    run leaves its tiny one in results/), else from the configured source. Why a recorded one was passed over
+    is appended to `notes`."""
     verify = Path(verify) if verify else Path(results) / "models" / "base.verify.json"
+    src, revision = cfg["base_model"]["source"], cfg["base_model"].get("revision")
     if verify.exists():
-        return float(read_json(verify)["n_params"])
-    src = cfg["base_model"]["source"]
+        recorded = _read_recorded(verify)
+        if is_configured(recorded, src, revision):
+            return float(recorded["n_params"])
+        model = (str(verify)[:-len(".verify.json")] if verify.name.endswith(".verify.json")
+                 else str(verify.parent / "model"))
+        if notes is not None:
+            notes.append(_other_than_configured(model, recorded, src, revision, "configured model"))
     if src in KNOWN_PARAMS:
         return KNOWN_PARAMS[src]
     if (Path(src) / "config.json").exists():
         return params_from_config(read_json(Path(src) / "config.json"))
-    raise UserError(f"unknown size of base model {src}: prepare it first (results/models/base.verify.json)")
+    raise UserError(f"unknown size of base model {src} (not a known Hub model, no {src}/config.json): prepare it "
+                    f"first (snakemake {verify}; for the demo, snakemake --configfile config/demo.yaml "
+                    f"results/plan.json builds its inputs and plans)")
+
+
+def prepared_stats(data_dir: str | Path, recipe: dict, notes: list[str] | None = None) -> dict | None:
+    """The prepared data's stats.json if it was prepared from the recipe's dataset, else None (planned from the
+    dataset's size); why it was passed over is appended to `notes`."""
+    f = Path(data_dir) / "stats.json"
+    if not f.exists():
+        return None
+    stats, ds = _read_recorded(f), recipe["dataset"]
+    if is_configured(stats, ds["source"], ds.get("revision")):
+        return stats
+    if notes is not None:
+        notes.append(_other_than_configured(str(data_dir), stats, ds["source"], ds.get("revision"),
+                                            "configured dataset"))
+    return None
 
 
 def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: str, results: str,
@@ -216,11 +273,10 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
     """gpus: GPUs per rule (from the active profile's resources). An experiment of a grid passes where its
     base model's verify.json and its data folders are, and train_sft=False when another experiment's plan
     holds the SFT run they share."""
-    p = cfg["plan"]
-    params = base_params(cfg, results, verify)
+    p, notes = cfg["plan"], []
+    params = base_params(cfg, results, verify, notes)
     data_dirs = data_dirs or {s: Path(results) / "data" / s for s in ("sft", "dpo")}
-    stats = {s: (read_json(f) if (f := Path(data_dirs[s]) / "stats.json").exists() else None)
-             for s in ("sft", "dpo")}
+    stats = {s: prepared_stats(data_dirs[s], recipe, notes) for s, recipe in (("sft", sft), ("dpo", dpo))}
     jobs, sources, train_speeds = [], {}, {}
     stages = [("train_sft", sft_tokens(sft, stats["sft"]), sft)] if train_sft else []
     for rule, (tokens, source), recipe in stages + [("train_dpo", dpo_tokens(dpo, stats["dpo"]), dpo)]:
@@ -251,6 +307,8 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
     return {
         "gpu_type": gpu_type,
         "base_params": params,
+        # results prepared for another model or dataset than the configured ones (a demo run's), not used
+        "notes": notes,
         "unpinned": unpinned(cfg, sft, dpo),
         "assumptions": {
             "train_tokens_per_s_per_gpu": train_speeds,
@@ -294,8 +352,7 @@ def format_grid_plan(plan: dict) -> str:
              f"{'experiment':<40}{'params':>8}{'GPU-h':>9}{'judge USD':>11}  note"]
     for name, p in plan["experiments"].items():
         note = f"SFT shared with {p['shares_sft_with']}" if p.get("shares_sft_with") else ""
-        size = f"{p['base_params'] / 1e9:.2f}B" if p["base_params"] >= 1e8 else f"{p['base_params'] / 1e6:.2f}M"
-        lines.append(f"{name:<40}{size:>8}{p['total_gpu_hours']:>9.1f}"
+        lines.append(f"{name:<40}{_size(p['base_params']):>8}{p['total_gpu_hours']:>9.1f}"
                      f"{p['judge_usd']:>11.2f}  {note}")
     lines += ["", f"total GPU-hours: {plan['total_gpu_hours']}", f"judge total: ${plan['judge_usd']}"]
     for name, p in plan["experiments"].items():
@@ -303,11 +360,17 @@ def format_grid_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
+def _size(params: float) -> str:
+    return f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+
+
 def format_plan(plan: dict) -> str:
     if "experiments" in plan:
         return format_grid_plan(plan)
-    lines = [f"Plan on {plan['gpu_type']} ({plan['base_params'] / 1e9:.2f}B parameters):", "",
-             f"{'rule':<22}{'GPUs':>5}{'wall h':>9}{'GPU-h':>9}{'peak GiB':>10}{'disk GB':>9}{'--time min':>11}  note"]
+    lines = [f"Plan on {plan['gpu_type']} ({_size(plan['base_params'])} parameters):"]
+    lines += [f"  note: {n}" for n in plan.get("notes", [])]
+    lines += ["",
+              f"{'rule':<22}{'GPUs':>5}{'wall h':>9}{'GPU-h':>9}{'peak GiB':>10}{'disk GB':>9}{'--time min':>11}  note"]
     for j in plan["jobs"]:
         mem = f"{j['peak_mem_gib']:.1f}" if j.get("peak_mem_gib") else "–"
         disk = f"{j['disk_gb']:.0f}" if j.get("disk_gb") else "–"
@@ -331,27 +394,56 @@ def write_plan(plan: dict, out_json, out_txt=None) -> None:
     print(format_plan(plan))
 
 
-def main(argv=None):
+def load_config(config: str | Path, workflow_dir: str | Path = ".") -> dict:
+    """The config a workflow run with `--configfile config` reads: config/config.yaml with `config` merged over
+    it, validated and defaulted by the workflow's schema. Errors are one line (UserError)."""
     import yaml
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import update_config, validate
 
+    from mamba_align.ops.schema import config_error
+
+    workflow_dir = Path(workflow_dir)
+    base, schema = workflow_dir / "config" / "config.yaml", workflow_dir / "workflow" / "schemas" / "config.schema.yaml"
+    files = [base] + ([Path(config)] if Path(config).resolve() != base.resolve() else [])
+    cfg: dict = {}
+    for f in [*files, schema]:
+        if not f.is_file():
+            raise UserError(f"{f} does not exist (run from the workflow's folder, or pass --config / --workflow-dir)")
+    for f in files:
+        try:
+            loaded = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{f}: expected a mapping of config keys, found {type(loaded).__name__}")
+        update_config(cfg, loaded)
+    try:
+        validate(cfg, str(schema))  # the same defaults as a workflow run, not a copy of them
+    except WorkflowError as e:
+        raise UserError(f"{files[-1]}: {config_error(e)}") from None
+    return cfg
+
+
+def main(argv=None):
     from mamba_align.train.recipes import as_dict, config_recipe
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--config", default="config/config.yaml")
-    ap.add_argument("--schema", default="workflow/schemas/config.schema.yaml",
-                    help="the workflow's config schema: validates the config and fills its defaults")
+    ap.add_argument("--config", default="config/config.yaml",
+                    help="a config file, merged over config/config.yaml as snakemake --configfile does")
+    ap.add_argument("--workflow-dir", default=".", help="the workflow's folder (its config/ and workflow/schemas/)")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per training job")
     ap.add_argument("--gpu-type", default="A100-80GB", choices=sorted(GPUS))
     ap.add_argument("--out", default="results/plan.json")
     a = ap.parse_args(argv)
-    from snakemake.utils import validate
-
-    cfg = yaml.safe_load(Path(a.config).read_text())
-    validate(cfg, a.schema)  # the same defaults as a workflow run, not a copy of them
-    sft, dpo = (as_dict(config_recipe(cfg, s, ".")) for s in ("sft", "dpo"))
+    cfg = load_config(a.config, a.workflow_dir)
+    sft, dpo = (as_dict(config_recipe(cfg, s, a.workflow_dir)) for s in ("sft", "dpo"))
     gpus = {"train_sft": a.gpus, "train_dpo": a.gpus}
     write_plan(make_plan(cfg, sft, dpo, gpus, a.gpu_type, cfg["results_dir"]), a.out)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        raise SystemExit(f"mamba-align plan: {e}") from None
