@@ -118,13 +118,18 @@ def unpinned(config: dict, sft: dict | None = None, dpo: dict | None = None) -> 
     return [a for a in hub_artifacts(config, sft, dpo) if not a["pinned"]]
 
 
-def _recipes_of(config: dict, workflow_dir: str | Path) -> tuple[dict | None, dict | None]:
-    try:
-        from mamba_align.train.recipes import as_dict, config_recipe
+def _recipes_of(config: dict, workflow_dir: str | Path) -> tuple[dict, dict]:
+    """The config's stage recipes as dicts, for their datasets' revisions. A recipe that cannot be read is an
+    error naming it: a record without its datasets would pass for complete (the workflow read these recipes when
+    it started, so this fails only when `workflow_dir` is wrong)."""
+    from mamba_align.train.recipes import as_dict, config_recipe, recipe_dir
 
+    try:
         return tuple(as_dict(config_recipe(config, s, workflow_dir)) for s in ("sft", "dpo"))
-    except Exception:  # a record is written after the step's work: never fail it for this
-        return None, None
+    except (UserError, OSError, KeyError) as e:
+        where = recipe_dir(config["recipe"], workflow_dir) if "recipe" in config else "(config has no 'recipe')"
+        raise UserError(f"provenance: cannot read recipe {config.get('recipe')!r} at {where} (workflow folder "
+                        f"{workflow_dir}) to list its datasets' revisions: {e}") from e
 
 
 def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, out_path: str | Path,
@@ -168,8 +173,11 @@ def record_path(smk) -> str:
 
 
 def record_snakemake_job(smk) -> Path:
-    """`record` for a Snakemake `script:` job, at record_path(smk)."""
-    workflow_dir = Path(getattr(smk, "scriptdir", "workflow/scripts")).parents[1]
+    """`record` for a Snakemake `script:` job, at record_path(smk). Its workflow folder (for the git commit and the
+    recipes) is found from the script's folder, which Snakemake gives as `workflow/rules/../scripts`."""
+    from mamba_align.train.recipes import workflow_root
+
+    workflow_dir = workflow_root(getattr(smk, "scriptdir", "workflow/scripts"))
     outputs = {k: v for k, v in _named(smk.output).items() if k != "provenance"}
     return record(smk.rule, _named(smk.input), outputs, dict(smk.params), dict(smk.config), record_path(smk),
                   workflow_dir)

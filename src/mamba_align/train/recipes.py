@@ -187,9 +187,14 @@ def recipe_dir(name: str, basedir: str | Path) -> Path:
 
 
 def workflow_root(inside: str | Path) -> Path:
-    """The workflow folder (holding config/recipes/) that `inside` (a rule's or script's folder) lies in."""
+    """The workflow folder (holding config/recipes/) that `inside` (a rule's or script's folder) lies in.
+    Resolved first: Snakemake gives a script's folder as `workflow/rules/../scripts`, whose `.parents` are not
+    the folders it lies in."""
     here = Path(inside).resolve()
-    return next((d for d in (here, *here.parents) if (d / "config" / "recipes").is_dir()), here)
+    found = next((d for d in (here, *here.parents) if (d / "config" / "recipes").is_dir()), None)
+    if found is None:
+        raise UserError(f"no workflow folder (one holding config/recipes/) contains {inside} ({here})")
+    return found
 
 
 def config_recipe(config: dict, stage: str, basedir: str | Path, config_files=()) -> TrainCommon:
