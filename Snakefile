@@ -2,7 +2,8 @@
 # The Snakefile only wires; the work is done by the mamba_align package (src/).
 # Real run:  snakemake --profile profiles/slurm --profile profiles/site results/eval/mtbench.json
 #            (profiles/site/: your account and partition, from profiles/site.example/; optional)
-# Demo:      snakemake --configfile config/demo.yaml --cores 2 results/eval/mtbench.json
+# Demo:      snakemake --workflow-profile profiles/local --cores 2 --configfile config/demo.yaml   (make demo)
+#            (always pass a profile: without one, Snakemake reruns every rule whose script was edited)
 
 
 configfile: "config/config.yaml"
