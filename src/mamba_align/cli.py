@@ -3,7 +3,8 @@
     mamba-align status [results] [--configfile F ...]
                                             which stages are done, training checkpoints and ETA, eval progress,
                                             scores (each marked stale when computed for another model than the
-                                            config's), the report, and the last error of each failed step
+                                            config's), the report, and the last error of each failed step; for a
+                                            grid config (`experiments`), each experiment's stages
     mamba-align rescore [results] --stage S re-score stored MT-Bench judgments (no judge call)
     mamba-align plan [--config ...]         GPU-hours, wall time and judge cost before anything runs
 
@@ -51,15 +52,37 @@ def _latest_checkpoint(results: Path, stage: str) -> dict | None:
 
 
 def _training_status(results: Path, stage: str) -> str:
-    metrics = results / "metrics" / f"{stage}.json"
-    if (Path(layout.model_dir(str(results), stage)) / "config.json").exists() and metrics.exists():
+    return _training_at(Path(layout.model_dir(str(results), stage)), results / "metrics" / f"{stage}.json",
+                        results / "logs" / f"train_{stage}.log", stage, _latest_checkpoint(results, stage))
+
+
+def _checkpoint_of_log(log_file: Path, stage: str) -> dict | None:
+    """The newest complete checkpoint of the run the training log names last (runs.train_stage logs
+    '<stage> run <key>: checkpoints in <dir>'): a grid's runs share one checkpoints folder."""
+    line = _last_line(log_file, rf"{stage} run \w+: checkpoints in ")
+    if line is None:
+        return None
+    ckpt_dir = Path(line.split(": checkpoints in ", 1)[1].split(" (", 1)[0].strip())
+    best = None
+    for state_file in ckpt_dir.glob("checkpoint-*/trainer_state.json"):
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue  # torn save
+        row = {"path": str(state_file.parent), "step": state.get("global_step"), "max_steps": state.get("max_steps")}
+        if best is None or (row["step"] or 0) > (best["step"] or 0):
+            best = row
+    return best
+
+
+def _training_at(model_dir: Path, metrics: Path, log_file: Path, stage: str, ckpt: dict | None) -> str:
+    if (model_dir / "config.json").exists() and metrics.exists():
         m = read_json(metrics)
         final = m.get("final", {})
         hours = (m.get("wall_time_s") or 0) / 3600
         loss = final.get("train_loss", final.get("loss"))
         return f"done ({m.get('global_step')} steps, {hours:.2f} h, final loss {loss})"
-    ckpt = _latest_checkpoint(results, stage)
-    progress = _last_line(results / "logs" / f"train_{stage}.log", rf"{stage} progress: step")
+    progress = _last_line(log_file, rf"{stage} progress: step")
     if ckpt is None and progress is None:
         return "not started"
     parts = []
@@ -74,9 +97,9 @@ def _count_lines(paths) -> int:
     return sum(len(read_jsonl(p)) for p in paths)
 
 
-def _run_key(results: Path, stage: str) -> str | None:
+def _run_key(model_dir: Path) -> str | None:
     """The key in the stored model's run.json (runs.py), None for the base model or no model."""
-    run = Path(layout.model_dir(str(results), stage)) / "run.json"
+    run = model_dir / "run.json"
     try:
         return read_json(run).get("key") if run.is_file() else None
     except (OSError, ValueError):
@@ -89,10 +112,16 @@ def _marked(line: str, summary: dict, current_key: str | None, run_key: str | No
 
 
 def _eval_status(results: Path, stage: str, current_key: str | None = None) -> list[str]:
+    return _eval_rows(results / "eval" / stage, Path(layout.eval_summary(str(results), stage, "mtbench")),
+                      Path(layout.eval_summary(str(results), stage, "alpacaeval")),
+                      Path(layout.model_dir(str(results), stage)), current_key)
+
+
+def _eval_rows(eval_dir: Path, mt: Path, ae: Path, model_dir: Path, current_key: str | None) -> list[str]:
+    """Scores (marked stale when of another model than `current_key` or the stored model's run), else progress;
+    `eval_dir` holds the generations, their progress files and the judge caches."""
     rows = []
-    eval_dir = results / "eval" / stage
-    run_key = _run_key(results, stage)
-    mt = Path(layout.eval_summary(str(results), stage, "mtbench"))
+    run_key = _run_key(model_dir)
     if mt.exists():
         summary = read_json(mt)
         s = summary["scores"]
@@ -106,7 +135,6 @@ def _eval_status(results: Path, stage: str, current_key: str | None = None) -> l
         elif list(eval_dir.glob("mt_bench_answers.jsonl.progress-*.jsonl")):
             rows.append(f"MT-Bench: {_count_lines(eval_dir.glob('mt_bench_answers.jsonl.progress-*.jsonl'))} "
                         f"questions answered so far")
-    ae = Path(layout.eval_summary(str(results), stage, "alpacaeval"))
     if ae.exists():
         from mamba_align.eval.alpacaeval import summary_line
 
@@ -120,6 +148,59 @@ def _eval_status(results: Path, stage: str, current_key: str | None = None) -> l
             rows.append(f"AlpacaEval: {_count_lines(eval_dir.glob('alpaca_eval_outputs.json.progress-*.jsonl'))} "
                         f"outputs so far")
     return rows
+
+
+def _ready(path: Path) -> str:
+    return "ready" if path.exists() else "not prepared"
+
+
+def _grid_status(results: Path, grid) -> list[str]:
+    """Each experiment's stages in a grid's layout (experiments.Grid): the shared base model, data and SFT run
+    under shared/, DPO and the scores under experiments/<name>/, logs under logs/<the same folder>/."""
+    from mamba_align.ops.provenance import grid_model_key
+
+    out = [f"experiments: {len(grid.exps)} (each under {results}/experiments/<name>/, their shared base model, "
+           f"data and SFT runs under {results}/shared/)"]
+    for r in grid.exps:
+        axes = ", ".join(f"{a} {v}" for a, v in r.exp.axes.items())
+        out.append(f"experiment {r.name}" + (f" ({axes})" if axes else "") + ":")
+        base = grid.home(r, "base")
+        out.append(f"  base model ({base}): {_ready(results / base / 'verify.json')}")
+        for stage in TRAINED:
+            data = Path(grid.data_dir(r, stage))
+            out.append(f"  {stage} data ({data.relative_to(results)}): {_ready(data / 'stats.json')}")
+        for stage in TRAINED:
+            home = grid.home(r, stage)
+            log_file = results / "logs" / home / f"train_{stage}.log"
+            out.append(f"  train {stage} ({home}): " + _training_at(
+                results / home / "model", results / home / "metrics.json", log_file, stage,
+                _checkpoint_of_log(log_file, stage)))
+        for stage in grid.eval_stages:
+            home = grid.home(r, stage)
+            rows = _eval_rows(results / home / "eval", Path(grid.eval_summary(r, stage, "mtbench")),
+                              Path(grid.eval_summary(r, stage, "alpacaeval")), results / home / "model",
+                              grid_model_key(grid, home))
+            out += [f"  eval {stage} ({home}): {row}" for row in rows] or [f"  eval {stage} ({home}): not started"]
+    return out
+
+
+def _found_experiments_status(results: Path) -> list[str]:
+    """A grid's experiments found in the folder when no grid config was given: their DPO training and scores,
+    without stale marks (the config says which model each score should be of)."""
+    homes = sorted(p for p in (results / "experiments").glob("*") if p.is_dir())
+    if not homes:
+        return []
+    out = [f"experiments found in {results}/experiments/ (pass the grid's --configfile for their shared stages "
+           f"and stale marks):"]
+    for home in homes:
+        rel = home.relative_to(results)
+        log_file = results / "logs" / rel / "train_dpo.log"
+        out.append(f"experiment {home.name}:")
+        out.append("  train dpo: " + _training_at(home / "model", home / "metrics.json", log_file, "dpo",
+                                                  _checkpoint_of_log(log_file, "dpo")))
+        out += [f"  eval: {row}" for row in _eval_rows(home / "eval", home / "eval" / "mtbench.json",
+                                                       home / "eval" / "alpacaeval.json", home / "model", None)]
+    return out
 
 
 def _report_status(results: Path, current: dict[str, str] | None) -> str | None:
@@ -147,25 +228,37 @@ def status(results: str | Path, config_files=None, workflow_dir: str | Path = ".
     """A plain-text report of a results folder; reads files only (safe while Snakemake runs).
 
     Scores are compared with the model keys of the config (provenance.current_model_keys: config/config.yaml
-    under `workflow_dir` with `config_files` merged over it, as `snakemake --configfile` reads them)."""
+    under `workflow_dir` with `config_files` merged over it, as `snakemake --configfile` reads them). A config with
+    `experiments` shows each experiment's stages in the grid's layout (ops.experiments), its scores compared with
+    each model folder's key; without a config, experiments found under results/experiments/ are listed unmarked."""
     results = Path(results)
     if not results.is_dir():
         raise UserError(f"{results} is not a folder (the config's results_dir, e.g. results)")
-    from mamba_align.ops.provenance import current_model_keys
+    from mamba_align.ops.provenance import current_grid, current_model_keys
 
     out = [f"mamba-align status of {results}/", ""]
     named = ", ".join(map(str, [Path(workflow_dir) / "config" / "config.yaml", *(config_files or [])]))
     try:
         current = current_model_keys(config_files or (), workflow_dir)
-        out.append(f"scores compared with the models of {named}: "
-                   + ", ".join(f"{s} {k}" for s, k in current.items()))
+        grid = current_grid(results, config_files or (), workflow_dir)
+        if grid is None:
+            out.append(f"scores compared with the models of {named}: "
+                       + ", ".join(f"{s} {k}" for s, k in current.items()))
+        else:
+            out.append(f"scores compared with the models of the experiments of {named}")
     except Exception as e:  # a config that does not load (missing, invalid) must not hide the folder's status
-        current = None
+        current = grid = None
         out.append(f"scores not compared with a config ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     plan = results / "plan.txt"
     if plan.exists():
         total = _last_line(plan, r"total GPU-hours|judge total")
         out.append(f"plan: {plan}" + (f" ({total.strip()})" if total else ""))
+    if grid is not None:
+        out += _grid_status(results, grid)
+        table = results / "report" / "experiments" / "scores.md"
+        if table.exists():
+            out.append(f"report: {table}")
+        return "\n".join(out + _log_errors(results))
     base = Path(layout.model_dir(str(results), "base"))
     out.append(f"base model: {'ready' if (base / 'config.json').exists() else 'not prepared'}")
     for name in ("sft", "dpo"):
@@ -179,14 +272,20 @@ def status(results: str | Path, config_files=None, workflow_dir: str | Path = ".
     report = _report_status(results, current)
     if report:
         out.append(report)
+    out += _found_experiments_status(results)
+    return "\n".join(out + _log_errors(results))
+
+
+def _log_errors(results: Path) -> list[str]:
+    """The newest ERROR line of each log under results/logs/ (a grid's in logs/shared/..., logs/experiments/...)."""
     failures = []
     for log_file in sorted((results / "logs").rglob("*.log")):
         last = _last_line(log_file, r" (ERROR|CRITICAL) ")
         if last:
             failures.append(f"  {log_file}: {last.split(' ', 2)[-1]}")
     if failures:
-        out += ["", "errors in the logs (the newest of each; a rerun may have fixed them):", *failures]
-    return "\n".join(out)
+        return ["", "errors in the logs (the newest of each; a rerun may have fixed them):", *failures]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------- rescore
@@ -239,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("results", nargs="?", default="results")
     s.add_argument("--configfile", "--config", nargs="+", action="extend", default=[], metavar="FILE",
                    help="the config files given to snakemake (merged over config/config.yaml): scores computed "
-                        "for other models than these describe are marked stale")
+                        "for other models than these describe are marked stale; with a grid config (experiments), "
+                        "each experiment's stages are shown")
     s.add_argument("--workflow-dir", default=".", help="the workflow's folder (its config/ and workflow/schemas/)")
     r = sub.add_parser("rescore", help="re-score stored MT-Bench judgments without judge calls")
     r.add_argument("results", nargs="?", default="results")

@@ -220,14 +220,14 @@ def scored_model(learned: dict | None, model_dir: str | Path | None = None) -> d
     return {"model_key": model_key(learned) if learned is not None else None, "model_run_key": run_key}
 
 
-def current_model_keys(config_files=(), workflow_dir: str | Path = ".") -> dict[str, str]:
-    """{stage: model_key} of the config a workflow run with `--configfile config_files` would use (the Snakefile's
-    config/config.yaml first, each file merged over it), validated and defaulted by the workflow's schema, as
-    `mamba-align plan` reads it. Reads YAML only: no model, no data."""
+def load_config(config_files=(), workflow_dir: str | Path = ".") -> tuple[dict, list[Path]]:
+    """(config, files) as a workflow run with `--configfile config_files` reads it: the Snakefile's
+    config/config.yaml first, each file merged over it, validated and defaulted by the workflow's schema, the
+    recipe's chat template resolved (common.smk). Reads YAML only: no model, no data."""
     import yaml
     from snakemake.utils import update_config, validate
 
-    from mamba_align.train.recipes import as_dict, config_recipe, resolve_chat_template
+    from mamba_align.train.recipes import resolve_chat_template
 
     workflow_dir = Path(workflow_dir)
     files = [workflow_dir / "config" / "config.yaml", *map(Path, config_files)]
@@ -238,8 +238,41 @@ def current_model_keys(config_files=(), workflow_dir: str | Path = ".") -> dict[
         update_config(config, yaml.safe_load(f.read_text()) or {})
     validate(config, str(workflow_dir / "workflow" / "schemas" / "config.schema.yaml"))
     config["base_model"]["chat_template"] = resolve_chat_template(config, workflow_dir)
+    return config, files
+
+
+def current_model_keys(config_files=(), workflow_dir: str | Path = ".") -> dict[str, str]:
+    """{stage: model_key} of the config a workflow run with `--configfile config_files` would use (load_config),
+    as `mamba-align plan` reads it."""
+    from mamba_align.train.recipes import as_dict, config_recipe
+
+    config, files = load_config(config_files, workflow_dir)
     sft, dpo = (as_dict(config_recipe(config, s, workflow_dir, files)) for s in ("sft", "dpo"))
     return {s: model_key(learned_by(s, config["base_model"], sft, dpo)) for s in layout.STAGES}
+
+
+def current_grid(results: str | Path, config_files=(), workflow_dir: str | Path = "."):
+    """The experiments.Grid of that config with its folders under `results` (as common.smk builds it), or None
+    when the config names no experiments. Its model keys: grid_model_key."""
+    from mamba_align.ops import experiments
+    from mamba_align.train.recipes import as_dict, config_recipe, learning_settings
+
+    config, files = load_config(config_files, workflow_dir)
+    if not experiments.is_grid(config):
+        return None
+    resolved = []
+    for exp in experiments.expand(config):
+        ecfg = exp.config(config)
+        sft, dpo = (as_dict(config_recipe(ecfg, s, workflow_dir, files)) for s in ("sft", "dpo"))
+        resolved.append(experiments.resolve(exp, sft, dpo, learning_settings))
+    return experiments.Grid(str(results), resolved, config["eval"]["stages"])
+
+
+def grid_model_key(grid, home: str) -> str:
+    """The model key of a grid's model folder (`home`, e.g. experiments/<name>), as its judge rules record it."""
+    from mamba_align.train.recipes import learning_settings
+
+    return model_key(grid.learned_by(home, learning_settings))
 
 
 def stale_reason(summary: dict, current_key: str | None, current_run_key: str | None = None) -> str | None:
