@@ -67,3 +67,15 @@ def test_each_provenance_record_lists_the_unpinned(tmp_path):
     rec = read_json(out)
     assert {a["key"] for a in rec["unpinned"]} >= {"base_model.source", "recipe sft dataset",
                                                    "eval.alpaca_eval.revision"}
+
+
+def test_a_grid_record_lists_what_each_experiment_reads(tmp_path):
+    """An experiment's recipe (or base model) may differ from the config's: its datasets are listed too."""
+    cfg = load("config.yaml")
+    cfg["experiments"] = {"list": [{"name": "gemma", "recipe": "zephyr-7b-gemma",
+                                    "base_model": {"source": "state-spaces/mamba-130m"}}]}
+    rec = read_json(provenance.record("plan", {}, {}, {}, cfg, tmp_path / "rec.json", REPO))
+    gemma = provenance.unpinned({**cfg, "recipe": "zephyr-7b-gemma"}, *recipes({**cfg, "recipe": "zephyr-7b-gemma"}))
+    listed = [a["artefact"] for a in rec["unpinned"]]
+    assert {a["artefact"] for a in gemma} <= set(listed) and "hf:state-spaces/mamba-130m" in listed
+    assert "hf-dataset:HuggingFaceH4/ultrachat_200k" in listed and len(listed) == len(set(listed))

@@ -132,6 +132,18 @@ def _recipes_of(config: dict, workflow_dir: str | Path) -> tuple[dict, dict]:
                         f"{workflow_dir}) to list its datasets' revisions: {e}") from e
 
 
+def _unpinned_of_run(config: dict, workflow_dir: str | Path) -> list[dict]:
+    """unpinned() of the config, and of each experiment of its grid (their base models and recipes may differ)."""
+    from mamba_align.ops import experiments
+
+    configs = [config] + [e.config(config) for e in experiments.expand(config)] if experiments.is_grid(config) \
+        else [config]
+    out: list[dict] = []
+    for c in configs:
+        out += [a for a in unpinned(c, *_recipes_of(c, workflow_dir)) if a not in out]
+    return out
+
+
 def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, out_path: str | Path,
            workflow_dir: str | Path = ".") -> Path:
     """Write the provenance record of one step and add a `provenance` key to its JSON outputs."""
@@ -143,7 +155,7 @@ def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, o
         "outputs": {k: str(v) for k, v in outputs.items()},
         "params": params,
         "config": config,
-        "unpinned": unpinned(config, *_recipes_of(config, workflow_dir)) if "base_model" in config else None,
+        "unpinned": _unpinned_of_run(config, workflow_dir) if "base_model" in config else None,
         "packages": package_versions(),
         "hardware": hardware(),
         "scheduler": scheduler_job(),
