@@ -182,8 +182,9 @@ rule report_experiments:
     input:
         evals=lambda w: GRID.eval_targets(),
     output:
-        table=report(
-            f"{R}/report/experiments/scores.md",
+        table=f"{R}/report/experiments/scores.md",
+        html=report(
+            f"{R}/report/experiments/scores.html",
             caption="../report/experiments.rst",
             category="Experiments",
         ),

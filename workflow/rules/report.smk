@@ -8,8 +8,12 @@ rule report:
         ],
         metrics=[f"{R}/metrics/{s}.json" for s in EVAL["stages"] if s != "base"],
     output:
-        table=report(
-            f"{R}/report/scores.md", caption="../report/scores.rst", category="Scores"
+        table=f"{R}/report/scores.md",
+        # the HTML table is what Snakemake's report shows inline (a .md is only a download there)
+        html=report(
+            f"{R}/report/scores.html",
+            caption="../report/scores.rst",
+            category="Scores",
         ),
         csv=f"{R}/report/scores.csv",
         json=f"{R}/report/scores.json",

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from mamba_align.ops.provenance import stale_reason
+from mamba_align.ops.report_tables import SE_OF, experiments_doc, scores_doc, se_of_mean, to_html, to_markdown
 from mamba_align.utils import UserError, atomic_path, read_json, setup_logging, write_json
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ LEADERBOARDS = {
 }
 COLUMNS = ["model", "stage", "mt_bench_turn_1", "mt_bench_turn_2", "mt_bench_overall", "mt_bench_unrated",
            "alpaca_eval_1_win_rate", "alpaca_eval_1_standard_error", "alpaca_eval_2_win_rate",
-           "alpaca_eval_2_lc_win_rate", "judge", "source", "model_key", "status"]
+           "alpaca_eval_2_standard_error", "alpaca_eval_2_lc_win_rate", "alpaca_eval_2_lc_standard_error", "judge",
+           "source", "model_key", "status"]
 CURRENT = "current"
 
 
@@ -53,10 +55,12 @@ def leaderboard_rows(models=LEADERBOARD_MODELS) -> list[dict]:
                 row = rows.setdefault(name, {"model": f"{name} (leaderboard)",
                                              "source": f"alpaca-eval {version} leaderboard CSVs"})
                 row[f"{key}_win_rate"] = round(float(r["win_rate"]), 2)
-                if key == "alpaca_eval_1":
-                    row["alpaca_eval_1_standard_error"] = round(float(r["standard_error"]), 2)
-                elif r.get("length_controlled_winrate"):
+                if r.get("standard_error"):
+                    row[f"{key}_standard_error"] = round(float(r["standard_error"]), 2)
+                if key == "alpaca_eval_2" and r.get("length_controlled_winrate"):
                     row["alpaca_eval_2_lc_win_rate"] = round(float(r["length_controlled_winrate"]), 2)
+                if key == "alpaca_eval_2" and r.get("lc_standard_error"):
+                    row["alpaca_eval_2_lc_standard_error"] = round(float(r["lc_standard_error"]), 2)
     return list(rows.values())
 
 
@@ -72,10 +76,10 @@ def stage_row(run_name: str, stage: str, mtbench: dict | None, alpacaeval: dict 
     if alpacaeval:
         for version, res in _alpaca_results(alpacaeval).items():
             row[f"alpaca_eval_{version}_win_rate"] = _round(res.get("win_rate"))
-            if version == "1":
-                row["alpaca_eval_1_standard_error"] = _round(res.get("standard_error"))
-            else:
+            row[f"alpaca_eval_{version}_standard_error"] = _round(res.get("standard_error"))
+            if version == "2":
                 row["alpaca_eval_2_lc_win_rate"] = _round(res.get("length_controlled_winrate"))
+                row["alpaca_eval_2_lc_standard_error"] = _round(res.get("lc_standard_error"))
         prov.append(alpacaeval.get("provenance"))
     row["provenance"] = [p for p in prov if p]
     keys = {s.get("model_key") for s in (mtbench, alpacaeval) if s}
@@ -124,45 +128,17 @@ def _alpaca_results(data: dict) -> dict[str, dict]:
     return out
 
 
-def _fmt(v) -> str:
-    if v is None or v == "":
-        return "–"
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
 def write_tables(rows: list[dict], out_dir: Path, demo: bool) -> None:
+    """scores.csv, and the table as scores.md and scores.html (the one Snakemake's report shows inline)."""
     with atomic_path(out_dir / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    head = ["model", "MT-Bench T1", "T2", "overall", "unrated", "AE 1.0 win %", "± SE", "AE 2.0 win %",
-            "AE 2.0 LC %", "judge", "model key", "source"]
-    keys = ["model", "mt_bench_turn_1", "mt_bench_turn_2", "mt_bench_overall", "mt_bench_unrated",
-            "alpaca_eval_1_win_rate", "alpaca_eval_1_standard_error", "alpaca_eval_2_win_rate",
-            "alpaca_eval_2_lc_win_rate", "judge", "model_key", "source"]
-    current = [r for r in rows if r.get("status", CURRENT) == CURRENT]
-    stale = [r for r in rows if r.get("status", CURRENT) != CURRENT]
-
-    def table(rs):
-        return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                + ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rs])
-
-    lines = ["# Scores", ""]
-    if demo:
-        lines += ["**Demo run: a tiny random model judged by a 135M model. These numbers mean nothing; "
-                  "they show that every stage ran.**", ""]
-    lines += table(current)
-    if stale:
-        lines += ["", "## Stale scores: not of the current config's models", "",
-                  "Computed for a model that the current config no longer describes (a retrain or a config change "
-                  "since); rerun their judge rules to replace them.", ""]
-        lines += table(stale) + [""] + [f"- {r['model']}: {r['status']}" for r in stale]
-    lines += ["", "Rows from this run link their provenance records (git commit, config, data hashes, "
-              "package versions, hardware, scheduler job):", ""]
-    lines += [f"- {r['model']}: " + ", ".join(f"`{p}`" for p in r.get("provenance", [])) for r in rows
-              if r.get("provenance")]
+    doc = scores_doc(rows, demo)
     with atomic_path(out_dir / "scores.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text(to_markdown(doc))
+    with atomic_path(out_dir / "scores.html") as tmp:
+        tmp.write_text(to_html(doc, "Scores"))
 
 
 def plot_training_curves(metrics: dict[str, str], out_png: Path) -> None:
@@ -268,8 +244,7 @@ if __name__ == "__main__":
 
 # --- experiments of a grid, side by side -------------------------------------------------------------------
 
-SCORE_KEYS = ["mt_bench_overall", "alpaca_eval_1_win_rate", "alpaca_eval_1_standard_error",
-              "alpaca_eval_2_win_rate", "alpaca_eval_2_lc_win_rate", "alpaca_eval_2_lc_standard_error"]
+SCORE_KEYS = ["mt_bench_overall", *SE_OF]
 
 
 def experiment_row(entry: dict, stage: str) -> dict:
@@ -282,9 +257,6 @@ def experiment_row(entry: dict, stage: str) -> dict:
     row["model"] = f"{entry['name']} ({stage})"
     for cat, s in ((mt or {}).get("per_category") or {}).items():
         row[f"mt_bench:{cat}"] = _round(s.get("overall"))
-    for version, res in _alpaca_results(ae or {}).items():
-        if version == "2":
-            row["alpaca_eval_2_lc_standard_error"] = _round(res.get("lc_standard_error"))
     return row
 
 
@@ -298,7 +270,8 @@ def _mean_spread(values: list) -> tuple[float | None, float | None]:
 
 
 def seed_groups(rows: list[dict]) -> list[dict]:
-    """Experiments equal but for their seed, as one row each: mean ± spread (sample std) of every score."""
+    """Experiments equal but for their seed, as one row each: mean ± spread (sample std) of every score, and
+    the judging standard error of each mean that has one (`<score>_se`)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "axis:seed" not in r:
@@ -313,6 +286,8 @@ def seed_groups(rows: list[dict]) -> list[dict]:
         g["model"] += f" ({key[0]}, {len(members)} seeds)"
         for k in SCORE_KEYS + sorted({c for m in members for c in m if c.startswith("mt_bench:")}):
             g[k], g[f"{k}_spread"] = _mean_spread([m.get(k) for m in members])
+        for k, se in SE_OF.items():
+            g[f"{k}_se"] = se_of_mean([m.get(se) for m in members])
         out.append(g)
     return out
 
@@ -356,12 +331,6 @@ def plot_axis(rows: list[dict], axis: str, out_png: Path) -> None:
     plt.close(fig)
 
 
-def _pm(mean, spread) -> str:
-    if mean is None:
-        return "–"
-    return f"{mean:.2f} ± {spread:.2f}" if spread is not None else f"{mean:.2f}"
-
-
 def _unique_rows(entries: list[dict]) -> list[dict]:
     """One row per evaluated model: a model that experiments share (their SFT model) once, named by the
     experiments that share it, without the axes that it does not depend on."""
@@ -391,49 +360,19 @@ def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo
     rows = _unique_rows(entries)
     cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("mt_bench:")))
     axis_cols = list(dict.fromkeys(c for r in rows for c in r if c.startswith("axis:")))
-    cols = ["experiment", "stage", *axis_cols, "mt_bench_overall", *cats, "alpaca_eval_1_win_rate",
-            "alpaca_eval_1_standard_error", "alpaca_eval_2_win_rate", "alpaca_eval_2_lc_win_rate",
-            "alpaca_eval_2_lc_standard_error", "judge", "source"]
+    cols = ["experiment", "stage", *axis_cols, "mt_bench_overall", *cats,
+            *(k for value, se in SE_OF.items() for k in (value, se)), "judge", "source"]
     with atomic_path(out_dir / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    lines = ["# Experiments", ""]
-    if demo:
-        lines += ["**Demo run: tiny random models judged by a 135M model. These numbers mean nothing; "
-                  "they show that every experiment ran.**", ""]
-    head = ["experiment", "stage", *(c[5:] for c in axis_cols), "MT-Bench", *(c[9:] for c in cats),
-            "AE 1.0 win % ± SE", "AE 2.0 win %", "AE 2.0 LC % ± SE"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["experiment"], r["stage"], *(_fmt(r.get(c)) for c in axis_cols), _fmt(r.get("mt_bench_overall")),
-                 *(_fmt(r.get(c)) for c in cats),
-                 _pm(r.get("alpaca_eval_1_win_rate"), r.get("alpaca_eval_1_standard_error")),
-                 _fmt(r.get("alpaca_eval_2_win_rate")),
-                 _pm(r.get("alpaca_eval_2_lc_win_rate"), r.get("alpaca_eval_2_lc_standard_error"))]
-        lines.append("| " + " | ".join(cells) + " |")
     groups = seed_groups(rows)
-    if groups:
-        lines += ["", "## Over seeds (mean ± sample standard deviation)", "",
-                  "| experiments | seeds | MT-Bench | AE 1.0 win % | AE 2.0 win % | AE 2.0 LC % |",
-                  "|---|---|---|---|---|---|"]
-        for g in groups:
-            lines.append(f"| {g['model']} | {', '.join(map(str, g['seeds']))} | "
-                         + " | ".join(_pm(g[k], g[f"{k}_spread"]) for k in
-                                      ("mt_bench_overall", "alpaca_eval_1_win_rate", "alpaca_eval_2_win_rate",
-                                       "alpaca_eval_2_lc_win_rate")) + " |")
     published = PAPER_ROWS + leaderboard_rows()
-    lines += ["", "## Published", "", "| model | MT-Bench | AE 1.0 win % ± SE | AE 2.0 win % | AE 2.0 LC % | source |",
-              "|---|---|---|---|---|---|"]
-    for r in published:
-        lines.append(f"| {r['model']} | {_fmt(r.get('mt_bench_overall'))} | "
-                     f"{_pm(r.get('alpaca_eval_1_win_rate'), r.get('alpaca_eval_1_standard_error'))} | "
-                     f"{_fmt(r.get('alpaca_eval_2_win_rate'))} | {_fmt(r.get('alpaca_eval_2_lc_win_rate'))} | "
-                     f"{r['source']} |")
-    if axes:
-        lines += ["", "## Plots", ""] + [f"![{a}]({plot_name(a)})" for a in axes]
+    doc = experiments_doc(rows, groups, published, axes, [plot_name(a) for a in axes], demo)
     with atomic_path(out_dir / "scores.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text(to_markdown(doc))
+    with atomic_path(out_dir / "scores.html") as tmp:
+        tmp.write_text(to_html(doc, "Experiments"))
     for a in axes:
         plot_axis(rows, a, out_dir / plot_name(a))
     write_json(out_dir / "scores.json", {"experiments": rows, "over_seeds": groups, "published": published})
