@@ -49,9 +49,7 @@ def test_the_parser_finds_commands_and_tells_runs_from_dry_runs():
 @pytest.mark.parametrize("doc", [
     "Snakefile",
     ".test/README.md",
-    pytest.param("README.md", marks=pytest.mark.xfail(
-        strict=True, reason="PENDING (#29, the lead's README): `snakemake results/plan.json` and the quoted "
-                            "`snakemake --forcerun <rule>` pass no profile")),
+    "README.md",
 ])
 def test_every_documented_run_command_passes_a_profile(doc):
     cmds = documented_commands((REPO / doc).read_text())

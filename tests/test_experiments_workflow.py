@@ -48,8 +48,8 @@ DEFAULT_JOBS = {"prepare_base_model": 1, "prepare_sft_data": 1, "train_sft": 1, 
 # Since issue #28 the report's and the plan's every file is a declared output, so a target too: scores.json and the
 # provenance records (written by the same jobs before, undeclared).
 DEFAULT_TARGETS = ["results/eval/sft/mtbench.json", "results/eval/sft/alpacaeval.json", "results/eval/mtbench.json",
-                   "results/eval/alpacaeval.json", "results/report/scores.md", "results/report/scores.csv",
-                   "results/report/scores.json", "results/report/mt_bench_radar.png",
+                   "results/eval/alpacaeval.json", "results/report/scores.md", "results/report/scores.html",
+                   "results/report/scores.csv", "results/report/scores.json", "results/report/mt_bench_radar.png",
                    "results/report/training_curves.png", "results/provenance/report.json", "results/plan.json",
                    "results/plan.txt", "results/provenance/plan.json"]
 DEFAULT_OUTPUTS = {

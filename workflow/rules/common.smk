@@ -337,4 +337,7 @@ if workflow.is_main_process:
     for d in [f"{R}/data/sft", f"{R}/data/dpo", *glob.glob(f"{R}/shared/data/*/*")]:
         prepared_data.settle_kept_mtimes(d)
     for link in model_store.drop_dangling_links(R):
-        print(f"{link}: its stored model was deleted; the link is removed", file=sys.stderr)
+        print(
+            f"{link}: its stored model was deleted; the link is removed",
+            file=sys.stderr,
+        )
