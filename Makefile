@@ -30,6 +30,10 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mamba_align_condor.pth"
 	touch $@
 
+$(VENV)/bin/uv:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(PIP_SPEC)" "$(UV_SPEC)"
+
 demo: setup
 	$(VENV)/bin/snakemake --workflow-profile profiles/local --cores 2 --configfile config/demo.yaml
 	@cat results/plan.txt; echo; cat results/report/scores.md
@@ -43,14 +47,13 @@ lint: setup
 	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
 
 # Re-resolve the locks keeping every pin that still resolves (after a dependency change in pyproject.toml).
-lock: setup
-	$(PY) -m pip install -q "$(UV_SPEC)"
+# (needs only uv: the installed packages may be the ones the change makes stale)
+lock: $(VENV)/bin/uv
 	$(PY) requirements/lock.py
 
 # Move every package to its newest release, then reinstall and run the tests against the new lock. Where a
 # canary test fails (tests/test_convert.py), remove the workaround it guards; commit the locks with the tests green.
-lock-upgrade: setup
-	$(PY) -m pip install -q "$(UV_SPEC)"
+lock-upgrade: $(VENV)/bin/uv
 	$(PY) requirements/lock.py --upgrade
 	rm -rf $(VENV)
 	$(MAKE) test
