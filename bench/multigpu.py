@@ -12,7 +12,7 @@ length and checkpointing shortened by `--override`. One JSON per run: step times
     python bench/multigpu.py run ... --nodes 2           # 2 launchers x 1 GPU meeting over localhost (multi-node)
     python bench/multigpu.py run ... --gpus all          # one process with every GPU visible (no DataParallel)
 
-bench/issue17_run.sh runs the set behind docs/benchmarks.md's multi-GPU section.
+bench/multi_gpu_scaling.sh runs the set behind docs/benchmarks.md's multi-GPU section.
 """
 
 from __future__ import annotations

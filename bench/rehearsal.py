@@ -179,7 +179,7 @@ def pack(_a) -> None:
 
 
 def kit(_a) -> None:
-    # /tmp/site/.kit: installed (bench/issue17_run.sh checks the same marker)
+    # /tmp/site/.kit: installed (bench/multi_gpu_scaling.sh checks the same marker)
     subprocess.run(["bash", "-c", "source .gpu/install.sh && touch /tmp/site/.kit"], cwd=ROOT, check=True)
 
 

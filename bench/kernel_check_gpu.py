@@ -1,8 +1,8 @@
 """Issue #19 on a CUDA machine: the kernel check passes with mamba_ssm/causal_conv1d installed and fails (before
 any model loads) without them; a tiny SFT run on the GPU logs its progress lines.
 
-    source .gpu/install.sh && PYTHONPATH=$PWD/src:$PYTHONPATH python3 bench/issue19_gpu_check.py --out OUT
-    PYTHONPATH=$PWD/src python3 bench/issue19_gpu_check.py --expect-missing   # the image without the kit
+    source .gpu/install.sh && PYTHONPATH=$PWD/src:$PYTHONPATH python3 bench/kernel_check_gpu.py --out OUT
+    PYTHONPATH=$PWD/src python3 bench/kernel_check_gpu.py --expect-missing   # the image without the kit
 """
 
 from __future__ import annotations

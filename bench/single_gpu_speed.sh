@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every figure issue #8 asks for, on one device machine, in two parts that each fit one device call (run the
 # second right after the first so that the machine stays the same). Results go to $OUT (default ./bench-out).
-#   bash bench/issue8_run.sh train      # ~8 min: raw training loops, the pipeline's SFT, DPO +- precomputed ref
-#   bash bench/issue8_run.sh generate   # generation throughput, MT-Bench + AlpacaEval generation wall time
+#   bash bench/single_gpu_speed.sh train      # ~8 min: raw training loops, the pipeline's SFT, DPO +- precomputed ref
+#   bash bench/single_gpu_speed.sh generate   # generation throughput, MT-Bench + AlpacaEval generation wall time
 # Setup first (docs/benchmarks.md): source .gpu/install.sh; export PYTHONPATH=$PWD/src:$PYTHONPATH HF_HUB_OFFLINE=1
 set -euo pipefail
 OUT=${OUT:-bench-out}
 WORK=${WORK:-/dev/shm/mamba-bench}
-case "${1:-}" in train|generate) ;; *) echo "usage: bash bench/issue8_run.sh train|generate" >&2; exit 2 ;; esac
+case "${1:-}" in train|generate) ;; *) echo "usage: bash bench/single_gpu_speed.sh train|generate" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 case "${1:-}" in

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Issue #20's GPU checks of the restructured package, on one GPU, in parts that each fit one device call (run them
 # back to back on one warm machine; each part installs the kit if it is not there). Results in $OUT (default bench-out).
-#   bash bench/issue20_run.sh gpu     # pytest -m gpu (engine, fast path); the conversion check at 2.8B; generation
-#   bash bench/issue20_run.sh speed   # training speed, same run: the package before the restructure (956c551,
+#   bash bench/gpu_regression.sh gpu     # pytest -m gpu (engine, fast path); the conversion check at 2.8B; generation
+#   bash bench/gpu_regression.sh speed   # training speed, same run: the package before the restructure (956c551,
 #                                     #   unpacked into bench-old/ beforehand, see below) vs now, SFT and DPO
-#   bash bench/issue20_run.sh loss    # SFT loss at the recipe's settings: the fast path's own vs TRL's fused head, ABAB
+#   bash bench/gpu_regression.sh loss    # SFT loss at the recipe's settings: the fast path's own vs TRL's fused head, ABAB
 #                                     #   (needs the tree at 256d774: the own loss was deleted after this measurement)
 # Before `speed`, here: rm -rf bench-old && mkdir bench-old && git archive 956c551 src bench | tar -x -C bench-old
 # Setup (docs/benchmarks.md): the GPU kit in .gpu (../shared/gpu/README.md), carried with the first call.
 set -euo pipefail
 OUT=${OUT:-bench-out}
-case "${1:-}" in gpu|speed|loss) ;; *) echo "usage: bash bench/issue20_run.sh gpu|speed|loss" >&2; exit 2 ;; esac
+case "${1:-}" in gpu|speed|loss) ;; *) echo "usage: bash bench/gpu_regression.sh gpu|speed|loss" >&2; exit 2 ;; esac
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 [ -f /tmp/site/.kit ] || { source .gpu/install.sh >/dev/null && touch /tmp/site/.kit; }; set -euo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

@@ -2,16 +2,16 @@
 # Issue #17's multi-GPU figures on one 2-GPU host, through the pipeline's training command (bench/multigpu.py),
 # in parts that each fit one device call (run them back to back so the machine and its /dev/shm stay the same;
 # each part installs and sets up again if they did not). Results: one JSON per run in $OUT (default bench-out).
-#   bash bench/issue17_run.sh sft      # FSDP 2 GPUs; 1 process with both GPUs visible; DDP 2 GPUs   (SFT)
-#   bash bench/issue17_run.sh ddp      # SFT DDP 2 GPUs again (gradients in DDP's buckets); DPO 1 GPU and DDP 2 GPUs
-#   bash bench/issue17_run.sh resume   # DPO FSDP 2 GPUs; DDP stop at step 3 and resume; 2 launchers x 1 GPU, same
-#   bash bench/issue17_run.sh nodes    # only the last: 2 launchers x 1 GPU (as 2 nodes), stop at step 3 and resume
-#   bash bench/issue17_run.sh scale    # 1 vs 2 GPUs with each rank accumulating what it does in the recipes on 8 GPUs
+#   bash bench/multi_gpu_scaling.sh sft      # FSDP 2 GPUs; 1 process with both GPUs visible; DDP 2 GPUs   (SFT)
+#   bash bench/multi_gpu_scaling.sh ddp      # SFT DDP 2 GPUs again (gradients in DDP's buckets); DPO 1 GPU and DDP 2 GPUs
+#   bash bench/multi_gpu_scaling.sh resume   # DPO FSDP 2 GPUs; DDP stop at step 3 and resume; 2 launchers x 1 GPU, same
+#   bash bench/multi_gpu_scaling.sh nodes    # only the last: 2 launchers x 1 GPU (as 2 nodes), stop at step 3 and resume
+#   bash bench/multi_gpu_scaling.sh scale    # 1 vs 2 GPUs with each rank accumulating what it does in the recipes on 8 GPUs
 # Setup (docs/benchmarks.md): the GPU kit in .gpu (../shared/gpu/README.md), carried with the call.
 set -euo pipefail
 OUT=${OUT:-bench-out}
 WORK=${WORK:-/dev/shm/mamba-mg}
-case "${1:-}" in sft|ddp|resume|nodes|scale) ;; *) echo "usage: bash bench/issue17_run.sh sft|ddp|resume|nodes|scale" >&2; exit 2 ;; esac
+case "${1:-}" in sft|ddp|resume|nodes|scale) ;; *) echo "usage: bash bench/multi_gpu_scaling.sh sft|ddp|resume|nodes|scale" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 [ -f /tmp/site/.kit ] || { source .gpu/install.sh >/dev/null && touch /tmp/site/.kit; }; set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
