@@ -41,6 +41,12 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q -rs --durations=10
 
+# make test-fast - the unit tier in minutes: everything but the demo runs (slow) and real Slurm (cluster), spread
+# over the CPU cores by pytest-xdist; `make test` (what CI runs) still runs everything
+.PHONY: test-fast
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -rs -n auto -m "not slow and not cluster" --durations=10
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/snakemake --lint --configfile config/demo.yaml
