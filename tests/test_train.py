@@ -448,7 +448,7 @@ def test_missing_column_names_file_and_column(tiny, tmp_path):
 
 
 def test_batch_not_divisible_by_processes(tiny, tmp_path):
-    with pytest.raises(UserError, match=r"not divisible by 3 processes x per_device_train_batch_size 4"):
+    with pytest.raises(UserError, match=r"3 processes cannot keep global_batch_size 8 .*nearest valid counts: 2, 4"):
         _train(tiny, tmp_path, num_processes=3)
 
 

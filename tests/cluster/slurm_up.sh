@@ -15,6 +15,8 @@ BASE=${BASE:-/tmp/mamba-align-slurm}
 WITH_DBD=${WITH_DBD:-0}
 GPU_TYPE=${GPU_TYPE:-a100}
 NODE_FEATURE=${NODE_FEATURE:-a100_80gb}
+# GPUs on the fake node (GPU_COUNT=4: elastic GPU counts, tests/cluster/test_slurm_gpu_choice.py)
+GPU_COUNT=${GPU_COUNT:-1}
 S=$BASE/slurm; H=$(hostname -s)
 STARTED=$BASE/started.pids
 
@@ -94,12 +96,18 @@ $ACCT
 JobCompType=jobcomp/filetxt
 JobCompLoc=$S/log/jobcomp.txt
 GresTypes=gpu
-NodeName=${H} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM_MB} Gres=gpu:${GPU_TYPE}:1 Features=${NODE_FEATURE} State=UNKNOWN
+NodeName=${H} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM_MB} Gres=gpu:${GPU_TYPE}:${GPU_COUNT} Features=${NODE_FEATURE} State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=ALL Default=NO MaxTime=INFINITE State=UP
 CONF
-# a GPU without File= is dropped by slurmd ("Removing file-less GPU") and the node drains
-echo "NodeName=${H} Name=gpu Type=${GPU_TYPE} File=/dev/null" > "$S/gres.conf"
+# a GPU without File= is dropped by slurmd ("Removing file-less GPU") and the node drains; one file per GPU
+if [ "$GPU_COUNT" = 1 ]; then
+  echo "NodeName=${H} Name=gpu Type=${GPU_TYPE} File=/dev/null" > "$S/gres.conf"
+else
+  mkdir -p "$S/dev"
+  for i in $(seq 0 $((GPU_COUNT - 1))); do touch "$S/dev/fakegpu$i"; done
+  echo "NodeName=${H} Name=gpu Type=${GPU_TYPE} File=$S/dev/fakegpu[0-$((GPU_COUNT - 1))]" > "$S/gres.conf"
+fi
 
 # The config must be at the compiled-in default path: snakemake-executor-plugin-slurm-jobstep
 # strips every SLURM_* variable (SLURM_CONF included) before its inner srun.

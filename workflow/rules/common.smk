@@ -6,7 +6,7 @@ from pathlib import Path
 from snakemake.utils import min_version, validate
 
 from mamba_align.eval.judge.client import check_judge, judge_gpus
-from mamba_align.ops import condor_env, jobenv, layout, provenance
+from mamba_align.ops import condor_env, gpu_choice, jobenv, layout, provenance
 from mamba_align.ops import experiments as experiments_of
 from mamba_align.ops import plan as planner
 from mamba_align.ops import runs as model_store
@@ -226,10 +226,46 @@ def gpu_type_of(rule):
     return config["plan"]["gpu_type"]
 
 
+def training_gpu_counts(rule):
+    """The GPU counts a training rule may run on, largest first: the profile's `gpus` (auto, or a list such as
+    '8,4,2'), else its `gpu` (one count); each refused now if it cannot keep the recipe's global batch.
+    """
+    res = profile_resources(rule)
+    raw = res.get("gpus", res.get("gpu", 1))
+    counts = gpu_choice.parse_setting(str(raw).strip("'\""), rule)
+    stage = "sft" if rule.startswith("train_sft") else "dpo"
+    recipes_of = [{"sft": SFT, "dpo": DPO}[stage]]
+    if rule.endswith("_grid") and GRID:
+        recipes_of = [getattr(r, stage) for r in GRID.exps]
+    for recipe in recipes_of:
+        gpu_choice.check_counts(counts, recipe["global_batch_size"], rule)
+    return counts
+
+
 def training_gpus():
-    return {
-        r: int(profile_resources(r).get("gpu", 1)) for r in ("train_sft", "train_dpo")
-    }
+    return {r: training_gpu_counts(r)[0] for r in ("train_sft", "train_dpo")}
+
+
+def training_gpu_request(rule):
+    """`gpu` of a training job: chosen when the job is submitted (each retry anew) from what the scheduler has
+    free on one node (mamba_align.ops.gpu_choice); the choice and why go to the rule's log. Inside the job, the
+    count it was submitted with (snakemake passes it as --resources gpu=N)."""
+    counts, chosen = training_gpu_counts(rule), {}
+
+    def gpu(wildcards, attempt):
+        if not workflow.is_main_process:
+            return int(workflow.global_resources.get("gpu") or counts[0])
+        key = (tuple(wildcards.items()), attempt)  # gpu and request_gpus: one choice
+        if key not in chosen:
+            plugin = workflow.executor_plugin
+            executor = getattr(plugin, "name", "local") if plugin else "local"
+            chosen[key] = gpu_choice.choose_gpus(
+                executor, counts, profile_resources(rule)
+            )
+            gpu_choice.record(chosen[key], rule, wildcards, attempt, R, workflow.dryrun)
+        return chosen[key].gpus
+
+    return gpu
 
 
 def current_plan():

@@ -71,7 +71,8 @@ use rule train_sft as train_sft_grid with:
     benchmark:
         f"{R}/benchmarks/shared/sft/{{key}}/train_sft.tsv"
     resources:
-        gpu=1,
+        gpu=training_gpu_request("train_sft_grid"),
+        request_gpus=training_gpu_request("train_sft_grid"),
         mem_mb=32000,
         runtime=grid_runtime("train_sft", 60),
     params:
@@ -93,7 +94,8 @@ use rule train_dpo as train_dpo_grid with:
     benchmark:
         f"{R}/benchmarks/experiments/{{name}}/train_dpo.tsv"
     resources:
-        gpu=1,
+        gpu=training_gpu_request("train_dpo_grid"),
+        request_gpus=training_gpu_request("train_dpo_grid"),
         mem_mb=32000,
         runtime=grid_runtime("train_dpo", 60),
     params:

@@ -4,8 +4,9 @@
 # <stage>-<key>.previous. Training resumes from its newest complete checkpoint
 # (results/checkpoints/<stage>-<key>/, not a declared output, so a failed or pre-empted job keeps it for the
 # retry); a finished run's checkpoints are deleted once its model is stored.
-# The GPU count is the `gpu` resource (set per cluster in profiles/); the recipe's global batch holds
-# whatever it is, through gradient accumulation.
+# The GPU count is chosen at each submission from the profile's `gpus` (auto or a list: the largest count one
+# node has free now) or fixed by its `gpu`; the recipe's global batch holds whatever it is, through gradient
+# accumulation, and a run resumes on another count (training_gpu_request in common.smk).
 
 
 rule train_sft:
@@ -26,7 +27,8 @@ rule train_sft:
         "../envs/mamba-align.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=training_gpu_request("train_sft"),
+        request_gpus=training_gpu_request("train_sft"),
         mem_mb=32000,
         runtime=planned_runtime("train_sft", 60),
     params:
@@ -56,7 +58,8 @@ rule train_dpo:
         "../envs/mamba-align.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=training_gpu_request("train_dpo"),
+        request_gpus=training_gpu_request("train_dpo"),
         mem_mb=32000,
         runtime=planned_runtime("train_dpo", 60),
     params:

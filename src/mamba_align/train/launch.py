@@ -12,6 +12,7 @@ the run save a checkpoint at the end of the current optimizer step and exit with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from mamba_align.process import terminate_with_this_process
+from mamba_align.train.batch import batch_layout
 from mamba_align.train.callbacks import on_signals, restore_signals
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, prepare_checkpoint_dir
 from mamba_align.train.fit import fit
@@ -35,7 +37,6 @@ from mamba_align.train.recipes import (
     DPORecipe,
     SFTRecipe,
     as_dict,
-    gradient_accumulation_steps,
     load_recipe,
     parse_overrides,
 )
@@ -78,7 +79,14 @@ def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_d
     launched = _in_distributed_launch()
     if launched:
         num_processes = int(os.environ["WORLD_SIZE"])
-    accumulation = gradient_accumulation_steps(recipe, num_processes)  # UserError if the batch doesn't divide
+    # the recipe's global batch on any count that divides it (UserError naming the nearest that do otherwise)
+    per_device, accumulation = batch_layout(recipe.global_batch_size, recipe.per_device_train_batch_size,
+                                            num_processes)
+    if per_device != recipe.per_device_train_batch_size:
+        log.info("%d processes: per-device batch %d (the recipe's %d does not divide the %d rows each takes per "
+                 "step)", num_processes, per_device, recipe.per_device_train_batch_size,
+                 recipe.global_batch_size // num_processes)
+        recipe = dataclasses.replace(recipe, per_device_train_batch_size=per_device)
     config = check_model_dir(model_dir, "model")
     if ref_model_dir is not None and Path(ref_model_dir) != Path(model_dir):
         check_model_dir(ref_model_dir, "reference model")
