@@ -89,6 +89,12 @@ def judge_cfg(**kw):
     return {"backend": "openai", "model": "fake-judge", "api_key_env": "FAKE_JUDGE_KEY", "concurrency": 1, **kw}
 
 
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    """The OpenAI backend needs its key in the environment, as MT-Bench's judge does (JudgeSettings)."""
+    monkeypatch.setenv("FAKE_JUDGE_KEY", "sk-fake-judge-key")
+
+
 def package_files():
     import alpaca_eval
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from mamba_align.eval.alpacaeval_client import JudgeSession, judge_session, open
 from mamba_align.eval.alpacaeval_compat import annotator_class, lc_file_from, metric
 from mamba_align.eval.alpacaeval_data import ANNOTATORS, DATA_FILES, LC_FILE, fetch_alpaca_eval, validate_records
 from mamba_align.eval.judge.client import JudgeCalls
+from mamba_align.eval.judge.settings import JudgeSettings
 from mamba_align.utils import (
     ProgressLog,
     UserError,
@@ -61,29 +63,6 @@ def _load_outputs(outputs_path: str | os.PathLike, references: dict[str, Path]) 
     return outputs
 
 
-def _judge_settings(judge_cfg: dict, base_url: str | None) -> dict:
-    backend = judge_cfg.get("backend", "openai")
-    if backend not in ("openai", "local"):
-        raise UserError(f"judge.backend must be 'openai' or 'local', got {backend!r}")
-    key_env = judge_cfg.get("api_key_env") or "OPENAI_API_KEY"
-    if not os.environ.get(key_env, "").strip() and base_url is None and backend == "openai":
-        raise UserError(f"the judge needs an API key in the environment variable {key_env} (judge.api_key_env)")
-    concurrency = int(judge_cfg.get("concurrency") or 1)
-    # the openai client's retries (429, 5xx, timeouts; Retry-After honoured) and timeout, as for MT-Bench
-    client = {"max_retries": int(judge_cfg["max_retries"])} if judge_cfg.get("max_retries") is not None else {}
-    if judge_cfg.get("timeout_s") is not None:
-        client["timeout"] = float(judge_cfg["timeout_s"])
-    return {
-        "model": judge_cfg.get("model"),
-        "base_url": base_url,
-        "api_key_env": key_env,
-        "client": client,
-        "concurrency": concurrency,
-        # annotations reach the cache file after each chunk: a crash loses at most the chunk in flight
-        "chunksize": int(judge_cfg.get("chunksize") or max(16, 4 * concurrency)),
-    }
-
-
 def _package_config(config_name: str) -> tuple[dict, Path]:
     import yaml
     from alpaca_eval import constants
@@ -92,19 +71,20 @@ def _package_config(config_name: str) -> tuple[dict, Path]:
     return yaml.safe_load(path.read_text())[config_name], constants.EVALUATORS_CONFIG_DIR
 
 
-def _write_annotator_config(config_name: str, model: str, judge: dict, work_dir: Path) -> Path:
+def _write_annotator_config(config_name: str, model: str, judge: JudgeSettings, work_dir: Path) -> Path:
     """Copy a package annotator config (yaml + prompt) into work_dir with our judge model and client settings."""
     import yaml
 
     cfg, package_dir = _package_config(config_name)
     kwargs = cfg["completions_kwargs"]
     # alpaca_eval builds its clients from a client_config_path yaml: `client_class` and its kwargs; "default"
-    # applies to every model name. The kwargs name the key's variable, never the key.
-    client = {"client_class": "mamba_align.eval.alpacaeval_client.openai_client", "api_key_env": judge["api_key_env"],
-              **judge["client"], **({"base_url": judge["base_url"]} if judge["base_url"] else {})}
+    # applies to every model name (alpaca_eval 0.6.6 takes clients only this way: a file, the class by its dotted
+    # name). The kwargs name the key's variable, never the key.
+    client = {"client_class": "mamba_align.eval.alpacaeval_client.openai_client", "api_key_env": judge.api_key_env,
+              **judge.client_kwargs(), **({"base_url": judge.base_url} if judge.base_url else {})}
     client_cfg = work_dir / "client_configs.yaml"
     client_cfg.write_text(yaml.safe_dump({"default": [client]}))
-    kwargs.update(model_name=model, client_config_path=str(client_cfg), num_procs=judge["concurrency"],
+    kwargs.update(model_name=model, client_config_path=str(client_cfg), num_procs=judge.concurrency,
                   requires_chatml=True)  # chat endpoint for any model name (alpaca_eval guesses from the name)
     # prompt paths are relative to the parent of the config's folder, as in the package
     folder = work_dir / "configs" / config_name
@@ -116,7 +96,7 @@ def _write_annotator_config(config_name: str, model: str, judge: dict, work_dir:
     return folder / "configs.yaml"
 
 
-def _has_logprobs(judge: dict, model: str, probe_path: Path) -> bool:
+def _has_logprobs(judge: JudgeSettings, model: str, probe_path: Path) -> bool:
     """One 1-token request with top_logprobs; the answer is remembered in probe_path (restarts send none)."""
     if probe_path.exists():
         probe = read_json(probe_path)
@@ -124,7 +104,7 @@ def _has_logprobs(judge: dict, model: str, probe_path: Path) -> bool:
             return probe["logprobs"]
     import openai
 
-    client = openai_client(judge["api_key_env"], base_url=judge["base_url"], **judge["client"])
+    client = openai_client(judge.api_key_env, base_url=judge.base_url, **judge.client_kwargs())
     try:
         r = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Reply with one letter: m or M."}],
@@ -135,7 +115,7 @@ def _has_logprobs(judge: dict, model: str, probe_path: Path) -> bool:
         log.warning("the judge rejected a logprobs request: %s", e)
         ok = False
     except openai.OpenAIError as e:
-        raise UserError(f"judge {model} at {judge['base_url'] or 'api.openai.com'} is not usable: {e}") from e
+        raise UserError(f"judge {model} at {judge.base_url or 'api.openai.com'} is not usable: {e}") from e
     write_json(probe_path, {"model": model, "logprobs": ok})
     return ok
 
@@ -192,7 +172,7 @@ class _Once(logging.Filter):
         return not seen
 
 
-def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, cache_dir: Path,
+def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: JudgeSettings, cache_dir: Path,
                    calls: JudgeCalls) -> dict:
     work_dir = cache_dir / name
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -205,13 +185,13 @@ def _run_annotator(name: str, outputs: list[dict], data_dir: Path, judge: dict, 
             raise
 
 
-def _annotate(name: str, outputs: list[dict], data_dir: Path, judge: dict, work_dir: Path,
+def _annotate(name: str, outputs: list[dict], data_dir: Path, judge: JudgeSettings, work_dir: Path,
               session: JudgeSession) -> dict:
     from alpaca_eval import main as alpaca_eval_main
 
     version, reference_file = ANNOTATORS[name]
     package_model = _package_config(name)[0]["completions_kwargs"]["model_name"]
-    model = judge["model"] or package_model
+    model = judge.model or package_model
     if model != package_model:
         log.warning("%s: judging with %s instead of the package's %s; scores are not comparable to the public "
                     "leaderboard", name, model, package_model)
@@ -251,7 +231,7 @@ def _annotate(name: str, outputs: list[dict], data_dir: Path, judge: dict, work_
             fn_metric=metric(lc),
             metric_kwargs={"save_weights_dir": work_dir / "lc_weights"} if lc else None,  # "auto" = package dir
             sort_by="win_rate",
-            annotation_kwargs={"chunksize": judge["chunksize"]},
+            annotation_kwargs={"chunksize": judge.annotations_per_write},
             caching_path=str(caching_path),
             Annotator=annotator_class(),
         )
@@ -263,7 +243,7 @@ def _annotate(name: str, outputs: list[dict], data_dir: Path, judge: dict, work_
         "annotator_used": config_name,
         "judge_model": model,
         "package_judge_model": package_model,  # what the public leaderboard used
-        "judge_base_url": judge["base_url"],
+        "judge_base_url": judge.base_url,
         "win_rate": row.get("win_rate"),
         "standard_error": row.get("standard_error"),
         "discrete_win_rate": row.get("discrete_win_rate"),
@@ -281,7 +261,7 @@ def _annotate(name: str, outputs: list[dict], data_dir: Path, judge: dict, work_
 
 
 def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLike, annotators: list[str],
-                      judge_cfg: dict, out_json: str | os.PathLike, cache_dir: str | os.PathLike,
+                      judge: JudgeSettings | dict, out_json: str | os.PathLike, cache_dir: str | os.PathLike,
                       base_url: str | None = None, model: dict | None = None,
                       prices: tuple[float, float] | None = None) -> dict:
     """Score a model's AlpacaEval outputs with each annotator and write the metrics to out_json.
@@ -289,8 +269,10 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
     `model`: what the summary records about the scored model (provenance.scored_model: model_key,
     model_run_key), for `mamba-align status` and the report to tell a stale score from a current one.
 
+    `judge`: the settings AlpacaEval judges with (`JudgeSettings.for_alpaca_eval`: eval.alpaca_eval.judge_model in
+    place of judge.model, None for each annotator's own), or the same as a dict (a rule's params).
     Resumable: annotations are cached in cache_dir, so a rerun only sends requests for missing items.
-    `base_url` overrides judge_cfg["base_url"]; without either, backend "local" starts the local judge server.
+    `base_url` overrides the settings'; without either, backend "local" starts the local judge server.
     `prices`: USD per million (prompt, completion) tokens, for the spend in the progress lines.
     """
     start = time.time()
@@ -305,21 +287,24 @@ def judge_alpaca_eval(outputs_path: str | os.PathLike, data_dir: str | os.PathLi
             raise UserError(f"{path} does not exist (fetch the AlpacaEval data first)")
     outputs = _load_outputs(outputs_path, references)
 
-    base_url = base_url or judge_cfg.get("base_url")
-    judge = _judge_settings(judge_cfg, base_url)
+    judge = JudgeSettings.from_params(judge)
+    judge = dataclasses.replace(judge, base_url=base_url or judge.base_url)
+    judge.check_environment()
+    log.info("AlpacaEval judge model: %s", judge.model or "each annotator's own (eval.alpaca_eval.judge_model null)")
     results = {}
-    calls = JudgeCalls(os.environ.get(judge["api_key_env"], "").strip(), prices)
+    calls = JudgeCalls(os.environ.get(judge.api_key_env, "").strip(), prices)
     with contextlib.ExitStack() as stack:
-        if base_url is None and judge_cfg.get("backend") == "local":
+        if judge.starts_local_judge:
             from mamba_align.eval.judge.server import (
                 serve_local_judge,  # transformers only when a local judge is asked for
             )
 
-            judge["base_url"] = stack.enter_context(serve_local_judge(judge_cfg.get("local", {}), judge["model"]))
+            url = stack.enter_context(serve_local_judge(dataclasses.asdict(judge.local), judge.model))
+            judge = dataclasses.replace(judge, base_url=url)
         cache_dir.mkdir(parents=True, exist_ok=True)
         for name in annotators:
             results[name] = _run_annotator(name, outputs, data_dir, judge, cache_dir, calls)
-    log.info("judge %s: %s, %d retries", judge["model"], calls.spend(), calls.n_retries)
+    log.info("judge %s: %s, %d retries", judge.model, calls.spend(), calls.n_retries)
 
     hashes_path = data_dir / "hashes.json"
     data = read_json(hashes_path) if hashes_path.exists() else {
@@ -384,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         import yaml
 
-        judge_cfg = yaml.safe_load(Path(args.judge_config).read_text()) or {}
-        judge_alpaca_eval(args.outputs, args.data_dir, args.annotators, judge_cfg, args.out, args.cache_dir,
+        judge = JudgeSettings.from_params(yaml.safe_load(Path(args.judge_config).read_text()) or {})
+        judge_alpaca_eval(args.outputs, args.data_dir, args.annotators, judge, args.out, args.cache_dir,
                           base_url=args.base_url)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+from mamba_align.eval.judge.settings import JudgeSettings
 from mamba_align.utils import UserError, fetch_file, setup_logging, sha256_file, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -216,7 +218,7 @@ def summarize(rows: list[dict], categories: list[str] | None = None) -> dict:
     }
 
 
-def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_path, judge_cfg: dict,
+def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_path, judge: JudgeSettings | dict,
                    out_json, cache_path, judgments_path=None, base_url: str | None = None,
                    prices: tuple[float, float] | None = None, model: dict | None = None) -> dict:
     """Grade a model's MT-Bench answers; write out_json (the summary) and the judgments JSONL.
@@ -226,8 +228,11 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
 
     Judge calls go through JudgeClient (cached in `cache_path`, so a rerun only sends what is
     missing); with backend "local" and no base_url the local judge server is started as needed.
+    `judge`: the judge settings, or judge.* as a dict (a rule's params).
     """
     from mamba_align.eval.judge.client import JudgeClient
+
+    judge = JudgeSettings.from_params(judge)
 
     t0 = time.monotonic()
     questions = load_questions(question_path)
@@ -247,7 +252,7 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
     model_id = model_ids[0]
 
     matches = build_matches(questions, answers, refs, prompts)
-    with JudgeClient(judge_cfg, cache_path, base_url=base_url, prices=prices) as client:
+    with JudgeClient(judge, cache_path, base_url=base_url, prices=prices) as client:
         n_to_send = client.pending(matches)
         results = client.complete_many([{"messages": m["messages"]} for m in matches])
 
@@ -255,7 +260,7 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
     for m, res in zip(matches, results):
         ratings = [parse_rating(r["content"]) for r in res]
         row = {"question_id": m["question_id"], "model": model_id,
-               "judge": [judge_cfg["model"], m["prompt_name"]], "user_prompt": m["user_prompt"],
+               "judge": [judge.model, m["prompt_name"]], "user_prompt": m["user_prompt"],
                "judgment": res[0]["content"], "score": combine_ratings(ratings), "turn": m["turn"],
                "tstamp": res[0]["tstamp"]}
         if len(res) > 1:
@@ -279,10 +284,10 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
         "benchmark": "mt_bench",
         "model_id": model_id,
         **(model or {"model_key": None, "model_run_key": None}),
-        "judge": {"model_requested": judge_cfg["model"],
+        "judge": {"model_requested": judge.model,
                   "model_reported": reported[0] if len(reported) == 1 else reported,
-                  "backend": judge_cfg["backend"], "repeats": judge_cfg.get("repeats", 1),
-                  "temperature": judge_cfg["temperature"], "max_tokens": judge_cfg["max_tokens"]},
+                  "backend": judge.backend, "repeats": judge.repeats,
+                  "temperature": judge.temperature, "max_tokens": judge.max_tokens},
         "n_questions": len(questions),
         "n_requests": sum(len(r) for r in results),
         "n_sent_this_run": n_to_send,
@@ -294,8 +299,8 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
         "judgments": str(judgments_path),
         "wall_time_s": round(time.monotonic() - t0, 3),
     }
-    if judge_cfg["backend"] == "local":
-        out["judge"]["local"] = judge_cfg.get("local")
+    if judge.backend == "local":
+        out["judge"]["local"] = dataclasses.asdict(judge.local)
     write_json(out_json, out)
     s = out["scores"]
     log.info("MT-Bench %s: turn 1 %s, turn 2 %s, overall %s (%d unrated)", model_id,
@@ -331,10 +336,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         import yaml
 
-        judge_cfg = yaml.safe_load(Path(args.judge_config).read_text()) or {}
+        judge = JudgeSettings.from_params(yaml.safe_load(Path(args.judge_config).read_text()) or {})
         d = Path(args.data_dir)
         judge_mt_bench(args.answers, d / "question.jsonl", d / "judge_prompts.jsonl",
-                       d / "reference_answer.jsonl", judge_cfg, args.out, args.cache,
+                       d / "reference_answer.jsonl", judge, args.out, args.cache,
                        judgments_path=args.judgments, base_url=args.base_url)
 
 

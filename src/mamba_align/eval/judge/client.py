@@ -18,16 +18,17 @@ judges: MT-Bench's `JudgeClient` and the client AlpacaEval's annotator gets (eva
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from mamba_align.eval.judge.settings import JudgeSettings
 from mamba_align.utils import ProgressLog, UserError, append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -35,52 +36,33 @@ log = logging.getLogger(__name__)
 # Request keys a caller may set per request; everything else comes from the judge config.
 REQUEST_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs")
 
-URL = re.compile(r"https?://[^\s/:?#]+(:\d+)?(/\S*)?")
-
 REASKS = 2  # asks again of one judgment whose answer could not be read (each ask is billed)
 UNUSABLE_LIMIT = 5  # unusable answers in a row, over all requests, that stop the run
 PROBE_TIMEOUT_S = 10.0  # the start-up check's GET {base_url}/models
 
 
-def judge_gpus(judge_cfg: dict) -> int:
+def judge_gpus(judge: JudgeSettings | dict) -> int:
     """GPUs a judge job holds: 1 where it starts the local judge on CUDA, else 0 (an API, or a judge
     server already running at judge.base_url, needs none)."""
-    local = judge_cfg["backend"] == "local" and not judge_cfg.get("base_url")
-    return int(local and str((judge_cfg.get("local") or {}).get("device") or "cpu").startswith("cuda"))
+    return JudgeSettings.from_params(judge).gpus
 
 
-def check_judge(judge_cfg: dict, environ=os.environ, local_exec: bool = True, probe: bool = False) -> None:
-    """What judging needs, checked before any job runs: a known backend, an http(s) base_url, for the
-    OpenAI backend a non-empty API key in the environment (an empty one is as good as none), and, for a
-    local judge on CUDA, jobs that run on this machine (`local_exec`: the judge rules are localrules, so
-    on a cluster they run where snakemake runs, which is seldom a GPU node).
+def check_judge(judge: JudgeSettings | dict, environ=os.environ, local_exec: bool = True, probe: bool = False) -> None:
+    """What judging needs, checked before any job runs: the settings' own checks (JudgeSettings: a known backend, an
+    http(s) base_url, ...), and the environment's (`JudgeSettings.check_environment`: for the OpenAI backend a
+    non-empty API key, for a local judge on CUDA jobs that run on this machine).
 
     With `probe`, also one cheap request to the endpoint (`probe_judge`), unless the judge job starts
     the local judge itself (backend local, no base_url)."""
-    if judge_cfg["backend"] not in ("openai", "local"):
-        raise UserError(f"judge.backend is {judge_cfg['backend']!r}; expected 'openai' or 'local'")
-    if judge_gpus(judge_cfg) and not local_exec:
-        raise UserError(
-            f"judge.local.device is {judge_cfg['local']['device']!r}, but the judge rules run where snakemake "
-            f"runs (localrules), not on the cluster's GPU nodes; set judge.local.device: cpu, or serve the judge "
-            f"model on a GPU node behind an OpenAI-compatible server (e.g. vLLM) and set judge.base_url to it")
-    url = judge_cfg.get("base_url")
-    if url is not None and not URL.fullmatch(str(url)):
-        raise UserError(f"judge.base_url is {url!r}; expected an http(s) URL such as https://api.openai.com/v1 "
-                        f"or http://localhost:8000/v1 (or null for api.openai.com)")
-    env = judge_cfg.get("api_key_env") or "OPENAI_API_KEY"
-    if judge_cfg["backend"] == "openai" and not environ.get(env, "").strip():
-        raise UserError(f"judge.backend is 'openai' but the environment variable {env} (judge.api_key_env) is "
-                        f"{'empty' if env in environ else 'not set'}; export it or use backend 'local'")
-    if probe and (judge_cfg["backend"] == "openai" or url):
-        probe_judge(url, api_key(judge_cfg, environ), env)
+    judge = JudgeSettings.from_params(judge)
+    judge.check_environment(environ, local_exec)
+    if probe and (judge.backend == "openai" or judge.base_url):
+        probe_judge(judge.base_url, judge.api_key(environ), judge.api_key_env)
 
 
-def api_key(judge_cfg: dict, environ=os.environ) -> str:
+def api_key(judge: JudgeSettings | dict, environ=os.environ) -> str:
     """The key sent to the judge: judge.api_key_env's value for the API, a placeholder for a local server."""
-    if judge_cfg["backend"] != "openai":
-        return "local-judge"  # our local server ignores it; the openai client wants one
-    return environ[judge_cfg.get("api_key_env") or "OPENAI_API_KEY"].strip()
+    return JudgeSettings.from_params(judge).api_key(environ)
 
 
 def probe_judge(base_url: str | None, key: str, key_env: str = "OPENAI_API_KEY") -> None:
@@ -236,16 +218,20 @@ class JudgeClient:
     request that is not cached, and stopped when the `with` block ends.
     """
 
-    def __init__(self, judge_cfg: dict, cache_path: str | os.PathLike, base_url: str | None = None,
+    def __init__(self, judge: JudgeSettings | dict, cache_path: str | os.PathLike, base_url: str | None = None,
                  *, prices: tuple[float, float] | None = None):
-        """`prices`: USD per million (prompt, completion) tokens, for the spend in the progress lines."""
-        self.cfg = judge_cfg
+        """`judge`: the settings (or judge.* as a dict); `base_url` overrides theirs; `prices`: USD per million
+        (prompt, completion) tokens, for the spend in the progress lines."""
+        judge = JudgeSettings.from_params(judge)
+        if judge.model is None:
+            raise UserError("judge.model is null; MT-Bench's judge needs a model name")
+        self.cfg = judge = dataclasses.replace(judge, base_url=base_url or judge.base_url)
         self.prices = prices
-        self.model = judge_cfg["model"]
-        self.backend = judge_cfg["backend"]
-        self.base_url = base_url or judge_cfg.get("base_url")
-        check_judge(dict(judge_cfg, base_url=self.base_url))
-        self._api_key = api_key(judge_cfg)
+        self.model = judge.model
+        self.backend = judge.backend
+        self.base_url = judge.base_url
+        check_judge(judge)
+        self._api_key = judge.api_key()
         self.cache_path = Path(cache_path)
         self._cache: dict[str, dict] = {r["key"]: r for r in read_jsonl(self.cache_path, repair=True)}
         self._stack = contextlib.ExitStack()
@@ -272,20 +258,21 @@ class JudgeClient:
         if self.base_url is None and self.backend == "local":
             from mamba_align.eval.judge.server import serve_local_judge
 
-            self.base_url = self._stack.enter_context(serve_local_judge(self.cfg.get("local") or {}, self.model))
+            local = dataclasses.asdict(self.cfg.local)
+            self.base_url = self._stack.enter_context(serve_local_judge(local, self.model))
         return self.base_url
 
     # -- requests ----------------------------------------------------------------------------
     def params(self, request: dict) -> dict:
         """Sampling parameters sent with `request`: the config's, overridden per request."""
-        params = {"temperature": self.cfg["temperature"], "max_tokens": self.cfg["max_tokens"]}
+        params = {"temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
         params.update({k: request[k] for k in REQUEST_PARAMS if k in request})
         return params
 
     def keys(self, request: dict) -> list[str]:
         params = self.params(request)
         return [request_key(self.model, request["messages"], params, r)
-                for r in range(self.cfg.get("repeats", 1))]
+                for r in range(self.cfg.repeats)]
 
     def pending(self, requests: list[dict]) -> int:
         """How many calls `complete_many(requests)` would send (cache misses, de-duplicated)."""
@@ -312,11 +299,10 @@ class JudgeClient:
         return [[self._cache[k] for k in keys] for keys in all_keys]
 
     def _run(self, todo: dict[str, dict]) -> None:
-        client = openai_client(self._endpoint(), self._api_key, max_retries=int(self.cfg["max_retries"]),
-                               timeout=float(self.cfg["timeout_s"]))
+        client = openai_client(self._endpoint(), self._api_key, **self.cfg.client_kwargs())
         failures: list[str] = []
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        pool = ThreadPoolExecutor(max_workers=int(self.cfg["concurrency"]))
+        pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
         done = 0
         progress = ProgressLog(f"judge {self.model}", len(todo), logger=log,
                                extra=lambda: f"{self._spend()}, {self.n_retries} retries")
@@ -362,7 +348,7 @@ class JudgeClient:
         except openai.APIStatusError as e:  # not retryable, or the client's retries are spent
             raise JudgeError(self._redact(f"HTTP {e.status_code}: {e.message}")) from None
         except openai.APIConnectionError as e:  # includes APITimeoutError
-            raise JudgeError(self._redact(f"{_cause(e)} from {client.base_url} (after {self.cfg['max_retries']} "
+            raise JudgeError(self._redact(f"{_cause(e)} from {client.base_url} (after {self.cfg.max_retries} "
                                           f"retries)")) from None
         choice = resp.choices[0]
         return {
