@@ -1,0 +1,277 @@
+"""lm-eval's `mamba_align` model class against lm-eval's stock `hf` model (HFLM) on a tiny Mamba: the same
+per-sample log-likelihoods, task scores and greedy generations, with each shared context read once. GPU
+tests (marked `gpu`) compare the mamba_ssm path with the transformers path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from mamba_align.eval.leaderboard import scoring as S
+
+WORDS = ("the cat dog bird fish horse cow sat ran on a mat in sun red blue green is happy and rests "
+         "question answer which one of these what colour animal").split()
+HAS_GPU_KIT = torch.cuda.is_available() and all(
+    importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d"))
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny transformers Mamba checkpoint with a GPT-NeoX-layout tokenizer and the zephyr chat template."""
+    from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
+
+    from mamba_align.model.tokenizer import CHAT_TEMPLATES, PAD_TOKEN
+    from mamba_align.testing.demo import build_tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_mamba")
+    rng = random.Random(0)
+    build_tiny_tokenizer(out / "tok", [sentence(rng, 12) + "." for _ in range(300)], vocab_size=200)
+    tok = AutoTokenizer.from_pretrained(out / "tok")
+    tok.pad_token = PAD_TOKEN
+    tok.chat_template = CHAT_TEMPLATES["zephyr"]
+    torch.manual_seed(0)
+    config = MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=len(tok), state_size=8, expand=2,
+                         conv_kernel=4, time_step_rank=4, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model = MambaForCausalLM(config)
+    with torch.no_grad():  # peaked next-token distributions: greedy decoding has no near-ties
+        model.backbone.embeddings.weight.mul_(20.0)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def ours(model_dir):
+    from mamba_align.eval.leaderboard.lm import MambaAlignLM
+
+    return MambaAlignLM(str(model_dir), device="cpu", batch_size=8, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def stock(model_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(model_dir), device="cpu", batch_size=3, dtype="float32")
+
+
+def ll_instances(pairs):
+    from lm_eval.api.instance import Instance
+
+    return [Instance("loglikelihood", {}, (ctx, cont), i) for i, (ctx, cont) in enumerate(pairs)]
+
+
+def mc_pairs(seed=0, questions=5, choices=4):
+    """Shared contexts of different lengths (padding in a prefill batch), choices of 1-6 words, and a few
+    unique contexts and an empty one (scored by a plain forward)."""
+    rng = random.Random(seed)
+    pairs = []
+    for q in range(questions):
+        ctx = sentence(rng, 6 + 9 * q) + ". Question: which one?\nAnswer:"
+        pairs += [(ctx, " " + sentence(rng, rng.randint(1, 6))) for _ in range(choices)]
+    pairs += [(sentence(rng, 5) + ".", " " + sentence(rng, 12)), ("", "the cat sat"), ("red", " blue")]
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------- CPU
+
+
+def test_loglikelihoods_equal_stock_hflm(ours, stock):
+    from lm_eval.api.instance import Instance
+
+    ctx = "the cat sat on a mat. Question: which one?\nAnswer:"
+    greedy = stock.generate_until([Instance("generate_until", {}, (ctx, {"until": [], "max_gen_toks": 3}), 0)])[0]
+    reqs = ll_instances(mc_pairs() + [(ctx, greedy), (ctx, " the"), (ctx, greedy + " cat")])
+    got, want = ours.loglikelihood(reqs), stock.loglikelihood(reqs)
+    assert len(got) == len(want) == len(reqs)
+    for (lp, greedy), (lp_ref, greedy_ref) in zip(got, want, strict=True):
+        assert lp == pytest.approx(lp_ref, rel=1e-5, abs=1e-4)
+        assert greedy == greedy_ref
+    assert any(g for _, g in want) and not all(g for _, g in want)  # the greedy flag is exercised both ways
+
+
+def test_mixed_context_lengths_in_one_prefill_batch(model_dir):
+    """One batch of contexts from 3 to 40 tokens (left padding masked out of the state) scores as each
+    context alone does."""
+    from mamba_align.eval.leaderboard.lm import MambaAlignLM
+
+    lm = MambaAlignLM(str(model_dir), device="cpu", batch_size=64, dtype="float32")
+    reqs = ll_instances(mc_pairs(seed=1, questions=6, choices=3))
+    together = lm.loglikelihood(reqs)
+    lm.batch_rows = 3  # one context per batch: no padding
+    alone = lm.loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(together, alone, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and ga == gb
+
+
+def test_simple_evaluate_scores_equal_stock_hflm(ours, stock, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    rng = random.Random(2)
+    docs = [{"question": sentence(rng, 8), "choices": [sentence(rng, rng.randint(1, 4)) for _ in range(4)],
+             "answer": rng.randrange(4)} for _ in range(12)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "test_split: test\nfewshot_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    runs = [simple_evaluate(model=lm, tasks=["tiny_mc"], num_fewshot=3, log_samples=True,
+                            task_manager=TaskManager(include_path=str(tmp_path)), random_seed=0,
+                            fewshot_random_seed=0) for lm in (ours, stock)]
+    got, want = (r["results"]["tiny_mc"] for r in runs)
+    for metric in ("acc,none", "acc_norm,none"):
+        assert got[metric] == want[metric]
+    samples = [{s["doc_id"]: s for s in r["samples"]["tiny_mc"]} for r in runs]
+    assert samples[0].keys() == samples[1].keys() and len(samples[0]) == 12
+    for doc_id, s in samples[0].items():
+        ref = samples[1][doc_id]
+        assert s["arguments"] == ref["arguments"]
+        for (lp, g), (lp_ref, g_ref) in zip((r[0] for r in s["resps"]), (r[0] for r in ref["resps"]), strict=True):
+            assert float(lp) == pytest.approx(float(lp_ref), rel=1e-5, abs=1e-4) and g == g_ref
+
+
+def test_generate_until_cuts_at_until_and_matches_stock_greedy(ours, stock):
+    from lm_eval.api.instance import Instance
+
+    rng = random.Random(3)
+    contexts = [sentence(rng, n) for n in (3, 7, 12, 7)]
+    free = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 24, "do_sample": False}), i)
+            for i, c in enumerate(contexts)]
+    reference = stock.generate_until(free)
+    assert ours.generate_until(free) == reference
+    # stop strings taken from the free generations, so each cut really happens inside the text
+    assert all(len(text) >= 4 for text in reference)
+    stops = [text[len(text) // 2 : len(text) // 2 + 2] for text in reference]
+    cut = [Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": 24}), i)
+           for i, (c, stop) in enumerate(zip(contexts, stops, strict=True))]
+    got = ours.generate_until(cut)
+    assert got == stock.generate_until(cut)
+    for text, full, stop in zip(got, reference, stops, strict=True):
+        assert stop not in text and full.startswith(text) and len(text) < len(full)
+
+
+def test_each_shared_context_is_read_once(model_dir, stock):
+    """Every token position the model runs is counted at the embedding (a forward hook): one prefill per
+    distinct context, then one step per choice and continuation token; HFLM reads context + continuation
+    per choice."""
+    from mamba_align.eval.leaderboard.lm import MambaAlignLM
+
+    lm = MambaAlignLM(str(model_dir), device="cpu", batch_size=4, dtype="float32")  # one context per batch
+    rng = random.Random(4)
+    pairs = []
+    for q in range(3):
+        ctx = sentence(rng, 20 + 5 * q) + ". Answer:"
+        pairs += [(ctx, " " + sentence(rng, k)) for k in (1, 2, 3, 5)]
+    reqs = ll_instances(pairs)
+    encoded = [lm._encode_pair(c, x) for c, x in pairs]
+
+    def count_positions(model, run):
+        seen = []
+        hook = model.backbone.embeddings.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+        try:
+            result = run()
+        finally:
+            hook.remove()
+        return sum(seen), result
+
+    lm.scorer.stats.clear()
+    ours_positions, got = count_positions(lm.engine.model, lambda: lm.loglikelihood(reqs))
+    stock_positions, want = count_positions(stock.model, lambda: stock.loglikelihood(reqs))
+    contexts = {tuple(ctx): 0 for ctx, _ in encoded}
+    for ctx, cont in encoded:
+        contexts[tuple(ctx)] = max(contexts[tuple(ctx)], len(cont))
+    expected = sum(len(ctx) + 4 * (longest - 1) for ctx, longest in contexts.items())
+    assert ours_positions == expected == lm.scorer.stats["positions"]
+    assert lm.scorer.stats["prefill_tokens"] == sum(len(ctx) for ctx in contexts)
+    assert stock_positions >= sum(len(ctx) + len(cont) - 1 for ctx, cont in encoded) > 2 * ours_positions
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("conts, shared", [
+    ([[1], [2, 3]], True),
+    ([[1]], False),  # a unique context
+    ([[1, 2, 3, 4], [5]], False),  # a continuation longer than the context
+])
+def test_uses_state_when_the_context_is_shared_and_long(conts, shared):
+    assert S.uses_state([7, 8, 9], conts) is shared
+
+
+def test_batches_respect_rows_and_padded_tokens():
+    items = [(10, 3), (9, 3), (9, 2), (4, 4), (2, 1)]  # (context length, choices)
+    batches = S._batches(items, lambda it: it[0], lambda it: it[1], max_rows=6, max_tokens=18)
+    assert batches == [[(10, 3)], [(9, 3), (9, 2)], [(4, 4), (2, 1)]]
+
+
+def test_rolling_loglikelihood_is_the_sum_over_the_text(ours, stock):
+    from lm_eval.api.instance import Instance
+
+    rng = random.Random(5)
+    reqs = [Instance("loglikelihood_rolling", {}, (sentence(rng, n),), i) for i, n in enumerate((4, 30))]
+    got, want = ours.loglikelihood_rolling(reqs), stock.loglikelihood_rolling(reqs)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
+    assert all(math.isfinite(x) and x < 0 for x in got)
+
+
+def test_chat_template_is_the_checkpoints(ours, stock):
+    chat = [{"role": "user", "content": "What colour is the cat?"}]
+    assert ours.apply_chat_template(chat) == stock.apply_chat_template(chat)
+    assert ours.apply_chat_template(chat).startswith("<|user|>\nWhat colour")
+    assert ours.chat_template(True) == stock.chat_template(True)
+    assert ours.tokenizer_name == stock.tokenizer_name
+
+
+def test_registered_with_lm_eval():
+    from lm_eval.api.registry import get_model
+
+    from mamba_align.eval.leaderboard.lm import MambaAlignLM
+
+    assert get_model("mamba_align") is MambaAlignLM
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU_KIT, reason="needs CUDA, mamba_ssm and causal_conv1d")
+def test_mamba_ssm_path_equals_transformers_path(tmp_path):
+    """A small random Mamba in bf16: per-sample log-likelihoods of the mamba_ssm path (masked prefill,
+    CUDA-graph steps) against the transformers path (its cache on the GPU), to bf16 noise."""
+    from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
+
+    from mamba_align.eval.leaderboard.lm import MambaAlignLM
+    from mamba_align.model.tokenizer import CHAT_TEMPLATES
+    from mamba_align.testing.demo import build_tiny_tokenizer
+
+    rng = random.Random(0)
+    build_tiny_tokenizer(tmp_path / "tok", [sentence(rng, 12) + "." for _ in range(300)], vocab_size=200)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tok.chat_template = CHAT_TEMPLATES["zephyr"]
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=256, num_hidden_layers=4, vocab_size=len(tok),
+                                         bos_token_id=0, eos_token_id=0, pad_token_id=1))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    reqs = ll_instances(mc_pairs(seed=6, questions=8, choices=4))
+    results = {}
+    for backend in ("mamba_ssm", "transformers"):
+        lm = MambaAlignLM(str(tmp_path / "model"), device="cuda", batch_size=16, dtype="bfloat16", backend=backend)
+        results[backend] = lm.loglikelihood(reqs)
+        del lm
+    for (a, _), (b, _) in zip(results["mamba_ssm"], results["transformers"], strict=True):
+        assert a == pytest.approx(b, rel=0.02, abs=0.05)
