@@ -125,3 +125,22 @@ def test_a_profiles_count_that_cannot_keep_the_batch_is_refused_before_any_job(t
     assert proc.returncode != 0
     assert "train_sft: 3 GPUs cannot keep the recipe's global_batch_size 8" in proc.stdout + proc.stderr
     assert "nearest valid counts: 2, 4" in proc.stdout + proc.stderr
+
+
+def test_the_plan_shows_wall_and_gpu_hours_per_count():
+    from test_plan import CFG, DPO, SFT
+
+    from mamba_align.ops import plan
+
+    p = plan.make_plan(CFG, SFT, DPO, {"train_sft": 8, "train_dpo": 8}, "A100-80GB", results="/nonexistent")
+    sft = next(j for j in p["jobs"] if j["rule"] == "train_sft")
+    rows = {r["gpus"]: r for r in sft["by_gpu_count"]}
+    assert sorted(rows) == [1, 2, 4, 8]  # every count that divides the recipe's global batch
+    assert rows[8]["hours"] == pytest.approx(sft["hours"], abs=0.01)
+    eff = plan.MULTI_GPU_EFFICIENCY["sft"]
+    assert rows[4]["hours"] == pytest.approx(2 * rows[8]["hours"], rel=0.01)  # the same per-GPU efficiency
+    assert rows[1]["gpu_hours"] == pytest.approx(rows[8]["gpu_hours"] * eff, rel=0.01)  # no DDP overhead on 1
+    text = plan.format_plan(p)
+    assert "training on another GPU count" in text
+    assert any(line.startswith("train_dpo") and line.rstrip().endswith("(planned)") and " 8 " in line
+               for line in text.splitlines())

@@ -210,3 +210,32 @@ def record(choice: Choice, rule: str, wildcards, attempt: int, results: str, dry
     if not entry["wildcards"]:  # a grid's rules log elsewhere; the JSONL has them
         with open(log_history(logs / f"{rule}.log"), "a") as f:
             f.write(f"{when} INFO mamba_align.ops.gpu_choice: submitted with {line}\n")
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def with_gpu_counts(job, global_batch: int, efficiency: float, counts=AUTO):
+    """A training JobPlan with `by_gpu_count`: wall and GPU hours on each count that keeps the global batch, from
+    the measured per-GPU efficiency of more than one GPU (docs/benchmarks.md section 8; measured at 2, assumed
+    the same at 4 and 8 on one host), so that waiting for 8 GPUs can be weighed against running on 4 now."""
+    def speed(n):
+        return n * (efficiency if n > 1 else 1.0)
+
+    job.by_gpu_count = [{"gpus": n, "hours": round(job.hours * speed(job.gpus) / speed(n), 2),
+                         "gpu_hours": round(job.hours * speed(job.gpus) / speed(n) * n, 2)}
+                        for n in sorted(counts) if global_batch % n == 0]
+    return job
+
+
+def format_gpu_counts(plan: dict) -> list[str]:
+    """The plan's per-count table of each training job (lines of plan.txt)."""
+    jobs = [j for j in plan["jobs"] if j.get("by_gpu_count")]
+    if not jobs:
+        return []
+    lines = ["", "training on another GPU count (the same result: the global batch is kept; chosen at submission "
+             "from the profile's gpus):", f"{'rule':<22}{'GPUs':>5}{'wall h':>9}{'GPU-h':>9}"]
+    for j in jobs:
+        lines += [f"{j['rule']:<22}{r['gpus']:>5}{r['hours']:>9.2f}{r['gpu_hours']:>9.2f}"
+                  + ("  (planned)" if r["gpus"] == j["gpus"] else "") for r in j["by_gpu_count"]]
+    return lines

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from mamba_align.ops.gpu_choice import format_gpu_counts, with_gpu_counts
 from mamba_align.train.sizes import REF_PARAMS, disk_gb, memory_fix, params_from_config, stage_memory_gib
 from mamba_align.utils import UserError, read_json, write_json
 
@@ -57,8 +58,7 @@ MULTI_GPU_EFFICIENCY = {"sft": 0.943, "dpo": 0.903}
 # alpaca_eval's prompts with answers of ~300 tokens.
 JUDGE_TOKENS = {"mt_bench": (1_300, 250), "alpaca_eval_gpt4": (1_500, 60),
                 "weighted_alpaca_eval_gpt4_turbo": (1_500, 1)}
-MT_BENCH_TURNS = 160
-ALPACA_EVAL_PROMPTS = 805
+MT_BENCH_TURNS, ALPACA_EVAL_PROMPTS = 160, 805
 
 
 @dataclass
@@ -292,7 +292,7 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
         fix = memory_fix(params, recipe, stage[:3], n, _gpu(gpu_type)["mem_gib"])
         if fix:
             jp.note = f"{jp.note} DOES NOT FIT: {fix}".strip()
-        jobs.append(jp)
+        jobs.append(with_gpu_counts(jp, recipe.get("global_batch_size", 0), MULTI_GPU_EFFICIENCY[stage[:3]]))
         sources[rule] = {"tokens": tokens, "from": source}
     ev = cfg["eval"]
     for rule, hours in generation_hours(params, gpu_type, ev["mt_bench"]["max_new_tokens"],
@@ -376,6 +376,7 @@ def format_plan(plan: dict) -> str:
         disk = f"{j['disk_gb']:.0f}" if j.get("disk_gb") else "–"
         lines.append(f"{j['rule']:<22}{j['gpus']:>5}{j['hours']:>9.2f}{j['gpu_hours']:>9.2f}{mem:>10}{disk:>9}"
                      f"{j['runtime_min']:>11}  {j['note']}")
+    lines += format_gpu_counts(plan)
     lines += ["", f"total GPU-hours: {plan['total_gpu_hours']}", "",
               f"{'judge':<34}{'requests':>9}{'tokens in':>12}{'tokens out':>12}{'USD':>9}"]
     for name, r in plan["judge"].items():
