@@ -106,7 +106,8 @@ def test_ruff_is_clean():
     from pathlib import Path
 
     exe = Path(sys.executable).with_name("ruff")  # installed with the `test` extra
-    proc = subprocess.run([str(exe), "check", "."], cwd=REPO, capture_output=True, text=True)
+    # --no-cache: nothing written into the checkout (tests may run in parallel, beside a developer's edits)
+    proc = subprocess.run([str(exe), "check", "--no-cache", "."], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
