@@ -25,6 +25,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/mt_bench.smk"
 include: "workflow/rules/alpaca_eval.smk"
+include: "workflow/rules/leaderboard.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/experiments.smk"
 

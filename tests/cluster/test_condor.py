@@ -22,7 +22,13 @@ pytest.importorskip("snakemake_executor_plugin_htcondor")
 
 PROFILE = REPO / "profiles" / "condor"
 # keys of set-resources that are for Snakemake / the workflow, not for HTCondor
-WORKFLOW_KEYS = {"gpu"}
+WORKFLOW_KEYS = {"gpu", "gpus"}
+
+
+def submit_key(resource: str) -> str:
+    """The submit command a resource becomes (the plugin's job_wrapper is the executable; htcondor_submit_<key> is
+    <key> verbatim)."""
+    return "executable" if resource == "job_wrapper" else resource.removeprefix("htcondor_submit_")
 
 
 def profile() -> dict:
@@ -51,7 +57,7 @@ def test_every_key_reaches_the_submit_description(submits):
     """The plugin passes only HTCondor-named keys; a key it drops would be silently ignored."""
     for rule, keys in profile()["set-resources"].items():
         for job in submits[rule]:
-            missing = set(keys) - WORKFLOW_KEYS - set(job["submit"])
+            missing = {submit_key(k) for k in set(keys) - WORKFLOW_KEYS} - set(job["submit"])
             assert not missing, f"{rule}: {sorted(missing)} not in the submit description"
 
 
@@ -99,3 +105,22 @@ def test_submit_descriptions_are_valid_for_the_bindings(submits):
         for job in jobs:
             text = str(htcondor.Submit(job["submit"]))
             assert "request_cpus" in text
+
+
+@pytest.mark.parametrize("rule", sorted(TRAINING))
+def test_training_is_self_checkpointing(submits, rule):
+    """The trainer's exit 75 (a checkpoint saved on SIGTERM) is HTCondor's checkpoint_exit_code, through the
+    wrapper that turns the job's exit 1 after it into 75 (tests/test_condor_checkpoint.py)."""
+    for job in submits[rule]:
+        sub = job["submit"]
+        assert sub["executable"] == "profiles/condor/self_checkpoint.sh"
+        assert (REPO / sub["executable"]).stat().st_mode & 0o111
+        assert int(sub["checkpoint_exit_code"]) == 75
+        assert " -m snakemake " in sub["arguments"]  # the whole command: the wrapper runs it as it is
+
+
+def test_other_jobs_are_not_wrapped(submits):
+    for rule, jobs in submits.items():
+        if rule not in TRAINING:
+            assert all("checkpoint_exit_code" not in j["submit"] for j in jobs), rule
+

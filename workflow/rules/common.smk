@@ -122,6 +122,7 @@ localrules:
     plan,
     fetch_mt_bench,
     fetch_alpaca_eval,
+    fetch_leaderboard_data,
     judge_mt_bench,
     judge_alpaca_eval,
     report,
@@ -200,6 +201,10 @@ def all_targets():
             layout.eval_summary(R, s, b)
             for s in EVAL["stages"]
             for b in layout.BENCHMARKS
+        ),
+        *(
+            layout.eval_summary(R, s, layout.LEADERBOARD)
+            for s in EVAL["leaderboard"]["stages"]
         ),
         *rules.report.output,
         *rules.plan.output,

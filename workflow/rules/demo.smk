@@ -6,6 +6,7 @@ rule build_demo_inputs:
         vocab=[
             "config/demo/mt_bench/question.jsonl",
             "config/demo/alpaca_eval/alpaca_eval.json",
+            *sorted(glob.glob("config/demo/leaderboard/*.jsonl")),
         ],
         judge_prompts="config/demo/mt_bench/judge_prompts.jsonl",
     output:
@@ -22,6 +23,6 @@ rule build_demo_inputs:
         mem_mb=32000 if config["demo_inputs"] else 2000,  # the 2.8B shape: an 11 GB checkpoint
         runtime=10,
     params:
-        shape=config["demo_inputs"],
+        **settings_params("shape", config["demo_inputs"]),
     script:
         "../scripts/build_demo_inputs.py"

@@ -7,6 +7,10 @@ rule report:
             for b in layout.BENCHMARKS
         ],
         metrics=[f"{R}/metrics/{s}.json" for s in EVAL["stages"] if s != "base"],
+        leaderboard=[
+            layout.eval_summary(R, s, layout.LEADERBOARD)
+            for s in EVAL["leaderboard"]["stages"]
+        ],
     output:
         table=f"{R}/report/scores.md",
         # the HTML table is what Snakemake's report shows inline (a .md is only a download there)
@@ -27,6 +31,12 @@ rule report:
             caption="../report/curves.rst",
             category="Training",
         ),
+        leaderboard=f"{R}/report/leaderboard.json",
+        leaderboard_changes=report(
+            f"{R}/report/leaderboard_changes.png",
+            caption="../report/leaderboard.rst",
+            category="Scores",
+        ),
         provenance=f"{R}/provenance/report.json",
     log:
         f"{R}/logs/report.log",
@@ -42,7 +52,12 @@ rule report:
         run_name=config["run_name"],
         stages=EVAL["stages"],
         # what each stage's model learned from: a score computed for another model is shown as stale
-        models={s: learned_by(s) for s in EVAL["stages"]},
+        models={
+            s: learned_by(s)
+            for s in layout.STAGES
+            if s in EVAL["stages"] or s in EVAL["leaderboard"]["stages"]
+        },
+        leaderboard_stages=EVAL["leaderboard"]["stages"],
         demo=config["demo"],
     script:
         "../scripts/report.py"

@@ -11,5 +11,6 @@ results = snakemake.config["results_dir"]
 evals = {s: {b: layout.eval_summary(results, s, b) for b in layout.BENCHMARKS} for s in p.stages}
 metrics = {Path(m).stem: m for m in snakemake.input.metrics}
 build_report(p.run_name, evals, metrics, Path(snakemake.output.table).parent, demo=p.demo,
-             current_keys={s: model_key(m) for s, m in p.models.items()})
+             current_keys={s: model_key(m) for s, m in p.models.items()},
+             leaderboards={s: layout.eval_summary(results, s, layout.LEADERBOARD) for s in p.leaderboard_stages})
 record_snakemake_job(snakemake)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 STAGES = ("base", "sft", "dpo")
 FINAL_STAGE = "dpo"
-BENCHMARKS = ("mtbench", "alpacaeval")
+BENCHMARKS = ("mtbench", "alpacaeval")  # the judged chat benchmarks
+LEADERBOARD = "leaderboard"  # the lm-eval tasks: results/eval/<stage>/leaderboard.json
 
 
 def model_dir(results: str, stage: str) -> str:

@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+from mamba_align.ops import report_leaderboard
 from mamba_align.ops.provenance import stale_reason
 from mamba_align.ops.report_tables import SE_OF, experiments_doc, scores_doc, se_of_mean, to_html, to_markdown
 from mamba_align.utils import UserError, atomic_path, read_json, setup_logging, write_json
@@ -128,13 +129,14 @@ def _alpaca_results(data: dict) -> dict[str, dict]:
     return out
 
 
-def write_tables(rows: list[dict], out_dir: Path, demo: bool) -> None:
-    """scores.csv, and the table as scores.md and scores.html (the one Snakemake's report shows inline)."""
+def write_tables(rows: list[dict], out_dir: Path, demo: bool, more: list[tuple] = ()) -> None:
+    """scores.csv, and the table (and `more` blocks: the leaderboard's) as scores.md and scores.html (the one
+    Snakemake's report shows inline)."""
     with atomic_path(out_dir / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    doc = scores_doc(rows, demo)
+    doc = scores_doc(rows, demo) + list(more)
     with atomic_path(out_dir / "scores.md") as tmp:
         tmp.write_text(to_markdown(doc))
     with atomic_path(out_dir / "scores.html") as tmp:
@@ -197,10 +199,12 @@ def plot_radar(runs: list[tuple[str, str | Path]], out_png: str | Path) -> None:
 
 
 def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[str, str], out_dir,
-                 demo: bool = False, current_keys: dict[str, str] | None = None) -> list[dict]:
+                 demo: bool = False, current_keys: dict[str, str] | None = None,
+                 leaderboards: dict[str, str] | None = None) -> list[dict]:
     """evals: {stage: {"mtbench": path, "alpacaeval": path}}; metrics: {"sft": path, "dpo": path};
     current_keys: {stage: model key of the current config} (provenance.model_key): scores of other models are
-    shown apart, as stale. Writes scores.md, scores.csv, scores.json, mt_bench_radar.png, training_curves.png."""
+    shown apart, as stale; leaderboards: {stage: leaderboard.json}. Writes scores.md, scores.csv, scores.json,
+    mt_bench_radar.png, training_curves.png, and with leaderboards leaderboard.json and leaderboard_changes.png."""
     out_dir = Path(out_dir)
     current_keys = current_keys or {}
     summaries = {stage: {b: read_json(p[b]) if p.get(b) else None for b in ("mtbench", "alpacaeval")}
@@ -208,7 +212,11 @@ def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[
     rows = [r for stage, s in summaries.items()
             for r in stage_rows(run_name, stage, s["mtbench"], s["alpacaeval"], current_keys.get(stage))]
     rows += PAPER_ROWS + leaderboard_rows()
-    write_tables(rows, out_dir, demo)
+    lb_rows = report_leaderboard.leaderboard_rows(run_name, leaderboards or {}, current_keys)
+    write_tables(rows, out_dir, demo, report_leaderboard.leaderboard_doc(lb_rows, demo))
+    if leaderboards is not None:
+        write_json(out_dir / "leaderboard.json", {"rows": lb_rows, "published": report_leaderboard.PUBLISHED})
+        report_leaderboard.plot_changes(lb_rows, out_dir / "leaderboard_changes.png")
     radar = []
     for stage, p in evals.items():
         mt = summaries[stage]["mtbench"]

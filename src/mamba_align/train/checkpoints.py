@@ -17,6 +17,9 @@ from mamba_align.utils import UserError, read_json, write_json
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: Snakemake (--retries) resubmits the job, which resumes
+# A file to create when the run stops with a checkpoint: Snakemake's job exits 1 whatever the script's code, so
+# a wrapper around it (profiles/condor/self_checkpoint.sh) learns from this file that it should exit 75
+PREEMPTED_MARKER_ENV = "MAMBA_ALIGN_PREEMPTED_MARKER"
 STOP_FILE = "STOP"
 LOCK_FILE = "LOCK"
 _held_locks: dict[Path, int] = {}  # checkpoint folder -> open file descriptor holding its flock
@@ -110,3 +113,11 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon
         if not is_complete(ckpt):
             log.warning("removing incomplete checkpoint %s (killed while saving)", ckpt)
             shutil.rmtree(ckpt)
+
+
+def exit_preempted() -> None:
+    """Exit PREEMPTED_EXIT_CODE, first creating the file PREEMPTED_MARKER_ENV names (if set)."""
+    marker = os.environ.get(PREEMPTED_MARKER_ENV)
+    if marker:
+        Path(marker).touch()
+    raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -16,7 +16,7 @@ from mamba_align.train.callbacks import (
     restore_signals,
     stop_and_timing_callbacks,
 )
-from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, last_complete_checkpoint
+from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, exit_preempted, last_complete_checkpoint
 from mamba_align.train.preflight import COLUMNS
 from mamba_align.train.recipes import as_dict
 from mamba_align.train.trainer import dataset_workers, one_gpu_per_process, trainer_classes, trl_config
@@ -118,7 +118,7 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
             log.warning("stopped early with a checkpoint in %s; exiting %d so the job is retried",
                         checkpoint_dir, PREEMPTED_EXIT_CODE)
         leave_process_group()
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        exit_preempted()
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if eval_ds is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
         trainer.evaluate()

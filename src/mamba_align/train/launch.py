@@ -22,7 +22,7 @@ from pathlib import Path
 from mamba_align.process import terminate_with_this_process
 from mamba_align.train.batch import batch_layout
 from mamba_align.train.callbacks import on_signals, restore_signals
-from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, prepare_checkpoint_dir
+from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, exit_preempted, prepare_checkpoint_dir
 from mamba_align.train.fit import fit
 from mamba_align.train.preflight import (
     check_columns,
@@ -177,7 +177,7 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
         restore_signals(previous)
     # the ranks exit 75 after a requested stop, which torchrun reports as a failure (1): the STOP file tells
     if signalled or rc == PREEMPTED_EXIT_CODE or (rc != 0 and (checkpoint_dir / STOP_FILE).exists()):
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        exit_preempted()
     if rc != 0:
         raise SystemExit(f"training processes failed with exit code {rc} (see the log above)")
     return read_json(metrics_path)
