@@ -47,9 +47,9 @@ rule generate_alpaca_eval:
         mem_mb=32000,
         runtime=planned_runtime("generate_alpaca_eval", 120),
     params:
-        generator=lambda w: f"{config['run_name']}-{w.stage}",
         # the scored model's identity: a retrain (even a failed one) reruns this evaluation
-        model=lambda w: learned_by(w.stage),
+        **settings_params("model", lambda w: learned_by(w.stage), like=any_learned()),
+        generator=lambda w: f"{config['run_name']}-{w.stage}",
         temperature=AE["temperature"],
         top_p=AE["top_p"],
         top_k=AE["top_k"],
@@ -79,11 +79,11 @@ rule judge_alpaca_eval:
         mem_mb=4000,
         runtime=240,
     params:
-        judge={**JUDGE, "model": AE["judge_model"]},
+        **settings_params("judge", {**JUDGE, "model": AE["judge_model"]}),
+        # the scored model's identity, recorded in the score (model_key, model_run_key) for status and the report
+        **settings_params("model", scored_learned_by, like=any_learned()),
         annotators=AE["annotators"],
         cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/alpaca_eval_cache",
-        # the scored model's identity, recorded in the score (model_key, model_run_key) for status and the report
-        model=scored_learned_by,
         model_dir=scored_model_dir,
     script:
         "../scripts/judge_alpaca_eval.py"

@@ -9,7 +9,9 @@ from mamba_align.eval.judge.client import check_judge, judge_gpus
 from mamba_align.ops import condor_env, gpu_choice, jobenv, layout, provenance
 from mamba_align.ops import experiments as experiments_of
 from mamba_align.ops import plan as planner
+from mamba_align.ops import rerun
 from mamba_align.ops import runs as model_store
+from mamba_align.ops.rerun import settings_params
 from mamba_align.train import data as prepared_data
 from mamba_align.train import recipes
 from mamba_align.train.recipes import as_dict, learning_settings
@@ -165,6 +167,22 @@ def learned_by(stage):
     with the current config's.
     """
     return provenance.learned_by(stage, BASE, SFT, DPO)
+
+
+def any_learned():
+    """Chains a `model` param may hold (the config's last stage, each experiment's): the settings that
+    settings_params names one by one in a rerun's reason."""
+    return grid_like(
+        lambda r: GRID.learned_by(GRID.home(r, "dpo"), learning_settings),
+        learned_by("dpo"),
+    )
+
+
+def grid_like(value_of, *classic):
+    """`classic` and value_of(each experiment of the grid): what a grid rule's settings param may hold; the
+    classic rule's value among them, so that every setting param of the rule it uses is overridden.
+    """
+    return [*classic, *(value_of(r) for r in (GRID.exps if GRID else []))]
 
 
 def scored_learned_by(w):
@@ -374,7 +392,12 @@ def grid_local_source(stage):
 # Snakemake touches a job's outputs after it: a data step's byte-identical rewrite gets its earlier time back
 # here, at the next parse, before the DAG compares times (mamba_align.train.data.record_outputs).
 # A model link whose stored model was deleted (to retrain its key) is dropped: a missing output, not an error.
+# Snakemake's records of params in an earlier form (whole dicts) are translated to settings_params' form
+# (mamba_align.ops.rerun): a finished run does not rerun for the new form; a changed setting still does.
 if workflow.is_main_process:
+    note = rerun.migration_note(rerun.migrate_records())
+    if note:
+        print(note, file=sys.stderr)
     for d in [f"{R}/data/sft", f"{R}/data/dpo", *glob.glob(f"{R}/shared/data/*/*")]:
         prepared_data.settle_kept_mtimes(d)
     for link in model_store.drop_dangling_links(R):

@@ -20,7 +20,7 @@ rule prepare_sft_data:
         runtime=60,
     params:
         **local_source(SFT["dataset"]),
-        dataset=SFT["dataset"],
+        **settings_params("dataset", SFT["dataset"]),
         max_seq_length=SFT["max_seq_length"],
         packing=SFT["packing"],
     script:
@@ -49,7 +49,7 @@ rule prepare_preference_data:
         runtime=60,
     params:
         **local_source(DPO["dataset"]),
-        dataset=DPO["dataset"],
+        **settings_params("dataset", DPO["dataset"]),
         max_length=DPO["max_length"],
         max_prompt_length=DPO["max_prompt_length"],
     script:

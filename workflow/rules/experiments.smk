@@ -15,7 +15,9 @@ use rule prepare_base_model as prepare_base_model_grid with:
     benchmark:
         f"{R}/benchmarks/shared/base/{{key}}/prepare_base_model.tsv"
     params:
-        base=grid_base,
+        **settings_params(
+            "base", grid_base, like=grid_like(lambda r: r.exp.base_model, BASE)
+        ),
 
 
 use rule prepare_sft_data as prepare_sft_data_grid with:
@@ -33,7 +35,11 @@ use rule prepare_sft_data as prepare_sft_data_grid with:
         f"{R}/benchmarks/shared/data/sft/{{key}}/prepare_sft_data.tsv"
     params:
         **grid_local_source("sft"),
-        dataset=grid_data("sft", "dataset"),
+        **settings_params(
+            "dataset",
+            grid_data("sft", "dataset"),
+            like=grid_like(lambda r: r.sft["dataset"], SFT["dataset"]),
+        ),
         max_seq_length=grid_data("sft", "max_seq_length"),
         packing=grid_data("sft", "packing"),
 
@@ -53,7 +59,11 @@ use rule prepare_preference_data as prepare_preference_data_grid with:
         f"{R}/benchmarks/shared/data/dpo/{{key}}/prepare_preference_data.tsv"
     params:
         **grid_local_source("dpo"),
-        dataset=grid_data("dpo", "dataset"),
+        **settings_params(
+            "dataset",
+            grid_data("dpo", "dataset"),
+            like=grid_like(lambda r: r.dpo["dataset"], DPO["dataset"]),
+        ),
         max_length=grid_data("dpo", "max_length"),
         max_prompt_length=grid_data("dpo", "max_prompt_length"),
 
@@ -76,9 +86,17 @@ use rule train_sft as train_sft_grid with:
         mem_mb=32000,
         runtime=grid_runtime("train_sft", 60),
     params:
-        recipe=lambda w: learning_settings(GRID.first_sft[w.key].sft),
+        **settings_params(
+            "recipe",
+            lambda w: learning_settings(GRID.first_sft[w.key].sft),
+            like=grid_like(lambda r: learning_settings(r.sft), learning_settings(SFT)),
+        ),
+        **settings_params(
+            "config",
+            lambda w: GRID.stage_config(GRID.first_sft[w.key], "sft"),
+            like=grid_like(lambda r: GRID.stage_config(r, "sft")),
+        ),
         checkpoints=f"{R}/checkpoints",
-        config=lambda w: GRID.stage_config(GRID.first_sft[w.key], "sft"),
 
 
 use rule train_dpo as train_dpo_grid with:
@@ -99,9 +117,17 @@ use rule train_dpo as train_dpo_grid with:
         mem_mb=32000,
         runtime=grid_runtime("train_dpo", 60),
     params:
-        recipe=lambda w: learning_settings(GRID.by_name[w.name].dpo),
+        **settings_params(
+            "recipe",
+            lambda w: learning_settings(GRID.by_name[w.name].dpo),
+            like=grid_like(lambda r: learning_settings(r.dpo), learning_settings(DPO)),
+        ),
+        **settings_params(
+            "config",
+            lambda w: GRID.stage_config(GRID.by_name[w.name], "dpo"),
+            like=grid_like(lambda r: GRID.stage_config(r, "dpo")),
+        ),
         checkpoints=f"{R}/checkpoints",
-        config=lambda w: GRID.stage_config(GRID.by_name[w.name], "dpo"),
 
 
 use rule generate_mt_bench as generate_mt_bench_grid with:
@@ -116,8 +142,12 @@ use rule generate_mt_bench as generate_mt_bench_grid with:
     benchmark:
         f"{R}/benchmarks/{{home}}/generate_mt_bench.tsv"
     params:
+        **settings_params(
+            "model",
+            lambda w: GRID.learned_by(w.home, learning_settings),
+            like=any_learned(),
+        ),
         model_id=grid_model_id,
-        model=lambda w: GRID.learned_by(w.home, learning_settings),
         max_new_tokens=MTB["max_new_tokens"],
         batch_size=EVAL["generation_batch_size"],
 
@@ -137,7 +167,7 @@ use rule judge_mt_bench as judge_mt_bench_grid with:
     benchmark:
         f"{R}/benchmarks/{{home}}/judge_mt_bench.tsv"
     params:
-        judge=JUDGE,
+        **settings_params("judge", JUDGE),
         cache=f"{R}/{{home}}/eval/mt_bench_judge_cache.jsonl",
 
 
@@ -153,8 +183,12 @@ use rule generate_alpaca_eval as generate_alpaca_eval_grid with:
     benchmark:
         f"{R}/benchmarks/{{home}}/generate_alpaca_eval.tsv"
     params:
+        **settings_params(
+            "model",
+            lambda w: GRID.learned_by(w.home, learning_settings),
+            like=any_learned(),
+        ),
         generator=grid_model_id,
-        model=lambda w: GRID.learned_by(w.home, learning_settings),
         temperature=AE["temperature"],
         top_p=AE["top_p"],
         top_k=AE["top_k"],
@@ -174,7 +208,7 @@ use rule judge_alpaca_eval as judge_alpaca_eval_grid with:
     benchmark:
         f"{R}/benchmarks/{{home}}/judge_alpaca_eval.tsv"
     params:
-        judge={**JUDGE, "model": AE["judge_model"]},
+        **settings_params("judge", {**JUDGE, "model": AE["judge_model"]}),
         annotators=AE["annotators"],
         cache=f"{R}/{{home}}/eval/alpaca_eval_cache",
 
@@ -212,7 +246,11 @@ rule report_experiments:
         mem_mb=2000,
         runtime=10,
     params:
-        experiments=lambda w: GRID.report_entries(),
+        **settings_params(
+            "experiments",
+            lambda w: GRID.report_entries(),
+            like=[GRID.report_entries()] if GRID else [],
+        ),
         axes=lambda w: GRID.swept_axes(),
         demo=config["demo"],
     script:

@@ -18,6 +18,6 @@ rule prepare_base_model:
         mem_mb=64000,
         runtime=120,
     params:
-        base=BASE,
+        **settings_params("base", BASE),
     script:
         "../scripts/prepare_base_model.py"

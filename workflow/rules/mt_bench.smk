@@ -46,9 +46,9 @@ rule generate_mt_bench:
         mem_mb=32000,
         runtime=planned_runtime("generate_mt_bench", 60),
     params:
-        model_id=lambda w: f"{config['run_name']}-{w.stage}",
         # the scored model's identity: a retrain (even a failed one) reruns this evaluation
-        model=lambda w: learned_by(w.stage),
+        **settings_params("model", lambda w: learned_by(w.stage), like=any_learned()),
+        model_id=lambda w: f"{config['run_name']}-{w.stage}",
         max_new_tokens=MTB["max_new_tokens"],
         batch_size=EVAL["generation_batch_size"],
     script:
@@ -78,10 +78,10 @@ rule judge_mt_bench:
         mem_mb=4000,
         runtime=120,
     params:
-        judge=JUDGE,
-        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judge_cache.jsonl",
+        **settings_params("judge", JUDGE),
         # the scored model's identity, recorded in the score (model_key, model_run_key) for status and the report
-        model=scored_learned_by,
+        **settings_params("model", scored_learned_by, like=any_learned()),
+        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judge_cache.jsonl",
         model_dir=scored_model_dir,
     script:
         "../scripts/judge_mt_bench.py"

@@ -17,11 +17,11 @@ rule plan:
         mem_mb=2000,
         runtime=10,
     params:
-        sft=SFT,
-        dpo=DPO,
-        gpus=training_gpus(),
-        gpu_type=gpu_type_of("train_sft"),
+        **settings_params("sft", SFT),
+        **settings_params("dpo", DPO),
+        **settings_params("gpus", training_gpus()),
         # a grid's experiments (None: the one experiment of the config)
-        experiments=GRID.to_dict() if GRID else None,
+        **settings_params("experiments", GRID.to_dict() if GRID else None),
+        gpu_type=gpu_type_of("train_sft"),
     script:
         "../scripts/plan.py"

@@ -34,7 +34,7 @@ rule train_sft:
     params:
         # what is learned only: an operational change (batch size, save_steps...) reruns nothing; the job
         # reads those from the config when it runs (recipes.stage_recipe)
-        recipe=learning_settings(SFT),
+        **settings_params("recipe", learning_settings(SFT)),
         checkpoints=f"{R}/checkpoints",
     script:
         "../scripts/train_sft.py"
@@ -63,7 +63,7 @@ rule train_dpo:
         mem_mb=32000,
         runtime=planned_runtime("train_dpo", 60),
     params:
-        recipe=learning_settings(DPO),
+        **settings_params("recipe", learning_settings(DPO)),
         checkpoints=f"{R}/checkpoints",
     script:
         "../scripts/train_dpo.py"

@@ -1,0 +1,208 @@
+"""A rule's settings as Snakemake's params, so that a rerun's reason names the settings that changed.
+
+Snakemake records each param of a job as `repr(value)` and, when a record differs, prints every differing value
+"before: ... now: ...": a whole recipe, judge or model chain (tens of KB over a run's jobs) for one changed key.
+`settings_params` gives a rule, for a settings dict (or a list of dicts):
+
+- the param `name`: the whole value for the script (a dict, or list, whose repr is only a digest, so Snakemake
+  records `'settings#<sha256 prefix>'`, and provenance still records every key);
+- one param per setting, `name.<path>`, recorded as `'<path>=<value>'` (`'beta=0.05'`, `'dpo.beta=0.05'`):
+  a change shows as `before: 'beta=0.01' now: 'beta=0.05'`.
+
+What reruns is unchanged: a job reruns when any setting differs (the digest covers the whole value, also a key
+no setting param names). Records written before this form (the whole repr of the value) are translated once by
+`migrate_records` when the workflow is read, into what this form records for that same value, so a finished run
+does not rerun for the new form, and a setting that really changed still does.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+DIGEST = "settings#"
+
+# The rules whose dict params earlier versions recorded as a whole repr (their records may need migrate_records).
+# A rule added later records the new form from its first run: it needs no entry here.
+OLD_FORM_RULES = frozenset({
+    "build_demo_inputs", "plan", "report", "report_experiments",
+    "prepare_base_model", "prepare_sft_data", "prepare_preference_data", "train_sft", "train_dpo",
+    "generate_mt_bench", "generate_alpaca_eval", "judge_mt_bench", "judge_alpaca_eval",
+    *(f"{r}_grid" for r in ("prepare_base_model", "prepare_sft_data", "prepare_preference_data", "train_sft",
+                            "train_dpo", "generate_mt_bench", "generate_alpaca_eval", "judge_mt_bench",
+                            "judge_alpaca_eval")),
+})
+
+
+def is_settings(value: Any) -> bool:
+    """A dict, or a list holding a dict: what settings_params splits into one param per setting."""
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
+
+
+def settings(value: Any) -> dict[str, str]:
+    """{path: 'path=value'}: every leaf of `value` (dicts and lists of dicts are followed), dotted paths."""
+    out: dict[str, str] = {}
+
+    def walk(v, path):
+        items = v.items() if isinstance(v, dict) else enumerate(v) if is_settings(v) else None
+        if items is None or (path and not v):
+            out[path] = f"{path}={v!r}"
+            return
+        for k, x in items:
+            walk(x, f"{path}.{k}" if path else str(k))
+
+    walk(value, "")
+    return out
+
+
+def digest(value: Any) -> str:
+    """What Snakemake records for the whole value: a hash of all its settings."""
+    lines = "\n".join(sorted(settings(value).values()))
+    return repr(DIGEST + hashlib.sha256(f"{type(value).__name__}\n{lines}".encode()).hexdigest()[:12])
+
+
+class SettingsDict(dict):
+    """A dict that Snakemake records by its digest (repr); everything else sees a dict."""
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return digest(dict(self))
+
+
+class SettingsList(list):
+    """A list of dicts that Snakemake records by its digest (repr); everything else sees a list."""
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return digest(list(self))
+
+
+class _Absent:
+    """A setting the job's value lacks: not a builtin type, so Snakemake records nothing for it."""
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+ABSENT = _Absent()
+
+
+def wrap(value: Any) -> Any:
+    if isinstance(value, dict):
+        return SettingsDict(value)
+    return SettingsList(value) if is_settings(value) else value
+
+
+def recorded(value: Any) -> list[str]:
+    """What Snakemake records of a settings param's value in this form: its digest and each setting."""
+    return [digest(value), *(repr(s) for s in settings(value).values())]
+
+
+def settings_params(name: str, value: Any, like: Iterable[Any] = ()) -> dict[str, Callable]:
+    """A rule's params for the settings `value` (a dict or list of dicts, or a function of the wildcards giving
+    one): `name` for the script (the whole value) and `name.<path>` per setting (see the module's doc).
+    For a function, `like` lists values it may return: their paths are the setting params (a setting under
+    another path still reruns the job, through the digest, but is not named in the reason).
+    Every param is a function of the wildcards, so that Snakemake neither formats `{...}` in a value nor turns
+    the value into a plain dict."""
+    examples = list(like) if callable(value) else [value]
+    value_of = _per_job(value if callable(value) else (lambda wildcards: value))
+    params = {name: lambda wildcards: value_of(wildcards)[0]}
+    for path in dict.fromkeys(p for ex in examples if is_settings(ex) for p in settings(ex)):
+        params[f"{name}.{path}"] = _setting(value_of, path)
+    return params
+
+
+def _per_job(fn: Callable) -> Callable:
+    """(the wrapped value, its settings) for the wildcards: computed once per job, not once per param."""
+    seen: dict[tuple, tuple] = {}
+
+    def value_of(wildcards):
+        key = tuple(sorted(dict(wildcards.items()).items()))
+        if key not in seen:
+            v = fn(wildcards)
+            seen[key] = wrap(v), (settings(v) if is_settings(v) else {})
+        return seen[key]
+
+    return value_of
+
+
+def _setting(value_of: Callable, path: str) -> Callable:
+    def setting(wildcards):
+        return value_of(wildcards)[1].get(path, ABSENT)
+
+    return setting
+
+
+# --- records written by earlier versions ------------------------------------------------------------------------
+
+def translate(params: list) -> list | None:
+    """A record's params in this form, or None when it holds nothing to translate: each recorded whole dict (or
+    list of dicts) becomes what this form records for that value. A record that holds a digest was written in this
+    form already and is left alone."""
+    if any(isinstance(s, str) and s.startswith(repr(DIGEST)[:-1]) for s in params):
+        return None
+    out, found = [], False
+    for s in params:
+        try:
+            value = ast.literal_eval(s) if isinstance(s, str) else None
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            value = None
+        if is_settings(value):
+            out += recorded(value)
+            found = True
+        else:
+            out.append(s)
+    return sorted(out) if found else None
+
+
+def migrate_records(metadata_dir: str | os.PathLike = ".snakemake/metadata",
+                    rules: Iterable[str] = OLD_FORM_RULES) -> dict[str, list[str]]:
+    """Translate the params of Snakemake's records (its file backend, one JSON file per output) of `rules`
+    written in the earlier form. Translating keeps what reruns: Snakemake compares the translated record with
+    this form of the current settings, equal exactly when the settings are. Returns {rule: [output, ...]}."""
+    root, rules, done = Path(metadata_dir), set(rules), {}
+    if not root.is_dir():
+        return done
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being written by a running snakemake, or not a record
+        if not isinstance(record, dict) or record.get("rule") not in rules or not isinstance(
+                record.get("params"), list):
+            continue
+        params = translate(record["params"])
+        if params is None:
+            continue
+        tmp = path.with_name(f".{path.name}.migrating-{os.getpid()}")
+        tmp.write_text(json.dumps({**record, "params": params}))
+        os.chmod(tmp, path.stat().st_mode)
+        os.replace(tmp, path)
+        done.setdefault(record["rule"], []).append(_output_of(root, path))
+    return done
+
+
+def _output_of(root: Path, record: Path) -> str:
+    """The output a record file is of (Snakemake names it by the urlsafe base64 of the path, split in folders)."""
+    name = "".join(part.lstrip("@") for part in record.relative_to(root).parts)
+    try:
+        return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return str(record)
+
+
+def migration_note(done: dict[str, list[str]]) -> str | None:
+    """One line for the console saying what migrate_records translated, or None."""
+    if not done:
+        return None
+    outputs = [o for outs in done.values() for o in outs]
+    shown = ", ".join(outputs[:5]) + (f" and {len(outputs) - 5} more" if len(outputs) > 5 else "")
+    return (f"Snakemake's records of {len(outputs)} outputs ({', '.join(sorted(done))}) held their params in the "
+            f"form of an earlier version; translated to the per-setting form (nothing reruns for that; a changed "
+            f"setting still does): {shown}")
