@@ -49,14 +49,17 @@ rule report:
         mem_mb=2000,
         runtime=10,
     params:
+        # what each stage's model learned from: a score computed for another model is shown as stale
+        **settings_params(
+            "models",
+            {
+                s: learned_by(s)
+                for s in layout.STAGES
+                if s in EVAL["stages"] or s in EVAL["leaderboard"]["stages"]
+            },
+        ),
         run_name=config["run_name"],
         stages=EVAL["stages"],
-        # what each stage's model learned from: a score computed for another model is shown as stale
-        models={
-            s: learned_by(s)
-            for s in layout.STAGES
-            if s in EVAL["stages"] or s in EVAL["leaderboard"]["stages"]
-        },
         leaderboard_stages=EVAL["leaderboard"]["stages"],
         demo=config["demo"],
     script:
