@@ -17,6 +17,7 @@ a01|mix|gpu:a100:8(S:0-1)|gpu:a100:6(IDX:0-5)|a100_80gb,ib|1000000|200000|
 a02|mix|gpu:a100:8(S:0-1)|gpu:a100:4(IDX:0-3)|a100_80gb,ib|1000000|900000|
 a03|drain|gpu:a100:8(S:0-1)|gpu:a100:0(IDX:N/A)|a100_80gb|1000000|0|
 b01|idle|gpu:a100:4(S:0)|gpu:a100:0(IDX:N/A)|a100_40gb|500000|0|
+b02|alloc|gpu:a100:4(S:0)|gpu:a100:1(IDX:0)|a100_40gb|500000|0|
 h01|idle|gpu:h100:8(S:0-1)|gpu:h100:0(IDX:N/A)|h100|2000000|0|
 """
 # condor_status -constraint 'PartitionableSlot =?= true' -af Machine Gpus Memory '(require_gpus) =?= true'
@@ -36,7 +37,7 @@ def test_the_profiles_setting(value, counts):
 
 @pytest.mark.parametrize("value", ["many", "0", "", "8,x"])
 def test_a_bad_setting_names_the_rule(value):
-    with pytest.raises(UserError, match="train_sft: gpus"):
+    with pytest.raises(UserError, match="train_sft: gpu_counts"):
         gc.parse_setting(value, "train_sft")
 
 
@@ -65,8 +66,8 @@ def test_per_device_batch_shrinks_where_the_recipes_does_not_divide():
 def test_slurm_free_gpus_per_node_of_the_type_features_and_memory():
     assert gc.slurm_free(SINFO, "a100", "a100_80gb", 400000) == {"a01": 2}  # a02 lacks memory, a03 drains
     assert gc.slurm_free(SINFO, "a100", "a100_80gb", None) == {"a01": 2, "a02": 4}
-    assert gc.slurm_free(SINFO, "a100", None, None) == {"a01": 2, "a02": 4, "b01": 4}
-    assert gc.slurm_free(SINFO, None, "h100|a100_40gb", None) == {"b01": 4, "h01": 8}
+    assert gc.slurm_free(SINFO, "a100", None, None) == {"a01": 2, "a02": 4, "b01": 4, "b02": 0}  # b02: no CPU
+    assert gc.slurm_free(SINFO, None, "h100|a100_40gb", None) == {"b01": 4, "b02": 0, "h01": 8}
 
 
 @pytest.mark.parametrize("resources, gpus, why", [
@@ -121,7 +122,7 @@ def test_a_profiles_count_that_cannot_keep_the_batch_is_refused_before_any_job(t
 
     work = copy_workflow(tmp_path / "wf")
     proc = snakemake(work, "results/models/sft", "-n", "--configfile", "config/demo.yaml", "--set-resources",
-                     "train_sft:gpus='8,3'", check=False, timeout=300)
+                     "train_sft:gpu_counts='8,3'", check=False, timeout=300)
     assert proc.returncode != 0
     assert "train_sft: 3 GPUs cannot keep the recipe's global_batch_size 8" in proc.stdout + proc.stderr
     assert "nearest valid counts: 2, 4" in proc.stdout + proc.stderr
@@ -144,3 +145,20 @@ def test_the_plan_shows_wall_and_gpu_hours_per_count():
     assert "training on another GPU count" in text
     assert any(line.startswith("train_dpo") and line.rstrip().endswith("(planned)") and " 8 " in line
                for line in text.splitlines())
+
+
+@pytest.mark.parametrize("env, n", [
+    ({"SLURM_GPUS_ON_NODE": "2", "SLURM_GPUS": "a100:2"}, 2),
+    ({"SLURM_GPUS": "a100:4"}, 4),
+    ({"SLURM_JOB_GPUS": "0,1,2"}, 3),
+    ({"_CONDOR_AssignedGPUs": "CUDA0,CUDA1"}, 2),
+    ({}, None),
+])
+def test_inside_the_job_the_count_is_what_the_scheduler_gave(env, n):
+    assert gc.granted_gpus(env) == n
+
+
+def test_inside_an_htcondor_job_the_job_ad_says(tmp_path):
+    ad = tmp_path / ".job.ad"
+    ad.write_text('Cmd = "self_checkpoint.sh"\nRequestGpus = 4\nRequestCpus = 32\n')
+    assert gc.granted_gpus({"_CONDOR_JOB_AD": str(ad)}) == 4

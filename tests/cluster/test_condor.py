@@ -22,7 +22,7 @@ pytest.importorskip("snakemake_executor_plugin_htcondor")
 
 PROFILE = REPO / "profiles" / "condor"
 # keys of set-resources that are for Snakemake / the workflow, not for HTCondor
-WORKFLOW_KEYS = {"gpu", "gpus"}
+WORKFLOW_KEYS = {"gpu", "gpu_counts"}
 
 
 def submit_key(resource: str) -> str:

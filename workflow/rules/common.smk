@@ -250,11 +250,11 @@ def gpu_type_of(rule):
 
 
 def training_gpu_counts(rule):
-    """The GPU counts a training rule may run on, largest first: the profile's `gpus` (auto, or a list such as
-    '8,4,2'), else its `gpu` (one count); each refused now if it cannot keep the recipe's global batch.
+    """The GPU counts a training rule may run on, largest first: the profile's `gpu_counts` (auto, or a list
+    such as '8,4,2'), else its `gpu` (one count); each refused now if it cannot keep the recipe's global batch.
     """
     res = profile_resources(rule)
-    raw = res.get("gpus", res.get("gpu", 1))
+    raw = res.get("gpu_counts", res.get("gpu", 1))
     counts = gpu_choice.parse_setting(str(raw).strip("'\""), rule)
     stage = "sft" if rule.startswith("train_sft") else "dpo"
     recipes_of = [{"sft": SFT, "dpo": DPO}[stage]]
@@ -269,16 +269,21 @@ def training_gpus():
     return {r: training_gpu_counts(r)[0] for r in ("train_sft", "train_dpo")}
 
 
+# (rule, wildcards, attempt) -> the choice made when that job was submitted
+GPU_CHOICES = {}
+
+
 def training_gpu_request(rule):
     """`gpu` of a training job: chosen when the job is submitted (each retry anew) from what the scheduler has
-    free on one node (mamba_align.ops.gpu_choice); the choice and why go to the rule's log. Inside the job, the
-    count it was submitted with (snakemake passes it as --resources gpu=N)."""
-    counts, chosen = training_gpu_counts(rule), {}
+    free on one node (mamba_align.ops.gpu_choice); the choice and why go to the rule's log. Inside the job, where
+    Snakemake evaluates it again, the count the scheduler gave the job."""
+    counts, chosen = training_gpu_counts(rule), GPU_CHOICES
 
     def gpu(wildcards, attempt):
-        if not workflow.is_main_process:
-            return int(workflow.global_resources.get("gpu") or counts[0])
-        key = (tuple(wildcards.items()), attempt)  # gpu and request_gpus: one choice
+        if not workflow.is_main_process:  # inside the job: what it was given
+            return gpu_choice.granted_gpus() or counts[0]
+        # gpu and request_gpus: one choice
+        key = (rule, tuple(wildcards.items()), attempt)
         if key not in chosen:
             plugin = workflow.executor_plugin
             executor = getattr(plugin, "name", "local") if plugin else "local"

@@ -1,7 +1,7 @@
 """The GPU count a training job asks for: the largest count of the profile's list that one node can give now.
 
 A recipe keeps its global batch through gradient accumulation, so train_sft and train_dpo optimise the same way
-on 1, 2, 4 or 8 GPUs (docs/benchmarks.md section 8). A profile's `gpus: auto` (8, 4, 2, 1) or list (`8,4,2`) for a
+on 1, 2, 4 or 8 GPUs (docs/benchmarks.md section 8). A profile's `gpu_counts: auto` (8, 4, 2, 1) or list (`8,4,2`) for a
 training rule lets each submission ask for what the scheduler has free now on one node with the required GPU type
 and memory, instead of waiting for a drained 8-GPU node: Slurm's `sinfo` (GRES and GRES in use per node),
 HTCondor's `condor_status` (free GPUs of partitionable slots). Where nothing in the list is free, or the scheduler
@@ -40,7 +40,7 @@ class Choice:
 
 
 def parse_setting(value, rule: str = "training") -> list[int]:
-    """A profile's `gpus` for a training rule as counts to try, largest first: `auto`, a list (`8,4,2`,
+    """A profile's `gpu_counts` for a training rule as counts to try, largest first: `auto`, a list (`8,4,2`,
     `[8, 4, 2]`) or one count."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return list(AUTO)
@@ -50,7 +50,7 @@ def parse_setting(value, rule: str = "training") -> list[int]:
     except ValueError:
         counts = []
     if not counts or counts[-1] < 1:
-        raise UserError(f"{rule}: gpus {value!r} in the profile: expected auto, a count, or a list of counts "
+        raise UserError(f"{rule}: gpu_counts {value!r} in the profile: expected auto, a count, or a list of counts "
                         f"such as 8,4,2")
     return counts
 
@@ -62,7 +62,7 @@ def check_counts(counts, global_batch: int, rule: str) -> None:
         n = bad[0]
         raise UserError(f"{rule}: {n} GPUs cannot keep the recipe's global_batch_size {global_batch} (not a "
                         f"divisor); nearest valid counts: {', '.join(map(str, nearest_valid(n, global_batch)))} "
-                        f"(set gpus for {rule} in the profile)")
+                        f"(set gpu_counts for {rule} in the profile)")
 
 
 # ---------------------------------------------------------------------------------------------- Slurm
@@ -100,13 +100,14 @@ def slurm_free(sinfo_out: str, gpu_type: str | None, constraint: str | None, mem
         if len(cols) < 7:
             continue
         node, state, gres, used, features, mem, alloc = cols[:7]
-        if state.rstrip("*~#!%$@^-+").lower() not in _USABLE_STATES or not _features_match(features, constraint):
+        state = state.rstrip("*~#!%$@^-+").lower()
+        if state not in (*_USABLE_STATES, "alloc", "allocated") or not _features_match(features, constraint):
             continue
         if mem_mb and mem.isdigit() and alloc.isdigit() and int(mem) - int(alloc) < mem_mb:
             continue
         total = _gres_count(gres, gpu_type)
-        if total:  # a node without GPUs of the type is not a candidate
-            free[node] = max(0, total - _gres_count(used, gpu_type))
+        if total:  # a node without GPUs of the type is not a candidate; one with every CPU taken has none free
+            free[node] = 0 if state.startswith("alloc") else max(0, total - _gres_count(used, gpu_type))
     return free
 
 
@@ -239,3 +240,27 @@ def format_gpu_counts(plan: dict) -> list[str]:
         lines += [f"{j['rule']:<22}{r['gpus']:>5}{r['hours']:>9.2f}{r['gpu_hours']:>9.2f}"
                   + ("  (planned)" if r["gpus"] == j["gpus"] else "") for r in j["by_gpu_count"]]
     return lines
+
+
+def granted_gpus(environ=None) -> int | None:
+    """GPUs the scheduler gave the job this process runs in (None outside one): what a training job's `gpu`
+    is inside the job, where Snakemake evaluates the rule's resources again (and must not choose anew)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if (n := env.get("SLURM_GPUS_ON_NODE", "")).isdigit():
+        return int(n)
+    if (n := env.get("SLURM_GPUS", "").split(":")[-1]).isdigit():  # [type:]count
+        return int(n)
+    for listed in ("SLURM_JOB_GPUS", "_CONDOR_AssignedGPUs"):
+        if env.get(listed):
+            return len([g for g in env[listed].split(",") if g.strip()])
+    ad = env.get("_CONDOR_JOB_AD")
+    if ad:
+        try:
+            text = open(ad).read()
+        except OSError:
+            return None
+        m = re.search(r"(?im)^RequestGpus\s*=\s*(\d+)\s*$", text)
+        return int(m.group(1)) if m else None
+    return None
