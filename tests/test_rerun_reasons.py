@@ -58,6 +58,7 @@ def test_params_of_a_function_of_the_wildcards_are_named_by_like():
     assert params["model.dpo.beta"](sft) is rerun.ABSENT  # not a builtin: Snakemake records nothing for it
     static = rerun.settings_params("recipe", RECIPE)
     assert static["recipe.beta"](Wildcards()) == "beta=0.1"  # every param a function: no {..} formatting
+    assert rerun.whole({**static, "checkpoints": "c"}) == {"recipe": static["recipe"], "checkpoints": "c"}
 
 
 def test_a_record_of_the_earlier_form_translates_to_what_this_form_records():

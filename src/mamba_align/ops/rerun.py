@@ -118,6 +118,12 @@ def settings_params(name: str, value: Any, like: Iterable[Any] = ()) -> dict[str
     return params
 
 
+def whole(params) -> dict:
+    """A job's named params without the per-setting ones (`name.<path>`, whose values are in `name`): what a
+    record of the job (provenance) needs."""
+    return {k: v for k, v in params.items() if "." not in k}
+
+
 def _per_job(fn: Callable) -> Callable:
     """(the wrapped value, its settings) for the wildcards: computed once per job, not once per param."""
     seen: dict[tuple, tuple] = {}
