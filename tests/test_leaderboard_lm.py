@@ -132,7 +132,7 @@ def test_simple_evaluate_scores_equal_stock_hflm(ours, stock, tmp_path):
         "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\n"
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
     runs = [simple_evaluate(model=lm, tasks=["tiny_mc"], num_fewshot=3, log_samples=True,
-                            task_manager=TaskManager(include_path=str(tmp_path)), random_seed=0,
+                            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), random_seed=0,
                             fewshot_random_seed=0) for lm in (ours, stock)]
     got, want = (r["results"]["tiny_mc"] for r in runs)
     for metric in ("acc,none", "acc_norm,none"):

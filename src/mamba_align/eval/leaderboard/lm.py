@@ -83,14 +83,14 @@ class MambaAlignLM(TemplateLM):
         self.tokenizer = self.engine.tokenizer
         if self.engine.name == "mamba_ssm":
             self.scorer = SSMScorer(self.engine, self.batch_rows)
-            config = None
         else:
             self.scorer = HFScorer(self.engine.model)
-            config = self.engine.model.config
         self._device = self.scorer.device
         self.add_bos_token = add_bos_token
+        from transformers import AutoConfig
+
         self._max_length = int(max_length) if max_length else resolve_max_length(
-            config, self.tokenizer, default=DEFAULT_MAX_LENGTH)
+            AutoConfig.from_pretrained(self.pretrained), self.tokenizer, default=DEFAULT_MAX_LENGTH)
         self._max_gen_toks = int(max_gen_toks)
         self.prefill_tokens = int(prefill_tokens)
         log.info("mamba_align: %s backend, %d rows per batch, max_length %d", self.engine.name, self.batch_rows,
@@ -140,6 +140,8 @@ class MambaAlignLM(TemplateLM):
     # ------------------------------------------------------------------ log-likelihoods
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        import torch
+
         pairs = []
         for _, ctx, cont in requests:
             if not cont or len(cont) > self.max_length:
@@ -147,7 +149,8 @@ class MambaAlignLM(TemplateLM):
                                  f"({self.max_length})")
             over = len(ctx) + len(cont) - (self.max_length + 1)
             pairs.append((ctx[over:] if over > 0 else ctx, cont))  # HFLM keeps the last max_length + 1 tokens
-        results = score(pairs, self.scorer, max_rows=self.batch_rows, max_tokens=self.prefill_tokens)
+        with torch.inference_mode():
+            results = score(pairs, self.scorer, max_rows=self.batch_rows, max_tokens=self.prefill_tokens)
         for (request_str, _, _), answer in zip(requests, results, strict=True):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)

@@ -203,12 +203,12 @@ class SSMScorer:
 
         if len(owner) > self.sizes[-1]:
             raise ValueError(f"{len(owner)} rows exceed the {self.sizes[-1]} decode slots")
-        self.runner = self.engine._runner(_fit(len(owner), self.sizes))
-        self.rows = len(owner)
         first = [owner.index(c) for c in range(len(contexts))]  # each context is prefilled into its first row
         self.stats["prefill_tokens"] += sum(len(c) for c in contexts)
         self.stats["positions"] += len(contexts) * max(len(c) for c in contexts)
-        with torch.inference_mode():
+        with torch.inference_mode():  # the graph is captured (on first use) and replayed in inference mode
+            self.runner = self.engine._runner(_fit(len(owner), self.sizes))
+            self.rows = len(owner)
             logits = self.runner.prefill(first, contexts)
             self.runner.copy_slots_from(self.runner, [first[c] for c in owner], list(range(len(owner))))
         return logits
