@@ -236,12 +236,18 @@ def test_chat_template_is_the_checkpoints(ours, stock):
     assert ours.tokenizer_name == stock.tokenizer_name
 
 
-def test_registered_with_lm_eval():
+def test_registered_with_lm_eval_and_built_from_its_arguments(model_dir):
+    """As simple_evaluate(model="mamba_align", model_args="...", batch_size=..., device=...) builds it."""
     from lm_eval.api.registry import get_model
 
     from mamba_align.eval.leaderboard.lm import MambaAlignLM
 
     assert get_model("mamba_align") is MambaAlignLM
+    lm = MambaAlignLM.create_from_arg_string(f"pretrained={model_dir},dtype=float32,backend=transformers",
+                                             {"batch_size": "auto", "max_batch_size": None, "device": "cpu"})
+    assert lm.batch_size == 64 and lm.max_length == 2048 and lm.engine.name == "transformers"
+    with pytest.raises(ValueError, match="batch_size"):
+        MambaAlignLM(str(model_dir), device="cpu", batch_size="many")
 
 
 # ------------------------------------------------------------------------------------------------- GPU

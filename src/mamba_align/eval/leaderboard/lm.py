@@ -149,8 +149,12 @@ class MambaAlignLM(TemplateLM):
                                  f"({self.max_length})")
             over = len(ctx) + len(cont) - (self.max_length + 1)
             pairs.append((ctx[over:] if over > 0 else ctx, cont))  # HFLM keeps the last max_length + 1 tokens
-        with torch.inference_mode():
-            results = score(pairs, self.scorer, max_rows=self.batch_rows, max_tokens=self.prefill_tokens)
+        from tqdm import tqdm
+
+        with torch.inference_mode(), tqdm(total=len(pairs), disable=disable_tqdm or len(pairs) < 2,
+                                          desc="Running loglikelihood requests") as bar:
+            results = score(pairs, self.scorer, max_rows=self.batch_rows, max_tokens=self.prefill_tokens,
+                            progress=bar.update)
         for (request_str, _, _), answer in zip(requests, results, strict=True):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)

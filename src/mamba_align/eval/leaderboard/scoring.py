@@ -42,10 +42,11 @@ def _batches(items: list, width, size, max_rows: int, max_tokens: int) -> list[l
     return out
 
 
-def score(requests: list[Request], scorer, max_rows: int = 64, max_tokens: int = 16384) -> list[tuple[float, bool]]:
+def score(requests: list[Request], scorer, max_rows: int = 64, max_tokens: int = 16384,
+          progress=None) -> list[tuple[float, bool]]:
     """(sum of log-probs, is greedy) of each request's continuation given its context, as lm-eval's HFLM
     computes them: log-softmax in float32 over the full vocabulary, greedy when every continuation token is
-    the argmax at its position."""
+    the argmax at its position. `progress(n)`, if given, is called as n more requests are scored."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
         if not ctx or not cont:
@@ -67,6 +68,8 @@ def score(requests: list[Request], scorer, max_rows: int = 64, max_tokens: int =
         results = _score_from_state(scorer, contexts, owner, [requests[i][1] for i in rows])
         for i, r in zip(rows, results, strict=True):
             out[i] = r
+        if progress is not None:
+            progress(len(rows))
 
     single.sort(key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     seq_len = lambda i: len(requests[i][0]) + len(requests[i][1]) - 1  # noqa: E731
@@ -74,6 +77,8 @@ def score(requests: list[Request], scorer, max_rows: int = 64, max_tokens: int =
         results = _score_full(scorer, [requests[i] for i in batch])
         for i, r in zip(batch, results, strict=True):
             out[i] = r
+        if progress is not None:
+            progress(len(batch))
     return out  # type: ignore[return-value]
 
 
