@@ -250,7 +250,7 @@ def gpu_type_of(rule):
 
 
 def training_gpu_counts(rule):
-    """The GPU counts a training rule may run on, largest first: the profile's `gpu_counts` (auto, or a list
+    """The GPU counts a training job may run on, largest first: the profile's `gpu_counts` (auto, or a list
     such as '8,4,2'), else its `gpu` (one count); each refused now if it cannot keep the recipe's global batch.
     """
     res = profile_resources(rule)
