@@ -235,7 +235,8 @@ def format_gpu_counts(plan: dict) -> list[str]:
     if not jobs:
         return []
     lines = ["", "training on another GPU count (the same result: the global batch is kept; chosen at submission "
-             "from the profile's gpus):", f"{'rule':<22}{'GPUs':>5}{'wall h':>9}{'GPU-h':>9}"]
+             "from the profile's gpu_counts, results/logs/gpu_choices.jsonl):",
+             f"{'rule':<22}{'GPUs':>5}{'wall h':>9}{'GPU-h':>9}"]
     for j in jobs:
         lines += [f"{j['rule']:<22}{r['gpus']:>5}{r['hours']:>9.2f}{r['gpu_hours']:>9.2f}"
                   + ("  (planned)" if r["gpus"] == j["gpus"] else "") for r in j["by_gpu_count"]]
