@@ -146,6 +146,31 @@ def test_simple_evaluate_scores_equal_stock_hflm(ours, stock, tmp_path):
             assert float(lp) == pytest.approx(float(lp_ref), rel=1e-5, abs=1e-4) and g == g_ref
 
 
+def test_chat_templated_generation_task_equals_stock_hflm(ours, stock, tmp_path):
+    """A generate_until task as IFEval runs it: simple_evaluate(apply_chat_template=True) renders each prompt
+    with the checkpoint's chat template; both classes see the same prompts and answer the same."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    rng = random.Random(7)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": sentence(rng, 6) + "?"}) + "\n"
+                                                 for _ in range(3)))
+    (tmp_path / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: prompt\ndoc_to_target: \"\"\n"
+        "generation_kwargs:\n  until: []\n  do_sample: false\n  max_gen_toks: 10\n"
+        "metric_list:\n  - metric: exact_match\n")
+    runs = [simple_evaluate(model=lm, tasks=["tiny_gen"], apply_chat_template=True, log_samples=True,
+                            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+            for lm in (ours, stock)]
+    got, want = ({s["doc_id"]: (s["arguments"], s["resps"]) for s in r["samples"]["tiny_gen"]} for r in runs)
+    assert got == want and len(got) == 3
+    assert all(resps[0][0] for _, resps in got.values())  # something was generated
+    prompt = next(iter(got.values()))[0]
+    assert "<|user|>" in json.dumps(prompt) and "<|assistant|>" in json.dumps(prompt)
+
+
 def test_generate_until_cuts_at_until_and_matches_stock_greedy(ours, stock):
     from lm_eval.api.instance import Instance
 
