@@ -228,6 +228,60 @@ def test_each_shared_context_is_read_once(model_dir, stock):
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5, abs=1e-4)
 
 
+class FakeRunner:
+    """The interface of eval/engine/ssm.py `_GraphRunner` on CPU: each slot's state is its token history,
+    and logits come from a full forward of that history."""
+
+    def __init__(self, model, slots):
+        self.model, self.slots, self.device = model, slots, torch.device("cpu")
+        self.history = [[] for _ in range(slots)]
+
+    def _last_logits(self, seqs):
+        return torch.stack([self.model(torch.tensor([s])).logits[0, -1] if s else torch.zeros(
+            self.model.config.vocab_size) for s in seqs])
+
+    def prefill(self, slots, prompts):
+        assert len(set(slots)) == len(slots) and all(0 <= s < self.slots for s in slots)
+        for s, p in zip(slots, prompts, strict=True):
+            self.history[s] = list(p)
+        return self._last_logits(prompts)
+
+    def step(self, tokens):
+        assert tokens.shape == (self.slots,)
+        for s, t in enumerate(tokens.tolist()):
+            if self.history[s]:
+                self.history[s].append(t)
+        return self._last_logits(self.history)
+
+    def copy_slots_from(self, other, src, dst):
+        snapshot = [list(other.history[s]) for s in src]
+        for d, h in zip(dst, snapshot, strict=True):
+            self.history[d] = h
+
+
+class FakeEngine:
+    def __init__(self, model):
+        self.model, self.device, self.runners = model, torch.device("cpu"), {}
+
+    def _runner(self, slots):
+        return self.runners.setdefault(slots, FakeRunner(self.model, slots))
+
+
+@pytest.mark.parametrize("rows", [6, 4])  # 4: five choices per context, more than a batch has rows
+def test_ssm_scorer_slot_bookkeeping_on_a_fake_runner(ours, rows):
+    """SSMScorer's use of the graph runner (each context prefilled into its first row, copied to its other
+    rows, idle slots padded, power-of-two slot counts, groups larger than a batch split) gives the transformers
+    scorer's numbers."""
+    enc = [ours._encode_pair(c, x) if c else ([0], ours.tok_encode(x)) for c, x in mc_pairs(seed=8, choices=5)]
+    want = S.score(enc, S.HFScorer(ours.engine.model), max_rows=rows)
+    engine = FakeEngine(ours.engine.model)
+    with torch.inference_mode():
+        got = S.score(enc, S.SSMScorer(engine, max_rows=rows), max_rows=rows)
+    assert max(engine.runners) == rows and set(engine.runners) <= {1, 2, 4, rows}
+    for (a, ga), (b, gb) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and ga == gb
+
+
 @pytest.mark.parametrize("conts, shared", [
     ([[1], [2, 3]], True),
     ([[1]], False),  # a unique context

@@ -55,7 +55,8 @@ def score(requests: list[Request], scorer, max_rows: int = 64, max_tokens: int =
     shared, single = [], []
     for ctx, idxs in groups.items():
         if uses_state(list(ctx), [requests[i][1] for i in idxs]):
-            shared.append((list(ctx), idxs))
+            # a context with more choices than a batch has rows is prefilled once per chunk of choices
+            shared += [(list(ctx), idxs[k : k + max_rows]) for k in range(0, len(idxs), max_rows)]
         else:
             single.extend(idxs)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
