@@ -210,7 +210,7 @@ def request_key(model: str, messages: list[dict], params: dict, repeat: int) -> 
 class JudgeClient:
     """Usage::
 
-        with JudgeClient(judge_cfg, "results/.../judge_cache.jsonl") as judge:
+        with JudgeClient(JudgeSettings.from_config(config), "results/.../judge_cache.jsonl") as judge:
             results = judge.complete_many([{"messages": [...]}, ...])
         # results[i] is a list of `repeats` rows: {"content", "model_reported", "usage", ...}
 
