@@ -31,6 +31,7 @@ def _write_rows(folder, seed):
     pd.DataFrame(ultrachat_rows(4, 99)).to_parquet(folder / "test_sft.parquet", index=False)
 
 
+@pytest.mark.slow  # runs the demo's jobs up to SFT, then the data step twice more: 4.4 min under pytest -n 2
 def test_local_source_edits_rerun_the_data_step_and_identical_rewrites_rerun_nothing(workflow_copy):
     wf = workflow_copy
     (wf / "local.yaml").write_text(yaml.safe_dump(LOCAL_SFT))
