@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 import traceback
@@ -126,10 +127,12 @@ def write_models(root: Path, shape: str, device: str, dtype: str, corpus: list[s
     cfg = mamba_ssm_config_from_hf(model.config)
     ssm_dir.mkdir(exist_ok=True)
     sd = hf_to_mamba_ssm_state_dict(model.state_dict(), cfg["tie_embeddings"])
-    torch.save({k: v.contiguous() for k, v in sd.items()}, ssm_dir / "pytorch_model.bin")
+    torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, ssm_dir / "pytorch_model.bin")
     (ssm_dir / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     del model, sd
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the paths run in processes of their own
     return hf_dir, ssm_dir
 
 
@@ -145,6 +148,8 @@ def load_path(path: str, hf_dir: Path, ssm_dir: Path, device: str, a):
         lm = MambaLMWrapper(pretrained=str(ssm_dir), tokenizer=str(hf_dir), device=device,
                             batch_size=a.batch_size, dtype=a.dtype, max_length=2048)
         return lm, lm.model.backbone.embedding
+    if path != "ours":
+        raise ValueError(f"unknown path {path!r} (expected hf, mamba_ssm or ours)")
     from mamba_align.eval.leaderboard.lm import MambaAlignLM
 
     lm = MambaAlignLM(str(hf_dir), device=device, batch_size=a.rows, dtype=a.dtype,
@@ -183,24 +188,30 @@ class Meter:
         return out
 
 
-def run_path(path, hf_dir, ssm_dir, device, a, tasks_dir, result, reference, save):
-    """Every task on one path; results[path][task] filled as each task ends (saved each time)."""
+def run_path(path, hf_dir, ssm_dir, device, a, tasks_dir, part: Path) -> None:
+    """Every task on one path (in a process of its own); `part` (JSON: one row and the per-sample
+    log-likelihoods per task, or the error) is rewritten as each task ends."""
     import torch
     from lm_eval import simple_evaluate
+    from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
 
-    entry = result["paths"].setdefault(path, {})
+    entry: dict = {"tasks": {}, "lls": {}}
+
+    def save():
+        tmp = part.with_name(part.name + ".tmp")
+        tmp.write_text(json.dumps(entry, default=str) + "\n")
+        tmp.replace(part)
+
     try:
         t0 = time.perf_counter()
         lm, embedding = load_path(path, hf_dir, ssm_dir, device, a)
         entry["load_s"] = round(time.perf_counter() - t0, 2)
-        from lm_eval.api.instance import Instance
-
         warm = [Instance("loglikelihood", {}, ("the " * 50, " a b"), i) for i in range(8)]
         lm.loglikelihood(warm)  # CUDA init, autotuning, graph capture: outside the timings
         meter = Meter(lm, embedding)
         tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
-    except Exception as e:  # noqa: BLE001 - one path failing must not lose the others' numbers
+    except Exception as e:  # noqa: BLE001 - recorded; the other paths run in their own processes
         entry["error"] = f"{type(e).__name__}: {e}"
         entry["traceback"] = traceback.format_exc()[-3000:]
         print(f"[{path}] failed to load: {entry['error']}", flush=True)
@@ -216,38 +227,63 @@ def run_path(path, hf_dir, ssm_dir, device, a, tasks_dir, result, reference, sav
                                   bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                   fewshot_random_seed=0)
             wall = time.perf_counter() - t0
-            lls = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in out["samples"][name]}
+            entry["lls"][task] = {str(s["doc_id"]): [float(r[0][0]) for r in s["resps"]]
+                                  for s in out["samples"][name]}
             row = {"requests": meter.requests, "request_tokens": meter.request_tokens,
                    "positions": meter.positions, "model_s": round(meter.model_s, 3), "wall_s": round(wall, 3),
                    "tokens_per_s": round(meter.request_tokens / max(meter.model_s, 1e-9), 1),
                    "acc": out["results"][name].get("acc,none"),
                    "tokens_per_request": round(meter.request_tokens / max(meter.requests, 1), 1)}
-            if path == "hf":
-                reference[task] = lls
-            elif task in reference:
-                ref = reference[task]
-                row["max_abs_diff_vs_hf"] = max(abs(x - y) for d in lls for x, y in zip(lls[d], ref[d], strict=True))
-            entry[task] = row
+            entry["tasks"][task] = row
             print(f"[{path}] {task}: {row}", flush=True)
         except Exception as e:  # noqa: BLE001
-            entry[task] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-            print(f"[{path}] {task} failed: {entry[task]['error']}", flush=True)
+            entry["tasks"][task] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            print(f"[{path}] {task} failed: {entry['tasks'][task]['error']}", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         save()
-    del lm, meter
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+
+
+def spawn_path(path: str, root: Path, argv: list[str], timeout_s: float) -> tuple[dict, dict]:
+    """Run one path in a child process (a CUDA fault there cannot take the other paths' numbers with it);
+    its output is echoed. Returns (entry, per-sample log-likelihoods)."""
+    import collections
+    import subprocess
+
+    part = root / f"part_{path}.json"
+    part.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--workdir", str(root), "--child", path]
+    tail: collections.deque = collections.deque(maxlen=60)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail.append(line)
+            if time.perf_counter() - t0 > timeout_s:
+                proc.kill()
+                tail.append(f"killed after {timeout_s:.0f} s (--path-timeout, checked as output arrives)\n")
+                break
+    finally:
+        rc = proc.wait()
+    entry = json.loads(part.read_text()) if part.exists() else {"tasks": {}, "lls": {}}
+    lls = entry.pop("lls", {})
+    if rc != 0:
+        entry["exit_code"] = rc
+        entry["output_tail"] = "".join(tail)[-3000:]
+        entry.setdefault("error", f"the process exited with code {rc} (output_tail)")
+    return entry, lls
 
 
 def table(result: dict) -> str:
     lines = [f"{'path':10} {'task':11} {'requests':>8} {'req_tokens':>10} {'positions':>10} {'model_s':>8} "
              f"{'wall_s':>8} {'tok/s':>10} {'max|dLL|':>9}"]
-    for path, tasks in result["paths"].items():
-        if "error" in tasks:
-            lines.append(f"{path:10} failed: {tasks['error']}")
+    for path, entry in result["paths"].items():
+        if "error" in entry and not entry.get("tasks"):
+            lines.append(f"{path:10} failed: {entry['error']}")
             continue
         for task in TASKS:
-            r = tasks.get(task, {"error": "not run"})
+            r = entry["tasks"].get(task, {"error": entry.get("error", "not run")})
             if "error" in r:
                 lines.append(f"{path:10} {task:11} failed: {r['error']}")
                 continue
@@ -268,7 +304,12 @@ def main(argv=None) -> dict:
     p.add_argument("--prefill-tokens", type=int, default=32768, help="ours: padded positions per prefill batch")
     p.add_argument("--workdir", default=None, help="where models and tasks are written (default: a temp dir)")
     p.add_argument("--out", default=None, help="the JSON (default $OUT/leaderboard_speed.json)")
+    p.add_argument("--path-timeout", type=float, default=1800, help="seconds before a path's process is killed")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one path
     a = p.parse_args(argv)
+    unknown = set(a.paths.split(",")) - {"hf", "mamba_ssm", "ours"}
+    if unknown:
+        p.error(f"--paths: unknown {sorted(unknown)} (expected hf, mamba_ssm, ours)")
 
     import torch
 
@@ -292,14 +333,24 @@ def main(argv=None) -> dict:
             tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
             tmp.replace(out_path)
 
+    if a.child:  # one path, in the process the parent started for it
+        run_path(a.child, root / "model_hf", root / "model_mamba_ssm", device, a, root / "tasks",
+                 root / f"part_{a.child}.json")
+        return {}
     t0 = time.perf_counter()
     corpus = write_tasks(root, a.limit, seed=0)
-    hf_dir, ssm_dir = write_models(root, shape, device, a.dtype, corpus)
+    write_models(root, shape, device, a.dtype, corpus)
     result["setup_s"] = round(time.perf_counter() - t0, 1)
     save()
-    reference: dict = {}
-    for path in a.paths.split(","):
-        run_path(path.strip(), hf_dir, ssm_dir, device, a, root / "tasks", result, reference, save)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lls: dict = {}
+    for path in [p.strip() for p in a.paths.split(",")]:
+        result["paths"][path], lls[path] = spawn_path(path, root, argv, a.path_timeout)
+        for task, row in result["paths"][path]["tasks"].items():
+            ref, got = lls.get("hf", {}).get(task), lls[path].get(task)
+            if path != "hf" and ref and got and "error" not in row:
+                row["max_abs_diff_vs_hf"] = max(abs(x - y) for d in got for x, y in zip(got[d], ref[d], strict=True))
+        save()
     result["table"] = table(result)
     print(result["table"], flush=True)
     save()
