@@ -21,6 +21,9 @@ task (--out, else $OUT/leaderboard_speed.json).
 
     PYTHONPATH=src python bench/leaderboard_speed.py --limit 100          # one H200, 2.8B
     PYTHONPATH=src python bench/leaderboard_speed.py --tiny               # CPU smoke test, end to end
+    # or in two commands (each under 10 minutes), the second reusing the first's models and hf reference:
+    PYTHONPATH=src python bench/leaderboard_speed.py --workdir /tmp/lb --paths hf,ours --out $OUT/a.json
+    PYTHONPATH=src python bench/leaderboard_speed.py --workdir /tmp/lb --reuse --paths mamba_ssm --out $OUT/b.json
 
 Offline: nothing is fetched from the Hub (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set).
 """
@@ -304,6 +307,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prefill-tokens", type=int, default=32768, help="ours: padded positions per prefill batch")
     p.add_argument("--workdir", default=None, help="where models and tasks are written (default: a temp dir)")
     p.add_argument("--out", default=None, help="the JSON (default $OUT/leaderboard_speed.json)")
+    p.add_argument("--reuse", action="store_true", help="reuse --workdir's models and tasks (and its hf "
+                   "log-likelihoods as the reference) when written for the same shape and --limit")
     p.add_argument("--path-timeout", type=float, default=1800, help="seconds before a path's process is killed")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one path
     a = p.parse_args(argv)
@@ -338,12 +343,21 @@ def main(argv=None) -> dict:
                  root / f"part_{a.child}.json")
         return {}
     t0 = time.perf_counter()
-    corpus = write_tasks(root, a.limit, seed=0)
-    write_models(root, shape, device, a.dtype, corpus)
-    result["setup_s"] = round(time.perf_counter() - t0, 1)
+    setup = root / "setup.json"
+    wanted = {"shape": shape, "dtype": a.dtype, "limit": a.limit}
+    if a.reuse and setup.exists() and json.loads(setup.read_text()) == wanted:
+        result["setup"] = f"reused {root}"
+    else:
+        setup.unlink(missing_ok=True)
+        corpus = write_tasks(root, a.limit, seed=0)
+        write_models(root, shape, device, a.dtype, corpus)
+        setup.write_text(json.dumps(wanted) + "\n")
+        result["setup_s"] = round(time.perf_counter() - t0, 1)
     save()
     argv = list(sys.argv[1:] if argv is None else argv)
     lls: dict = {}
+    if "hf" not in a.paths.split(",") and a.reuse and (root / "part_hf.json").exists():
+        lls["hf"] = json.loads((root / "part_hf.json").read_text()).get("lls", {})  # an earlier run's reference
     for path in [p.strip() for p in a.paths.split(",")]:
         result["paths"][path], lls[path] = spawn_path(path, root, argv, a.path_timeout)
         for task, row in result["paths"][path]["tasks"].items():
