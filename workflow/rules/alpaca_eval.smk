@@ -20,9 +20,9 @@ rule fetch_alpaca_eval:
         mem_mb=1000,
         runtime=10,
     params:
+        **settings_params("sha256", AE["sha256"]),
         revision=AE["revision"],
         local_dir=AE["local_dir"],
-        sha256=AE["sha256"],
         annotators=AE["annotators"],
     script:
         "../scripts/fetch_alpaca_eval.py"

@@ -30,7 +30,7 @@ DIGEST = "settings#"
 # The rules whose dict params earlier versions recorded as a whole repr (their records may need migrate_records).
 # A rule added later records the new form from its first run: it needs no entry here.
 OLD_FORM_RULES = frozenset({
-    "build_demo_inputs", "plan", "report", "report_experiments",
+    "build_demo_inputs", "plan", "report", "report_experiments", "fetch_alpaca_eval",
     "prepare_base_model", "prepare_sft_data", "prepare_preference_data", "train_sft", "train_dpo",
     "generate_mt_bench", "generate_alpaca_eval", "judge_mt_bench", "judge_alpaca_eval",
     *(f"{r}_grid" for r in ("prepare_base_model", "prepare_sft_data", "prepare_preference_data", "train_sft",
