@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable
 DIGEST = "settings#"
 
 # The rules whose dict params earlier versions recorded as a whole repr (their records may need migrate_records).
-# A rule added later records the new form from its first run: it needs no entry here.
+# A rule added later records the new form from its first run: it needs no entry here. (A record that holds a
+# digest is never translated, so each of these rules keeps at least one settings_params param.)
 OLD_FORM_RULES = frozenset({
     "build_demo_inputs", "plan", "report", "report_experiments", "fetch_alpaca_eval",
     "prepare_base_model", "prepare_sft_data", "prepare_preference_data", "train_sft", "train_dpo",
