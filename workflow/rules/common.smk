@@ -316,6 +316,24 @@ def planned_runtime(rule, default):
     return runtime
 
 
+# Input functions of the leaderboard's rules (leaderboard.smk).
+
+
+def leaderboard_task_files():
+    """The include_path's task YAMLs and data (the demo's): an edit reruns the fetch and the scores."""
+    folder = EVAL["leaderboard"]["include_path"]
+    return sorted(glob.glob(f"{folder}/*")) if folder else []
+
+
+def leaderboard_runtime(wildcards, attempt):
+    """Minutes to ask for: the plan's estimate for the configured tasks (at least 30), else 4 hours."""
+    try:
+        jobs = [j for j in current_plan()["jobs"] if j["rule"] == "eval_leaderboard"]
+    except UserError:
+        return 240
+    return max(jobs[0]["runtime_min"], 30) if jobs else 240
+
+
 # Input functions of the experiments' rules (experiments.smk).
 
 

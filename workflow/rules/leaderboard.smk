@@ -1,21 +1,6 @@
 LB = EVAL["leaderboard"]
 
 
-def leaderboard_task_files():
-    """The include_path's task YAMLs and data (the demo's): an edit reruns the fetch and the scores."""
-    folder = LB["include_path"]
-    return sorted(glob.glob(f"{folder}/*")) if folder else []
-
-
-def leaderboard_runtime(wildcards, attempt):
-    """Minutes to ask for: the plan's estimate for the configured tasks (at least 30), else 4 hours."""
-    try:
-        jobs = [j for j in current_plan()["jobs"] if j["rule"] == "eval_leaderboard"]
-    except UserError:
-        return 240
-    return max(jobs[0]["runtime_min"], 30) if jobs else 240
-
-
 rule fetch_leaderboard_data:
     """The leaderboard tasks' datasets into the Hugging Face cache, and NLTK's punkt_tab for IFEval, where the
     internet is reachable; every configured metric checked against lm-eval's task before any GPU time.
@@ -36,7 +21,7 @@ rule fetch_leaderboard_data:
         mem_mb=8000,
         runtime=60,
     params:
-        leaderboard=LB,
+        **settings_params("leaderboard", LB),
         nltk_dir=f"{R}/data/leaderboard/nltk_data",
     script:
         "../scripts/fetch_leaderboard_data.py"
@@ -62,10 +47,10 @@ rule eval_leaderboard:
         mem_mb=64000,
         runtime=leaderboard_runtime,
     params:
-        leaderboard=LB,
+        **settings_params("leaderboard", LB),
+        **settings_params("model", scored_learned_by, like=any_learned()),
         nltk_dir=rules.fetch_leaderboard_data.params.nltk_dir,
         # the scored model's identity: a retrain reruns this evaluation; recorded in the score for status
-        model=scored_learned_by,
         model_dir=scored_model_dir,
     script:
         "../scripts/eval_leaderboard.py"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mamba_align.ops.gpu_choice import format_gpu_counts, with_gpu_counts
+from mamba_align.ops.plan_leaderboard import leaderboard_job
 from mamba_align.train.sizes import REF_PARAMS, disk_gb, memory_fix, params_from_config, stage_memory_gib
 from mamba_align.utils import UserError, read_json, write_json
 
@@ -45,12 +46,9 @@ PUBLISHED = {
     ("argilla/dpo-mix-7k", "train"): (6_750, 700),
 }
 # The state-spaces Mamba-1 family (mamba_ssm and -hf checkpoints; the published model cards' sizes).
-KNOWN_PARAMS = {"state-spaces/mamba-2.8b-slimpj": 2.77e9, "state-spaces/mamba-2.8b-hf": 2.77e9,
-                "state-spaces/mamba-2.8b": 2.77e9, "state-spaces/mamba-1.4b": 1.37e9,
-                "state-spaces/mamba-1.4b-hf": 1.37e9, "state-spaces/mamba-790m": 7.93e8,
-                "state-spaces/mamba-790m-hf": 7.93e8, "state-spaces/mamba-370m": 3.72e8,
-                "state-spaces/mamba-370m-hf": 3.72e8, "state-spaces/mamba-130m": 1.29e8,
-                "state-spaces/mamba-130m-hf": 1.29e8}
+KNOWN_PARAMS = {"state-spaces/mamba-2.8b-slimpj": 2.77e9} | {
+    f"state-spaces/mamba-{size}{hf}": n for size, n in (("2.8b", 2.77e9), ("1.4b", 1.37e9), ("790m", 7.93e8),
+                                                       ("370m", 3.72e8), ("130m", 1.29e8)) for hf in ("", "-hf")}
 # Per-GPU tokens/s on 2 GPUs (DDP, one host) over 1 GPU, the recipes' per-device batch and accumulation
 # (docs/benchmarks.md section 8, runs N/O on 2 x H200): SFT 14,139 / 14,996; DPO 4,856 / 5,378.
 MULTI_GPU_EFFICIENCY = {"sft": 0.943, "dpo": 0.903}
@@ -301,6 +299,8 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
                             runtime_min=math.ceil(hours * 60 * (1 + p["safety_margin"]) + 10),
                             note="upper bound: every answer at max_new_tokens")
         jobs += [per_stage] * len(ev["stages"])
+    h, minutes, note, n = leaderboard_job(ev["leaderboard"], params / REF_PARAMS, _gpu(gpu_type)["speed"], p)
+    jobs += [JobPlan("eval_leaderboard", 1, gpu_type, h, h, runtime_min=minutes, note=note)] * n
     judge = judge_cost(cfg, len(ev["stages"]))
     from mamba_align.ops.provenance import unpinned
 

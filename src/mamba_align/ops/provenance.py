@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from mamba_align.ops import layout
+from mamba_align.ops.rerun import whole
 from mamba_align.utils import UserError, read_json, sha256_file, write_json
 
 PACKAGES = ("mamba-align", "torch", "transformers", "trl", "accelerate", "datasets", "mamba-ssm", "causal-conv1d",
@@ -191,7 +192,7 @@ def record_snakemake_job(smk) -> Path:
 
     workflow_dir = workflow_root(getattr(smk, "scriptdir", "workflow/scripts"))
     outputs = {k: v for k, v in _named(smk.output).items() if k != "provenance"}
-    return record(smk.rule, _named(smk.input), outputs, dict(smk.params), dict(smk.config), record_path(smk),
+    return record(smk.rule, _named(smk.input), outputs, whole(smk.params), dict(smk.config), record_path(smk),
                   workflow_dir)
 
 
