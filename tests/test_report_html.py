@@ -49,6 +49,10 @@ def write_run(r: Path, keys: dict[str, str]) -> None:
         write(r / f"eval/{d}mtbench.json", mtbench(keys.get(stage), mt))
         write(r / f"eval/{d}alpacaeval.json", alpacaeval(keys.get(stage), ae))
         write(r / f"metrics/{stage}.json", {"log_history": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]})
+    for stage, d, acc in (("base", "base/", 0.25), ("sft", "sft/", 0.3), ("dpo", "", 0.375)):
+        write(r / f"eval/{d}leaderboard.json", {"model_key": keys.get(stage), "lm_eval": "0.4.13", "average": acc,
+                                                "tasks": {"demo_arc": {"score": acc, "stderr": 0.125, "n": 8,
+                                                                       "num_fewshot": 3, "metric": "acc_norm"}}})
 
 
 EVALS = {s: {"mtbench": f"eval/{d}mtbench.json", "alpacaeval": f"eval/{d}alpacaeval.json"}
@@ -144,7 +148,9 @@ def test_snakemake_report_embeds_the_scores_table_as_html(workflow_copy):
     assert "text/markdown" not in uris  # no table that is only a download
     embedded = re.search(r'"data_uri": "data:text/html;charset=utf8;filename=scores.html;base64,([^"]+)"', report)
     page = base64.b64decode(embedded.group(1)).decode()
-    table = {row[0]: row for row in cells(page)}
+    table = {row[0]: row for row in cells(page.split("Open LLM Leaderboard tasks")[0])}
     got = dict(zip(table["model"], table["demo-dpo"]))
     assert (got["overall"], got["AE 2.0 win % ± SE"], got["AE 2.0 LC % ± SE"]) == ("6.88", "17.50 ± 1.17",
                                                                                    "20.50 ± 0.62")
+    # the leaderboard table beside it: base / SFT / DPO with stderr and the change from base
+    assert "37.50 ± 12.50 (+12.50)" in page and "Open LLM Leaderboard tasks" in page

@@ -299,7 +299,7 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
                             runtime_min=math.ceil(hours * 60 * (1 + p["safety_margin"]) + 10),
                             note="upper bound: every answer at max_new_tokens")
         jobs += [per_stage] * len(ev["stages"])
-    h, minutes, note, n = leaderboard_job(ev["leaderboard"], params / REF_PARAMS, _gpu(gpu_type)["speed"], p)
+    h, minutes, note, n = leaderboard_job(ev.get("leaderboard"), params / REF_PARAMS, _gpu(gpu_type)["speed"], p)
     jobs += [JobPlan("eval_leaderboard", 1, gpu_type, h, h, runtime_min=minutes, note=note)] * n
     judge = judge_cost(cfg, len(ev["stages"]))
     from mamba_align.ops.provenance import unpinned

@@ -35,8 +35,10 @@ def leaderboard_hours(tasks: list[str], size: float, gpu_speed: float, limit: in
     return seconds / 3600 + LOAD_MINUTES / 60
 
 
-def leaderboard_job(lb: dict, size: float, gpu_speed: float, plan: dict) -> tuple[float, int, str, int]:
+def leaderboard_job(lb: dict | None, size: float, gpu_speed: float, plan: dict) -> tuple[float, int, str, int]:
     """(hours, minutes to ask for, note, jobs) of eval_leaderboard under eval.leaderboard `lb` and config.plan."""
+    if not lb or not lb.get("stages") or not lb.get("tasks"):
+        return 0.0, 0, "", 0
     hours = leaderboard_hours(lb["tasks"], size, gpu_speed, lb.get("limit"))
     minutes = math.ceil(hours * 60 * (1 + plan["safety_margin"]) + 10)
     note = ", ".join(lb["tasks"]) + (f" (unmeasured: {', '.join(unknown_tasks(lb['tasks']))})"
