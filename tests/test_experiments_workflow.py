@@ -44,13 +44,16 @@ def test_demo_grid_dry_run_shows_the_grid(workflow_copy):
 DEFAULT_JOBS = {"prepare_base_model": 1, "prepare_sft_data": 1, "train_sft": 1, "prepare_preference_data": 1,
                 "train_dpo": 1, "fetch_mt_bench": 1, "fetch_alpaca_eval": 1, "generate_mt_bench": 2,
                 "judge_mt_bench": 2, "generate_alpaca_eval": 2, "judge_alpaca_eval": 2, "report": 1, "plan": 1,
-                "all": 1}
+                "all": 1, "fetch_leaderboard_data": 1, "eval_leaderboard": 3}  # base, sft, dpo (#30)
 # Since issue #28 the report's and the plan's every file is a declared output, so a target too: scores.json and the
 # provenance records (written by the same jobs before, undeclared).
 DEFAULT_TARGETS = ["results/eval/sft/mtbench.json", "results/eval/sft/alpacaeval.json", "results/eval/mtbench.json",
-                   "results/eval/alpacaeval.json", "results/report/scores.md", "results/report/scores.html",
-                   "results/report/scores.csv", "results/report/scores.json", "results/report/mt_bench_radar.png",
-                   "results/report/training_curves.png", "results/provenance/report.json", "results/plan.json",
+                   "results/eval/alpacaeval.json", "results/eval/base/leaderboard.json",
+                   "results/eval/sft/leaderboard.json", "results/eval/leaderboard.json", "results/report/scores.md",
+                   "results/report/scores.html", "results/report/scores.csv", "results/report/scores.json",
+                   "results/report/mt_bench_radar.png", "results/report/training_curves.png",
+                   "results/report/leaderboard.json", "results/report/leaderboard_changes.png",
+                   "results/provenance/report.json", "results/plan.json",
                    "results/plan.txt", "results/provenance/plan.json"]
 DEFAULT_OUTPUTS = {
     "results/data/alpaca_eval", "results/data/mt_bench/question.jsonl", "results/models/base",

@@ -110,7 +110,8 @@ def test_dry_run_of_the_drivers_command_at_the_2_8b_shape(workflow_copy):
     assert jobs == {"build_demo_inputs": 1, "prepare_base_model": 1, "prepare_sft_data": 1,
                     "prepare_preference_data": 1, "train_sft": 1, "train_dpo": 1, "fetch_mt_bench": 1,
                     "fetch_alpaca_eval": 1, "generate_mt_bench": 2, "generate_alpaca_eval": 2, "judge_mt_bench": 2,
-                    "judge_alpaca_eval": 2, "report": 1, "plan": 1, "all": 1}
+                    "judge_alpaca_eval": 2, "report": 1, "plan": 1, "all": 1, "fetch_leaderboard_data": 1,
+                    "eval_leaderboard": 3}
     # the training rules get the driver's 2 GPUs; the questions come from the generated inputs
     assert out.count("gpu=2") >= 2
     # the local judge runs on CUDA there: its jobs hold the GPU, counted against --resources gpu
