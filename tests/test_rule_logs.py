@@ -84,6 +84,9 @@ def test_unexpected_failure_leaves_its_traceback_in_the_log(wf):
         (wf / "results/eval" / stage).mkdir(parents=True, exist_ok=True)
         for name in ("mtbench.json", "alpacaeval.json"):
             (wf / "results/eval" / stage / name).write_text("{")
+    for stage in ("", "sft/", "base/"):
+        (wf / "results/eval" / stage).mkdir(parents=True, exist_ok=True)
+        (wf / "results/eval" / stage / "leaderboard.json").write_text("{")
     (wf / "results/metrics").mkdir()
     for stage in ("sft", "dpo"):
         (wf / "results/metrics" / f"{stage}.json").write_text("{}")

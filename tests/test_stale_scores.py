@@ -159,6 +159,8 @@ def dry_run_jobs(wf: Path, *config: str) -> list[tuple[str, dict, list[str]]]:
 # Moved by the change that declared them (6fbecfb): the sft stage's judge records went from
 # judge_*-sft.json to sft/judge_*.json; an earlier run's judge reruns once, from its judge cache.
 MOVED = {"judge_mt_bench", "judge_alpaca_eval"}
+# New with its declaration (#30), laid out as the judges' ([base/|sft/]<rule>.json): no earlier folder has one
+NEW = {"eval_leaderboard"}
 
 
 def test_declared_records_are_where_undeclared_ones_were(workflow_copy):
@@ -168,7 +170,7 @@ def test_declared_records_are_where_undeclared_ones_were(workflow_copy):
     checked = set()
     for config in (["config/demo.yaml"], ["config/demo.yaml", "config/demo-grid.yaml"]):
         for rule, wildcards, outputs in dry_run_jobs(workflow_copy, *config):
-            if rule not in blocks or rule in MOVED or not any("/provenance/" in f for f in outputs):
+            if rule not in blocks or rule in MOVED | NEW or not any("/provenance/" in f for f in outputs):
                 continue
             undeclared = SimpleNamespace(rule=rule, output={}, wildcards=wildcards, config={"results_dir": "results"})
             assert provenance.record_path(undeclared) in outputs, (rule, wildcards, outputs)
@@ -208,6 +210,8 @@ def test_report_rule_writes_only_declared_files(workflow_copy, keys):
         write(r / f"eval/{d}mtbench.json", mtbench(keys[stage]))
         write(r / f"eval/{d}alpacaeval.json", alpacaeval(keys[stage]))
         write(r / f"metrics/{stage}.json", {"log_history": [{"step": 1, "loss": 1.0}]})
+    for stage, d in (("base", "base/"), ("sft", "sft/"), ("dpo", "")):
+        write(r / f"eval/{d}leaderboard.json", {"model_key": keys.get(stage), "tasks": {}, "average": None})
     write(r / "report/scores.json", [{"model": "demo-dpo", "stage": "dpo", "source": "this run"}])  # an old one
     declared, written = run_rule(workflow_copy, "report", "results/report/scores.md", "--configfile",
                                  "config/demo.yaml")
