@@ -9,7 +9,8 @@ the synthetic words, about one token per word):
 
     arc_c      25-shot, 4 choices of 1-8 words               (~1000-token contexts)
     hellaswag  10-shot, 4 endings of 20-40 words             (~800-token contexts, ~30-token endings)
-    mmlu        5-shot, 4 one-token choices " A".." D"       (~650-token contexts)
+    mmlu        5-shot, 4 one-token choices " A".." D"       (~650-token contexts; the same 5 examples before
+                                                             every question: lm-eval's `first_n` sampler, as MMLU)
     truthfulqa  0-shot, 4-12 choices of 5-20 words (mc2)     (~150-token contexts)
 
 Per path and task: requests, request tokens (context + continuation of every request: the same work for
@@ -104,6 +105,8 @@ def write_tasks(root: Path, limit: int, seed: int) -> list[str]:
             f"task: synth_{name}\ndataset_path: json\n"
             f"dataset_kwargs:\n  data_files:\n    train: {files['train']}\n    test: {files['test']}\n"
             f"training_split: train\nfewshot_split: train\ntest_split: test\nnum_fewshot: {shots}\n"
+            # MMLU's few-shot examples are the first of its dev split (lm-eval's mmlu template): one prefix
+            + ("fewshot_config:\n  sampler: first_n\n" if name == "mmlu" else "") +
             f"output_type: multiple_choice\ndoc_to_text: \"{doc_to_text}\"\ndoc_to_choice: \"{doc_to_choice}\"\n"
             "doc_to_target: answer\nmetric_list:\n  - metric: acc\n")
     return corpus

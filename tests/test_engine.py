@@ -260,11 +260,11 @@ def test_slot_sizes():
 class MixerParams(torch.nn.Module):
     """The parameters of mamba_ssm's `Mamba` mixer, under its attribute names."""
 
-    def __init__(self, d_model=16, d_state=4, d_conv=4, expand=2, dt_rank=3):
+    def __init__(self, d_model=16, d_state=4, d_conv=4, expand=2, dt_rank=3, bias=False):
         super().__init__()
         d_inner = expand * d_model
         self.d_conv, self.d_state, self.dt_rank, self.d_inner = d_conv, d_state, dt_rank, d_inner
-        self.in_proj = torch.nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.in_proj = torch.nn.Linear(d_model, 2 * d_inner, bias=bias)
         self.conv1d = torch.nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
         self.x_proj = torch.nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = torch.nn.Linear(dt_rank, d_inner)
@@ -290,17 +290,19 @@ def ref_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False
     return y, h
 
 
-def test_masked_left_padded_prefill_equals_unpadded_runs():
+@pytest.mark.parametrize("bias", [False, True])  # Mamba-1 checkpoints have no in_proj bias; the mixer allows one
+def test_masked_left_padded_prefill_equals_unpadded_runs(bias):
     """Left padding with the convolution and scan inputs masked leaves each row's outputs and final states
-    exactly those of the row run alone, whatever the pad tokens' activations are."""
+    exactly those of the row run alone, whatever the pad tokens' activations are (inf and nan included)."""
     torch.manual_seed(0)
-    m = MixerParams()
+    m = MixerParams(bias=bias)
     lengths = [9, 2, 5, 9, 1]
     width = max(lengths)
     hidden = torch.randn(len(lengths), width, 16) * 3  # garbage on the padding positions too
     mask = torch.zeros(len(lengths), width, dtype=torch.bool)
     for j, n in enumerate(lengths):
         mask[j, width - n:] = True
+    hidden[1, 0, 3], hidden[2, 1, 5] = float("inf"), float("nan")  # on padding
     with torch.no_grad():
         out, conv, ssm = MS.masked_mixer_prefill(m, hidden, mask, ref_conv, ref_scan)
         for j, n in enumerate(lengths):

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -253,6 +254,9 @@ class FakeRunner:
                 self.history[s].append(t)
         return self._last_logits(self.history)
 
+    def snapshot(self, slots):
+        return SimpleNamespace(history=[list(self.history[s]) for s in slots])
+
     def copy_slots_from(self, other, src, dst):
         snapshot = [list(other.history[s]) for s in src]
         for d, h in zip(dst, snapshot, strict=True):
@@ -352,7 +356,9 @@ def test_mamba_ssm_path_equals_stock_hflm(tmp_path):
                                          bos_token_id=0, eos_token_id=0, pad_token_id=1))
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    reqs = ll_instances(mc_pairs(seed=6, questions=8, choices=4))
+    # unique contexts, and few-shot prefixes shared by several questions (one-token and multi-token choices)
+    reqs = ll_instances(mc_pairs(seed=6, questions=8, choices=4) + fewshot_pairs(seed=7)
+                        + fewshot_pairs(seed=8, long_choices=True))
     ours = MambaAlignLM(str(tmp_path / "model"), device="cuda", batch_size=16, dtype="bfloat16", backend="mamba_ssm")
     results = {"mamba_ssm": ours.loglikelihood(reqs)}
     del ours
@@ -364,3 +370,62 @@ def test_mamba_ssm_path_equals_stock_hflm(tmp_path):
                             dtype="bfloat16").loglikelihood(reqs)
     for (a, _), (b, _) in zip(results["mamba_ssm"], results["stock"], strict=True):
         assert a == pytest.approx(b, rel=0.02, abs=0.05)
+
+
+def fewshot_pairs(seed=0, subjects=2, questions=5, long_choices=False):
+    """MMLU-shaped requests: per subject, the same few-shot prefix (lm-eval's `first_n` sampler) before
+    each question, remainders of different lengths, one-token choices (or multi-word ones)."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(subjects):
+        shots = "".join(f"{sentence(rng, 12)}?\nAnswer: {rng.choice('ABCD')}\n\n" for _ in range(6))
+        for _ in range(questions):
+            ctx = shots + sentence(rng, rng.randint(2, 20)) + "?\nAnswer:"
+            choices = [" " + sentence(rng, rng.randint(1, 4)) for _ in range(3)] if long_choices else \
+                [" A", " B", " C", " D"]
+            pairs += [(ctx, c) for c in choices]
+    return pairs
+
+
+def test_prefix_units_group_long_shared_openings_only():
+    a, b = [1] * 80 + [2, 3], [1] * 80 + [4]
+    c = [1] * 80  # the prefix itself is a context too
+    short = [1] * 10 + [5] * 90  # 10 shared tokens: below min_prefix
+    tail = [1] * 70 + [6] * 100  # 70 shared, under half of its 170 tokens
+    units = S.prefix_units([a, b, c, short, tail], min_prefix=64)
+    assert sorted((plen, sorted(m)) for plen, m in units) == [(80, [0, 1, 2]), (100, [3]), (170, [4])]
+
+
+@pytest.mark.parametrize("long_choices", [False, True])
+def test_shared_fewshot_prefix_read_once_and_scores_equal_stock_hflm(model_dir, stock, long_choices):
+    """Questions after one few-shot prefix: the prefix is prefilled once per batch, the rest of each context
+    stepped from its state (rows right-aligned, reset to the prefix state when they start); every
+    log-likelihood equals the stock path's."""
+    from mamba_align.eval.leaderboard.lm import MambaAlignLM
+
+    lm = MambaAlignLM(str(model_dir), device="cpu", batch_size=16, dtype="float32")
+    pairs = fewshot_pairs(long_choices=long_choices)
+    reqs = ll_instances(pairs)
+    got, want = lm.loglikelihood(reqs), stock.loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and ga == gb
+    contexts = {ctx for ctx, _ in pairs}
+    context_tokens = sum(len(lm.tok_encode(c)) for c in contexts)
+    assert lm.scorer.stats["prefill_tokens"] < context_tokens / 2  # each subject's prefix read once per batch
+    assert lm.scorer.stats["step_tokens"] > 0
+
+
+@pytest.mark.parametrize("rows", [8, 4])
+def test_ssm_scorer_shared_prefix_on_a_fake_runner(ours, rows):
+    """The graph runner's side of prefix sharing (snapshot, reset of late-starting rows, expansion to one row
+    per choice, idle slots) gives the transformers scorer's numbers."""
+    pairs = fewshot_pairs(seed=3, questions=3, long_choices=True) + fewshot_pairs(seed=4, subjects=1, questions=4)
+    enc = [ours._encode_pair(c, x) for c, x in pairs]
+    want = S.score(enc, S.HFScorer(ours.engine.model), max_rows=rows, min_prefix=10 ** 6)  # no sharing
+    engine = FakeEngine(ours.engine.model)
+    with torch.inference_mode():
+        scorer = S.SSMScorer(engine, max_rows=rows)
+        got = S.score(enc, scorer, max_rows=rows, min_prefix=16)
+    assert scorer.stats["step_tokens"] > 0
+    for (a, ga), (b, gb) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and ga == gb

@@ -9,6 +9,8 @@ zero to the state, so each sequence's state and outputs are those of an unpadded
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from mamba_align.eval.engine.decode import decode_loop
 from mamba_align.eval.engine.sampling import Sampling
 from mamba_align.model.mapping import (
@@ -23,29 +25,35 @@ def masked_mixer_prefill(m, hidden, mask, conv_fn, scan_fn):
 
     `m` has mamba_ssm's Mamba attributes (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj, d_conv,
     d_state, dt_rank). `mask` (batch, L) is True on real tokens, or None when no row is padded.
-    The convolution input and the scan input are zeroed on padding, so padding adds nothing to the state:
-    the state starts at zero at the first real token, as in an unpadded run. `conv_fn(x, weight, bias)`
-    is a causal depthwise convolution + silu; `scan_fn` has the signature of mamba_ssm's selective_scan_fn.
+    Padding adds nothing to the state: the convolution input is zero there (the mixer's input is zeroed
+    before in_proj, which has no bias; else its output is), and so is the scan's B (the state starts at zero
+    at the first real token, as in an unpadded run). `conv_fn(x, weight, bias)` is a causal depthwise
+    convolution + silu; `scan_fn` has the signature of mamba_ssm's selective_scan_fn.
+    The activations stay in (batch, channels, L) layout, as mamba_inner_fn keeps them: in_proj is one GEMM
+    read as a (batch, 2*d_inner, L) view, x_proj and dt_proj batched GEMMs; no (L, channels) transposes.
     """
+    import torch
     import torch.nn.functional as F
 
-    batch, seqlen, _ = hidden.shape
-    xz = m.in_proj(hidden).transpose(1, 2)  # (b, 2*d_inner, L)
+    batch, seqlen, dim = hidden.shape
+    live = None if mask is None else mask[:, :, None]
+    if live is not None and m.in_proj.bias is None:
+        hidden = torch.where(live, hidden, 0)  # where, not a product: padding activations may be inf/nan
+    xz = (m.in_proj.weight @ hidden.reshape(batch * seqlen, dim).t()).view(-1, batch, seqlen).transpose(0, 1)
+    if m.in_proj.bias is not None:
+        xz = xz + m.in_proj.bias[None, :, None]
     x, z = xz.chunk(2, dim=1)
-    keep = None if mask is None else mask[:, None, :].to(x.dtype)
-    if keep is not None:
-        x = x * keep
+    if live is not None and m.in_proj.bias is not None:
+        x = torch.where(live.transpose(1, 2), x, 0)
     conv_state = F.pad(x, (m.d_conv - seqlen, 0)) if seqlen < m.d_conv else x[..., -m.d_conv:]
-    x = conv_fn(x.contiguous(), m.conv1d.weight.squeeze(1), m.conv1d.bias)
-    if keep is not None:
-        x = x * keep
-    x_dbl = m.x_proj(x.transpose(1, 2).reshape(batch * seqlen, -1))
-    dt, B, C = x_dbl.split([m.dt_rank, m.d_state, m.d_state], dim=-1)
-    dt = (m.dt_proj.weight @ dt.t()).reshape(-1, batch, seqlen).transpose(0, 1)  # (b, d_inner, L)
-    B = B.reshape(batch, seqlen, -1).transpose(1, 2).contiguous()  # (b, d_state, L)
-    C = C.reshape(batch, seqlen, -1).transpose(1, 2).contiguous()
+    x = conv_fn(x, m.conv1d.weight.squeeze(1), m.conv1d.bias)  # (b, d_inner, L), contiguous
+    x_dbl = torch.bmm(m.x_proj.weight.expand(batch, -1, -1), x)  # (b, dt_rank + 2*d_state, L)
+    dt, B, C = x_dbl.split([m.dt_rank, m.d_state, m.d_state], dim=1)
+    dt = torch.bmm(m.dt_proj.weight.expand(batch, -1, -1), dt)  # (b, d_inner, L)
+    if live is not None:
+        B = B * live.transpose(1, 2).to(B.dtype)  # B = 0 on padding: the state stays zero there
     A = -(m.A_log.float().exp())
-    y, last_state = scan_fn(x, dt.contiguous(), A, B, C, m.D.float(), z=z.contiguous(),
+    y, last_state = scan_fn(x, dt, A, B.contiguous(), C.contiguous(), m.D.float(), z=z,
                             delta_bias=m.dt_proj.bias.float(), delta_softplus=True, return_last_state=True)
     return m.out_proj(y.transpose(1, 2)), conv_state, last_state
 
@@ -101,6 +109,14 @@ class _GraphRunner:
             oconv, ossm = other.states[key]
             conv.index_copy_(0, di, oconv.index_select(0, si))
             ssm.index_copy_(0, di, ossm.index_select(0, si))
+
+    def snapshot(self, slots: list[int]):
+        """A copy of these slots' states; `copy_slots_from(snapshot, i, dst)` restores its i-th slot into dst."""
+        import torch
+
+        si = torch.tensor(slots, device=self.device)
+        return SimpleNamespace(states={key: (conv.index_select(0, si), ssm.index_select(0, si))
+                                       for key, (conv, ssm) in self.states.items()})
 
     def prefill(self, slots: list[int], prompts: list[list[int]]):
         import torch

@@ -42,7 +42,67 @@ def _batches(items: list, width, size, max_rows: int, max_tokens: int) -> list[l
     return out
 
 
-def score(requests: list[Request], scorer, max_rows: int = 64, max_tokens: int = 16384,
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
+
+
+def prefix_units(contexts: list[list[int]], min_prefix: int = 64) -> list[tuple[int, list[int]]]:
+    """Group contexts (distinct token lists) that open with the same long prefix: [(prefix length, indices)].
+
+    MMLU's few-shot examples are the first five of the subject's dev split (lm-eval's `first_n` sampler), so
+    every question of a subject repeats the same ~600-token prefix. Contexts join a group while the group's
+    common prefix stays at least `min_prefix` tokens and at least half of each member's length (a short
+    accidental overlap, e.g. two random few-shot draws opening with the same example, is not worth stepping
+    the rest token by token). A context without such neighbours is a group of one (prefix = the context)."""
+    order = sorted(range(len(contexts)), key=lambda i: contexts[i])  # shared prefixes become neighbours
+    units: list[tuple[int, list[int]]] = []
+    for i in order:
+        if units:
+            plen, members = units[-1]
+            common = min(plen, _common_prefix(contexts[members[-1]], contexts[i]))
+            if common >= min_prefix and 2 * common >= max(len(contexts[j]) for j in (*members, i)):
+                units[-1] = (common, members + [i])
+                continue
+        units.append((len(contexts[i]), [i]))
+    return units
+
+
+def _score_contexts(requests: list[Request], shared: list[tuple[list[int], list[int]]], scorer, max_rows: int,
+                    max_tokens: int, min_prefix: int, progress) -> dict[int, tuple[float, bool]]:
+    """Score the requests of `shared` [(context, request indices)] from each context's state."""
+    contexts = [ctx for ctx, _ in shared]
+    steps = lambda j: any(len(requests[i][1]) > 1 for i in shared[j][1])  # noqa: E731
+    rows = lambda j: len(shared[j][1]) if steps(j) else 1  # noqa: E731  (one-token choices share one row)
+    chunks = []  # (prefix length, context indices): one prefill of the prefix, the rest stepped per row
+    for plen, members in prefix_units(contexts, min_prefix):
+        members.sort(key=lambda j: -len(contexts[j]))  # similar remainders step together
+        cur, n = [], 0
+        for j in members:
+            if cur and n + rows(j) > max_rows:
+                chunks.append((plen, cur))
+                cur, n = [], 0
+            cur.append(j)
+            n += rows(j)
+        chunks.append((plen, cur))
+    chunks.sort(key=lambda c: -c[0])
+    out = {}
+    for batch in _batches(chunks, lambda c: c[0], lambda c: sum(rows(j) for j in c[1]), max_rows, max_tokens):
+        ctx_ids = [j for _, members in batch for j in members]
+        prefix_of = [k for k, (_, members) in enumerate(batch) for _ in members]
+        prefixes = [contexts[members[0]][:plen] for plen, members in batch]
+        remainders = [contexts[j][len(prefixes[k]):] for j, k in zip(ctx_ids, prefix_of, strict=True)]
+        req_ids = [[i for i in shared[j][1]] for j in ctx_ids]
+        results = _score_from_state(scorer, prefixes, prefix_of, remainders,
+                                    [[requests[i][1] for i in ids] for ids in req_ids])
+        for ids, res in zip(req_ids, results, strict=True):
+            out.update(zip(ids, res, strict=True))
+        if progress is not None:
+            progress(sum(len(ids) for ids in req_ids))
+    return out
+
+
+def score(requests: list[Request], scorer, max_rows: int = 64, max_tokens: int = 16384, min_prefix: int = 64,
           progress=None) -> list[tuple[float, bool]]:
     """(sum of log-probs, is greedy) of each request's continuation given its context, as lm-eval's HFLM
     computes them: log-softmax in float32 over the full vocabulary, greedy when every continuation token is
@@ -60,17 +120,8 @@ def score(requests: list[Request], scorer, max_rows: int = 64, max_tokens: int =
         else:
             single.extend(idxs)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
-
-    shared.sort(key=lambda g: -len(g[0]))
-    for batch in _batches(shared, lambda g: len(g[0]), lambda g: len(g[1]), max_rows, max_tokens):
-        contexts = [ctx for ctx, _ in batch]
-        owner = [c for c, (_, idxs) in enumerate(batch) for _ in idxs]
-        rows = [i for _, idxs in batch for i in idxs]
-        results = _score_from_state(scorer, contexts, owner, [requests[i][1] for i in rows])
-        for i, r in zip(rows, results, strict=True):
-            out[i] = r
-        if progress is not None:
-            progress(len(rows))
+    for i, r in _score_contexts(requests, shared, scorer, max_rows, max_tokens, min_prefix, progress).items():
+        out[i] = r
 
     single.sort(key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     seq_len = lambda i: len(requests[i][0]) + len(requests[i][1]) - 1  # noqa: E731
@@ -83,31 +134,70 @@ def score(requests: list[Request], scorer, max_rows: int = 64, max_tokens: int =
     return out  # type: ignore[return-value]
 
 
-def _score_from_state(scorer, contexts: list[list[int]], owner: list[int], conts: list[list[int]]):
-    """Prefill `contexts` once; row r scores `conts[r]` from the state of context `owner[r]`."""
+def _score_from_state(scorer, prefixes: list[list[int]], prefix_of: list[int], remainders: list[list[int]],
+                      conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
+    """Context c is prefixes[prefix_of[c]] + remainders[c]; score each of its continuations conts[c].
+
+    Each prefix is prefilled once and its state given to its contexts' rows; the remainders are stepped
+    one token per row, right-aligned so that every row ends its context at the last step (a row whose
+    remainder is shorter starts later: its state is reset to its prefix's when it starts). Then, unless
+    every continuation is one token (read from the context's last logits), each row is copied to one row
+    per continuation and all continuations are stepped together."""
     import torch
 
-    first = scorer.start(contexts, owner).float()  # (len(contexts), vocab): next-token logits after each context
+    multi = any(len(c) > 1 for cs in conts for c in cs)
+    owner = [c for c, cs in enumerate(conts) for _ in cs]
+    first = scorer.start(prefixes, prefix_of, rows=max(len(prefix_of), len(owner) if multi else 0)).float()
     dev = first.device
-    n, steps = len(conts), max(len(c) for c in conts)
-    toks = torch.zeros(n, steps, dtype=torch.long)
-    for r, c in enumerate(conts):
-        toks[r, : len(c)] = torch.tensor(c, dtype=torch.long)
-    toks = toks.to(dev)
-    lens = torch.tensor([len(c) for c in conts], device=dev)
+    first = first[torch.tensor(prefix_of, device=dev)]  # (contexts, vocab)
+    longest = max(len(r) for r in remainders)
+    if longest:
+        saved = scorer.snapshot([prefix_of.index(k) for k in range(len(prefixes))])
+        begin: dict[int, list[int]] = {}
+        toks = torch.zeros(len(remainders), longest, dtype=torch.long)
+        for c, r in enumerate(remainders):
+            begin.setdefault(longest - len(r), []).append(c)
+            if r:
+                toks[c, longest - len(r):] = torch.tensor(r, dtype=torch.long)
+        toks = toks.to(dev)
+        logits = None
+        for t in range(longest + 1):
+            if t and t in begin:  # rows starting now (at longest: empty remainders) take their prefix's state
+                scorer.restore(saved, [prefix_of[c] for c in begin[t]], begin[t])
+            if t < longest:
+                logits = scorer.step(toks[:, t])
+        has_rest = torch.tensor([bool(r) for r in remainders], device=dev)
+        first = torch.where(has_rest[:, None], logits.float(), first)
+    if not multi:
+        lp = torch.log_softmax(first, dim=-1)
+        best = lp.argmax(dim=-1).tolist()
+        return [[(float(lp[c, x[0]]), best[c] == x[0]) for x in cs] for c, cs in enumerate(conts)]
+    scorer.expand(owner)
+    flat = [x for cs in conts for x in cs]
+    n, steps = len(flat), max(len(x) for x in flat)
+    tokens = torch.zeros(n, steps, dtype=torch.long)
+    for r, x in enumerate(flat):
+        tokens[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+    tokens = tokens.to(dev)
+    lens = torch.tensor([len(x) for x in flat], device=dev)
     logprob = torch.zeros(n, dtype=torch.float32, device=dev)
     greedy = torch.ones(n, dtype=torch.bool, device=dev)
 
     def add(logits, t):
         live = t < lens
         lp = torch.log_softmax(logits.float(), dim=-1)
-        logprob.add_(torch.where(live, lp.gather(1, toks[:, t, None])[:, 0], 0.0))
-        greedy.logical_and_(~live | (lp.argmax(dim=-1) == toks[:, t]))
+        logprob.add_(torch.where(live, lp.gather(1, tokens[:, t, None])[:, 0], 0.0))
+        greedy.logical_and_(~live | (lp.argmax(dim=-1) == tokens[:, t]))
 
     add(first[torch.tensor(owner, device=dev)], 0)
     for t in range(1, steps):
-        add(scorer.step(toks[:, t - 1]), t)
-    return list(zip(logprob.tolist(), greedy.tolist(), strict=True))
+        add(scorer.step(tokens[:, t - 1]), t)
+    flat_out = list(zip(logprob.tolist(), greedy.tolist(), strict=True))
+    out, k = [], 0
+    for cs in conts:
+        out.append(flat_out[k : k + len(cs)])
+        k += len(cs)
+    return out
 
 
 def _score_full(scorer, requests: list[Request]):
@@ -158,7 +248,9 @@ class HFScorer:
         self.stats: Counter = Counter()
         self.cache = None
 
-    def start(self, contexts: list[list[int]], owner: list[int]):
+    def start(self, contexts: list[list[int]], owner: list[int], rows: int = 0):
+        """Prefill `contexts`; row r of the cache then holds context owner[r]'s state. Returns each context's
+        next-token logits. (`rows`: the most rows a later `expand` asks for; the cache grows as needed.)"""
         import torch
 
         ids, mask = _left_padded(contexts)
@@ -168,8 +260,24 @@ class HFScorer:
             out = self.model(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1,
                              attention_mask=None if mask is None else mask.to(self.device))
         self.cache = out.cache
-        self.cache.reorder_cache(torch.tensor(owner, device=self.device))
+        self.expand(owner)
         return out.logits[:, -1]
+
+    def expand(self, owner: list[int]) -> None:
+        """Row r becomes a copy of the current row owner[r]."""
+        import torch
+
+        self.cache.reorder_cache(torch.tensor(owner, device=self.device))
+
+    def snapshot(self, rows: list[int]):
+        return [(layer.conv_states[0][rows].clone(), layer.recurrent_states[0][rows].clone())
+                for layer in self.cache.layers]
+
+    def restore(self, saved, src: list[int], dst: list[int]) -> None:
+        """Rows `dst` take the states of the snapshot's rows `src`."""
+        for layer, (conv, ssm) in zip(self.cache.layers, saved, strict=True):
+            layer.conv_states[0][dst] = conv[src]
+            layer.recurrent_states[0][dst] = ssm[src]
 
     def step(self, tokens):
         import torch
@@ -204,20 +312,39 @@ class SSMScorer:
         self.runner = None
         self.rows = 0
 
-    def start(self, contexts: list[list[int]], owner: list[int]):
+    def start(self, contexts: list[list[int]], owner: list[int], rows: int = 0):
+        """As HFScorer.start, on a runner of at least max(len(owner), rows) slots."""
         import torch
 
-        if len(owner) > self.sizes[-1]:
-            raise ValueError(f"{len(owner)} rows exceed the {self.sizes[-1]} decode slots")
+        if max(len(owner), rows) > self.sizes[-1]:
+            raise ValueError(f"{max(len(owner), rows)} rows exceed the {self.sizes[-1]} decode slots")
         first = [owner.index(c) for c in range(len(contexts))]  # each context is prefilled into its first row
         self.stats["prefill_tokens"] += sum(len(c) for c in contexts)
         self.stats["positions"] += len(contexts) * max(len(c) for c in contexts)
         with torch.inference_mode():  # the graph is captured (on first use) and replayed in inference mode
-            self.runner = self.engine._runner(_fit(len(owner), self.sizes))
-            self.rows = len(owner)
+            self.runner = self.engine._runner(_fit(max(len(owner), rows), self.sizes))
             logits = self.runner.prefill(first, contexts)
-            self.runner.copy_slots_from(self.runner, [first[c] for c in owner], list(range(len(owner))))
+            self.expand([first[c] for c in owner])
         return logits
+
+    def expand(self, owner: list[int]) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self.runner.copy_slots_from(self.runner, owner, list(range(len(owner))))
+        self.rows = len(owner)
+
+    def snapshot(self, rows: list[int]):
+        import torch
+
+        with torch.inference_mode():
+            return self.runner.snapshot(rows)
+
+    def restore(self, saved, src: list[int], dst: list[int]) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self.runner.copy_slots_from(saved, src, dst)
 
     def step(self, tokens):
         import torch
