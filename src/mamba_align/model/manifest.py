@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from mamba_align.utils import UserError, sha256_file, write_json
+from mamba_align.utils import UserError, file_record, write_json
 
 log = logging.getLogger("mamba_align.model.manifest")
 
@@ -37,7 +37,7 @@ def model_files(model_dir) -> list[Path]:
 def file_hashes(model_dir) -> dict[str, dict]:
     """{relative path: {size, sha256}} of every model file, in model_files' order. Reads every byte."""
     root = Path(model_dir).resolve()
-    return {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in model_files(root)}
+    return {str(f.relative_to(root)): file_record(f) for f in model_files(root)}
 
 
 def identity_of(hashes: dict[str, dict]) -> str:
