@@ -48,6 +48,15 @@ def identity_of(hashes: dict[str, dict]) -> str:
     return h.hexdigest()
 
 
+def model_identity(model_dir, check: bool = True) -> str:
+    """The one identity of a model: a sha256 of its files' names and contents (model_files: hidden files and our
+    records left out, so a manifest, a run.json or Snakemake's timestamp never change it). It is the parent model in
+    a training key (ops/runs), and keys a generation's progress (eval/generate) and the leaderboard's work folder,
+    so a changed model never resumes an earlier one's answers. `check`: verify the model against its manifest in the
+    same read (the identity is that read's by-product). Reads every byte: ~10 s for a 2.8B model."""
+    return identity_of(verify_model(model_dir) if check else file_hashes(model_dir))
+
+
 def write_manifest(model_dir, rule: str, hashes: dict[str, dict] | None = None) -> dict[str, dict]:
     """Record the model's files (hashing them unless `hashes` is given) and the rule that rebuilds it."""
     hashes = file_hashes(model_dir) if hashes is None else hashes
