@@ -9,15 +9,16 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "mamba_align"
 DOC = PKG.parents[1] / "docs" / "architecture.md"
-# what each folder may import (process, utils and cli are top-level modules; cli may import anything)
+# what each folder may import (process, flock, utils and cli are top-level modules; cli may import anything)
 MAY_IMPORT = {
     "process": set(),
+    "flock": set(),
     "utils": {"process"},
-    "model": {"process", "utils", "model"},
-    "train": {"process", "utils", "model", "train"},
-    "eval": {"process", "utils", "model", "train", "eval"},
-    "ops": {"process", "utils", "model", "train", "ops"},
-    "testing": {"process", "utils", "model", "testing"},
+    "model": {"process", "flock", "utils", "model"},
+    "train": {"process", "flock", "utils", "model", "train"},
+    "eval": {"process", "flock", "utils", "model", "train", "eval"},
+    "ops": {"process", "flock", "utils", "model", "train", "ops"},
+    "testing": {"process", "flock", "utils", "model", "testing"},
 }
 MAX_LINES = 450
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -86,6 +87,59 @@ def test_mt_bench_resumes_after_a_crash_and_never_reuses_another_models_answers(
     engine = ScriptedEngine()
     generate.generate_mt_bench(tmp / "model", qpath, out, "m", batch_size=1, engine=engine)
     assert len(engine.calls) == 6
+
+
+def _crash_after_one_question(tmp, qpath, out):
+    with pytest.raises(RuntimeError):
+        generate.generate_mt_bench(tmp / "model", qpath, out, "m", batch_size=1,
+                                   engine=ScriptedEngine(fail_after_calls=2))
+
+
+def test_a_model_changed_after_a_crash_resumes_nothing_and_its_stale_progress_goes(setup, monkeypatch):
+    tmp, qpath = setup
+    monkeypatch.setattr(generate, "CHUNK", 1)
+    out = tmp / "answers.jsonl"
+    _crash_after_one_question(tmp, qpath, out)
+    [stale] = tmp.glob("answers.jsonl.progress-*")
+    (tmp / "model" / "config.json").write_text('{"retrained": true}')  # retrained between the crash and the rerun
+    engine = ScriptedEngine()
+    generate.generate_mt_bench(tmp / "model", qpath, out, "m", batch_size=1, engine=engine)
+    assert len(engine.calls) == 6  # every question answered by the new model: none of the old model's kept
+    assert not stale.exists() and not list(tmp.glob("answers.jsonl.progress-*"))
+
+
+def test_an_unchanged_model_resumes_whatever_its_files_times_and_records(setup, monkeypatch):
+    """The progress key is the model's identity (its files' contents): a byte-identical rewrite (a reused stored
+    model, a copy) or a manifest / run.json written beside it keeps the answers."""
+    from mamba_align.model.manifest import write_manifest
+
+    tmp, qpath = setup
+    monkeypatch.setattr(generate, "CHUNK", 1)
+    out = tmp / "answers.jsonl"
+    _crash_after_one_question(tmp, qpath, out)
+    config = tmp / "model" / "config.json"
+    config.write_bytes(config.read_bytes())
+    os.utime(config, ns=(0, 10**18))  # another modification time, the same bytes
+    write_manifest(tmp / "model", "train_sft")
+    (tmp / "model" / "run.json").write_text('{"key": "0123456789ab"}')
+    engine = ScriptedEngine()
+    generate.generate_mt_bench(tmp / "model", qpath, out, "m", batch_size=1, engine=engine)
+    assert len(engine.calls) == 4  # the first question was kept
+
+
+def test_the_progress_key_is_the_model_stores_identity(setup):
+    from mamba_align.model.manifest import model_identity
+    from mamba_align.ops import runs
+
+    tmp, _ = setup
+    model, out = tmp / "model", tmp / "answers.jsonl"
+    assert runs.model_identity is model_identity  # one notion: the training key's parent model is this identity
+    first = generate.progress_path(out, model, "m", 1024)
+    assert generate.progress_path(out, model, "m", 1024) == first
+    assert generate.progress_path(out, model, "m", 512) != first  # other settings: another progress file
+    original = model_identity(model)
+    (model / "config.json").write_text('{"retrained": true}')
+    assert model_identity(model) != original and generate.progress_path(out, model, "m", 1024) != first
 
 
 def test_alpaca_eval_outputs_in_order_and_resumable(setup, monkeypatch):

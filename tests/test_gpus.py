@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mamba_align import flock
 from mamba_align.ops import gpus
 from mamba_align.utils import UserError
 
@@ -43,7 +44,7 @@ def two_gpus(tmp_path, monkeypatch):
         monkeypatch.delenv(v, raising=False)
     yield tmp_path
     while gpus._held:  # what this process claimed
-        gpus._held.pop().close()
+        flock.release(gpus._held.pop())
 
 
 def start(tmp, name, n):
@@ -128,3 +129,8 @@ def test_every_gpu_rule_claims_its_gpus():
         lines = (scripts / f"{name}.py").read_text().splitlines()
         i = lines.index("setup_logging(snakemake.log[0])")
         assert lines[i + 1].startswith("claim_gpus(int(snakemake.resources.gpu))"), name
+
+
+def test_a_second_claim_in_one_process_takes_another_gpu(two_gpus):
+    first, second = {}, {}
+    assert gpus.claim(1, first) != gpus.claim(1, second)  # its own earlier claim is not a free GPU

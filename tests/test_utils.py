@@ -1,10 +1,14 @@
-"""Shared helpers: JSONL progress files survive a torn last line; other bad lines are errors naming file:line."""
+"""Shared helpers: JSONL progress files survive a torn last line; other bad lines are errors naming file:line; one
+record of a file's content (file_record) for a model's manifest and identity and for provenance."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 
-from mamba_align.utils import UserError, append_jsonl, read_jsonl
+from mamba_align.utils import UserError, append_jsonl, file_record, read_jsonl
 
 ROWS = '{"i": 1}\n{"i": 2}\n'
 
@@ -36,3 +40,27 @@ def test_a_bad_line_inside_the_file_is_an_error_naming_file_and_line(tmp_path, m
     with pytest.raises(UserError, match=r"p\.jsonl:2: not valid JSON"):
         read_jsonl(path, repair=True)
     assert path.read_bytes() == data.replace("\xe9".encode(), b"\xe9")
+
+
+def test_file_record_is_size_and_sha256_or_above_the_limit_size_and_mtime(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"\x00\x01" * 1000)
+    digest = hashlib.sha256(b"\x00\x01" * 1000).hexdigest()
+    assert file_record(f) == {"size": 2000, "sha256": digest}
+    assert list(file_record(f)) == ["size", "sha256"]  # the order manifests and provenance records were written in
+    assert file_record(f, hash_limit=2000) == {"size": 2000, "sha256": digest}  # up to the limit: hashed
+    assert file_record(f, hash_limit=1999) == {"size": 2000, "mtime": os.stat(f).st_mtime}  # above: not read
+    with pytest.raises(FileNotFoundError):
+        file_record(tmp_path / "missing")
+
+
+def test_the_manifest_and_provenance_record_files_alike(tmp_path):
+    from mamba_align.model.manifest import file_hashes
+    from mamba_align.ops.provenance import describe_file
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "sub" / "w.bin").write_bytes(b"w" * 10)
+    described = describe_file(tmp_path)["files"]
+    assert file_hashes(tmp_path) == described == {"config.json": file_record(tmp_path / "config.json"),
+                                                  "sub/w.bin": file_record(tmp_path / "sub" / "w.bin")}

@@ -295,6 +295,15 @@ def sha256_file(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def file_record(path: str | os.PathLike, hash_limit: int | None = None) -> dict:
+    """A file's content as recorded everywhere (a model's manifest and identity, provenance): {size, sha256};
+    above `hash_limit` bytes {size, mtime} instead, read without hashing."""
+    st = os.stat(path)
+    if hash_limit is not None and st.st_size > hash_limit:
+        return {"size": st.st_size, "mtime": st.st_mtime}
+    return {"size": st.st_size, "sha256": sha256_file(path)}
+
+
 def fetch_file(url: str, dest: str | os.PathLike, sha256: str | None = None,
                local_path: str | os.PathLike | None = None) -> Path:
     """Copy `local_path` (offline clusters) or download `url` to `dest`, verifying sha256 if given.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mamba_align.eval.engine import load_engine
 from mamba_align.eval.engine.sampling import Sampling
-from mamba_align.model.manifest import verify_model
+from mamba_align.model.manifest import model_identity
 from mamba_align.train.data import with_system_turn
 from mamba_align.utils import ProgressLog, UserError, append_jsonl, read_jsonl, setup_logging, write_json, write_jsonl
 
@@ -39,16 +39,13 @@ MT_BENCH_TEMPERATURE = {
 
 
 def progress_path(out_path: str | Path, model_dir: str | Path, *settings) -> Path:
-    """The progress file of one generation run, keyed by the model's files and the settings, so answers of
-    an earlier model (retrained since) or other settings are never resumed into this one."""
-    verify_model(model_dir)  # both steps start here: a damaged model fails naming its file before any engine loads
-    out_path = Path(out_path)
-    h = hashlib.sha256(json.dumps([str(s) for s in settings]).encode())
-    for f in sorted(Path(model_dir).rglob("*")):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return out_path.with_name(f"{out_path.name}.progress-{h.hexdigest()[:12]}.jsonl")
+    """The progress file of one generation run, keyed by the model's identity (its files' contents, as the model
+    store keys it) and the settings, so answers of an earlier model (retrained since) or other settings are never
+    resumed into this one, and an unchanged model's are, however its files' times moved."""
+    # both steps start here: a damaged model fails naming its file before any engine loads
+    identity = model_identity(model_dir)
+    h = hashlib.sha256(json.dumps([identity, *(str(s) for s in settings)]).encode())
+    return Path(out_path).with_name(f"{Path(out_path).name}.progress-{h.hexdigest()[:12]}.jsonl")
 
 
 def drop_progress(out_path: str | Path) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from mamba_align.utils import UserError, sha256_file, write_json
+from mamba_align.utils import UserError, file_record, write_json
 
 log = logging.getLogger("mamba_align.model.manifest")
 
@@ -37,7 +37,7 @@ def model_files(model_dir) -> list[Path]:
 def file_hashes(model_dir) -> dict[str, dict]:
     """{relative path: {size, sha256}} of every model file, in model_files' order. Reads every byte."""
     root = Path(model_dir).resolve()
-    return {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in model_files(root)}
+    return {str(f.relative_to(root)): file_record(f) for f in model_files(root)}
 
 
 def identity_of(hashes: dict[str, dict]) -> str:
@@ -46,6 +46,15 @@ def identity_of(hashes: dict[str, dict]) -> str:
     for rel, entry in hashes.items():
         h.update(f"{rel}:{entry['sha256']}\n".encode())
     return h.hexdigest()
+
+
+def model_identity(model_dir, check: bool = True) -> str:
+    """The one identity of a model: a sha256 of its files' names and contents (model_files: hidden files and our
+    records left out, so a manifest, a run.json or Snakemake's timestamp never change it). It is the parent model in
+    a training key (ops/runs), and keys a generation's progress (eval/generate) and the leaderboard's work folder,
+    so a changed model never resumes an earlier one's answers. `check`: verify the model against its manifest in the
+    same read (the identity is that read's by-product). Reads every byte: ~10 s for a 2.8B model."""
+    return identity_of(verify_model(model_dir) if check else file_hashes(model_dir))
 
 
 def write_manifest(model_dir, rule: str, hashes: dict[str, dict] | None = None) -> dict[str, dict]:

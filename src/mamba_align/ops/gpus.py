@@ -4,14 +4,13 @@ rehearsal's GPU machine).
 A scheduler gives each job its own GPUs (Slurm and HTCondor set CUDA_VISIBLE_DEVICES). Snakemake's local executor
 gives none: every job sees every GPU and uses the first, so train_dpo and the SFT model's generation, ready at the
 same moment, would share GPU 0 (51 + 20 GiB at the recipes' sizes), whatever `--resources gpu=N` says. `claim(n)`
-takes n of the visible GPUs that no other job of this user holds (a lock file per GPU UUID, which the kernel releases
-when the process ends), waits while fewer are free, and makes them the only visible ones (CUDA_VISIBLE_DEVICES, by
-UUID) for this process and the ranks it starts. Call it before anything touches CUDA.
+takes n of the visible GPUs that no other job of this user holds (a lock file per GPU UUID through mamba_align.flock,
+which the kernel releases when the process ends), waits while fewer are free, and makes them the only visible ones
+(CUDA_VISIBLE_DEVICES, by UUID) for this process and the ranks it starts. Call it before anything touches CUDA.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import subprocess
@@ -19,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mamba_align import flock
 from mamba_align.utils import UserError
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Set inside a scheduler's job: it chose the GPUs already.
 SCHEDULER_ENV = ("SLURM_JOB_ID", "_CONDOR_JOB_AD", "_CONDOR_SCRATCH_DIR")
 POLL_S = 5.0
-_held: list = []  # the open lock files: held for the life of the process
+_held: list[Path] = []  # the GPUs' lock files: held for the life of the process
 
 
 def lock_dir() -> Path:
@@ -73,31 +73,22 @@ def claim(n: int, environ=os.environ, poll_s: float = POLL_S) -> list[str]:
     while True:
         got = []
         for uuid in gpus:
-            f = open(folder / f"{uuid}.lock", "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
-                continue
-            got.append((uuid, f))
-            if len(got) == n:
-                break
+            if folder / f"{uuid}.lock" in _held:
+                continue  # this process's already (an earlier claim): not a GPU for this one
+            if flock.acquire(folder / f"{uuid}.lock", holder=str(os.getpid())):
+                got.append(uuid)
+                if len(got) == n:
+                    break
         if len(got) == n:
             break
-        for _, f in got:  # all or nothing: a job never holds some GPUs while it waits for the rest
-            f.close()
+        for uuid in got:  # all or nothing: a job never holds some GPUs while it waits for the rest
+            flock.release(folder / f"{uuid}.lock")
         if not waited:
             log.info("waiting for %d free GPU(s) of %d: the others are held by this user's other jobs (%s)",
                      n, len(gpus), folder)
             waited = True
         time.sleep(poll_s)
-    for uuid, f in got:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        _held.append(f)
-    chosen = [uuid for uuid, _ in got]
-    environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
+    _held.extend(folder / f"{uuid}.lock" for uuid in got)
+    environ["CUDA_VISIBLE_DEVICES"] = ",".join(got)
     log.info("GPU(s) for this job: %s", environ["CUDA_VISIBLE_DEVICES"])
-    return chosen
+    return got

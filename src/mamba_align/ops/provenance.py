@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mamba_align.ops import layout
 from mamba_align.ops.rerun import whole
-from mamba_align.utils import UserError, read_json, sha256_file, write_json
+from mamba_align.utils import UserError, file_record, read_json, write_json
 
 PACKAGES = ("mamba-align", "torch", "transformers", "trl", "accelerate", "datasets", "mamba-ssm", "causal-conv1d",
             "alpaca-eval", "openai", "snakemake", "snakemake-executor-plugin-slurm",
@@ -73,13 +73,7 @@ def describe_file(path) -> dict | list:
                                           if f.is_file() and not f.name.startswith(".")}}
     if not p.exists():
         return {"path": str(p), "missing": True}
-    st = p.stat()
-    d = {"size": st.st_size}
-    if st.st_size <= HASH_LIMIT:
-        d["sha256"] = sha256_file(p)
-    else:
-        d["mtime"] = st.st_mtime
-    return d
+    return file_record(p, HASH_LIMIT)
 
 
 COMMIT = re.compile(r"[0-9a-f]{40}")

@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mamba_align.model.manifest import RUN_FILE, file_hashes, identity_of, verify_model, write_manifest
+from mamba_align.model.manifest import RUN_FILE, model_identity, verify_model, write_manifest
 from mamba_align.ops import layout
 from mamba_align.train.recipes import OPERATIONAL_KEYS, as_dict
 from mamba_align.utils import UserError, read_json, sha256_file, write_json
@@ -36,17 +36,11 @@ __all__ = ["RUN_FILE", "learned_from", "model_identity", "run_key", "train_stage
 PREVIOUS = ".previous"
 
 
-def model_identity(model_dir) -> str:
-    """A hash of a model directory's files (names and contents; hidden files such as Snakemake's timestamp, our
-    run.json and manifest.json excluded). Reads every byte: ~10 s for a 2.8B model, once per training job."""
-    return identity_of(file_hashes(model_dir))
-
-
 def learned_from(stage: str, recipe, data_files, parent_model, parent_identity: str | None = None) -> dict:
     settings = {k: v for k, v in as_dict(recipe).items() if k not in OPERATIONAL_KEYS}
     return {"stage": stage, "recipe": json.loads(json.dumps(settings, default=str)),
             "data": [sha256_file(f) if f is not None else None for f in data_files],  # by role: train, test
-            "parent_model": parent_identity or model_identity(parent_model)}
+            "parent_model": parent_identity or model_identity(parent_model, check=False)}
 
 
 def run_key(stage: str, recipe, data_files, parent_model) -> str:
@@ -117,8 +111,8 @@ def train_stage(stage: str, model, train, test, recipe, out, checkpoints, metric
     from mamba_align.train.checkpoints import last_complete_checkpoint, lock_checkpoint_dir, release_checkpoint_dir
 
     rule = rule or f"train_{stage}"
-    parent = verify_model(model)  # a damaged parent fails here, naming its file, before any folder is created
-    what = learned_from(stage, recipe, [train, test], model, identity_of(parent))
+    # checked in the same read: a damaged parent fails here, naming its file, before any folder is created
+    what = learned_from(stage, recipe, [train, test], model, model_identity(model))
     key = _key(what)
     ckpt = Path(layout.checkpoint_dir(str(checkpoints), stage, key))
     # live curves (recipe key report_to): `tensorboard --logdir results/logs/tensorboard`, one folder per run

@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+from mamba_align import flock
 from mamba_align.train.recipes import OPERATIONAL_KEYS, TrainCommon, as_dict
 from mamba_align.utils import UserError, read_json, write_json
 
@@ -21,8 +22,7 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: Snakemake (--retries) resubmits the job
 # a wrapper around it (profiles/condor/self_checkpoint.sh) learns from this file that it should exit 75
 PREEMPTED_MARKER_ENV = "MAMBA_ALIGN_PREEMPTED_MARKER"
 STOP_FILE = "STOP"
-LOCK_FILE = "LOCK"
-_held_locks: dict[Path, int] = {}  # checkpoint folder -> open file descriptor holding its flock
+LOCK_FILE = "LOCK"  # a kernel lock (mamba_align.flock) naming its holder
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -54,44 +54,17 @@ def _holder() -> str:
 
 def lock_checkpoint_dir(checkpoint_dir: Path) -> None:
     """Hold an exclusive lock on the folder until release_checkpoint_dir or this process ends (the kernel drops
-    it when the holder dies, so a killed job leaves no stale lock). Two jobs never write one checkpoint folder:
-    the second fails naming the first (host, pid, Slurm/HTCondor job id)."""
-    import errno
-    import fcntl
-
-    checkpoint_dir = Path(checkpoint_dir).resolve()
-    path = checkpoint_dir / LOCK_FILE
-    held = _held_locks.get(checkpoint_dir)
-    if held is not None:
-        try:
-            if os.fstat(held).st_ino == path.stat().st_ino:
-                return  # this process holds it already (train_sft called twice in one process)
-        except FileNotFoundError:
-            pass
-        release_checkpoint_dir(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise UserError(f"{checkpoint_dir} is being written by {holder}; two jobs must not train into one "
-                        f"checkpoint folder: wait for that job or cancel it") from None
-    except OSError as e:  # a filesystem without locks (some Lustre mounts): say so, run unlocked
-        if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-            os.close(fd)
-            raise
-        log.warning("%s: the filesystem does not support locks (%s); not locked", path, e)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (_holder() + "\n").encode(), 0)
-    _held_locks[checkpoint_dir] = fd
+    it when the holder dies, so a killed job leaves no stale lock; a second call in the holding process is a no-op).
+    Two jobs never write one checkpoint folder: the second fails naming the first (host, pid, Slurm/HTCondor job
+    id). On a filesystem without locks (some Lustre mounts) it warns and runs unlocked."""
+    path = Path(checkpoint_dir).resolve() / LOCK_FILE
+    if not flock.acquire(path, holder=_holder(), unlocked_ok=True):
+        raise UserError(f"{path.parent} is being written by {flock.holder_of(path)}; two jobs must not train into "
+                        f"one checkpoint folder: wait for that job or cancel it")
 
 
 def release_checkpoint_dir(checkpoint_dir: Path) -> None:
-    fd = _held_locks.pop(Path(checkpoint_dir).resolve(), None)
-    if fd is not None:
-        os.close(fd)
+    flock.release(Path(checkpoint_dir).resolve() / LOCK_FILE)
 
 
 def prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon) -> None:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from mamba_align.eval.leaderboard.tasks import TaskSpec, check_against_task, score, task_specs
-from mamba_align.model.manifest import identity_of, verify_model
+from mamba_align.model.manifest import model_identity
 from mamba_align.utils import UserError, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def fetch_leaderboard_data(leaderboard: dict, out: str | Path, nltk_dir: str | P
 def _work_dir(out: Path, model_dir: str | Path, settings: dict) -> Path:
     """Where this run's finished tasks and request cache live: keyed by the model's content and the settings, so
     an earlier model's (or other settings') partial results are never resumed into this one."""
-    model_id = identity_of(verify_model(model_dir))
+    model_id = model_identity(model_dir)
     h = hashlib.sha256(json.dumps([model_id, settings], sort_keys=True, default=str).encode()).hexdigest()[:12]
     return out.with_name(f"{out.name}.work-{h}")
 
