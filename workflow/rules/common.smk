@@ -3,9 +3,11 @@ import os
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import min_version, validate
 
-from mamba_align.eval.judge.client import check_judge, judge_gpus
+from mamba_align.eval.judge.client import check_judge
+from mamba_align.eval.judge.settings import JudgeSettings
 from mamba_align.ops import condor_env, gpu_choice, jobenv, layout, provenance
 from mamba_align.ops import experiments as experiments_of
 from mamba_align.ops import plan as planner
@@ -41,12 +43,21 @@ config["base_model"]["chat_template"] = recipes.resolve_chat_template(
 )
 BASE = config["base_model"]
 EVAL = config["eval"]
-JUDGE = config["judge"]
 
 
 # Parsed strictly now, so a bad recipe fails before any job (and any GPU time).
 # NaN / inf anywhere in the config first: the schema's bounds let NaN through (every comparison is false).
 recipes.check_config_finite(config, workflow.configfiles)
+# judge.*, read once into one object (eval/judge/settings.py: the schema's defaults, one validator): the start-up
+# check, the judge rules' GPU count and both benchmarks' judge params (as_dict) come from it. AlpacaEval's judge is
+# the same but for its model, eval.alpaca_eval.judge_model (said once per run by onstart).
+try:
+    JUDGE = JudgeSettings.from_config(config)
+    ALPACA_EVAL_JUDGE = JUDGE.for_alpaca_eval(
+        EVAL["alpaca_eval"]["judge_model"], logger=None
+    )
+except UserError as e:
+    raise WorkflowError(str(e)) from None
 SFT = as_dict(
     recipes.config_recipe(config, "sft", workflow.basedir, workflow.configfiles)
 )
@@ -93,20 +104,25 @@ except UserError as e:
 # Secrets reach cluster jobs through envvars (never config, logs or results).
 # So do the operational switches a job reads (W&B, the kernels' opt-out, the Hugging Face cache).
 envvars:
-    *[v for v in ("HF_TOKEN", JUDGE["api_key_env"]) + PASSED_ENV if os.environ.get(v)],
+    *[v for v in ("HF_TOKEN", JUDGE.api_key_env) + PASSED_ENV if os.environ.get(v)],
 
 
 onstart:
     # Checked before the first job (not in dry runs) when judge jobs will run, so a missing judge key
     # or an endpoint that does not answer (one GET {base_url}/models) fails before training, not after it.
-    judging = any(
-        j.rule.name.startswith("judge_") for j in workflow.dag.needrun_jobs()
-    )
+    judging = {
+        j.rule.name
+        for j in workflow.dag.needrun_jobs()
+        if j.rule.name.startswith("judge_")
+    }
     if judging:
         try:
             check_judge(JUDGE, local_exec=workflow.local_exec, probe=True)
         except UserError as e:
             raise WorkflowError(f"{e}; checked before any job runs.") from None
+    if judging & {"judge_alpaca_eval", "judge_alpaca_eval_grid"}:
+        # AlpacaEval's judge model, where it is not judge.model: said once, on snakemake's log
+        JUDGE.for_alpaca_eval(EVAL["alpaca_eval"]["judge_model"], logger=logger)
     # A score that this run will recompute is removed now, not when its job starts: a run that fails
     # before then (an interrupted retrain) leaves no stale score to be read as current.
     for job in workflow.dag.needrun_jobs():

@@ -167,7 +167,7 @@ use rule judge_mt_bench as judge_mt_bench_grid with:
     benchmark:
         f"{R}/benchmarks/{{home}}/judge_mt_bench.tsv"
     params:
-        **settings_params("judge", JUDGE),
+        **settings_params("judge", JUDGE.as_dict()),
         cache=f"{R}/{{home}}/eval/mt_bench_judge_cache.jsonl",
 
 
@@ -208,7 +208,7 @@ use rule judge_alpaca_eval as judge_alpaca_eval_grid with:
     benchmark:
         f"{R}/benchmarks/{{home}}/judge_alpaca_eval.tsv"
     params:
-        **settings_params("judge", {**JUDGE, "model": AE["judge_model"]}),
+        **settings_params("judge", ALPACA_EVAL_JUDGE.as_dict()),
         annotators=AE["annotators"],
         cache=f"{R}/{{home}}/eval/alpaca_eval_cache",
 

@@ -74,11 +74,11 @@ rule judge_mt_bench:
     conda:
         "../envs/mamba-align.yaml"
     resources:
-        gpu=judge_gpus(JUDGE),  # a local judge on CUDA holds the GPU
+        gpu=JUDGE.gpus,  # a local judge on CUDA holds the GPU
         mem_mb=4000,
         runtime=120,
     params:
-        **settings_params("judge", JUDGE),
+        **settings_params("judge", JUDGE.as_dict()),
         # the scored model's identity, recorded in the score (model_key, model_run_key) for status and the report
         **settings_params("model", scored_learned_by, like=any_learned()),
         cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judge_cache.jsonl",

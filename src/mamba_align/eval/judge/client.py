@@ -41,12 +41,6 @@ UNUSABLE_LIMIT = 5  # unusable answers in a row, over all requests, that stop th
 PROBE_TIMEOUT_S = 10.0  # the start-up check's GET {base_url}/models
 
 
-def judge_gpus(judge: JudgeSettings | dict) -> int:
-    """GPUs a judge job holds: 1 where it starts the local judge on CUDA, else 0 (an API, or a judge
-    server already running at judge.base_url, needs none)."""
-    return JudgeSettings.from_params(judge).gpus
-
-
 def check_judge(judge: JudgeSettings | dict, environ=os.environ, local_exec: bool = True, probe: bool = False) -> None:
     """What judging needs, checked before any job runs: the settings' own checks (JudgeSettings: a known backend, an
     http(s) base_url, ...), and the environment's (`JudgeSettings.check_environment`: for the OpenAI backend a
@@ -58,11 +52,6 @@ def check_judge(judge: JudgeSettings | dict, environ=os.environ, local_exec: boo
     judge.check_environment(environ, local_exec)
     if probe and (judge.backend == "openai" or judge.base_url):
         probe_judge(judge.base_url, judge.api_key(environ), judge.api_key_env)
-
-
-def api_key(judge: JudgeSettings | dict, environ=os.environ) -> str:
-    """The key sent to the judge: judge.api_key_env's value for the API, a placeholder for a local server."""
-    return JudgeSettings.from_params(judge).api_key(environ)
 
 
 def probe_judge(base_url: str | None, key: str, key_env: str = "OPENAI_API_KEY") -> None:

@@ -1,12 +1,14 @@
 """The judge's settings, one object for both benchmarks: `JudgeSettings`, built once from the config's `judge`
-section (`from_config`) or from the dict a judge rule passes as params (`from_params`), and checked by one
-validator (`__post_init__`), whose defaults and bounds are the schema's (tests/test_judge_settings.py holds them
-together). MT-Bench's `JudgeClient` and AlpacaEval's annotators read the same object.
+section (`from_config`, in workflow/rules/common.smk when the workflow is read) or from the dict a judge rule
+passes as params (`from_params`, in the job), and checked by one validator (`__post_init__`), whose defaults and
+bounds are the schema's (tests/test_judge_settings.py holds them together). The start-up check, the judge rules'
+GPU count and params, MT-Bench's `JudgeClient` and AlpacaEval's annotators all read it.
 
 The one benchmark-specific setting is AlpacaEval's judge model: `eval.alpaca_eval.judge_model` replaces
-`judge.model` there (null: each annotator's own model, as on the public leaderboard). `for_alpaca_eval` makes
-that replacement, and logs it; everything else (endpoint, key, concurrency, retries, timeout, local judge) is
-shared. temperature, max_tokens and repeats are MT-Bench's: AlpacaEval's annotator configs set their own.
+`judge.model` there (null: each annotator's own model, as on the public leaderboard). `for_alpaca_eval` is the one
+place that replacement is made, and it says so when it changes the model; everything else (endpoint, key,
+concurrency, retries, timeout, local judge) is shared. temperature, max_tokens and repeats are MT-Bench's:
+AlpacaEval's annotator configs set their own.
 """
 
 from __future__ import annotations
@@ -97,16 +99,21 @@ class JudgeSettings:
         """From a whole config (its `judge` section)."""
         return cls.from_params(config.get("judge") or {})
 
-    def for_alpaca_eval(self, judge_model: str | None) -> JudgeSettings:
+    def for_alpaca_eval(self, judge_model: str | None, logger: logging.Logger | None = log) -> JudgeSettings:
         """The settings AlpacaEval judges with: `eval.alpaca_eval.judge_model` in place of judge.model (None: each
-        annotator's own model, gpt-4 for 1.0 and gpt-4-1106-preview for 2.0); logged, as it differs from MT-Bench's."""
-        if judge_model != self.model:
-            log.info("AlpacaEval judge model: %s (eval.alpaca_eval.judge_model), not judge.model %s",
-                     judge_model or "each annotator's own", self.model)
+        annotator's own model, gpt-4 for 1.0 and gpt-4-1106-preview for 2.0). Said on `logger` when that changes the
+        model (the workflow builds its params with `logger=None` when it is read, and says it once per run, when
+        AlpacaEval jobs are to run, on snakemake's log)."""
+        if logger is not None and judge_model != self.model:
+            used = judge_model or "each annotator's own"
+            # formatted here: snakemake's log handler prints a message without its arguments
+            logger.info(f"AlpacaEval judge model: {used} (eval.alpaca_eval.judge_model), not judge.model {self.model}")
         return dataclasses.replace(self, model=judge_model)
 
     def as_dict(self) -> dict:
-        """judge.* as plain data (JSON, YAML), without the keys that are not config keys when unset."""
+        """judge.* as plain data (JSON, YAML, a judge rule's params), without the keys that are not config keys when
+        unset: for settings read from a config, its section as the schema filled it, value for value (so what
+        Snakemake records of a judge rule's params is what it recorded of the section itself)."""
         out = dataclasses.asdict(self)
         if out["chunksize"] is None:
             del out["chunksize"]
@@ -120,7 +127,8 @@ class JudgeSettings:
 
     @property
     def gpus(self) -> int:
-        """GPUs a judge job holds: 1 where it starts the local judge on CUDA, else 0."""
+        """GPUs a judge job holds (its `gpu` resource): 1 where it starts the local judge on CUDA, else 0 (an API, or
+        a judge server already running at base_url, needs none)."""
         return int(self.starts_local_judge and str(self.local.device or "cpu").startswith("cuda"))
 
     @property
