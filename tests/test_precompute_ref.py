@@ -164,7 +164,7 @@ def test_a_resumed_run_uses_the_initial_weights_and_never_a_damaged_cache(tiny, 
 
 
 def test_the_setting_is_operational_and_resolved_recipe_then_config_then_default():
-    assert "precompute_ref_log_probs" in OPERATIONAL_KEYS  # not in the run key: a change reruns nothing
+    assert "precompute_ref_log_probs" in OPERATIONAL_KEYS  # a change reruns nothing
     config = {"recipe": "zephyr-7b-beta"}
     assert config_recipe(config, "dpo", ROOT).precompute_ref_log_probs is PRECOMPUTE_REF_DEFAULT is True
     off = {**config, "training": {"precompute_ref_log_probs": False}}
@@ -178,6 +178,8 @@ def test_the_setting_is_operational_and_resolved_recipe_then_config_then_default
     assert precompute_ref_log_probs({"precompute_ref_log_probs": None}, off) is False
     on, not_on = (as_dict(config_recipe(c, "dpo", ROOT)) for c in (config, off))
     assert on != not_on and learning_settings(on) == learning_settings(not_on)
+    # the key holds the value every run had before the default changed: earlier runs keep their keys
+    assert learning_settings(on)["precompute_ref_log_probs"] is False
 
 
 def test_the_schema_default_is_the_code_default():

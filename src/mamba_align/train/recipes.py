@@ -188,9 +188,18 @@ OPERATIONAL_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size",
 PRECOMPUTE_REF_DEFAULT = True
 
 
+# Operational keys that were learned settings before (issue #33): the run key and the rule's params keep the value
+# every run had then, so the models, checkpoints and finished jobs of earlier runs keep their keys (a user does
+# not retrain a finished DPO model because precomputation became the default). What a run did is in provenance.
+KEY_AS_BEFORE = {"precompute_ref_log_probs": False}
+
+
 def learning_settings(recipe: dict) -> dict:
-    """The recipe without its OPERATIONAL_KEYS: what identifies a training run's checkpoints."""
-    return {k: v for k, v in recipe.items() if k not in OPERATIONAL_KEYS}
+    """The recipe without its OPERATIONAL_KEYS (KEY_AS_BEFORE's at their fixed values): what identifies a
+    training run's checkpoints."""
+    out = {k: v for k, v in recipe.items() if k not in OPERATIONAL_KEYS}
+    out.update({k: v for k, v in KEY_AS_BEFORE.items() if k in recipe})
+    return out
 
 
 def recipe_dir(name: str, basedir: str | Path) -> Path:
