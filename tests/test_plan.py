@@ -203,8 +203,9 @@ def test_a_demo_left_in_results_does_not_size_the_real_plan(tmp_path, monkeypatc
     notes = after.pop("notes")
     assert fresh.pop("notes") == []
     assert after == fresh
-    assert after["base_params"] == 2.77e9 and after["total_gpu_hours"] == 34.3  # 31.5 + 3 x 0.95 leaderboard
-    assert {j["rule"]: j["runtime_min"] for j in after["jobs"][:2]} == {"train_sft": 125, "train_dpo": 190}
+    # 27.7 + 3 x 0.95 leaderboard; DPO at the precomputed reference's rate (training.precompute_ref_log_probs)
+    assert after["base_params"] == 2.77e9 and after["total_gpu_hours"] == 30.5
+    assert {j["rule"]: j["runtime_min"] for j in after["jobs"][:2]} == {"train_sft": 125, "train_dpo": 154}
     assert notes[0] == ("results/models/base is results/demo/base_mamba_ssm, not the configured "
                         "state-spaces/mamba-2.8b-slimpj: planned from the configured model")
     assert notes[1:] == [
@@ -227,7 +228,7 @@ def test_the_slurm_dry_run_after_a_demo_asks_the_real_runtimes(workflow_copy):
     for rule in ("train_sft", "train_dpo"):
         block = out[out.index(f"rule {rule}:"):]
         runtimes[rule] = int(block.split("runtime=")[1].split(",")[0])
-    assert runtimes == {"train_sft": 125, "train_dpo": 190}
+    assert runtimes == {"train_sft": 125, "train_dpo": 154}  # DPO precomputes (the default)
 
 
 def test_a_prepared_model_or_dataset_of_the_configured_source_is_used(tmp_path):
@@ -256,3 +257,15 @@ def test_a_torn_verify_json_is_a_one_line_error(tmp_path):
     (tmp_path / "models" / "base.verify.json").write_text('{"source": ')
     with pytest.raises(UserError, match=r"base.verify.json: not valid JSON .*prepare again"):
         plan.base_params(CFG, str(tmp_path))
+
+
+def test_the_plan_reads_the_effective_precompute_setting():
+    """A recipe that leaves precompute_ref_log_probs unset (the published ones) is planned at the precomputed rate
+    unless the config's training.precompute_ref_log_probs is false; a recipe's own value wins."""
+    def dpo_rate(cfg, recipe):
+        p = plan.make_plan(cfg, SFT, recipe, {"train_sft": 1, "train_dpo": 1}, "H100-80GB", "/nonexistent")
+        return p["assumptions"]["train_tokens_per_s_per_gpu"]["train_dpo"]
+
+    unset, off = DPO | {"precompute_ref_log_probs": None}, CFG | {"training": {"precompute_ref_log_probs": False}}
+    assert dpo_rate(CFG, unset) == 9435 and dpo_rate(off, unset) == 6820
+    assert dpo_rate(off, DPO | {"precompute_ref_log_probs": True}) == 9435 and dpo_rate(CFG, DPO) == 6820

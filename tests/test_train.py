@@ -590,11 +590,16 @@ def test_every_recipe_key_reaches_trls_config(tmp_path, stage):
             "gradient_checkpointing": args.activation_checkpointing,
             "max_seq_length": args.max_length,
             "loss_type": args.loss_type[0] if stage == "dpo" else None,
+            "precompute_ref_log_probs": None,  # unset in the recipes: resolved (below)
         }
         for key, value in as_dict(recipe).items():
             got = translated[key] if key in translated else getattr(args, key, "no such field in TRL's config")
             if key not in translated or got is not None:
                 assert getattr(got, "value", got) == value, f"{folder.name}/{stage}.yaml: {key}"
+        if stage == "dpo":
+            from mamba_align.train.recipes import precompute_ref_log_probs
+
+            assert args.precompute_ref_log_probs is precompute_ref_log_probs(recipe) is True  # the default
 
 
 def _prepared(tiny, tmp_path, stage, rows, workers, cls=None):

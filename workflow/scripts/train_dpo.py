@@ -9,8 +9,8 @@ setup_logging(snakemake.log[0])
 claim_gpus(int(snakemake.resources.gpu))  # GPUs of its own under the local executor
 i, o, p = snakemake.input, snakemake.output, snakemake.params
 # what is learned from params (the rerun trigger), operational keys from the config as it is now
-# (an experiment of a grid passes its own recipe and overrides as params.config)
-config = getattr(p, "config", None) or snakemake.config
+# (an experiment of a grid passes its own recipe and overrides as params.config; `training` is the workflow's)
+config = {**snakemake.config, **(getattr(p, "config", None) or {})}
 check_source_revision(i.train)  # a Hub dataset still at the commit its data was prepared from
 recipe = stage_recipe(config, "dpo", workflow_root(snakemake.scriptdir), p.recipe)
 train_stage("dpo", i.model, i.train, i.test, recipe, o.model, p.checkpoints, o.metrics,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mamba_align.ops.gpu_choice import format_gpu_counts, with_gpu_counts
 from mamba_align.ops.plan_leaderboard import leaderboard_job
+from mamba_align.train.recipes import precompute_ref_log_probs
 from mamba_align.train.sizes import REF_PARAMS, disk_gb, memory_fix, params_from_config, stage_memory_gib
 from mamba_align.utils import UserError, read_json, write_json
 
@@ -88,7 +89,7 @@ def sft_tokens(recipe: dict, stats: dict | None) -> tuple[float, str]:
 
 def dpo_tokens(recipe: dict, stats: dict | None) -> tuple[float, str]:
     """Token-equivalents of policy forward+backward (chosen and rejected sequences, every epoch), plus the pass
-    that precomputes the reference log-probs when the recipe asks for it."""
+    that precomputes the reference log-probs where the run does (make_plan resolves the setting)."""
     ds = recipe["dataset"]
     if stats and "train" in stats and "tokens" in stats["train"]:
         pairs, source = stats["train"]["rows_out"], "prepared data"
@@ -272,6 +273,7 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
     base model's verify.json and its data folders are, and train_sft=False when another experiment's plan
     holds the SFT run they share."""
     p, notes = cfg["plan"], []
+    dpo = {**dpo, "precompute_ref_log_probs": precompute_ref_log_probs(dpo, cfg)}  # unset: the config's setting
     params = base_params(cfg, results, verify, notes)
     data_dirs = data_dirs or {s: Path(results) / "data" / s for s in ("sft", "dpo")}
     stats = {s: prepared_stats(data_dirs[s], recipe, notes) for s, recipe in (("sft", sft), ("dpo", dpo))}
@@ -285,13 +287,11 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
         jp = plan_job(rule, tokens, params, n, gpu_type, p["safety_margin"], p["max_job_minutes"],
                       efficiency=MULTI_GPU_EFFICIENCY[stage[:3]], per_gpu_speed=per_gpu)
         jp.disk_gb = round(disk_gb(params, recipe), 1)
-        train_speeds[rule] = round(per_gpu)
         jp.peak_mem_gib = round(stage_memory_gib(params, recipe, stage[:3]), 1)
         fix = memory_fix(params, recipe, stage[:3], n, _gpu(gpu_type)["mem_gib"])
-        if fix:
-            jp.note = f"{jp.note} DOES NOT FIT: {fix}".strip()
+        jp.note = f"{jp.note} DOES NOT FIT: {fix}".strip() if fix else jp.note
         jobs.append(with_gpu_counts(jp, recipe.get("global_batch_size", 0), MULTI_GPU_EFFICIENCY[stage[:3]]))
-        sources[rule] = {"tokens": tokens, "from": source}
+        train_speeds[rule], sources[rule] = round(per_gpu), {"tokens": tokens, "from": source}
     ev = cfg["eval"]
     for rule, hours in generation_hours(params, gpu_type, ev["mt_bench"]["max_new_tokens"],
                                        ev["alpaca_eval"]["max_new_tokens"]).items():

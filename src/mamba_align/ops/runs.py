@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mamba_align.model.manifest import RUN_FILE, model_identity, verify_model, write_manifest
 from mamba_align.ops import layout
-from mamba_align.train.recipes import OPERATIONAL_KEYS, as_dict
+from mamba_align.train.recipes import as_dict, learning_settings
 from mamba_align.utils import UserError, read_json, sha256_file, write_json
 
 log = logging.getLogger("mamba_align.ops.runs")
@@ -37,7 +37,7 @@ PREVIOUS = ".previous"
 
 
 def learned_from(stage: str, recipe, data_files, parent_model, parent_identity: str | None = None) -> dict:
-    settings = {k: v for k, v in as_dict(recipe).items() if k not in OPERATIONAL_KEYS}
+    settings = learning_settings(as_dict(recipe))
     return {"stage": stage, "recipe": json.loads(json.dumps(settings, default=str)),
             "data": [sha256_file(f) if f is not None else None for f in data_files],  # by role: train, test
             "parent_model": parent_identity or model_identity(parent_model, check=False)}

@@ -75,8 +75,12 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, stage: str, recipe: TrainCommon
     run_file = checkpoint_dir / "run.json"
     settings = {k: v for k, v in as_dict(recipe).items() if k not in OPERATIONAL_KEYS}
     run = json.loads(json.dumps({"stage": stage, "recipe": settings}))
-    if run_file.exists() and read_json(run_file) != run:
-        old = read_json(run_file).get("recipe", {})
+    earlier = read_json(run_file) if run_file.exists() else run
+    # keys that became operational (precompute_ref_log_probs) do not make a folder of the same run another run's
+    earlier = {**earlier, "recipe": {k: v for k, v in (earlier.get("recipe") or {}).items()
+                                     if k not in OPERATIONAL_KEYS}}
+    if earlier != run:
+        old = earlier.get("recipe", {})
         changed = sorted(k for k in set(old) | set(run["recipe"]) if old.get(k) != run["recipe"].get(k))
         raise UserError(f"{checkpoint_dir} holds checkpoints of a {stage} run with other settings "
                         f"({', '.join(changed) or 'stage'}); delete the folder to start afresh, or use another")

@@ -18,7 +18,7 @@ from mamba_align.train.callbacks import (
 )
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, exit_preempted, last_complete_checkpoint
 from mamba_align.train.preflight import COLUMNS
-from mamba_align.train.recipes import as_dict
+from mamba_align.train.recipes import as_dict, precompute_ref_log_probs
 from mamba_align.train.trainer import dataset_workers, one_gpu_per_process, trainer_classes, trl_config
 from mamba_align.utils import atomic_path, write_json
 
@@ -90,13 +90,23 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
         trainer = sft_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, callbacks=callbacks)
     else:
+        from accelerate.utils import parse_flag_from_env
+
+        # Precomputed, the reference is the policy before its first step (TRL computes the log-probs in __init__,
+        # before a checkpoint is loaded); under FSDP TRL would load a reference of its own, without the fast path
+        precompute = precompute_ref_log_probs(recipe)
         ref_model = None
-        if not (recipe.precompute_ref_log_probs and Path(ref_model_dir) == Path(model_dir)):
+        if not (precompute and Path(ref_model_dir) == Path(model_dir)
+                and not parse_flag_from_env("ACCELERATE_USE_FSDP")):
             ref_model, _ = _load_model(ref_model_dir, cpu=not cuda)
             enable_fast_path(ref_model)
+        log.info("dpo: reference log-probs %s", "precomputed before the first step" if precompute
+                 else "from a reference forward at every step")
         trainer = dpo_cls(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks,
                           max_prompt_length=recipe.max_prompt_length)
+        if precompute and ref_model is not None:
+            trainer.ref_model = ref_model = None  # its log-probs are in the datasets now: its memory goes back
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # LogAndTime logs instead (one format, to the rule's log)

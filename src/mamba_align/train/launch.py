@@ -39,6 +39,7 @@ from mamba_align.train.recipes import (
     as_dict,
     load_recipe,
     parse_overrides,
+    precompute_ref_log_probs,
 )
 from mamba_align.utils import (
     UserError,
@@ -76,6 +77,8 @@ def _train(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_d
 
     require_kernels(f"training ({stage})")  # before any model is loaded
     check_trackers(recipe)
+    if stage == "dpo" and recipe.precompute_ref_log_probs is None:  # a recipe read without a config
+        recipe = dataclasses.replace(recipe, precompute_ref_log_probs=precompute_ref_log_probs(recipe))
     launched = _in_distributed_launch()
     if launched:
         num_processes = int(os.environ["WORLD_SIZE"])

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from mamba_align.train.recipes import TrainCommon
+from mamba_align.train.recipes import TrainCommon, precompute_ref_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,55 @@ def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, m
     if len(prompt) + longer > max_length:
         chosen, rejected = chosen[: max_length - max_prompt_length], rejected[: max_length - max_prompt_length]
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+
+def _truncate_row(row: dict, max_length: int, max_prompt_length: int) -> dict:
+    return truncate_pair(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], max_length, max_prompt_length)
+
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def ref_cache_file(dataset, model_hash: str) -> str:
+    """Where TRL's DPOTrainer._precompute_ref_logps caches a dataset's reference log-probs: beside the dataset's
+    own cache files (fit keeps them in the run's checkpoint folder), named by the dataset's fingerprint and the
+    reference weights' hash (tests/test_precompute_ref.py pins that this is TRL's file)."""
+    from datasets.fingerprint import Hasher
+
+    return dataset._get_cache_file_path(Hasher.hash((dataset._fingerprint, model_hash)))
+
+
+def check_ref_logps(dataset, rows: int, name: str) -> None:
+    """Every row has both reference log-probs, finite."""
+    import numpy as np
+
+    missing = [c for c in REF_COLUMNS if c not in dataset.column_names]
+    if missing or len(dataset) != rows:
+        raise RuntimeError(f"reference log-probs of the {name} dataset: {len(dataset)} rows (expected {rows}), "
+                           f"missing columns {missing}")
+    for column in REF_COLUMNS:
+        values = np.asarray(dataset.with_format("numpy")[column], dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise RuntimeError(f"reference log-probs of the {name} dataset: {column} is not finite in "
+                               f"{int((~np.isfinite(values)).sum())} rows")
+
+
+def drop_unusable_ref_cache(dataset, model_hash: str, name: str) -> None:
+    """Remove a cached reference log-probs file that cannot be read or does not hold a finite value for every row
+    (datasets writes it to a temporary name and renames it when complete; this also covers a file damaged later),
+    so that TRL computes it again instead of training against it."""
+    from datasets import Dataset
+
+    path = Path(ref_cache_file(dataset, model_hash))
+    if not path.exists():
+        return
+    try:
+        check_ref_logps(Dataset.from_file(str(path)), len(dataset), name)
+        log.info("reference log-probs of the %s dataset: reusing %s", name, path)
+    except Exception as e:  # noqa: BLE001 - unreadable arrow, wrong rows or values: recompute
+        log.warning("reference log-probs of the %s dataset: %s is unusable (%s); computing them again", name, path,
+                    e)
+        path.unlink()
 
 
 def _prepare_model_grads_in_buckets(prepare_model, model, *args, **kwargs):
@@ -189,10 +238,29 @@ def trainer_classes():
             untruncated = copy.copy(args)
             untruncated.max_length = None
             dataset = super()._prepare_dataset(dataset, processing_class, untruncated, dataset_name)
-            return dataset.map(lambda r: truncate_pair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"],
-                                                       args.max_length, self.max_prompt_length),
+            # a module-level function and plain arguments: the same fingerprint in every job, so the reference
+            # log-probs cached under it are found again on resume (a lambda over the trainer hashes at random)
+            return dataset.map(_truncate_row, fn_kwargs={"max_length": args.max_length,
+                                                         "max_prompt_length": self.max_prompt_length},
                                num_proc=args.dataset_num_proc,
                                desc=f"Truncating {dataset_name} prompts to max_prompt_length")
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            # TRL computes them in __init__, before train() loads a checkpoint: always the initial (SFT) weights,
+            # also when resuming. In eval mode, as the per-step reference model runs (the fast path's kernels
+            # follow the mode). A cached file that does not hold a finite value for every row is removed first.
+            if self.accelerator.is_main_process:
+                drop_unusable_ref_cache(dataset, self._precompute_model_hash, name)
+            self.accelerator.wait_for_everyone()
+            reference = self.ref_model or self.model
+            was_training = reference.training
+            reference.eval()
+            try:
+                out = super()._precompute_ref_logps(dataset, name, batch_size)
+            finally:
+                reference.train(was_training)
+            check_ref_logps(out, len(dataset), name)
+            return out
 
     return MambaSFTTrainer, MambaDPOTrainer
 
@@ -244,7 +312,7 @@ def trl_config(stage: str, recipe: TrainCommon, checkpoint_dir: Path, accumulati
         return SFTConfig(**common, dataset_text_field="text", max_length=recipe.max_seq_length,
                          packing=recipe.packing, packing_strategy="wrapped", completion_only_loss=False)
     return DPOConfig(**common, beta=recipe.beta, loss_type=[recipe.loss_type], max_length=recipe.max_length,
-                     precompute_ref_log_probs=recipe.precompute_ref_log_probs)
+                     precompute_ref_log_probs=precompute_ref_log_probs(recipe))
 
 
 def one_gpu_per_process(args) -> None:
