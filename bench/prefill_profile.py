@@ -47,6 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a small model and shapes (smoke test)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile-only", action="store_true", help="only the two profiles of the first shape")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     shape = "tiny" if a.tiny else "2.8b"
@@ -57,7 +58,7 @@ def main() -> None:
     result = {"env": environment(), "shape": shape, "prefill": [], "step": []}
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for rows, width in shapes:
+        for rows, width in ([] if a.profile_only else shapes):
             prompts = torch.randint(0, vocab, (rows, width), generator=g).tolist()
             runner = engine._runner(max(64, rows) if not a.tiny else 8)
             masked = timed(lambda: runner.prefill(list(range(rows)), prompts), a.reps)  # noqa: B023
@@ -74,7 +75,7 @@ def main() -> None:
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
             result["prefill"].append(row)
             print(row, flush=True)
-        for n in slots:
+        for n in ([] if a.profile_only else slots):
             runner = engine._runner(n)
             tok = torch.randint(0, vocab, (n,), device=engine.device)
             dt = timed(lambda: runner.step(tok), 20)  # noqa: B023
@@ -87,12 +88,13 @@ def main() -> None:
         runner = engine._runner(max(64, rows) if not a.tiny else 8)
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            runner.prefill(list(range(rows)), ragged_prompts)
-            cuda_sync()
-        table = profile_table(prof, cuda=True, rows=30)
-        print(table)
-        result["profile_table"] = table
+        for name, batch in (("ragged", ragged_prompts), ("unpadded", prompts)):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                runner.prefill(list(range(rows)), batch)
+                cuda_sync()
+            table = profile_table(prof, cuda=True, rows=30)
+            print(name, "\n", "\n".join(line[:100] + line[-40:] for line in table.splitlines()[:14]))
+            result[f"profile_table_{name}"] = table
     emit("prefill_profile", result, a.out)
 
 

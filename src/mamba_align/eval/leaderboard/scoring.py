@@ -320,7 +320,7 @@ class SSMScorer:
             raise ValueError(f"{max(len(owner), rows)} rows exceed the {self.sizes[-1]} decode slots")
         first = [owner.index(c) for c in range(len(contexts))]  # each context is prefilled into its first row
         self.stats["prefill_tokens"] += sum(len(c) for c in contexts)
-        self.stats["positions"] += len(contexts) * max(len(c) for c in contexts)
+        self.stats["positions"] += len(contexts) * -(-max(len(c) for c in contexts) // 8) * 8  # the padded width
         with torch.inference_mode():  # the graph is captured (on first use) and replayed in inference mode
             self.runner = self.engine._runner(_fit(max(len(owner), rows), self.sizes))
             logits = self.runner.prefill(first, contexts)
