@@ -247,6 +247,7 @@ def stage_recipe(config: dict, stage: str, basedir: str | Path, learned: dict) -
     """A training job's recipe: what it learns from the rule's params (`learned`, which Snakemake compares to
     decide on a rerun) and the operational keys from the config as it is now, so that changing a batch size or
     save_steps after a stage finished reruns nothing, and a resubmission picks the new value up."""
+    learned = {k: v for k, v in learned.items() if k not in KEY_AS_BEFORE}  # held fixed for the key only
     merged = {**as_dict(config_recipe(config, stage, basedir)), **learned}
     recipe = build(RECIPE_CLASSES[stage], merged, f"recipe {stage}")
     validate(recipe, f"recipe {stage}")
