@@ -372,15 +372,15 @@ def test_mamba_ssm_path_equals_stock_hflm(tmp_path):
         assert a == pytest.approx(b, rel=0.02, abs=0.05)
 
 
-def fewshot_pairs(seed=0, subjects=2, questions=5, long_choices=False):
+def fewshot_pairs(seed=0, subjects=2, questions=5, long_choices=False, shots=6):
     """MMLU-shaped requests: per subject, the same few-shot prefix (lm-eval's `first_n` sampler) before
     each question, remainders of different lengths, one-token choices (or multi-word ones)."""
     rng = random.Random(seed)
     pairs = []
     for _ in range(subjects):
-        shots = "".join(f"{sentence(rng, 12)}?\nAnswer: {rng.choice('ABCD')}\n\n" for _ in range(6))
+        prefix = "".join(f"{sentence(rng, 12)}?\nAnswer: {rng.choice('ABCD')}\n\n" for _ in range(shots))
         for _ in range(questions):
-            ctx = shots + sentence(rng, rng.randint(2, 20)) + "?\nAnswer:"
+            ctx = prefix + sentence(rng, rng.randint(2, 20)) + "?\nAnswer:"
             choices = [" " + sentence(rng, rng.randint(1, 4)) for _ in range(3)] if long_choices else \
                 [" A", " B", " C", " D"]
             pairs += [(ctx, c) for c in choices]
@@ -419,7 +419,9 @@ def test_shared_fewshot_prefix_read_once_and_scores_equal_stock_hflm(model_dir, 
 def test_ssm_scorer_shared_prefix_on_a_fake_runner(ours, rows):
     """The graph runner's side of prefix sharing (snapshot, reset of late-starting rows, expansion to one row
     per choice, idle slots) gives the transformers scorer's numbers."""
-    pairs = fewshot_pairs(seed=3, questions=3, long_choices=True) + fewshot_pairs(seed=4, subjects=1, questions=4)
+    # small: the fake runner re-reads each slot's whole history at every step
+    pairs = fewshot_pairs(seed=3, subjects=1, questions=3, long_choices=True, shots=2) + \
+        fewshot_pairs(seed=4, subjects=1, questions=3, shots=2)
     enc = [ours._encode_pair(c, x) for c, x in pairs]
     want = S.score(enc, S.HFScorer(ours.engine.model), max_rows=rows, min_prefix=10 ** 6)  # no sharing
     engine = FakeEngine(ours.engine.model)
