@@ -20,6 +20,12 @@ from mamba_align.model.mapping import (
 )
 
 
+def prefill_width(prompts: list[list[int]]) -> int:
+    """The padded width of a prefill batch: its longest prompt rounded up to a multiple of 8 (an odd width
+    misaligns every GEMM and the convolution's vector loads: ~2x slower on H200, docs/benchmarks.md §15)."""
+    return -(-max(len(p) for p in prompts) // 8) * 8
+
+
 def masked_mixer_prefill(m, hidden, mask, conv_fn, scan_fn):
     """Mamba-1 mixer over a left-padded batch; returns (output, conv_state, ssm_state).
 
@@ -125,8 +131,7 @@ class _GraphRunner:
         from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
         model = self.engine.model
-        # a multiple of 8: an odd width misaligns every GEMM and the convolution's vector loads (~2x slower on H200)
-        width = -(-max(len(p) for p in prompts) // 8) * 8
+        width = prefill_width(prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.bool)
         for j, p in enumerate(prompts):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mamba_align.eval.engine.decode import _fit, _slot_sizes
+from mamba_align.eval.engine.ssm import prefill_width
 
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 
@@ -57,14 +58,17 @@ def prefix_units(contexts: list[list[int]], min_prefix: int = 64) -> list[tuple[
     the rest token by token). A context without such neighbours is a group of one (prefix = the context)."""
     order = sorted(range(len(contexts)), key=lambda i: contexts[i])  # shared prefixes become neighbours
     units: list[tuple[int, list[int]]] = []
+    longest = 0  # of the last unit's members
     for i in order:
         if units:
             plen, members = units[-1]
             common = min(plen, _common_prefix(contexts[members[-1]], contexts[i]))
-            if common >= min_prefix and 2 * common >= max(len(contexts[j]) for j in (*members, i)):
+            if common >= min_prefix and 2 * common >= max(longest, len(contexts[i])):
                 units[-1] = (common, members + [i])
+                longest = max(longest, len(contexts[i]))
                 continue
         units.append((len(contexts[i]), [i]))
+        longest = len(contexts[i])
     return units
 
 
@@ -92,7 +96,7 @@ def _score_contexts(requests: list[Request], shared: list[tuple[list[int], list[
         prefix_of = [k for k, (_, members) in enumerate(batch) for _ in members]
         prefixes = [contexts[members[0]][:plen] for plen, members in batch]
         remainders = [contexts[j][len(prefixes[k]):] for j, k in zip(ctx_ids, prefix_of, strict=True)]
-        req_ids = [[i for i in shared[j][1]] for j in ctx_ids]
+        req_ids = [shared[j][1] for j in ctx_ids]
         results = _score_from_state(scorer, prefixes, prefix_of, remainders,
                                     [[requests[i][1] for i in ids] for ids in req_ids])
         for ids, res in zip(req_ids, results, strict=True):
@@ -154,12 +158,9 @@ def _score_from_state(scorer, prefixes: list[list[int]], prefix_of: list[int], r
     if longest:
         saved = scorer.snapshot([prefix_of.index(k) for k in range(len(prefixes))])
         begin: dict[int, list[int]] = {}
-        toks = torch.zeros(len(remainders), longest, dtype=torch.long)
         for c, r in enumerate(remainders):
             begin.setdefault(longest - len(r), []).append(c)
-            if r:
-                toks[c, longest - len(r):] = torch.tensor(r, dtype=torch.long)
-        toks = toks.to(dev)
+        toks = _left_padded(remainders)[0].to(dev)  # right-aligned: every row ends its context at the last step
         logits = None
         for t in range(longest + 1):
             if t and t in begin:  # rows starting now (at longest: empty remainders) take their prefix's state
@@ -175,10 +176,7 @@ def _score_from_state(scorer, prefixes: list[list[int]], prefix_of: list[int], r
     scorer.expand(owner)
     flat = [x for cs in conts for x in cs]
     n, steps = len(flat), max(len(x) for x in flat)
-    tokens = torch.zeros(n, steps, dtype=torch.long)
-    for r, x in enumerate(flat):
-        tokens[r, : len(x)] = torch.tensor(x, dtype=torch.long)
-    tokens = tokens.to(dev)
+    tokens = _right_padded(flat).to(dev)
     lens = torch.tensor([len(x) for x in flat], device=dev)
     logprob = torch.zeros(n, dtype=torch.float32, device=dev)
     greedy = torch.ones(n, dtype=torch.bool, device=dev)
@@ -320,7 +318,7 @@ class SSMScorer:
             raise ValueError(f"{max(len(owner), rows)} rows exceed the {self.sizes[-1]} decode slots")
         first = [owner.index(c) for c in range(len(contexts))]  # each context is prefilled into its first row
         self.stats["prefill_tokens"] += sum(len(c) for c in contexts)
-        self.stats["positions"] += len(contexts) * -(-max(len(c) for c in contexts) // 8) * 8  # the padded width
+        self.stats["positions"] += len(contexts) * prefill_width(contexts)
         with torch.inference_mode():  # the graph is captured (on first use) and replayed in inference mode
             self.runner = self.engine._runner(_fit(max(len(owner), rows), self.sizes))
             logits = self.runner.prefill(first, contexts)
