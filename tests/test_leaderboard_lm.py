@@ -102,6 +102,19 @@ def test_loglikelihoods_equal_stock_hflm(ours, stock):
     assert any(g for _, g in want) and not all(g for _, g in want)  # the greedy flag is exercised both ways
 
 
+def test_batched_encoding_gives_templatelm_token_ids(ours, monkeypatch):
+    from lm_eval.api.model import TemplateLM
+
+    bos = ours.tokenizer.decode(ours.prefix_token_id)
+    pairs = mc_pairs() + [("trailing spaces  ", "x"), (bos + "a context with BOS", " yes"), ("", " cat")]
+    reqs = ll_instances(pairs)
+    seen = []
+    monkeypatch.setattr(ours, "_loglikelihood_tokens", lambda new, disable_tqdm=False: seen.append(new) or [])
+    ours.loglikelihood(reqs)
+    TemplateLM.loglikelihood(ours, reqs)  # lm-eval's own per-request encoding
+    assert seen[0] == seen[1]
+
+
 def test_mixed_context_lengths_in_one_prefill_batch(model_dir):
     """One batch of contexts from 3 to 40 tokens (left padding masked out of the state) scores as each
     context alone does."""
@@ -299,6 +312,12 @@ def test_batches_respect_rows_and_padded_tokens():
     items = [(10, 3), (9, 3), (9, 2), (4, 4), (2, 1)]  # (context length, choices)
     batches = S._batches(items, lambda it: it[0], lambda it: it[1], max_rows=6, max_tokens=18)
     assert batches == [[(10, 3)], [(9, 3), (9, 2)], [(4, 4), (2, 1)]]
+
+
+def test_batches_end_where_the_widths_cross_a_scan_chunk():
+    items = [(4100, 1), (4000, 1), (1100, 1), (1025, 1), (1024, 1), (700, 1)]
+    batches = S._batches(items, lambda it: it[0], lambda it: it[1], max_rows=64, max_tokens=10**6)
+    assert batches == [[(4100, 1)], [(4000, 1)], [(1100, 1), (1025, 1)], [(1024, 1), (700, 1)]]
 
 
 def test_rolling_loglikelihood_is_the_sum_over_the_text(ours, stock):

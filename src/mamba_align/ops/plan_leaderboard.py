@@ -2,9 +2,9 @@
 
 Multiple-choice tasks: seconds per document inside lm-eval's loglikelihood through the project's model class
 (`mamba_align`: each shared context read once), measured by bench/leaderboard_speed.py on tasks shaped like the
-real ones (docs/benchmarks.md §15, run W: random bf16 weights, 500 documents per task). Tasks not measured are
-estimated from a measured task of similar shape or, for generation, from the generation engine's rate with every
-answer at its cap (an upper bound). Documents per task: the full test (or validation) splits lm-eval scores.
+real ones (docs/benchmarks.md §17, run X: random bf16 weights, 500 documents per task, median of 2). Tasks not
+measured are estimated from a measured task of similar shape or, for generation, from the generation engine's rate
+with every answer at its cap (an upper bound). Documents per task: the full test (or validation) splits lm-eval scores.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import math
 
 # (documents, seconds per document on one H200 at 2.8B, source)
 TASK_COST = {
-    "arc_challenge": (1172, 0.0522, "measured (25-shot, ~1,070 tokens per request)"),
-    "hellaswag": (10042, 0.0479, "measured (10-shot, ~900 tokens per request)"),
-    "mmlu": (14042, 0.0217, "measured (5-shot, one-token choices, the few-shot prefix read once)"),
-    "truthfulqa_mc2": (817, 0.0289, "measured (0-shot, 4-12 choices)"),
-    "winogrande": (1267, 0.0289, "estimated as truthfulqa_mc2 (short contexts, 2 choices)"),
+    "arc_challenge": (1172, 0.0401, "measured (25-shot, ~1,070 tokens per request)"),
+    "hellaswag": (10042, 0.0329, "measured (10-shot, ~900 tokens per request)"),
+    "mmlu": (14042, 0.0113, "measured (5-shot, one-token choices, the few-shot prefix read once)"),
+    "truthfulqa_mc2": (817, 0.0207, "measured (0-shot, 4-12 choices)"),
+    "winogrande": (1267, 0.0207, "estimated as truthfulqa_mc2 (short contexts, 2 choices)"),
     "gsm8k": (1319, 256 / 14949 / 1.1 + 0.03, "upper bound: 256 generated tokens each at the engine's rate"),
     "ifeval": (541, 1280 / 14949 / 1.1, "upper bound: 1,280 generated tokens each at the engine's rate"),
 }

@@ -74,12 +74,15 @@ class _GraphRunner:
         self.engine, self.slots = engine, slots
         model = engine.model
         self.device = engine.device
-        self.states = {}
-        for layer in model.backbone.layers:
-            m = layer.mixer
-            conv = torch.zeros(slots, m.d_inner, m.d_conv, device=self.device, dtype=m.conv1d.weight.dtype)
-            ssm = torch.zeros(slots, m.d_inner, m.d_state, device=self.device, dtype=engine.state_dtype)
-            self.states[m.layer_idx] = (conv, ssm)
+        # one tensor per kind for all layers, (layer, slot, ...): moving slots is one copy per kind, not one
+        # per layer (the scorer moves slots often: 2 x 64 copies per move was CPU-bound, benchmarks §15)
+        mixers = [layer.mixer for layer in model.backbone.layers]
+        m = mixers[0]
+        self.conv_all = torch.zeros(len(mixers), slots, m.d_inner, m.d_conv, device=self.device,
+                                    dtype=m.conv1d.weight.dtype)
+        self.ssm_all = torch.zeros(len(mixers), slots, m.d_inner, m.d_state, device=self.device,
+                                   dtype=engine.state_dtype)
+        self.states = {m.layer_idx: (self.conv_all[i], self.ssm_all[i]) for i, m in enumerate(mixers)}
         # seqlen_offset > 0 selects Mamba.step (one token against the cached state); Mamba-1 reads nothing else
         self.params = InferenceParams(max_seqlen=1, max_batch_size=slots, seqlen_offset=1,
                                       key_value_memory_dict=self.states)
@@ -106,23 +109,21 @@ class _GraphRunner:
         self.graph.replay()
         return self.logits
 
-    def copy_slots_from(self, other: _GraphRunner, src: list[int], dst: list[int]) -> None:
+    def _index(self, rows: list[int]):
+        """Row numbers on the device without a host sync (copied from pinned memory)."""
         import torch
 
-        si = torch.tensor(src, device=self.device)
-        di = torch.tensor(dst, device=self.device)
-        for key, (conv, ssm) in self.states.items():
-            oconv, ossm = other.states[key]
-            conv.index_copy_(0, di, oconv.index_select(0, si))
-            ssm.index_copy_(0, di, ossm.index_select(0, si))
+        return torch.tensor(rows, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+
+    def copy_slots_from(self, other: _GraphRunner, src: list[int], dst: list[int]) -> None:
+        si, di = self._index(src), self._index(dst)
+        self.conv_all.index_copy_(1, di, other.conv_all.index_select(1, si))
+        self.ssm_all.index_copy_(1, di, other.ssm_all.index_select(1, si))
 
     def snapshot(self, slots: list[int]):
         """A copy of these slots' states; `copy_slots_from(snapshot, i, dst)` restores its i-th slot into dst."""
-        import torch
-
-        si = torch.tensor(slots, device=self.device)
-        return SimpleNamespace(states={key: (conv.index_select(0, si), ssm.index_select(0, si))
-                                       for key, (conv, ssm) in self.states.items()})
+        si = self._index(slots)
+        return SimpleNamespace(conv_all=self.conv_all.index_select(1, si), ssm_all=self.ssm_all.index_select(1, si))
 
     def prefill(self, slots: list[int], prompts: list[list[int]]):
         import torch
@@ -139,7 +140,7 @@ class _GraphRunner:
             mask[j, width - len(p):] = True
         ids = ids.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True) if any(len(p) != width for p in prompts) else None
-        slot_idx = torch.tensor(slots, device=self.device)
+        slot_idx = self._index(slots)
 
         def conv_fn(x, weight, bias):
             return causal_conv1d_fn(x, weight, bias, activation="silu")

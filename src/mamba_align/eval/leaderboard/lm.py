@@ -127,6 +127,39 @@ class MambaAlignLM(TemplateLM):
         enc = self.tokenizer.encode(string, **special)
         return enc[-left_truncate_len:] if left_truncate_len else enc
 
+    def _encode_many(self, strings) -> dict[str, list[int]]:
+        """`tok_encode` of each distinct string, in one batched tokenizer call per BOS handling (the same ids)."""
+        bos = self.tokenizer.decode(self.prefix_token_id)
+        groups: dict[bool, list[str]] = {}
+        for string in dict.fromkeys(strings):
+            groups.setdefault(has_bos_prefix(string, bos), []).append(string)
+        out = {}
+        for prefixed, group in groups.items():
+            special = {"add_special_tokens": False} if prefixed else _add_special_kwargs(None, self.add_bos_token)
+            out.update(zip(group, self.tokenizer(group, **special)["input_ids"], strict=True))
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """As TemplateLM.loglikelihood, with the same token ids, but each distinct string encoded once and in
+        batches: the four choices of a question share their context, and per-request encoding of few-shot
+        contexts took a third of MMLU's time (docs/benchmarks.md §17)."""
+        split = []  # (context, continuation) with the context's trailing spaces moved, as TemplateLM._encode_pair
+        for context, continuation in (req.args for req in requests):
+            n = len(context) - len(context.rstrip())
+            split.append((context[:-n], context[-n:] + continuation) if n and context else (context, continuation))
+        enc = self._encode_many([s for ctx, cont in split if ctx for s in (ctx + cont, ctx)])
+        new_reqs = []
+        for req, (ctx, cont) in zip(requests, split, strict=True):
+            if ctx:
+                ctx_enc = enc[ctx]
+                new_reqs.append((req.args, ctx_enc, enc[ctx + cont][len(ctx_enc):]))
+            else:  # TemplateLM's empty context: BOS (or EOS) as the context
+                cont_enc = self.tok_encode(cont, add_special_tokens=False)
+                pair = ([self.prefix_token_id], cont_enc) if self.prefix_token_id != cont_enc[0] else \
+                    (cont_enc[:1], cont_enc[1:])
+                new_reqs.append((req.args, *pair))
+        return self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+
     def _encode_contexts(self, contexts: list[str], left_truncate_len: int) -> list[list[int]]:
         """As HFLM.tok_batch_encode (the first string decides BOS handling for the batch), without padding."""
         special = {}

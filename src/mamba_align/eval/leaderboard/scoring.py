@@ -27,13 +27,21 @@ def uses_state(context: list[int], continuations: list[list[int]]) -> bool:
     return len(continuations) > 1 and max(len(c) for c in continuations) <= len(context)
 
 
+def _scan_chunks(width: int) -> int:
+    """mamba_ssm's selective scan reads a row in chunks of 2,048 positions once it is longer than 1,024 (up to
+    1,024, one chunk of the row's size): a row of 1,088 costs as much as one of 2,048 (benchmarks §15)."""
+    return 0 if width <= 1024 else -(-width // 2048)
+
+
 def _batches(items: list, width, size, max_rows: int, max_tokens: int) -> list[list]:
     """Consecutive batches of `items` (sorted longest first) with at most `max_rows` rows (`size(item)` each)
-    and at most `max_tokens` padded positions (rows of the batch's first item's `width`)."""
+    and at most `max_tokens` padded positions (rows of the batch's first item's `width`). A batch ends where
+    the widths cross a scan chunk (`_scan_chunks`): rows of 1,000 are not padded to 1,100 and scanned as 2,048."""
     out, cur, rows = [], [], 0
     for it in items:
         n = size(it)
-        if cur and (rows + n > max_rows or (len(cur) + 1) * width(cur[0]) > max_tokens):
+        if cur and (rows + n > max_rows or (len(cur) + 1) * width(cur[0]) > max_tokens
+                    or _scan_chunks(width(it)) != _scan_chunks(width(cur[0]))):
             out.append(cur)
             cur, rows = [], 0
         cur.append(it)
