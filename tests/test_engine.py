@@ -244,6 +244,38 @@ def test_decode_loop_shrinks_to_a_smaller_runner_and_bounds_prefill_width():
     assert all(e[1] * e[2] <= 20 or e[1] == 1 for e in log if e[0] == "prefill")
 
 
+@pytest.mark.parametrize("sync_every", [1, 5])
+def test_decode_loop_stop_ends_a_sequence_at_the_next_look(sync_every):
+    rng = random.Random(11)
+    prompts = [[rng.randrange(31) for _ in range(rng.randint(1, 12))] for _ in range(13)]
+    full = [toy_reference(p, 60, None) for p in prompts]
+    asked = []
+
+    def stop(tokens):  # "a stop string": token 7 somewhere in the text
+        asked.append(len(tokens))
+        return 7 in tokens
+
+    out, _ = run_toy(prompts, 60, None, 4, sync_every=sync_every, stop=stop)
+    for o, f in zip(out, full, strict=True):
+        assert o == f[: len(o)]  # a prefix of the unstopped sequence
+        if 7 in f:  # ended at the first look after the 7: at most sync_every - 1 tokens past it
+            assert f.index(7) < len(o) <= f.index(7) + sync_every
+        else:
+            assert o == f
+    assert any(len(o) < 60 for o in out) and asked
+
+
+def test_transformers_engine_stop_ends_rows_where_it_says(monkeypatch):
+    model = tiny_model()
+    eng = TransformersEngine.from_model(model, batch_size=4)
+    prompts = [[1, 2, 3], [4, 6, 2], [7, 8, 9]]
+    free = eng.generate(prompts, Sampling(max_new_tokens=12))
+    mark = free[1][2]  # the third token of the second row ends it (and any row that has it earlier)
+    out = eng.generate(prompts, Sampling(max_new_tokens=12), stop=lambda toks: mark in toks)
+    for o, f in zip(out, free, strict=True):
+        assert o == (f[: f.index(mark) + 1] if mark in f else f)
+
+
 def test_decode_loop_edge_cases():
     assert run_toy([[1], [2]], 0, 4, 4)[0] == [[], []]
     assert run_toy([], 5, 4, 4)[0] == []

@@ -28,13 +28,16 @@ def _fit(n: int, sizes: list[int]) -> int:
 
 def decode_loop(prompts: list[list[int]], sampling: Sampling, eos_token_id, get_runner: Callable,
                 batch_size: int, sync_every: int = 16, prefill_tokens: int = 16384,
-                on_finished: Callable[[int], None] | None = None) -> list[list[int]]:
+                on_finished: Callable[[int], None] | None = None,
+                stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Generate for every prompt with a fixed set of decode slots, refilling a slot as soon as its sequence ends.
 
     `get_runner(slots)` returns an object with `.slots`, `.device`, `.prefill(slot_ids, prompts) -> logits`
     (writes those slots' states, returns each prompt's next-token logits), `.step(tokens) -> logits` (one
     decode step for all slots) and `.copy_slots_from(other, src, dst)`. The host looks at the GPU only
     every `sync_every` steps; a sequence that ended meanwhile generates a few discarded tokens.
+    `stop(tokens)`, if given, is asked at those looks whether a sequence's tokens so far end it (a stop string
+    in their text): it returns them as they are then, up to `sync_every` - 1 tokens past the stop.
     When the queue is empty and few sequences remain, they move to a smaller runner."""
     import torch
 
@@ -93,6 +96,10 @@ def decode_loop(prompts: list[list[int]], sampling: Sampling, eos_token_id, get_
         live = [s for s in range(runner.slots) if owner[s] >= 0]
         finished_host = done.tolist()
         ended = [s for s in live if finished_host[s] or count[s] >= max_new]
+        if stop is not None and len(ended) < len(live):
+            going = [s for s in live if s not in ended]
+            rows = out_buf[torch.tensor(going, device=dev), : max(count[s] for s in going)].tolist()
+            ended += [s for s, row in zip(going, rows, strict=True) if stop(row[: count[s]])]
         for s in ended:
             row = out_buf[s, : count[s]].tolist()
             results[owner[s]] = cut_at_eos(row, eos_token_id)

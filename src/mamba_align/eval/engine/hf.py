@@ -47,8 +47,9 @@ class TransformersEngine:
         self.pad_token_id = tok_pad if tok_pad is not None else (stops[0] if stops else 0)
         self.batch_size = batch_size
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling, on_finished=None) -> list[list[int]]:
-        """`on_finished(n)`, if given, is called as sequences finish (progress logging)."""
+    def generate(self, prompts: list[list[int]], sampling: Sampling, on_finished=None, stop=None) -> list[list[int]]:
+        """`on_finished(n)`, if given, is called as sequences finish (progress logging); `stop(tokens)`, if
+        given, ends a sequence whose tokens so far it accepts (a stop string in their text)."""
         torch = self.torch
         out: list[list[int] | None] = [None] * len(prompts)
         by_len: dict[int, list[int]] = {}
@@ -61,6 +62,9 @@ class TransformersEngine:
                 torch.manual_seed(sampling.seed)
                 kwargs = dict(do_sample=False) if sampling.greedy else dict(
                     do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+                ended: dict[int, int] = {}  # row -> its length when `stop` ended it (padding follows)
+                if stop is not None:
+                    kwargs["stopping_criteria"] = _stop_criteria(stop, ids.shape[1], ended)
                 with torch.inference_mode():
                     gen = self.model.generate(
                         input_ids=ids,
@@ -70,8 +74,24 @@ class TransformersEngine:
                         pad_token_id=self.pad_token_id,
                         **kwargs,
                     )
-                for row, i in zip(gen[:, ids.shape[1]:].tolist(), chunk):
-                    out[i] = cut_at_eos(row, self.eos_token_id)
+                for j, (row, i) in enumerate(zip(gen[:, ids.shape[1]:].tolist(), chunk)):
+                    out[i] = cut_at_eos(row[: ended.get(j)], self.eos_token_id)
                 if on_finished is not None:
                     on_finished(len(chunk))
         return out  # type: ignore[return-value]
+
+
+def _stop_criteria(stop, prompt_width: int, ended: dict):
+    """transformers' StoppingCriteria asking `stop` about each row's new tokens; `ended[row]` is the length
+    at which a row was first stopped."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopCriteria(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            for j, row in enumerate(input_ids[:, prompt_width:].tolist()):
+                if j not in ended and stop(row):
+                    ended[j] = len(row)
+            return torch.tensor([j in ended for j in range(input_ids.shape[0])], device=input_ids.device)
+
+    return StoppingCriteriaList([StopCriteria()])

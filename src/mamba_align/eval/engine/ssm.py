@@ -226,10 +226,11 @@ class MambaSSMEngine:
             self._runners[slots] = _GraphRunner(self, slots)
         return self._runners[slots]
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling, on_finished=None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, on_finished=None, stop=None) -> list[list[int]]:
+        """`stop(tokens)`: whether a sequence's tokens so far end it (decode.decode_loop)."""
         import torch
 
         torch.manual_seed(sampling.seed)
         with torch.inference_mode():
             return decode_loop(prompts, sampling, self.eos_token_id, self._runner, self.batch_size,
-                               on_finished=on_finished)
+                               on_finished=on_finished, stop=stop)

@@ -230,7 +230,12 @@ class MambaAlignLM(TemplateLM):
                 max_new_tokens=max_gen_toks)
             contexts = [requests[i].args[0] for i in idxs]
             prompts = self._encode_contexts(contexts, self.max_length - max_gen_toks)
-            for i, tokens in zip(idxs, self.engine.generate(prompts, sampling), strict=True):
+            terms = [u for u in until if u]
+
+            def stop(tokens, terms=terms):  # a stop string in the text so far: what follows is cut anyway
+                return any(u in self.tokenizer.decode(tokens, skip_special_tokens=True) for u in terms)
+
+            for i, tokens in zip(idxs, self.engine.generate(prompts, sampling, stop=stop), strict=True):
                 text = postprocess_generated_text(self.tokenizer.decode(tokens, skip_special_tokens=True), until,
                                                   None)
                 out[i] = text
