@@ -341,7 +341,7 @@ def summary_line(metrics: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mamba_align.eval.alpacaeval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mamba-align alpaca-eval", description=__doc__.splitlines()[0])
     p.add_argument("--log", help="log file (the rule's log)")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download (or copy) the AlpacaEval data files")

@@ -183,7 +183,7 @@ def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temp
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="mamba-align generate", description=__doc__)
     sub = p.add_subparsers(dest="bench", required=True)
     for name in ("mt_bench", "alpaca_eval"):
         s = sub.add_parser(name)

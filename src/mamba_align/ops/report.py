@@ -230,7 +230,7 @@ def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="mamba-align report", description=__doc__)
     p.add_argument("--run-name", required=True)
     p.add_argument("--eval", nargs=3, action="append", metavar=("STAGE", "MTBENCH_JSON", "ALPACAEVAL_JSON"),
                    default=[])

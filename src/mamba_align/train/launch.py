@@ -187,7 +187,7 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mamba_align.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mamba-align train", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=["sft", "dpo"])
     p.add_argument("--model", required=True, help="transformers checkpoint directory (with tokenizer)")
     p.add_argument("--ref-model", help="DPO reference model directory (default: --model)")
