@@ -192,3 +192,23 @@ def test_an_unknown_command_is_an_error_naming_the_commands(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'trian'" in err and all(f"'{name}'" in err for name in EVERY_COMMAND)
+
+
+@pytest.mark.parametrize("module, func, argv, expected", [
+    ("mamba_align.eval.generate", "generate_alpaca_eval",
+     ["generate", "alpaca_eval", "--model", "m", "--questions", "q", "--out", "o", "--model-id", "x", "--top-k", "0"],
+     {"top_k": 0}),
+    ("mamba_align.eval.alpacaeval", "fetch_alpaca_eval",
+     ["alpaca-eval", "fetch", "--out-dir", "o", "--annotators", "alpaca_eval_gpt4"],
+     {"annotators": ["alpaca_eval_gpt4"]}),
+    ("mamba_align.ops.report", "build_report", ["report", "--run-name", "r", "--out", "o", "--leaderboard", "dpo", "l"],
+     {"leaderboards": {"dpo": "l"}}),
+], ids=["generate-top-k", "fetch-annotators", "report-leaderboards"])
+def test_a_command_passes_what_its_rule_passes(monkeypatch, module, func, argv, expected):
+    """The settings the rule's script gives the package function can be given on the command line too."""
+    mod = importlib.import_module(module)
+    calls = []
+    monkeypatch.setattr(mod, func, lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(mod, "setup_logging", lambda *a, **k: None)  # no global logging set-up in the test process
+    assert cli.main(argv) == 0
+    assert expected.items() <= calls[0].items()
