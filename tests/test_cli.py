@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -184,6 +185,12 @@ def test_plan_command_writes_what_the_planner_module_writes(tmp_path):
     assert cli.main(["plan", *args, "--out", str(tmp_path / "cli.json")]) == 0
     plan.main([*args, "--out", str(tmp_path / "module.json")])
     assert json.loads((tmp_path / "cli.json").read_text()) == json.loads((tmp_path / "module.json").read_text())
+
+
+def test_every_command_the_docs_name_exists():
+    docs = [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("config/**/*.md"), *REPO.glob("profiles/*.md")]
+    named = {m for d in docs for m in re.findall(r"(?:`|^)mamba-align ([a-z][\w-]*)", d.read_text(), re.M)}
+    assert named and named - set(EVERY_COMMAND) == set()
 
 
 def test_an_unknown_command_is_an_error_naming_the_commands(capsys):

@@ -5,8 +5,10 @@ newest complete checkpoint; the model directory appears atomically only when tra
 SIGTERM / SIGUSR1 (e.g. Slurm `--signal=TERM@900`, see profiles/README.md) or a file `<checkpoint_dir>/STOP` make
 the run save a checkpoint at the end of the current optimizer step and exit with PREEMPTED_EXIT_CODE.
 
-    python -m mamba_align.train sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
+    mamba-align train sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
         --out results/sft --checkpoint-dir results/checkpoints/sft --metrics results/metrics/sft.json
+
+`python -m mamba_align.train` runs the same (train/__main__.py): what the accelerate relaunch starts on each rank.
 """
 
 from __future__ import annotations
