@@ -1,9 +1,12 @@
-"""The `mamba-align` console script: status of a results folder, rescoring stored judgments, plan."""
+"""The `mamba-align` console script: one command per step (forwarded to its module's main), status of a results
+folder, rescoring stored judgments, plan."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import re
+import runpy
 import subprocess
 import sys
 import tomllib
@@ -130,3 +133,89 @@ def test_rescore_with_bad_files_is_a_one_line_error(results, capsys):
     (results / "eval/mtbench.json").write_text("{")
     assert cli.main(["rescore", str(results)]) == 2
     assert "eval/mtbench.json: not an MT-Bench summary" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the one command
+
+EVERY_COMMAND = [*cli.COMMANDS, "status", "rescore"]
+
+
+@pytest.mark.parametrize("name", EVERY_COMMAND)
+def test_every_command_imports_and_its_help_names_it(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([name, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mamba-align {name} ")
+
+
+def test_help_lists_every_command_with_its_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name, (_, help_text) in cli.COMMANDS.items():
+        assert f"{name} {' '.join(help_text.split())}" in out
+    assert "status what is done" in out and "rescore re-score" in out
+
+
+@pytest.mark.parametrize("name", cli.COMMANDS)
+def test_a_step_command_forwards_the_rest_of_the_command_line_to_its_module(name, monkeypatch):
+    module = importlib.import_module(cli.COMMANDS[name][0])
+    calls = []
+    monkeypatch.setattr(module, "main", calls.append)
+    assert cli.main([name, "sub", "--flag", "value", "--help"]) == 0
+    assert calls == [["sub", "--flag", "value", "--help"]]
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: the module is imported already
+@pytest.mark.parametrize("module", [m if m != "mamba_align.train.launch" else "mamba_align.train"  # its __main__.py
+                                    for m, _ in cli.COMMANDS.values()])
+def test_python_dash_m_of_each_module_still_runs_it(module, monkeypatch, capsys):
+    """Launchers (accelerate's relaunch of `python -m mamba_align.train`), tests and bench scripts call modules."""
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: mamba-align ")
+
+
+def test_plan_command_writes_what_the_planner_module_writes(tmp_path):
+    from mamba_align.ops import plan
+
+    args = ["--config", "config/config.yaml", "--workflow-dir", str(REPO)]
+    assert cli.main(["plan", *args, "--out", str(tmp_path / "cli.json")]) == 0
+    plan.main([*args, "--out", str(tmp_path / "module.json")])
+    assert json.loads((tmp_path / "cli.json").read_text()) == json.loads((tmp_path / "module.json").read_text())
+
+
+def test_every_command_the_docs_name_exists():
+    docs = [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("config/**/*.md"), *REPO.glob("profiles/*.md")]
+    named = {m for d in docs for m in re.findall(r"(?:`|^)mamba-align ([a-z][\w-]*)", d.read_text(), re.M)}
+    assert named and named - set(EVERY_COMMAND) == set()
+
+
+def test_an_unknown_command_is_an_error_naming_the_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["trian", "sft"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'trian'" in err and all(f"'{name}'" in err for name in EVERY_COMMAND)
+
+
+@pytest.mark.parametrize("module, func, argv, expected", [
+    ("mamba_align.eval.generate", "generate_alpaca_eval",
+     ["generate", "alpaca_eval", "--model", "m", "--questions", "q", "--out", "o", "--model-id", "x", "--top-k", "0"],
+     {"top_k": 0}),
+    ("mamba_align.eval.alpacaeval", "fetch_alpaca_eval",
+     ["alpaca-eval", "fetch", "--out-dir", "o", "--annotators", "alpaca_eval_gpt4"],
+     {"annotators": ["alpaca_eval_gpt4"]}),
+    ("mamba_align.ops.report", "build_report", ["report", "--run-name", "r", "--out", "o", "--leaderboard", "dpo", "l"],
+     {"leaderboards": {"dpo": "l"}}),
+], ids=["generate-top-k", "fetch-annotators", "report-leaderboards"])
+def test_a_command_passes_what_its_rule_passes(monkeypatch, module, func, argv, expected):
+    """The settings the rule's script gives the package function can be given on the command line too."""
+    mod = importlib.import_module(module)
+    calls = []
+    monkeypatch.setattr(mod, func, lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(mod, "setup_logging", lambda *a, **k: None)  # no global logging set-up in the test process
+    assert cli.main(argv) == 0
+    assert expected.items() <= calls[0].items()

@@ -1,4 +1,11 @@
-"""The `mamba-align` command: what a user asks between Snakemake runs.
+"""`mamba-align`: one command for every step of the pipeline and for what a user asks between Snakemake runs.
+
+    mamba-align <command> [options]         `mamba-align <command> --help`: the command's options
+
+A step's command runs that step by hand: its module's `main(argv)` (COMMANDS) with the rest of the command
+line, so the module's parser is the one definition of its options and `python -m mamba_align.<module>` runs the
+same (accelerate's relaunch of `python -m mamba_align.train` on N GPUs does). Snakemake runs the pipeline; each
+rule's script calls the package function that the command calls. Two commands live here:
 
     mamba-align status [results] [--configfile F ...]
                                             which stages are done, training checkpoints and ETA, eval progress,
@@ -6,15 +13,12 @@
                                             config's), the report, and the last error of each failed step; for a
                                             grid config (`experiments`), each experiment's stages
     mamba-align rescore [results] --stage S re-score stored MT-Bench judgments (no judge call)
-    mamba-align plan [--config ...]         GPU-hours, wall time and judge cost before anything runs
-
-The workflow itself runs with snakemake (README: "The real run"); each step also runs alone as
-`python -m mamba_align.<module>`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -25,6 +29,27 @@ from mamba_align.ops.provenance import stale_reason
 from mamba_align.utils import UserError, read_json, read_jsonl
 
 TRAINED = ("sft", "dpo")
+# a step's command: (the module whose main(argv) it runs, its help naming the rules that call the same function)
+COMMANDS = {
+    "demo-inputs": ("mamba_align.testing.demo",
+                    "the tiny demo's synthetic model, tokenizer and data, no network (build_demo_inputs)"),
+    "convert": ("mamba_align.model.convert",
+                "a Mamba checkpoint -> a verified transformers model folder (prepare_base_model)"),
+    "data": ("mamba_align.train.data",
+             "SFT or preference data, chat-templated, as parquet (prepare_sft_data, prepare_preference_data)"),
+    "train": ("mamba_align.train.launch",
+              "SFT or DPO training, resumable, on N GPUs through accelerate (train_sft, train_dpo)"),
+    "generate": ("mamba_align.eval.generate",
+                 "a model's MT-Bench answers or AlpacaEval outputs (generate_mt_bench, generate_alpaca_eval)"),
+    "mt-bench": ("mamba_align.eval.mtbench",
+                 "fetch the MT-Bench data, or judge a model's answers (fetch_mt_bench, judge_mt_bench)"),
+    "alpaca-eval": ("mamba_align.eval.alpacaeval",
+                    "fetch the AlpacaEval data, or judge a model's outputs (fetch_alpaca_eval, judge_alpaca_eval)"),
+    "judge-server": ("mamba_align.eval.judge.server",
+                     "serve a local chat model as an OpenAI-compatible judge (for the judge commands' --base-url)"),
+    "report": ("mamba_align.ops.report", "the scores table and plots of a run (report)"),
+    "plan": ("mamba_align.ops.plan", "GPU-hours, wall time and judge cost before anything runs (plan)"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -332,8 +357,11 @@ def rescore(results: str | Path, stage: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mamba-align", description=__doc__,
+                                 epilog="In parentheses: the workflow rules that call the same package function.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (_, help_text) in COMMANDS.items():  # their options: their module's parser (run_command)
+        sub.add_parser(name, help=help_text, add_help=False)
     s = sub.add_parser("status", help="what is done in a results folder, progress, scores, errors")
     s.add_argument("results", nargs="?", default="results")
     s.add_argument("--configfile", "--config", nargs="+", action="extend", default=[], metavar="FILE",
@@ -345,18 +373,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results", nargs="?", default="results")
     r.add_argument("--stage", choices=TRAINED, default=layout.FINAL_STAGE)
     r.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    sub.add_parser("plan", help="GPU-hours and judge cost (python -m mamba_align.ops.plan --help)", add_help=False)
     return ap
+
+
+def run_command(name: str, argv: list[str]) -> None:
+    """A step's command: its module, imported now (heavy imports only for the step that needs them), run with the
+    rest of the command line, exactly as `python -m <module> ARGV`."""
+    importlib.import_module(COMMANDS[name][0]).main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv) if argv[:1] != ["plan"] else None
+    name = argv[0] if argv else None
+    if name in COMMANDS and name != "plan":
+        # a step's error as under `python -m`: its setup_logging's excepthook writes it to the step's log
+        run_command(name, argv[1:])
+        return 0
+    args = build_parser().parse_args(argv) if name != "plan" else None
     try:
-        if args is None:  # plan: its own options
-            from mamba_align.ops.plan import main as plan_main
-
-            plan_main(argv[1:])
+        if args is None:  # plan sets up no log: its error as one line here
+            run_command("plan", argv[1:])
         elif args.command == "status":
             print(status(args.results, args.configfile, args.workflow_dir))
         elif args.command == "rescore":

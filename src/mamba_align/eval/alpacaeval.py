@@ -341,7 +341,7 @@ def summary_line(metrics: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mamba_align.eval.alpacaeval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mamba-align alpaca-eval", description=__doc__.splitlines()[0])
     p.add_argument("--log", help="log file (the rule's log)")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download (or copy) the AlpacaEval data files")
@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--local-dir", help="folder with the same files (offline clusters, the demo)")
     f.add_argument("--out-dir", required=True)
     f.add_argument("--sha256", action="append", default=[], metavar="FILE=HASH", help="pin a file's content")
+    f.add_argument("--annotators", nargs="+", choices=list(ANNOTATORS), help="only their reference files (default all)")
     j = sub.add_parser("judge", help="annotate a model's outputs and write the win rates")
     j.add_argument("--outputs", required=True, help="model outputs JSON (alpaca_eval format)")
     j.add_argument("--data-dir", required=True, help="out-dir of `fetch`")
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log)
     if args.command == "fetch":
         pins = dict(s.split("=", 1) for s in args.sha256)
-        fetch_alpaca_eval(args.revision, args.local_dir, args.out_dir, sha256=pins)
+        fetch_alpaca_eval(args.revision, args.local_dir, args.out_dir, sha256=pins, annotators=args.annotators)
     else:
         import yaml
 

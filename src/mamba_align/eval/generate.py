@@ -183,7 +183,7 @@ def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temp
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="mamba-align generate", description=__doc__)
     sub = p.add_subparsers(dest="bench", required=True)
     for name in ("mt_bench", "alpaca_eval"):
         s = sub.add_parser(name)
@@ -198,13 +198,14 @@ def main(argv=None):
         if name == "alpaca_eval":
             s.add_argument("--temperature", type=float, default=0.7)
             s.add_argument("--top-p", type=float, default=1.0)
+            s.add_argument("--top-k", type=int, default=50, help="0: no top-k cut (eval.alpaca_eval.top_k)")
     a = p.parse_args(argv)
     setup_logging(a.log)
     if a.bench == "mt_bench":
         generate_mt_bench(a.model, a.questions, a.out, a.model_id, a.max_new_tokens, a.batch_size, a.device)
     else:
         generate_alpaca_eval(a.model, a.questions, a.out, a.model_id, a.temperature, a.top_p,
-                             a.max_new_tokens, a.batch_size, a.device)
+                             a.max_new_tokens, a.batch_size, a.device, top_k=a.top_k)
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
 
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mamba_align.eval.mtbench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mamba-align mt-bench", description=__doc__.splitlines()[0])
     p.add_argument("--log", help="log file (the rule's log)")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download (or copy) the MT-Bench data files")

@@ -212,7 +212,8 @@ def prepare_base_model(source: str, revision: str | None, tokenizer: str | None,
 # ---------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert a Mamba checkpoint to a transformers MambaForCausalLM dir.")
+    p = argparse.ArgumentParser(prog="mamba-align convert",
+                                description="Convert a Mamba checkpoint to a transformers MambaForCausalLM dir.")
     p.add_argument("--source", required=True, help="local directory or Hub id (owner/name)")
     p.add_argument("--revision", help="Hub commit sha or tag (required for a Hub source)")
     p.add_argument("--tokenizer", help="local directory or Hub id; omit to skip the tokenizer")

@@ -429,7 +429,7 @@ def load_config(config: str | Path, workflow_dir: str | Path = ".") -> dict:
 def main(argv=None):
     from mamba_align.train.recipes import as_dict, config_recipe
 
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="mamba-align plan", description=__doc__)
     ap.add_argument("--config", default="config/config.yaml",
                     help="a config file, merged over config/config.yaml as snakemake --configfile does")
     ap.add_argument("--workflow-dir", default=".", help="the workflow's folder (its config/ and workflow/schemas/)")

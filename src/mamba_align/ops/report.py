@@ -230,7 +230,7 @@ def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="mamba-align report", description=__doc__)
     p.add_argument("--run-name", required=True)
     p.add_argument("--eval", nargs=3, action="append", metavar=("STAGE", "MTBENCH_JSON", "ALPACAEVAL_JSON"),
                    default=[])
@@ -238,12 +238,13 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--model-key", nargs=2, action="append", metavar=("STAGE", "KEY"), default=[],
                    help="the current config's model key of STAGE: scores of another model are shown as stale")
+    p.add_argument("--leaderboard", nargs=2, action="append", metavar=("STAGE", "LEADERBOARD_JSON"), default=[])
     p.add_argument("--demo", action="store_true")
     p.add_argument("--log", default=None)
     a = p.parse_args(argv)
     setup_logging(a.log)
     build_report(a.run_name, {s: {"mtbench": m, "alpacaeval": e} for s, m, e in a.eval}, dict(a.metrics),
-                 a.out, a.demo, dict(a.model_key))
+                 a.out, a.demo, dict(a.model_key), leaderboards=dict(a.leaderboard))
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def build_demo_inputs(out_dir, vocab_files=(), d_model: int = 64, n_layer: int =
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="mamba-align demo-inputs", description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-files", nargs="*", default=[], help="texts the tokenizer must cover")
     p.add_argument("--log", default=None)

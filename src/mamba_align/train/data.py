@@ -427,7 +427,7 @@ def settle_kept_mtimes(out_dir) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="mamba-align data", description=__doc__)
     p.add_argument("stage", choices=["sft", "dpo"])
     p.add_argument("--recipe-dir", required=True, help="config/recipes/<name>")
     p.add_argument("--model", required=True, help="prepared base model dir (its tokenizer is used)")

@@ -5,8 +5,10 @@ newest complete checkpoint; the model directory appears atomically only when tra
 SIGTERM / SIGUSR1 (e.g. Slurm `--signal=TERM@900`, see profiles/README.md) or a file `<checkpoint_dir>/STOP` make
 the run save a checkpoint at the end of the current optimizer step and exit with PREEMPTED_EXIT_CODE.
 
-    python -m mamba_align.train sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
+    mamba-align train sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
         --out results/sft --checkpoint-dir results/checkpoints/sft --metrics results/metrics/sft.json
+
+`python -m mamba_align.train` runs the same (train/__main__.py): what the accelerate relaunch starts on each rank.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def _relaunch(stage, model_dir, ref_model_dir, train_path, test_path, recipe, ou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mamba_align.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mamba-align train", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=["sft", "dpo"])
     p.add_argument("--model", required=True, help="transformers checkpoint directory (with tokenizer)")
     p.add_argument("--ref-model", help="DPO reference model directory (default: --model)")

@@ -271,7 +271,8 @@ def serve_local_judge(local_cfg: dict, model_name: str) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Serve a local chat model as an OpenAI-compatible judge.")
+    p = argparse.ArgumentParser(prog="mamba-align judge-server",
+                                description="Serve a local chat model as an OpenAI-compatible judge.")
     p.add_argument("--model-name", default="local-judge", help="name the server reports")
     p.add_argument("--model-path", help="a transformers model folder (or the folder of --gguf-file)")
     p.add_argument("--gguf-package", help="installed Python package whose folder holds --gguf-file")
