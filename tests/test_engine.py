@@ -283,6 +283,16 @@ def test_decode_loop_edge_cases():
         run_toy([[1], []], 5, 4, 4)
 
 
+def test_left_padded_to_a_width():
+    from mamba_align.eval.engine.ssm import left_padded, prefill_width
+
+    ids, mask = left_padded([[1, 2, 3], [4]], prefill_width([[1, 2, 3], [4]]))
+    assert ids.tolist() == [[0] * 5 + [1, 2, 3], [0] * 7 + [4]]
+    assert mask.tolist() == [[False] * 5 + [True] * 3, [False] * 7 + [True]]
+    assert left_padded([[1, 2], [3, 4]])[1] is None  # nothing padded: no mask
+    assert left_padded([[1, 2], [3, 4]], 8)[1] is not None  # padded to the rounded width: masked
+
+
 def test_slot_sizes():
     assert D._slot_sizes(16) == [1, 2, 4, 8, 16]
     assert D._slot_sizes(24) == [1, 2, 4, 8, 16, 24]

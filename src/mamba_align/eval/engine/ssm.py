@@ -26,6 +26,20 @@ def prefill_width(prompts: list[list[int]]) -> int:
     return -(-max(len(p) for p in prompts) // 8) * 8
 
 
+def left_padded(seqs: list[list[int]], width: int | None = None):
+    """(ids, mask) of a batch left-padded to `width` (default: its longest row); mask (bool, True on real
+    tokens) is None when no row is padded."""
+    import torch
+
+    width = width or max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for j, s in enumerate(seqs):
+        ids[j, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[j, width - len(s):] = True
+    return ids, (None if all(len(s) == width for s in seqs) else mask)
+
+
 def masked_mixer_prefill(m, hidden, mask, conv_fn, scan_fn):
     """Mamba-1 mixer over a left-padded batch; returns (output, conv_state, ssm_state).
 
@@ -126,20 +140,14 @@ class _GraphRunner:
         return SimpleNamespace(conv_all=self.conv_all.index_select(1, si), ssm_all=self.ssm_all.index_select(1, si))
 
     def prefill(self, slots: list[int], prompts: list[list[int]]):
-        import torch
         from causal_conv1d import causal_conv1d_fn
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
         model = self.engine.model
-        width = prefill_width(prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-        for j, p in enumerate(prompts):
-            ids[j, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[j, width - len(p):] = True
+        ids, mask = left_padded(prompts, prefill_width(prompts))
         ids = ids.to(self.device, non_blocking=True)
-        mask = mask.to(self.device, non_blocking=True) if any(len(p) != width for p in prompts) else None
+        mask = mask.to(self.device, non_blocking=True) if mask is not None else None
         slot_idx = self._index(slots)
 
         def conv_fn(x, weight, bias):

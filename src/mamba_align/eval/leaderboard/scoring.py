@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mamba_align.eval.engine.decode import _fit, _slot_sizes
-from mamba_align.eval.engine.ssm import prefill_width
+from mamba_align.eval.engine.ssm import left_padded, prefill_width
 
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 
@@ -168,7 +168,7 @@ def _score_from_state(scorer, prefixes: list[list[int]], prefix_of: list[int], r
         begin: dict[int, list[int]] = {}
         for c, r in enumerate(remainders):
             begin.setdefault(longest - len(r), []).append(c)
-        toks = _left_padded(remainders)[0].to(dev)  # right-aligned: every row ends its context at the last step
+        toks = left_padded(remainders)[0].to(dev)  # right-aligned: every row ends its context at the last step
         logits = None
         for t in range(longest + 1):
             if t and t in begin:  # rows starting now (at longest: empty remainders) take their prefix's state
@@ -221,19 +221,6 @@ def _score_full(scorer, requests: list[Request]):
     return out
 
 
-def _left_padded(seqs: list[list[int]]):
-    """(ids, mask) of a left-padded batch; mask is None when no row is padded."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[j, width - len(s):] = 1
-    return ids, (None if all(len(s) == width for s in seqs) else mask)
-
-
 def _right_padded(seqs: list[list[int]]):
     import torch
 
@@ -259,12 +246,12 @@ class HFScorer:
         next-token logits. (`rows`: the most rows a later `expand` asks for; the cache grows as needed.)"""
         import torch
 
-        ids, mask = _left_padded(contexts)
+        ids, mask = left_padded(contexts)
         self.stats["prefill_tokens"] += sum(len(c) for c in contexts)
         self.stats["positions"] += ids.numel()
         with torch.inference_mode():
             out = self.model(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1,
-                             attention_mask=None if mask is None else mask.to(self.device))
+                             attention_mask=None if mask is None else mask.long().to(self.device))
         self.cache = out.cache
         self.expand(owner)
         return out.logits[:, -1]
