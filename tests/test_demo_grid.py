@@ -43,23 +43,29 @@ def test_sft_ran_once_for_four_experiments(grid_run):
         run = json.loads((r / "experiments" / name / "model" / "run.json").read_text())
         assert run["parent_model_path"] == str(sft_store)  # every DPO run started from the one SFT model
         assert run["recipe"]["beta"] == float(name[4:].split("-")[0]) and run["recipe"]["seed"] == int(name[-1])
-        for bench in ("mtbench", "alpacaeval"):
+        for bench in ("mtbench", "alpacaeval", "leaderboard"):
             assert (r / "experiments" / name / "eval" / f"{bench}.json").is_file()
+    # the leaderboard's stages are base and dpo (config/demo-grid.yaml): the shared base model scored once
+    assert jobs["eval_leaderboard_grid"] == 5 and len(list((r / "shared/base").glob("*/eval/leaderboard.json"))) == 1
 
 
 def test_report_compares_the_experiments(grid_run):
     wf, _ = grid_run
     out = wf / "results/report/experiments"
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert [(row["experiment"], row["stage"]) for row in rows] == [(n, "dpo") for n in NAMES]
+    base = f"base shared by 4: {', '.join(NAMES)}"  # scored on the leaderboard only
+    assert [(row["experiment"], row["stage"]) for row in rows] == [(base, "base")] + [(n, "dpo") for n in NAMES]
+    assert all(row["leaderboard_status"] == "current" and row["leaderboard_average"] for row in rows)
     dpo = [row for row in rows if row["stage"] == "dpo"]
     assert len(dpo) == 4 and all(row["mt_bench_overall"] for row in dpo)
+    assert all(row["leaderboard_average_change"] and row["leaderboard:demo_arc_change"] for row in dpo)
     assert all(row["alpaca_eval_2_win_rate"] for row in dpo)  # the demo's 8 prompts are too few for LC
     md = (out / "scores.md").read_text()
     for name in NAMES:
         assert f"| {name} | dpo |" in md
     assert "## Over seeds" in md and "beta=0.05 (dpo, 2 seeds)" in md and "beta=0.2 (dpo, 2 seeds)" in md
     assert "zephyr-7b-beta (paper)" in md and "mean nothing" in md
+    assert "## Open LLM Leaderboard tasks (lm-eval)" in md and "demo_arc (3-shot acc_norm)" in md
     png = (out / "dpo.beta.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
 
@@ -88,7 +94,7 @@ def test_adding_an_experiment_runs_only_its_own_jobs(grid_run):
     wf, _ = grid_run
     jobs = _with_grid(wf, {"dpo": {"beta": [0.05, 0.2]}, "seed": [1, 2, 3]})
     own = {"train_dpo_grid": 2, "generate_mt_bench_grid": 2, "judge_mt_bench_grid": 2,
-           "generate_alpaca_eval_grid": 2, "judge_alpaca_eval_grid": 2}
+           "generate_alpaca_eval_grid": 2, "judge_alpaca_eval_grid": 2, "eval_leaderboard_grid": 2}
     assert jobs == {**own, "report_experiments": 1, "plan": 1, "all": 1}
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from mamba_align.ops import experiments as ex
 from mamba_align.ops import plan as planner
+from mamba_align.ops import provenance
 from mamba_align.ops.report import build_experiments_report, seed_groups
 from mamba_align.train.recipes import learning_settings
 from mamba_align.utils import UserError
@@ -207,3 +208,114 @@ def test_a_base_model_family_axis_converts_and_verifies_each_and_the_plan_knows_
             report["n_params"], rel=0.02)  # before conversion: from the source's config.json
         sizes.append(report["n_params"])
     assert sizes[1] > 2 * sizes[0]
+
+
+# --- the leaderboard in a grid (#30) ---------------------------------------------------------------------------
+
+LB_CFG = {**PLAN_CFG, "eval": {**PLAN_CFG["eval"], "stages": ["dpo"], "leaderboard": {
+    "stages": ["base", "sft", "dpo"], "tasks": ["arc_challenge", "mmlu"]}}}
+
+
+def test_leaderboard_targets_are_one_per_model_and_round_trip():
+    grid = ex.Grid("results", resolved(ex.expand(grid_cfg(dpo={"beta": [0.01, 0.1]}, seed=[1, 2]))), ["dpo"],
+                   ["base", "sft", "dpo"])
+    r = grid.exps[0]
+    lb = [t for t in grid.eval_targets() if t.endswith("/leaderboard.json")]
+    assert lb[:3] == [f"results/shared/base/{r.base_key}/eval/leaderboard.json",
+                      f"results/shared/sft/{r.sft_key}/eval/leaderboard.json",
+                      "results/experiments/beta0.01-seed1/eval/leaderboard.json"]
+    assert len(lb) == 1 + 1 + 4  # the shared base and SFT models once, each DPO model
+    again = ex.Grid.from_dict(json.loads(json.dumps(grid.to_dict())))
+    assert again.eval_targets() == grid.eval_targets() and again.leaderboard_stages == ["base", "sft", "dpo"]
+    entry = grid.report_entries(learning_settings)[0]
+    assert entry["leaderboard"]["sft"] == {"path": lb[1], "model": grid.model(r, "sft"),
+                                           "model_key": provenance.grid_model_key(grid, grid.home(r, "sft"))}
+    assert "leaderboard" not in ex.Grid("results", grid.exps, ["dpo"]).report_entries()[0]  # none configured
+
+
+def test_grid_plan_counts_one_leaderboard_job_per_model(tmp_path):
+    """Two base models x two betas: 2 base + 2 SFT + 4 DPO models, each scored once on the leaderboard, in the plan
+    of the first experiment that has it; each sized by its own model."""
+    cfg = {**LB_CFG, "experiments": {"grid": {"base_model": ["state-spaces/mamba-130m", "state-spaces/mamba-2.8b"],
+                                               "dpo": {"beta": [0.01, 0.1]}}}}
+    grid = ex.Grid(str(tmp_path), resolved(ex.expand(cfg)), ["dpo"], ["base", "sft", "dpo"])
+    plans = planner.make_grid_plan(cfg, grid, {"train_sft": 8, "train_dpo": 8}, "A100-80GB")["experiments"]
+    lb = {n: [j for j in p["jobs"] if j["rule"] == "eval_leaderboard"] for n, p in plans.items()}
+    assert {n: len(j) for n, j in lb.items()} == {"mamba-130m-beta0.01": 3, "mamba-130m-beta0.1": 1,
+                                                   "mamba-2.8b-beta0.01": 3, "mamba-2.8b-beta0.1": 1}
+    assert lb["mamba-2.8b-beta0.1"][0]["gpu_hours"] > lb["mamba-130m-beta0.1"][0]["gpu_hours"]  # the fixed load aside
+    assert all(j["gpus"] == 1 for jobs in lb.values() for j in jobs)
+    # the judged benchmarks keep their own stages (dpo only here)
+    assert all(sum(j["rule"] == "generate_mt_bench" for j in p["jobs"]) == 1 for p in plans.values())
+    no_lb = {**cfg, "eval": {**cfg["eval"], "leaderboard": {**cfg["eval"]["leaderboard"], "stages": []}}}
+    plans = planner.make_grid_plan(no_lb, grid, {"train_sft": 8, "train_dpo": 8}, "A100-80GB")["experiments"]
+    assert not any(j["rule"] == "eval_leaderboard" for p in plans.values() for j in p["jobs"])
+
+
+def _leaderboard(key, arc: float, mmlu: float, arc_se: float | None = 0.01) -> dict:
+    """A leaderboard.json as eval_leaderboard writes it (fractions; the report shows %)."""
+    return {"model_key": key, "model_run_key": None, "average": (arc + mmlu) / 2, "tasks": {
+        "arc_challenge": {"score": arc, "stderr": arc_se, "num_fewshot": 25, "metric": "acc_norm", "n": 1172},
+        "mmlu": {"score": mmlu, "stderr": 0.02, "num_fewshot": 5, "metric": "acc", "n": 14042}}}
+
+
+def _write(path, obj):
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj))
+
+
+def test_grid_report_has_leaderboard_columns_and_never_another_models_score(tmp_path):
+    """Per experiment and scored stage: the average and each task (% ± stderr) with the change from the shared
+    base model; a missing score, or one of another model, is shown as missing (–), named with why below."""
+    grid = ex.Grid(str(tmp_path / "results"), resolved(ex.expand(grid_cfg(dpo={"beta": [0.01, 0.1]}, seed=[1, 2]))),
+                   ["dpo"], ["base", "dpo"])
+    entries = grid.report_entries(learning_settings)
+    refs = [e["leaderboard"] for e in entries]
+    _write(refs[0]["base"]["path"], _leaderboard(refs[0]["base"]["model_key"], 0.30, 0.25))
+    for i, e in enumerate(entries):
+        _write(e["evals"]["dpo"]["mtbench"], {"scores": {"overall": 5.0 + i, "turn_1": 5.0, "turn_2": 5.0}})
+    _write(refs[0]["dpo"]["path"], _leaderboard(refs[0]["dpo"]["model_key"], 0.35, 0.26))
+    _write(refs[1]["dpo"]["path"], _leaderboard(refs[1]["dpo"]["model_key"], 0.36, 0.26, arc_se=None))
+    _write(refs[2]["dpo"]["path"], _leaderboard("0123456789ab", 0.99, 0.99))  # an earlier model's; seed2: none
+    out = tmp_path / "report"
+    rows = build_experiments_report(entries, ["dpo.beta"], out)
+    by = {(r["experiment"].split(":")[0], r["stage"]): r for r in rows}
+    assert list(by) == [("base shared by 4", "base"), ("beta0.01-seed1", "dpo"), ("beta0.01-seed2", "dpo"),
+                        ("beta0.1-seed1", "dpo"), ("beta0.1-seed2", "dpo")]
+    first = by[("beta0.01-seed1", "dpo")]
+    assert first["leaderboard:arc_challenge"] == pytest.approx(35.0)
+    assert first["leaderboard:arc_challenge_change"] == pytest.approx(5.0)
+    assert first["leaderboard_average_change"] == pytest.approx(3.0)
+    stale, missing = by[("beta0.1-seed1", "dpo")], by[("beta0.1-seed2", "dpo")]
+    assert stale["leaderboard_status"].startswith("stale: computed for model 0123456789ab")
+    assert missing["leaderboard_status"] == "missing"
+    assert not any(v == pytest.approx(99.0) for r in (stale, missing) for v in r.values() if isinstance(v, float))
+    md = (out / "scores.md").read_text()
+    assert "| beta0.01-seed1 | dpo | 0.01 | 1 | 5.00 | – | – | – | 30.50 (+3.00) |" in md  # the main table's average
+    assert ("| beta0.01-seed1 | dpo | 35.00 ± 1.00 (+5.00) | 26.00 ± 2.00 (+1.00) | 30.50 (+3.00) |" in md)
+    assert "| beta0.01-seed2 | dpo | 36.00 (+6.00) |" in md  # no stderr recorded: none shown
+    assert "| beta0.1-seed1 | dpo | – | – | – |" in md and "| beta0.1-seed2 | dpo | – | – | – |" in md
+    assert "arc_challenge (25-shot acc_norm)" in md and "Mistral-7B-v0.1 base (leaderboard)" in md
+    assert "- beta0.1-seed1 (dpo): stale: computed for model 0123456789ab" in md
+    assert "- beta0.1-seed2 (dpo): missing" in md
+    assert "| dpo.beta=0.01 (dpo, 2 seeds) | 1, 2 | 5.50 ± 0.71 | – | – | – | 30.75 ± 0.35 |" in md
+    assert "99.00" not in md
+    head = (out / "scores.csv").read_text().splitlines()[0].split(",")
+    assert {"leaderboard_average", "leaderboard_average_change", "leaderboard:mmlu", "leaderboard:mmlu_stderr",
+            "leaderboard:mmlu_change", "leaderboard_status"} <= set(head)
+    saved = {(r["experiment"], r["stage"]): r for r in json.loads((out / "scores.json").read_text())["experiments"]}
+    assert saved[("beta0.01-seed1", "dpo")]["leaderboard:mmlu_change"] == pytest.approx(1.0)
+    assert "leaderboard:arc_challenge" not in saved[("beta0.1-seed1", "dpo")]
+    html = (out / "scores.html").read_text()
+    assert "Open LLM Leaderboard tasks (lm-eval)" in html and "35.00 ± 1.00 (+5.00)" in html
+
+
+def test_a_grid_without_leaderboard_keeps_its_tables(tmp_path):
+    entries = [{"name": "a", "axes": {}, "recipe": "r", "base_model": "m", "metrics": {},
+                "evals": {"dpo": _write_evals(tmp_path, "a", "dpo", 5.0, 10.0, 11.0)}}]
+    build_experiments_report(entries, [], tmp_path / "report")
+    md = (tmp_path / "report/scores.md").read_text()
+    assert "leaderboard" not in md.split("## Published")[0].lower()
+    assert "leaderboard" not in (tmp_path / "report/scores.csv").read_text().splitlines()[0]

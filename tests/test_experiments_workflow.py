@@ -21,7 +21,8 @@ def test_grid_dry_run_counts_shared_jobs_once(workflow_copy):
     evaluated = dpo_models + b  # every DPO model, and each base model's one SFT model
     assert jobs == {
         "build_demo_inputs": 1, "fetch_mt_bench": 1, "fetch_alpaca_eval": 1, "plan": 1, "report_experiments": 1,
-        "all": 1,
+        "all": 1, "fetch_leaderboard_data": 1,
+        "eval_leaderboard_grid": b + evaluated,  # the leaderboard's stages (base, sft, dpo): each model once
         "prepare_base_model_grid": b,  # one conversion per base model
         "prepare_sft_data_grid": 1, "prepare_preference_data_grid": 1,  # one tokenizer and template: data once
         "train_sft_grid": b,  # SFT per base model: the beta sweep and the seeds share it
@@ -38,6 +39,33 @@ def test_demo_grid_dry_run_shows_the_grid(workflow_copy):
     for name in ("beta0.05-seed1", "beta0.05-seed2", "beta0.2-seed1", "beta0.2-seed2"):
         assert f"results/experiments/{name}/eval/mtbench.json" in out
     assert "results/report/experiments/dpo.beta.png" in out
+
+
+def _jobs_of(out: str, rule: str) -> list[str]:
+    """The dry run's blocks of `rule`'s jobs."""
+    return [block.split("\n\n")[0] for block in out.split(f"rule {rule}:\n")[1:]]
+
+
+def test_grid_leaderboard_jobs_are_keyed_by_model_and_hold_one_gpu(workflow_copy):
+    """eval_leaderboard_grid scores each model of eval.leaderboard.stages once (demo grid: [base, dpo]): the base
+    model the four experiments share in one job under its key, each DPO model under its experiment, one GPU each;
+    the grid's report reads them all. No leaderboard stages: no leaderboard job."""
+    out = snakemake(workflow_copy, "-n", *DEMO_GRID).stdout
+    blocks = _jobs_of(out, "eval_leaderboard_grid")
+    homes = [re.search(r"wildcards: home=(\S+)", b).group(1) for b in blocks]
+    assert len(blocks) == 5 == planned_jobs(out)["eval_leaderboard_grid"] and len(set(homes)) == 5
+    assert sum(re.fullmatch(r"shared/base/[0-9a-f]{12}", h) is not None for h in homes) == 1
+    assert sorted(h for h in homes if h.startswith("experiments/")) == [
+        f"experiments/beta{b}-seed{s}" for b in ("0.05", "0.2") for s in (1, 2)]
+    for home, block in zip(homes, blocks):
+        assert f"output: results/{home}/eval/leaderboard.json, " in block
+        assert f"input: results/{home}/model, results/data/leaderboard/tasks.json" in block
+        assert re.search(r"resources: .*\bgpu=1\b", block), block
+    report = _jobs_of(out, "report_experiments")[0]
+    assert all(f"results/{h}/eval/leaderboard.json" in report for h in homes)
+    (workflow_copy / "no_lb.yaml").write_text(yaml.safe_dump({"eval": {"leaderboard": {"stages": []}}}))
+    jobs = planned_jobs(snakemake(workflow_copy, "-n", *DEMO_GRID, "no_lb.yaml").stdout)
+    assert "eval_leaderboard_grid" not in jobs and "fetch_leaderboard_data" not in jobs
 
 
 # What `snakemake -n --configfile config/config.yaml` planned before experiments existed (main at 245e010).
@@ -102,6 +130,13 @@ def test_profiles_and_plan_size_each_grid_job_by_its_model(workflow_copy):
         runtimes.append(int(block.split("runtime=")[1].split(",")[0]))
     small, large = sorted(runtimes)  # 130M and 2.8B: the plan's runtime of each
     assert small == 30 and large > 100, runtimes  # 130M: under the 30-min floor; 2.8B: ~2 h on 8 A100s
+    leaderboard = {}  # the leaderboard's jobs too: each sized by its own model, on the profile's one A100
+    for block in _jobs_of(out, "eval_leaderboard_grid"):
+        home = re.search(r"wildcards: home=(\S+)", block).group(1)
+        assert "gpu=1," in block and "gpu_model=a100" in block
+        leaderboard[home] = int(block.split("runtime=")[1].split(",")[0])
+    by_size = {h: t for h, t in leaderboard.items() if h.startswith("experiments/")}
+    assert len(leaderboard) == 6 and by_size["experiments/mamba-130m"] == 30 < by_size["experiments/mamba-2.8b"]
 
 
 def _local_sft(source: str) -> dict:

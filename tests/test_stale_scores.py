@@ -226,15 +226,25 @@ def test_report_rule_writes_only_declared_files(workflow_copy, keys):
 
 def test_report_experiments_writes_only_declared_files(workflow_copy):
     """The grid's report run by Snakemake on hand-made scores of the demo grid: its scores.json and provenance
-    record are declared outputs, and nothing else appears under results/."""
+    record are declared outputs, and nothing else appears under results/; the leaderboard's scores (the shared
+    base model's and each DPO model's) are its columns."""
     r = workflow_copy / "results"
     grid = ["config/demo.yaml", "config/demo-grid.yaml"]
     for beta, seed in ((b, s) for b in ("0.05", "0.2") for s in (1, 2)):
         d = r / f"experiments/beta{beta}-seed{seed}"
         write(d / "eval/mtbench.json", mtbench(None))
         write(d / "eval/alpacaeval.json", alpacaeval(None))
+    g = provenance.current_grid(r, [str(workflow_copy / f) for f in grid], workflow_copy)
+    for x in g.exps:
+        for stage in g.leaderboard_stages:
+            write(Path(g.eval_summary(x, stage, "leaderboard")), {
+                "model_key": provenance.grid_model_key(g, g.home(x, stage)), "average": 0.25, "tasks": {
+                    "demo_arc": {"score": 0.25, "stderr": 0.125, "num_fewshot": 3, "metric": "acc_norm"}}})
     declared, written = run_rule(workflow_copy, "report_experiments", "results/report/experiments/scores.md",
                                  "--configfile", *grid)
     assert {"results/report/experiments/scores.json", "results/provenance/report_experiments.json"} <= declared
     assert "results/report/experiments/scores.json" in written and written - declared == set()
     assert json.loads((r / "provenance/report_experiments.json").read_text())["step"] == "report_experiments"
+    rows = json.loads((r / "report/experiments/scores.json").read_text())["experiments"]
+    assert [(x["stage"], x["leaderboard_status"], x["leaderboard:demo_arc"]) for x in rows] == [
+        ("base", "current", 25.0)] + [("dpo", "current", 25.0)] * 4

@@ -147,3 +147,29 @@ def test_status_keys_are_the_ones_the_workflow_records(tmp_path, grid):
     ours = {h: provenance.grid_model_key(grid, h)
             for r in grid.exps for h in (grid.home(r, "sft"), grid.home(r, "dpo"))}
     assert workflow_keys == ours and len(set(ours.values())) == 5  # one SFT, four DPO models
+
+
+def test_each_experiment_stage_shows_its_leaderboard_score(results, grid):
+    """The demo grid scores base and DPO models on the leaderboard (eval.leaderboard.stages): each experiment's
+    lines show the average and tasks, an earlier model's score marked stale, tasks done so far, or not started."""
+    first, second, third = grid.exps[:3]
+    base = grid.home(first, "base")
+
+    def lb(key, avg):
+        return {"model_key": key, "model_run_key": None, "average": avg,
+                "tasks": {"demo_arc": {"score": avg, "stderr": 0.1, "num_fewshot": 3, "metric": "acc_norm"}}}
+
+    write(results / base / "eval" / "leaderboard.json", lb(provenance.grid_model_key(grid, base), 0.25))
+    done = grid.home(first, "dpo")
+    write(results / done / "eval" / "leaderboard.json", lb(provenance.grid_model_key(grid, done), 0.375))
+    write(results / grid.home(second, "dpo") / "eval" / "leaderboard.json", lb(OLD_KEY, 0.5))
+    write(results / grid.home(third, "dpo") / "eval" / "leaderboard.json.work-0123456789ab" / "demo_arc.json", {})
+    out = status(results, *GRID_CONFIG)
+    lines = [x.strip() for x in out.splitlines() if x.strip().startswith("leaderboard ")]
+    assert len(lines) == 2 * len(grid.exps)  # base and dpo of each experiment
+    assert f"leaderboard base ({base}): average 25.00% (demo_arc 25.00)" in lines
+    assert f"leaderboard dpo ({done}): average 37.50% (demo_arc 37.50)" in lines
+    stale = next(x for x in lines if x.startswith(f"leaderboard dpo ({grid.home(second, 'dpo')})"))
+    assert f"[stale: computed for model {OLD_KEY}, current config wants " in stale
+    assert f"leaderboard dpo ({grid.home(third, 'dpo')}): 1 task(s) done so far" in lines
+    assert f"leaderboard dpo ({grid.home(grid.exps[3], 'dpo')}): not started" in lines

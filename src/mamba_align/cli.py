@@ -183,6 +183,7 @@ def _grid_status(results: Path, grid) -> list[str]:
     """Each experiment's stages in a grid's layout (experiments.Grid): the shared base model, data and SFT run
     under shared/, DPO and the scores under experiments/<name>/, logs under logs/<the same folder>/."""
     from mamba_align.ops.provenance import grid_model_key
+    from mamba_align.ops.report_leaderboard import status_line
 
     out = [f"experiments: {len(grid.exps)} (each under {results}/experiments/<name>/, their shared base model, "
            f"data and SFT runs under {results}/shared/)"]
@@ -206,6 +207,11 @@ def _grid_status(results: Path, grid) -> list[str]:
                               Path(grid.eval_summary(r, stage, "alpacaeval")), results / home / "model",
                               grid_model_key(grid, home))
             out += [f"  eval {stage} ({home}): {row}" for row in rows] or [f"  eval {stage} ({home}): not started"]
+        for stage in grid.leaderboard_stages:  # the Open LLM Leaderboard tasks (eval.leaderboard.stages)
+            home = grid.home(r, stage)
+            out.append(f"  leaderboard {stage} ({home}): " + status_line(
+                grid.eval_summary(r, stage, layout.LEADERBOARD), grid_model_key(grid, home),
+                _run_key(results / home / "model")))
     return out
 
 

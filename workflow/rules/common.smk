@@ -93,6 +93,7 @@ try:
             R,
             [resolve_experiment(e) for e in experiments_of.expand(config)],
             EVAL["stages"],
+            EVAL["leaderboard"]["stages"],
         )
         if experiments_of.is_grid(config)
         else None
@@ -371,11 +372,7 @@ def grid_runtime(rule, default):
     """Minutes to ask for, from the plan of the experiment the job belongs to: each job sized by its model."""
 
     def runtime(wildcards, attempt):
-        r = (
-            GRID.first_sft[wildcards.key]
-            if rule == "train_sft"
-            else GRID.by_name[wildcards.name]
-        )
+        r = GRID.plan_owner(rule, wildcards)
         try:
             plan = planner.make_plan(
                 r.exp.config(config),

@@ -213,6 +213,23 @@ use rule judge_alpaca_eval as judge_alpaca_eval_grid with:
         cache=f"{R}/{{home}}/eval/alpaca_eval_cache",
 
 
+use rule eval_leaderboard as eval_leaderboard_grid with:
+    input:
+        model=f"{R}/{{home}}/model",
+        tasks=rules.fetch_leaderboard_data.output.tasks,
+    output:
+        f"{R}/{{home}}/eval/leaderboard.json",
+        provenance=f"{R}/provenance/eval_leaderboard_grid-{{home}}.json",
+    log:
+        f"{R}/logs/{{home}}/eval_leaderboard.log",
+    benchmark:
+        f"{R}/benchmarks/{{home}}/eval_leaderboard.tsv"
+    resources:
+        gpu=1,
+        mem_mb=64000,
+        runtime=grid_runtime("eval_leaderboard", 240),
+
+
 rule report_experiments:
     """Every experiment side by side (mean ± spread over seeds), a plot per swept axis, the published rows."""
     input:
@@ -248,8 +265,8 @@ rule report_experiments:
     params:
         **settings_params(
             "experiments",
-            lambda w: GRID.report_entries(),
-            like=[GRID.report_entries()] if GRID else [],
+            lambda w: GRID.report_entries(learning_settings),
+            like=[GRID.report_entries(learning_settings)] if GRID else [],
         ),
         axes=lambda w: GRID.swept_axes(),
         demo=config["demo"],

@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from mamba_align.ops import layout
+from mamba_align.ops.provenance import model_key
 from mamba_align.utils import UserError
 
 STAGE_AXES = ("sft", "dpo")
@@ -162,8 +163,11 @@ def resolve(exp: Experiment, sft: dict, dpo: dict, learning_settings) -> Resolve
 class Grid:
     """The resolved experiments and where everything of theirs lives under `results`."""
 
-    def __init__(self, results: str, resolved: list[Resolved], eval_stages):
+    def __init__(self, results: str, resolved: list[Resolved], eval_stages, leaderboard_stages=()):
+        """eval_stages: the stages judged on MT-Bench and AlpacaEval (eval.stages); leaderboard_stages: those
+        scored on the leaderboard tasks (eval.leaderboard.stages; none: no leaderboard jobs)."""
         self.R, self.exps, self.eval_stages = results, resolved, list(eval_stages)
+        self.leaderboard_stages = list(leaderboard_stages)
         self.by_name = {r.name: r for r in resolved}
         self.first_base, self.first_data, self.first_sft = {}, {}, {}
         for r in resolved:
@@ -174,12 +178,13 @@ class Grid:
 
     def to_dict(self) -> dict:
         """Plain data (a rule's params, which Snakemake compares between runs); from_dict rebuilds the grid."""
-        return {"results": self.R, "eval_stages": self.eval_stages, "experiments": [asdict(r) for r in self.exps]}
+        return {"results": self.R, "eval_stages": self.eval_stages, "leaderboard_stages": self.leaderboard_stages,
+                "experiments": [asdict(r) for r in self.exps]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Grid":
         return cls(d["results"], [Resolved(**{**r, "exp": Experiment(**r["exp"])}) for r in d["experiments"]],
-                   d["eval_stages"])
+                   d["eval_stages"], d.get("leaderboard_stages", ()))
 
     # folders
     def home(self, r: Resolved, stage: str) -> str:
@@ -209,6 +214,13 @@ class Grid:
             return self.by_name[key], "dpo"
         raise UserError(f"no experiment of the config has the model folder {self.R}/{home}")
 
+    def plan_owner(self, rule: str, wildcards) -> Resolved:
+        """The experiment whose plan sizes a grid job of `rule`: by its SFT key (train_sft), its model folder
+        (evaluations: the first experiment with that model) or its name (train_dpo)."""
+        if rule == "train_sft":
+            return self.first_sft[wildcards.key]
+        return self.owner(wildcards.home)[0] if hasattr(wildcards, "home") else self.by_name[wildcards.name]
+
     def data_owner(self, stage: str, key: str) -> Resolved:
         try:
             return self.first_data[(stage, key)]
@@ -232,9 +244,12 @@ class Grid:
 
     # targets
     def eval_targets(self, r: Resolved | None = None) -> list[str]:
+        """The judged scores of each eval stage, then the leaderboard's of each leaderboard stage: a model that
+        experiments share once."""
         out = []
         for x in ([r] if r else self.exps):
             out += [self.eval_summary(x, s, b) for s in self.eval_stages for b in layout.BENCHMARKS]
+            out += [self.eval_summary(x, s, layout.LEADERBOARD) for s in self.leaderboard_stages]
         return list(dict.fromkeys(out))
 
     def metrics(self, r: Resolved) -> dict[str, str]:
@@ -249,12 +264,24 @@ class Grid:
                 axes.setdefault(a, set()).add(json.dumps(v, default=str))
         return [a for a, vs in axes.items() if len(vs) > 1 and a != "seed"]
 
-    def report_entries(self) -> list[dict]:
-        """What the report reads per experiment: its axes and the eval summaries of each stage."""
-        return [{"name": r.name, "axes": r.exp.axes, "recipe": r.exp.recipe,
-                 "base_model": r.exp.base_model["source"],
-                 "evals": {s: {b: self.eval_summary(r, s, b) for b in layout.BENCHMARKS} for s in self.eval_stages},
-                 "metrics": self.metrics(r)} for r in self.exps]
+    def report_entries(self, learning_settings=None) -> list[dict]:
+        """What the report reads per experiment: its axes, the eval summaries of each stage and, with a
+        leaderboard, each leaderboard stage's score with its model folder and the key of the model the config
+        describes there (with `learning_settings`; provenance.model_key), so that a score of another model is
+        shown as missing."""
+        def leaderboard(r: Resolved, s: str) -> dict:
+            home = self.home(r, s)
+            key = model_key(self.learned_by(home, learning_settings)) if learning_settings else None
+            return {"path": self.eval_summary(r, s, layout.LEADERBOARD), "model": self.model(r, s), "model_key": key}
+
+        entries = [{"name": r.name, "axes": r.exp.axes, "recipe": r.exp.recipe,
+                    "base_model": r.exp.base_model["source"],
+                    "evals": {s: {b: self.eval_summary(r, s, b) for b in layout.BENCHMARKS} for s in self.eval_stages},
+                    "metrics": self.metrics(r)} for r in self.exps]
+        if self.leaderboard_stages:  # absent without: the params Snakemake recorded for such grids stay the same
+            for e, r in zip(entries, self.exps):
+                e["leaderboard"] = {s: leaderboard(r, s) for s in self.leaderboard_stages}
+        return entries
 
 
 def plot_name(axis: str) -> str:

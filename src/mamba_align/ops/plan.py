@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mamba_align.ops.gpu_choice import format_gpu_counts, with_gpu_counts
-from mamba_align.ops.plan_leaderboard import leaderboard_job
+from mamba_align.ops.plan_leaderboard import leaderboard_job, owned_evals
 from mamba_align.train.recipes import precompute_ref_log_probs
 from mamba_align.train.sizes import REF_PARAMS, disk_gb, memory_fix, params_from_config, stage_memory_gib
 from mamba_align.utils import UserError, read_json, write_json
@@ -327,16 +327,14 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
 
 def make_grid_plan(cfg: dict, grid, gpus: dict[str, int], gpu_type: str) -> dict:
     """One plan per experiment of `grid` (experiments.Grid) and their sums. A job that experiments share (the
-    SFT run and the SFT model's evaluations) is in the plan of the first experiment that needs it only, so the
-    totals are the sums of the experiments' own plans and count every job once."""
+    SFT run and the SFT and base models' evaluations, the leaderboard's too) is in the plan of the first experiment
+    that needs it only, so the totals are the sums of the experiments' own plans and count every job once."""
     plans, seen_sft = {}, set()
     for r in grid.exps:
         owns_sft = r.sft_key not in seen_sft
         seen_sft.add(r.sft_key)
-        stages = [s for s in cfg["eval"]["stages"] if s == "dpo" or owns_sft]
-        if "base" in cfg["eval"]["stages"] and grid.first_base[r.base_key] is not r:
-            stages = [s for s in stages if s != "base"]
-        ecfg = r.exp.config(cfg) | {"eval": {**cfg["eval"], "stages": stages}}
+        owns = {"base": grid.first_base[r.base_key] is r, "sft": owns_sft, "dpo": True}
+        ecfg = r.exp.config(cfg) | {"eval": owned_evals(cfg["eval"], owns)}
         plans[r.name] = make_plan(ecfg, r.sft, r.dpo, gpus, gpu_type, grid.R,
                                   verify=f"{grid.R}/{grid.home(r, 'base')}/verify.json",
                                   data_dirs={s: grid.data_dir(r, s) for s in ("sft", "dpo")}, train_sft=owns_sft)

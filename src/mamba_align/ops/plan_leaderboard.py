@@ -48,3 +48,14 @@ def leaderboard_job(lb: dict | None, size: float, gpu_speed: float, plan: dict) 
 
 def unknown_tasks(tasks: list[str]) -> list[str]:
     return [t for t in tasks if t not in TASK_COST]
+
+
+def owned_evals(ev: dict, owns: dict[str, bool]) -> dict:
+    """The eval section as one experiment of a grid plans it: only the stages whose model it owns (`owns`: stage
+    -> whether it is the first experiment with that model), for the judged benchmarks and the leaderboard alike,
+    so that a model experiments share is evaluated once in the grid's plan."""
+    out = {**ev, "stages": [s for s in ev["stages"] if owns[s]]}
+    if ev.get("leaderboard"):
+        out["leaderboard"] = {**ev["leaderboard"], "stages": [s for s in ev["leaderboard"].get("stages", ())
+                                                              if owns[s]]}
+    return out

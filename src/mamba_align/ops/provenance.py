@@ -272,7 +272,7 @@ def current_grid(results: str | Path, config_files=(), workflow_dir: str | Path 
         ecfg = exp.config(config)
         sft, dpo = (as_dict(config_recipe(ecfg, s, workflow_dir, files)) for s in ("sft", "dpo"))
         resolved.append(experiments.resolve(exp, sft, dpo, learning_settings))
-    return experiments.Grid(str(results), resolved, config["eval"]["stages"])
+    return experiments.Grid(str(results), resolved, config["eval"]["stages"], config["eval"]["leaderboard"]["stages"])
 
 
 def grid_model_key(grid, home: str) -> str:

@@ -257,12 +257,13 @@ SCORE_KEYS = ["mt_bench_overall", *SE_OF]
 
 
 def experiment_row(entry: dict, stage: str) -> dict:
-    """One experiment's scores at `stage`: MT-Bench overall and per category, AlpacaEval 1.0 and 2.0 LC with SEs."""
-    paths = entry["evals"][stage]
-    mt = read_json(paths["mtbench"]) if Path(paths["mtbench"]).exists() else None
-    ae = read_json(paths["alpacaeval"]) if Path(paths["alpacaeval"]).exists() else None
+    """One experiment's scores at `stage`: MT-Bench overall and per category, AlpacaEval 1.0 and 2.0 LC with SEs,
+    the leaderboard's tasks and average (report_leaderboard.experiment_columns)."""
+    paths = entry["evals"].get(stage, {})  # a stage scored on the leaderboard only: no judged scores
+    mt = read_json(paths["mtbench"]) if paths and Path(paths["mtbench"]).exists() else None
+    ae = read_json(paths["alpacaeval"]) if paths and Path(paths["alpacaeval"]).exists() else None
     row = {"experiment": entry["name"], "stage": stage, **{f"axis:{a}": v for a, v in entry["axes"].items()},
-           **stage_row(entry["name"], stage, mt, ae)}
+           **stage_row(entry["name"], stage, mt, ae), **report_leaderboard.experiment_columns(entry, stage)}
     row["model"] = f"{entry['name']} ({stage})"
     for cat, s in ((mt or {}).get("per_category") or {}).items():
         row[f"mt_bench:{cat}"] = _round(s.get("overall"))
@@ -293,7 +294,8 @@ def seed_groups(rows: list[dict]) -> list[dict]:
              **{k: v for k, v in members[0].items() if k.startswith("axis:") and k != "axis:seed"}}
         g["model"] = ", ".join(f"{k[5:]}={v}" for k, v in g.items() if k.startswith("axis:")) or "all"
         g["model"] += f" ({key[0]}, {len(members)} seeds)"
-        for k in SCORE_KEYS + sorted({c for m in members for c in m if c.startswith("mt_bench:")}):
+        for k in SCORE_KEYS + ["leaderboard_average"] + sorted({c for m in members for c in m
+                                                                 if c.startswith("mt_bench:")}):
             g[k], g[f"{k}_spread"] = _mean_spread([m.get(k) for m in members])
         for k, se in SE_OF.items():
             g[f"{k}_se"] = se_of_mean([m.get(se) for m in members])
@@ -344,9 +346,11 @@ def _unique_rows(entries: list[dict]) -> list[dict]:
     """One row per evaluated model: a model that experiments share (their SFT model) once, named by the
     experiments that share it, without the axes that it does not depend on."""
     users: dict[str, list[dict]] = {}
-    for e in entries:
-        for stage, paths in e["evals"].items():
-            users.setdefault(paths["mtbench"], []).append((e, stage))
+    for e in entries:  # a model by its score's path: MT-Bench's, or the leaderboard's where it is scored there only
+        scored = {s: p["mtbench"] for s, p in e["evals"].items()}
+        scored.update({s: ref["path"] for s, ref in (e.get("leaderboard") or {}).items() if s not in scored})
+        for stage in sorted(scored, key=report_leaderboard.STAGE_ORDER.index):
+            users.setdefault(scored[stage], []).append((e, stage))
     rows = []
     for shared in users.values():
         e, stage = shared[0]
@@ -370,14 +374,16 @@ def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo
     cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("mt_bench:")))
     axis_cols = list(dict.fromkeys(c for r in rows for c in r if c.startswith("axis:")))
     cols = ["experiment", "stage", *axis_cols, "mt_bench_overall", *cats,
-            *(k for value, se in SE_OF.items() for k in (value, se)), "judge", "source"]
+            *(k for value, se in SE_OF.items() for k in (value, se)),
+            *report_leaderboard.experiment_csv_columns(rows), "judge", "source"]
     with atomic_path(out_dir / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     groups = seed_groups(rows)
     published = PAPER_ROWS + leaderboard_rows()
-    doc = experiments_doc(rows, groups, published, axes, [plot_name(a) for a in axes], demo)
+    doc = experiments_doc(rows, groups, published, axes, [plot_name(a) for a in axes], demo,
+                          report_leaderboard.experiments_leaderboard_doc(rows, demo))
     with atomic_path(out_dir / "scores.md") as tmp:
         tmp.write_text(to_markdown(doc))
     with atomic_path(out_dir / "scores.html") as tmp:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from mamba_align.ops.provenance import stale_reason
-from mamba_align.ops.report_tables import table
+from mamba_align.ops.report_tables import average_cell, table
 from mamba_align.utils import atomic_path, read_json
 
 # Published numbers in %, each with its source. The first three are the Open LLM Leaderboard v1's settings
@@ -112,13 +112,17 @@ def leaderboard_doc(rows: list[dict], demo: bool) -> list[tuple]:
     if stale:
         doc += [("p", "Stale (not of the current config's models):"), table(head, cells(stale)),
                 ("ul", [f"{r['model']}: {r['status']}" for r in stale])]
+    return doc + _published_doc(tasks)
+
+
+def _published_doc(tasks: list[str]) -> list[tuple]:
     published = [p for p in PUBLISHED if any(p.get(t) is not None for t in tasks)]
-    if published:
-        doc += [("p", "**Published rows** (each with its own source and settings):"),
-                table(["model", *tasks, "source"],
-                      [[p["model"], *[f"{p[t]:.2f}" if p.get(t) is not None else "–" for t in tasks], p["source"]]
-                       for p in published])]
-    return doc
+    if not published:
+        return []
+    return [("p", "**Published rows** (each with its own source and settings):"),
+            table(["model", *tasks, "source"],
+                  [[p["model"], *[f"{p[t]:.2f}" if p.get(t) is not None else "–" for t in tasks], p["source"]]
+                   for p in published])]
 
 
 def plot_changes(rows: list[dict], out_png: str | Path) -> None:
@@ -147,3 +151,109 @@ def plot_changes(rows: list[dict], out_png: str | Path) -> None:
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+# --- experiments of a grid: the same numbers as columns of each experiment's row ---------------------------------
+
+PREFIX = "leaderboard:"  # leaderboard:<task>, leaderboard:<task>_stderr, leaderboard:<task>_change, ...
+
+
+def _scored(ref: dict) -> tuple[dict | None, str]:
+    """(the leaderboard.json of `ref` = {path, model, model_key}, "current"), or (None, "missing" or why stale):
+    a score of another model than the one the config describes there, or than the stored model's run."""
+    path = Path(ref["path"])
+    if not path.is_file():
+        return None, "missing"
+    data = read_json(path)
+    run = Path(ref["model"]) / "run.json" if ref.get("model") else None
+    run_key = read_json(run).get("key") if run is not None and run.is_file() else None
+    reason = stale_reason(data, ref.get("model_key"), run_key)
+    return (None, reason) if reason else (data, "current")
+
+
+def experiment_columns(entry: dict, stage: str) -> dict:
+    """The leaderboard columns of an experiment's model at `stage` (entry: experiments.Grid.report_entries()):
+    `leaderboard_status` (current, missing, or why stale), `leaderboard_average` and `leaderboard:<task>` with
+    `_stderr` in %, and `_change` (with `_change_stderr`) from the experiment's base model where base is scored
+    too. {} when the stage is not scored; a missing or stale score gives no number, never one of another model."""
+    refs = entry.get("leaderboard") or {}
+    if stage not in refs:
+        return {}
+    data, status = _scored(refs[stage])
+    cols = {"leaderboard_status": status, "leaderboard_model_key": refs[stage].get("model_key")}
+    if data is None:
+        return cols
+    cols["leaderboard_average"] = _pct(data.get("average"))
+    for task, rec in (data.get("tasks") or {}).items():
+        cols[f"{PREFIX}{task}"], cols[f"{PREFIX}{task}_stderr"] = _pct(rec["score"]), _pct(rec.get("stderr"))
+        cols[f"{PREFIX}{task}_setting"] = f"{rec['num_fewshot']}-shot {rec['metric']}"
+    base = _scored(refs["base"])[0] if stage != "base" and "base" in refs else None
+    if base is None:
+        return cols
+    for task, rec in (base.get("tasks") or {}).items():
+        k = f"{PREFIX}{task}"
+        if cols.get(k) is not None:
+            cols[f"{k}_change"] = cols[k] - _pct(rec["score"])
+            ses = (cols[f"{k}_stderr"], _pct(rec.get("stderr")))
+            cols[f"{k}_change_stderr"] = math.hypot(*ses) if None not in ses else None
+    if set(base.get("tasks") or {}) == set(data.get("tasks") or {}) and None not in (
+            cols["leaderboard_average"], base.get("average")):
+        cols["leaderboard_average_change"] = cols["leaderboard_average"] - _pct(base["average"])
+    return cols
+
+
+def experiment_tasks(rows: list[dict]) -> list[str]:
+    """The leaderboard tasks that some row has a score of, in the order first seen."""
+    return list(dict.fromkeys(k[len(PREFIX):-len("_setting")] for r in rows for k in r
+                              if k.startswith(PREFIX) and k.endswith("_setting")))
+
+
+def experiment_csv_columns(rows: list[dict]) -> list[str]:
+    """The leaderboard's columns of the grid's scores.csv ([] without a leaderboard)."""
+    if not any("leaderboard_status" in r for r in rows):
+        return []
+    return ["leaderboard_average", "leaderboard_average_change",
+            *(f"{PREFIX}{t}{x}" for t in experiment_tasks(rows) for x in ("", "_stderr", "_change")),
+            "leaderboard_status", "leaderboard_model_key"]
+
+
+def experiments_leaderboard_doc(rows: list[dict], demo: bool) -> list[tuple]:
+    """The grid report's leaderboard block: each scored model's tasks (% ± stderr, in brackets the change from its
+    base model), its average, the rows without a current score named with why, and the published rows."""
+    scored = [r for r in rows if "leaderboard_status" in r]
+    if not scored:
+        return []
+    tasks = experiment_tasks(scored)
+    settings = {t: next(r[f"{PREFIX}{t}_setting"] for r in scored if f"{PREFIX}{t}_setting" in r) for t in tasks}
+    head = ["experiment", "stage", *(f"{t} ({settings[t]})" for t in tasks), "average"]
+    cells = [[r["experiment"], r["stage"], *(_cell(r, f"{PREFIX}{t}") for t in tasks), average_cell(r)]
+             for r in scored]
+    doc = [("h2", "Open LLM Leaderboard tasks (lm-eval)")]
+    if demo:
+        doc.append(("p", "**Demo run: tiny local tasks scored by tiny random models. These numbers mean nothing.**"))
+    doc += [table(head, cells),
+            ("p", "Scores in % ± lm-eval's standard error; in brackets the change from the experiment's base model "
+                  "(what alignment cost or gained); – where a score is missing or not of the model the config "
+                  "describes (below).")]
+    absent = [f"{r['experiment']} ({r['stage']}): {r['leaderboard_status']}" for r in scored
+              if r["leaderboard_status"] != "current"]
+    if absent:
+        doc += [("p", "Without a current score:"), ("ul", absent)]
+    return doc + _published_doc(tasks)
+
+
+def status_line(path: str | Path, current_key: str | None, run_key: str | None = None) -> str:
+    """`mamba-align status`'s line of one model's leaderboard.json: the average and each task in %, marked stale
+    when of another model than `current_key` (or the stored model's run `run_key`); else the tasks finished so far
+    (eval_leaderboard's work folder beside it), else not started."""
+    path = Path(path)
+    if not path.is_file():
+        done = len(list(path.parent.glob(f"{path.name}.work-*/*.json")))
+        return f"{done} task(s) done so far" if done else "not started"
+    data = read_json(path)
+    avg = _pct(data.get("average"))
+    line = f"average {avg:.2f}%" if avg is not None else "average –"
+    tasks = [f"{t} {_pct(rec['score']):.2f}" for t, rec in (data.get("tasks") or {}).items()]
+    line += f" ({', '.join(tasks)})" if tasks else ""
+    reason = stale_reason(data, current_key, run_key)
+    return f"{line} [{reason}]" if reason else line

@@ -33,6 +33,14 @@ def pm(mean, err) -> str:
     return f"{mean:.2f} ± {err:.2f}" if err is not None else fmt(mean)
 
 
+def average_cell(r: dict) -> str:
+    """A grid row's leaderboard average, with its change from base in brackets: '–' where missing or stale."""
+    v, change = r.get("leaderboard_average"), r.get("leaderboard_average_change")
+    if v is None:
+        return "–"
+    return f"{v:.2f} ({change:+.2f})" if change is not None else f"{v:.2f}"
+
+
 def se_of_mean(errors: list) -> float | None:
     """The judging standard error of a mean over n independent scores, sqrt(sum SE_i^2) / n; None unless every
     score has one."""
@@ -73,21 +81,24 @@ def scores_doc(rows: list[dict], demo: bool) -> list[tuple]:
 
 
 def experiments_doc(rows: list[dict], groups: list[dict], published: list[dict], axes: list[str],
-                    plot_names: list[str], demo: bool) -> list[tuple]:
-    """The grid's report: every evaluated model, seed groups (mean ± SD, and the judging SE of the mean),
-    the published rows, the plots."""
+                    plot_names: list[str], demo: bool, leaderboard: list[tuple] = ()) -> list[tuple]:
+    """The grid's report: every evaluated model, seed groups (mean ± SD, and the judging SE of the mean), the
+    `leaderboard` blocks (report_leaderboard.experiments_leaderboard_doc), the published rows, the plots. With a
+    leaderboard, the tables gain its average (in brackets the change from base)."""
     cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("mt_bench:")))
     axis_cols = list(dict.fromkeys(c for r in rows for c in r if c.startswith("axis:")))
+    lb = any("leaderboard_status" in r for r in rows)
     doc = [("h1", "Experiments")]
     if demo:
         doc.append(("p", DEMO_NOTE.format(what="tiny random models", unit="experiment")))
     head = ["experiment", "stage", *(c[5:] for c in axis_cols), "MT-Bench", *(c[9:] for c in cats),
-            "AE 1.0 win % ± SE", "AE 2.0 win % ± SE", "AE 2.0 LC % ± SE"]
+            "AE 1.0 win % ± SE", "AE 2.0 win % ± SE", "AE 2.0 LC % ± SE", *(["leaderboard avg %"] if lb else [])]
     doc.append(table(head, [[r["experiment"], r["stage"], *(fmt(r.get(c)) for c in axis_cols),
                              fmt(r.get("mt_bench_overall")), *(fmt(r.get(c)) for c in cats),
-                             *(pm(r.get(k), r.get(se)) for k, se in SE_OF.items())] for r in rows]))
+                             *(pm(r.get(k), r.get(se)) for k, se in SE_OF.items()),
+                             *([average_cell(r)] if lb else [])] for r in rows]))
     if groups:
-        keys = ("mt_bench_overall", *SE_OF)
+        keys = ("mt_bench_overall", *SE_OF, *(["leaderboard_average"] if lb else []))
 
         def cell(g, k):
             se = g.get(f"{k}_se")
@@ -96,9 +107,10 @@ def experiments_doc(rows: list[dict], groups: list[dict], published: list[dict],
         doc += [("h2", "Over seeds"),
                 ("p", "Mean ± sample standard deviation over the seeds; (SE x) is the judging standard error of "
                       "that mean, sqrt(Σ SE²)/n, where every seed's score has one."),
-                table(["experiments", "seeds", "MT-Bench", "AE 1.0 win %", "AE 2.0 win %", "AE 2.0 LC %"],
+                table(["experiments", "seeds", "MT-Bench", "AE 1.0 win %", "AE 2.0 win %", "AE 2.0 LC %",
+                       *(["leaderboard avg %"] if lb else [])],
                       [[g["model"], ", ".join(map(str, g["seeds"])), *(cell(g, k) for k in keys)] for g in groups])]
-    doc += [("h2", "Published"),
+    doc += [*leaderboard, ("h2", "Published"),
             table(["model", "MT-Bench", "AE 1.0 win % ± SE", "AE 2.0 win % ± SE", "AE 2.0 LC % ± SE", "source"],
                   [[r["model"], fmt(r.get("mt_bench_overall")), *(pm(r.get(k), r.get(se)) for k, se in SE_OF.items()),
                     r["source"]] for r in published])]
