@@ -16,7 +16,7 @@ CAPTURE = Path(__file__).with_name("capture_submits.py")
 DRY_RUN_CONFIGS = (("config/demo.yaml",), ("config/demo.yaml", "config/demo-grid.yaml"))
 _GPU = {"train_sft", "train_dpo", "generate_mt_bench", "generate_alpaca_eval"}
 _TRAINING = {"train_sft", "train_dpo"}
-GPU_RULES = _GPU | {f"{r}_grid" for r in _GPU} | {"eval_leaderboard"}
+GPU_RULES = _GPU | {f"{r}_grid" for r in _GPU} | {"eval_leaderboard", "eval_leaderboard_grid"}
 TRAINING = _TRAINING | {f"{r}_grid" for r in _TRAINING}
 
 
