@@ -230,14 +230,15 @@ def test_leftovers_of_running_processes_are_kept(tmp_path):
 
 def test_a_trained_model_follows_the_umask(tiny, tmp_path):
     """safetensors writes 0600; a published model is readable by the project group, as the base model."""
-    from mamba_align.train.launch import train_sft
+    from mamba_align.train.job import TrainJob
+    from mamba_align.train.launch import train
     from mamba_align.train.recipes import load_recipe
 
     recipe = load_recipe(DEMO, "sft", {"max_steps": 1, "save_steps": 1000})
     previous = os.umask(0o022)
     try:
-        train_sft(tiny / "model", tiny / "sft_train.parquet", None, recipe, tmp_path / "model", tmp_path / "ckpt",
-                  tmp_path / "m.json")
+        train(TrainJob(stage="sft", recipe=recipe, model=tiny / "model", train=tiny / "sft_train.parquet", test=None,
+                       out=tmp_path / "model", checkpoints=tmp_path / "ckpt", metrics=tmp_path / "m.json"))
     finally:
         os.umask(previous)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "model").iterdir()}
