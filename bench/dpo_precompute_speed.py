@@ -96,11 +96,13 @@ class Timers:
 
 
 def one_run(work: Path, model_dir: Path, data: Path, recipe, timers: Timers, tag: str, epochs: float) -> dict:
-    from mamba_align.train.launch import train_dpo
+    from mamba_align.train.job import TrainJob
+    from mamba_align.train.launch import train
 
     out, ckpt, metrics = work / f"out-{tag}", work / f"ckpt-{tag}", work / f"{tag}.json"
     t0 = time.time()
-    m = train_dpo(model_dir, model_dir, data, None, recipe, out, ckpt, metrics)
+    m = train(TrainJob(stage="dpo", recipe=recipe, model=model_dir, train=data, test=None, out=out, checkpoints=ckpt,
+                       metrics=metrics))
     wall = time.time() - t0
     precompute_s, hash_s = timers.take()
     steps = m["step_times_s"]

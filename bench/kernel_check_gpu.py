@@ -43,7 +43,8 @@ def main() -> int:
     spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from mamba_align.train.launch import train_sft
+    from mamba_align.train.job import TrainJob
+    from mamba_align.train.launch import train
     from mamba_align.train.recipes import load_recipe
 
     lines: list[str] = []
@@ -60,7 +61,8 @@ def main() -> int:
         bench.write_sft_rows(d / "train.parquet", 64, bench.words(512)[:40], seed=0)
         recipe = load_recipe(ROOT / "config" / "recipes" / "demo", "sft",
                              {"max_steps": 6, "logging_steps": 2, "save_steps": 100})
-        train_sft(d / "model", d / "train.parquet", None, recipe, d / "sft", d / "ckpt", d / "metrics.json")
+        train(TrainJob(stage="sft", recipe=recipe, model=d / "model", train=d / "train.parquet", test=None,
+                       out=d / "sft", checkpoints=d / "ckpt", metrics=d / "metrics.json"))
     progress = [x for x in lines if " progress: step " in x]
     print("\n".join(progress))
     if a.out:

@@ -144,16 +144,16 @@ class _PreemptAt(logging.Handler):
 def _bench(stage: str, work: Path, model_dir: Path, data: Path, recipe, precompute: bool = False,
            preempt_at: int = 0) -> dict:
     from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE
-    from mamba_align.train.launch import train_dpo, train_sft
+    from mamba_align.train.job import TrainJob
+    from mamba_align.train.launch import train
 
     tag = f"{stage}{'-precompute' if precompute else ''}"
     out, ckpt, metrics = work / f"out-{tag}", work / f"ckpt-{tag}", work / f"{tag}.json"
 
     def run():
         shutil.rmtree(out, ignore_errors=True)  # 11 GB at the 2.8B shape
-        if stage == "sft":
-            return train_sft(model_dir, data, None, recipe, out, ckpt, metrics)
-        return train_dpo(model_dir, model_dir, data, None, recipe, out, ckpt, metrics)
+        return train(TrainJob(stage=stage, recipe=recipe, model=model_dir, train=data, test=None, out=out,
+                              checkpoints=ckpt, metrics=metrics))
 
     res = {}
     t0 = time.time()

@@ -181,15 +181,17 @@ def _truncate(path):
 def test_a_truncated_model_fails_dpo_naming_the_file_and_the_rule_before_anything_runs(sft_model, tmp_path,
                                                                                      monkeypatch):
     from mamba_align.ops import runs
+    from mamba_align.train.job import TrainJob
     from mamba_align.train.recipes import load_recipe
 
-    monkeypatch.setattr("mamba_align.train.launch.train_dpo", lambda *a, **k: pytest.fail("DPO started"))
+    monkeypatch.setattr("mamba_align.train.launch.train", lambda *a, **k: pytest.fail("DPO started"))
     _truncate(sft_model / "model.safetensors")
     recipe = load_recipe(DEMO, "dpo", {"max_steps": 1})
     with pytest.raises(UserError, match=rf"{sft_model / 'model.safetensors'} is \d+ bytes, expected \d+ \(truncated\)"
                                         r".*rebuild it with `snakemake --forcerun train_sft`"):
-        runs.train_stage("dpo", sft_model, tmp_path / "dpo.parquet", None, recipe, tmp_path / "models" / "dpo",
-                         tmp_path / "checkpoints", tmp_path / "dpo.json")
+        runs.train_keyed(TrainJob(stage="dpo", recipe=recipe, model=sft_model, train=tmp_path / "dpo.parquet",
+                                  test=None, out=tmp_path / "models" / "dpo", checkpoints=tmp_path / "checkpoints",
+                                  metrics=tmp_path / "dpo.json"))
     assert not (tmp_path / "checkpoints").exists()  # no empty checkpoint folder left behind
 
 

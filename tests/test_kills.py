@@ -84,13 +84,15 @@ def test_kill_9_takes_the_job_and_its_ranks_with_it(tiny, tmp_path, killed):
         from mamba_align.utils import setup_logging
         snakemake = types.SimpleNamespace(log=[{str(log)!r}])
         setup_logging(snakemake.log[0])
-        from mamba_align.train.launch import train_sft
+        from mamba_align.train.job import TrainJob
+        from mamba_align.train.launch import train
         from mamba_align.train.recipes import load_recipe
         recipe = load_recipe({str(DEMO)!r}, "sft", {{"max_steps": 100000, "save_steps": 100000, "logging_steps": 1,
                                                      "num_train_epochs": 1000}})
-        train_sft({str(tiny / "model")!r}, {str(tiny / "sft_train.parquet")!r}, None, recipe,
-                  {str(tmp_path / "model")!r}, {str(tmp_path / "ckpt")!r}, {str(tmp_path / "m.json")!r},
-                  num_processes=2)
+        train(TrainJob(stage="sft", recipe=recipe, model={str(tiny / "model")!r},
+                       train={str(tiny / "sft_train.parquet")!r}, test=None, out={str(tmp_path / "model")!r},
+                       checkpoints={str(tmp_path / "ckpt")!r}, metrics={str(tmp_path / "m.json")!r},
+                       num_processes=2))
         """)
     executor = script(tmp_path / "snakemake.py", f"""
         import subprocess, sys, threading, time
@@ -228,14 +230,15 @@ def test_leftovers_of_running_processes_are_kept(tmp_path):
 
 def test_a_trained_model_follows_the_umask(tiny, tmp_path):
     """safetensors writes 0600; a published model is readable by the project group, as the base model."""
-    from mamba_align.train.launch import train_sft
+    from mamba_align.train.job import TrainJob
+    from mamba_align.train.launch import train
     from mamba_align.train.recipes import load_recipe
 
     recipe = load_recipe(DEMO, "sft", {"max_steps": 1, "save_steps": 1000})
     previous = os.umask(0o022)
     try:
-        train_sft(tiny / "model", tiny / "sft_train.parquet", None, recipe, tmp_path / "model", tmp_path / "ckpt",
-                  tmp_path / "m.json")
+        train(TrainJob(stage="sft", recipe=recipe, model=tiny / "model", train=tiny / "sft_train.parquet", test=None,
+                       out=tmp_path / "model", checkpoints=tmp_path / "ckpt", metrics=tmp_path / "m.json"))
     finally:
         os.umask(previous)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "model").iterdir()}

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_runs import store_job
 from wfhelpers import bench_module, snakemake
 
 from mamba_align.ops import runs
@@ -88,8 +89,7 @@ def test_diverged_sft_stops_after_consecutive_non_finite_steps_and_publishes_not
     stop = 1 + NON_FINITE_STEPS  # step 1's loss is the untouched model's; steps 2.. are NaN
     with pytest.raises(NonFiniteLoss, match=rf"sft training stopped at step {stop}/8: loss nan.*logged step\(s\) "
                                             rf"2, 3, 4\); no model written") as e:
-        runs.train_stage("sft", tiny / "model", tiny / "sft.parquet", None, recipe, tmp_path / "models" / "sft",
-                         tmp_path / "checkpoints", tmp_path / "sft.json")
+        runs.train_keyed(store_job(tmp_path, "sft", tiny / "model", tiny / "sft.parquet", recipe))
     assert "lower learning_rate" in str(e.value)
     assert_nothing_published(tmp_path, "sft")
     # the checkpoint of the last finite step stays for a resume; none of a step that logged NaN was written
@@ -103,8 +103,7 @@ def test_a_non_finite_last_step_stops_even_when_not_a_logging_step(tiny, tmp_pat
     # logging every 5 steps would not log step 2, the last: its loss is checked all the same
     recipe = load_recipe(DEMO, "sft", {**DIVERGING, "max_steps": 2, "logging_steps": 5})
     with pytest.raises(NonFiniteLoss, match=r"stopped at step 2/2: loss nan.*, the last step\); no model written"):
-        runs.train_stage("sft", tiny / "model", tiny / "sft.parquet", None, recipe, tmp_path / "models" / "sft",
-                         tmp_path / "checkpoints", tmp_path / "sft.json")
+        runs.train_keyed(store_job(tmp_path, "sft", tiny / "model", tiny / "sft.parquet", recipe))
     assert_nothing_published(tmp_path, "sft")
 
 
@@ -114,8 +113,7 @@ def test_dpo_with_an_infinite_beta_that_got_past_the_parser_stops_at_once(tiny, 
     recipe = dataclasses.replace(load_recipe(DEMO, "dpo", {"max_steps": 6, "logging_steps": 1, "save_steps": 1}),
                                  beta=math.inf)
     with pytest.raises(NonFiniteLoss, match=rf"dpo training stopped at step {NON_FINITE_STEPS}/6: loss nan"):
-        runs.train_stage("dpo", tiny / "model", tiny / "dpo.parquet", None, recipe, tmp_path / "models" / "dpo",
-                         tmp_path / "checkpoints", tmp_path / "dpo.json")
+        runs.train_keyed(store_job(tmp_path, "dpo", tiny / "model", tiny / "dpo.parquet", recipe))
     assert_nothing_published(tmp_path, "dpo")
     (ckpt,) = (tmp_path / "checkpoints").glob("dpo-*")
     assert not list(ckpt.glob("checkpoint-*"))  # every step logged NaN: nothing to resume from

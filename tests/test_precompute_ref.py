@@ -12,7 +12,8 @@ from wfhelpers import bench_module
 
 from mamba_align.train import fit as fit_module
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, last_complete_checkpoint
-from mamba_align.train.launch import train_dpo
+from mamba_align.train.job import TrainJob
+from mamba_align.train.launch import train
 from mamba_align.train.recipes import (
     OPERATIONAL_KEYS,
     PRECOMPUTE_REF_DEFAULT,
@@ -70,8 +71,9 @@ def ref_forwards(monkeypatch):
 
 def run(tiny, out: Path, precompute: bool, **over):
     recipe = load_recipe(DEMO, "dpo", {**STEPS, **over, "precompute_ref_log_probs": precompute})
-    return train_dpo(tiny / "model", tiny / "model", tiny / "dpo_train.parquet", tiny / "dpo_test.parquet", recipe,
-                     out / "dpo", out / "ckpt", out / "metrics.json")
+    return train(TrainJob(stage="dpo", recipe=recipe, model=tiny / "model", train=tiny / "dpo_train.parquet",
+                          test=tiny / "dpo_test.parquet", out=out / "dpo", checkpoints=out / "ckpt",
+                          metrics=out / "metrics.json"))
 
 
 @pytest.fixture(scope="module")

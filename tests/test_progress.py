@@ -103,7 +103,8 @@ def test_judge_logs_count_eta_and_spend(tmp_path, caplog, monkeypatch):
 def test_training_logs_progress_and_writes_tensorboard_events(tmp_path, caplog, monkeypatch):
     from test_train import DEMO, bench
 
-    from mamba_align.train.launch import train_sft
+    from mamba_align.train.job import TrainJob
+    from mamba_align.train.launch import train
     from mamba_align.train.recipes import load_recipe
 
     bench.write_model(tmp_path / "model", **bench.SHAPES["tiny"])
@@ -111,8 +112,8 @@ def test_training_logs_progress_and_writes_tensorboard_events(tmp_path, caplog, 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     caplog.set_level(logging.INFO)
     recipe = load_recipe(DEMO, "sft", {"max_steps": 4, "logging_steps": 2, "save_steps": 100})
-    train_sft(tmp_path / "model", tmp_path / "train.parquet", None, recipe, tmp_path / "sft", tmp_path / "ckpt",
-              tmp_path / "metrics.json")
+    train(TrainJob(stage="sft", recipe=recipe, model=tmp_path / "model", train=tmp_path / "train.parquet", test=None,
+                   out=tmp_path / "sft", checkpoints=tmp_path / "ckpt", metrics=tmp_path / "metrics.json"))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sft progress: ")]
     assert [x.split(" (")[0] for x in lines] == ["sft progress: step 1/4", "sft progress: step 2/4",
                                                  "sft progress: step 4/4"], lines
@@ -150,12 +151,14 @@ def cuda_without_kernels(monkeypatch):
 def test_cuda_without_kernels_fails_before_training_loads_a_model(cuda_without_kernels, tmp_path):
     from test_train import DEMO
 
-    from mamba_align.train.launch import train_sft
+    from mamba_align.train.job import TrainJob
+    from mamba_align.train.launch import train
     from mamba_align.train.recipes import load_recipe
 
     with pytest.raises(UserError) as e:  # the model folder does not even exist: nothing was loaded
-        train_sft(tmp_path / "no-model", tmp_path / "t.parquet", None, load_recipe(DEMO, "sft"), tmp_path / "o",
-                  tmp_path / "c", tmp_path / "m.json")
+        train(TrainJob(stage="sft", recipe=load_recipe(DEMO, "sft"), model=tmp_path / "no-model",
+                       train=tmp_path / "t.parquet", test=None, out=tmp_path / "o", checkpoints=tmp_path / "c",
+                       metrics=tmp_path / "m.json"))
     msg = str(e.value)
     assert "mamba-ssm and causal-conv1d are not installed" in msg and "MAMBA_ALIGN_ALLOW_SLOW_PATH=1" in msg
 

@@ -16,6 +16,7 @@ from wfhelpers import bench_module
 
 from mamba_align.ops import runs
 from mamba_align.train.checkpoints import lock_checkpoint_dir, release_checkpoint_dir
+from mamba_align.train.job import TrainJob
 from mamba_align.train.recipes import load_recipe
 from mamba_align.utils import UserError, read_json
 
@@ -38,8 +39,14 @@ def tiny(tmp_path_factory):
 
 
 def sft(tiny, tmp_path, data="sft_a.parquet", **over):
-    return runs.train_stage("sft", tiny / "model", tiny / data, None, load_recipe(DEMO, "sft", {**SHORT, **over}),
-                            tmp_path / "models" / "sft", tmp_path / "checkpoints", tmp_path / "sft.json")
+    return runs.train_keyed(store_job(tmp_path, "sft", tiny / "model", tiny / data,
+                                      load_recipe(DEMO, "sft", {**SHORT, **over})))
+
+
+def store_job(tmp_path, stage, model, data, recipe) -> TrainJob:
+    """A workflow job of `stage`: its model link under tmp_path/models, the checkpoints root, the metrics."""
+    return TrainJob(stage=stage, recipe=recipe, model=model, train=data, test=None, out=tmp_path / "models" / stage,
+                    checkpoints=tmp_path / "checkpoints", metrics=tmp_path / f"{stage}.json")
 
 
 def test_the_key_is_what_the_stage_learns_from(tiny, tmp_path):
@@ -78,7 +85,7 @@ def test_the_same_key_reuses_the_stored_model_without_training(tiny, tmp_path, m
     def no_training(*args, **kwargs):
         raise AssertionError("the trainer was called for a key whose model is stored")
 
-    monkeypatch.setattr("mamba_align.train.launch.train_sft", no_training)
+    monkeypatch.setattr("mamba_align.train.launch.train", no_training)
     link.unlink()  # what --forcerun train_sft, or an upstream rewrite, does before the job
     started = time.monotonic()
     m = sft(tiny, tmp_path)
@@ -117,8 +124,7 @@ def test_sft_on_other_data_gives_dpo_a_fresh_checkpoint_folder(tiny, tmp_path):
     sft(tiny, tmp_path, data="sft_b.parquet")
     new_key = runs.run_key("dpo", dpo_recipe, [tiny / "dpo_train.parquet", None], link)
     assert new_key != old_key
-    runs.train_stage("dpo", link, tiny / "dpo_train.parquet", None, dpo_recipe, tmp_path / "models" / "dpo",
-                     tmp_path / "checkpoints", tmp_path / "dpo.json")
+    runs.train_keyed(store_job(tmp_path, "dpo", link, tiny / "dpo_train.parquet", dpo_recipe))
     m = read_json(tmp_path / "dpo.json")
     assert m["resumed_from"] is None and m["run"]["key"] == new_key
     assert stale.exists()  # the old run's folder is left alone (not this run's to delete)

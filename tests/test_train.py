@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from wfhelpers import bench_module
 
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, last_complete_checkpoint
-from mamba_align.train.launch import main, train_dpo, train_sft
+from mamba_align.train.job import TrainJob
+from mamba_align.train.launch import main, train
 from mamba_align.train.recipes import load_recipe
 from mamba_align.train.trainer import _decay_parameter_names, truncate_pair
 from mamba_align.utils import UserError, read_json
@@ -28,6 +29,13 @@ torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "recipes" / "demo"
 bench = bench_module("train_throughput")
+
+
+def job(tiny, stage, recipe, folder: Path, **fields) -> TrainJob:
+    """A job on the tiny model and its `stage` rows; model, checkpoints and metrics under `folder`."""
+    paths = dict(model=tiny / "model", train=tiny / f"{stage}_train.parquet", test=None, out=folder / stage,
+                 checkpoints=folder / "ckpt", metrics=folder / "metrics.json")
+    return TrainJob(stage=stage, recipe=recipe, **{**paths, **fields})
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +69,7 @@ def assert_every_parameter_changed(base, trained):
 
 def test_sft_learns_updates_every_parameter_and_writes_a_clean_model(tiny, tmp_path):
     recipe = load_recipe(DEMO, "sft", {"max_steps": 16, "save_steps": 8, "logging_steps": 1})
-    m = train_sft(tiny / "model", tiny / "sft_train.parquet", tiny / "sft_test.parquet", recipe,
-                  tmp_path / "sft", tmp_path / "ckpt", tmp_path / "metrics.json")
+    m = train(job(tiny, "sft", recipe, tmp_path, test=tiny / "sft_test.parquet"))
     loss = losses(m)
     assert loss[-1] < loss[0] - 0.5, loss
     assert_every_parameter_changed(tiny / "model", tmp_path / "sft")
@@ -82,8 +89,7 @@ def test_sft_learns_updates_every_parameter_and_writes_a_clean_model(tiny, tmp_p
 
 def test_dpo_raises_reward_accuracy_and_updates_every_parameter(tiny, tmp_path):
     recipe = load_recipe(DEMO, "dpo", {"max_steps": 12, "logging_steps": 1})
-    m = train_dpo(tiny / "model", tiny / "model", tiny / "dpo_train.parquet", tiny / "dpo_test.parquet", recipe,
-                  tmp_path / "dpo", tmp_path / "ckpt", tmp_path / "metrics.json")
+    m = train(job(tiny, "dpo", recipe, tmp_path, test=tiny / "dpo_test.parquet"))
     accuracy, loss = losses(m, "rewards/accuracies"), losses(m)
     assert accuracy[0] == 0.0 and loss[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
     assert sum(accuracy[-3:]) / 3 > 0.8 and loss[-1] < 0.6, (accuracy, loss)
@@ -99,8 +105,7 @@ def test_dpo_with_precomputed_reference_matches(tiny, tmp_path):
         recipe = load_recipe(DEMO, "dpo", {"max_steps": 4, "logging_steps": 1,
                                            "precompute_ref_log_probs": precompute})
         out = tmp_path / str(precompute)
-        runs[precompute] = train_dpo(tiny / "model", tiny / "model", tiny / "dpo_train.parquet",
-                                     tiny / "dpo_test.parquet", recipe, out / "dpo", out / "ckpt", out / "metrics.json")
+        runs[precompute] = train(job(tiny, "dpo", recipe, out, test=tiny / "dpo_test.parquet"))
     assert losses(runs[True]) == pytest.approx(losses(runs[False]), abs=1e-5)
     assert runs[True]["final"]["eval_loss"] == pytest.approx(runs[False]["final"]["eval_loss"], abs=1e-5)
     assert losses(runs[True], "rewards/margins") == pytest.approx(losses(runs[False], "rewards/margins"), abs=1e-4)
@@ -120,8 +125,7 @@ def test_fused_adamw_clips_inside_its_step_with_the_same_result(tiny, tmp_path, 
         monkeypatch.setattr(fast, "fused_clip_grad_norm_", (lambda *a: calls.append(1) or folded(*a))
                             if mode == "fused" else (lambda *a: None))
         out = tmp_path / mode
-        runs[mode] = train_sft(tiny / "model", tiny / "sft_train.parquet", None, recipe, out / "sft",
-                               out / "ckpt", out / "metrics.json")
+        runs[mode] = train(job(tiny, "sft", recipe, out))
     assert len(calls) == 4
     assert losses(runs["fused"]) == pytest.approx(losses(runs["trainer"]), abs=1e-5)
     assert losses(runs["fused"], "grad_norm") == pytest.approx(losses(runs["trainer"], "grad_norm"), rel=1e-5)
@@ -146,8 +150,7 @@ def test_without_clipping_the_logged_norm_is_the_trainers(tiny, tmp_path, monkey
             monkeypatch.setattr(fit, "trainer_classes", lambda: tuple(
                 type(c.__name__, (c,), {"_get_grad_norm": Trainer._get_grad_norm}) for c in classes()))
         out = tmp_path / mode
-        runs[mode] = train_sft(tiny / "model", tiny / "sft_train.parquet", None, recipe, out / "sft", out / "ckpt",
-                               out / "metrics.json")
+        runs[mode] = train(job(tiny, "sft", recipe, out))
     norms = losses(runs["norm only"], "grad_norm")
     assert len(norms) == 3 and min(norms) > 0
     assert norms == pytest.approx(losses(runs["trainer"], "grad_norm"), rel=1e-5)
@@ -170,8 +173,7 @@ def test_token_count_read_at_log_time_equals_the_trainers(tiny, tmp_path, monkey
                 type(c.__name__, (c,), {"_track_num_input_tokens": Trainer._track_num_input_tokens})
                 for c in classes()))
         out = tmp_path / mode
-        runs[mode] = train_dpo(tiny / "model", tiny / "model", tiny / "dpo_train.parquet", None, recipe,
-                               out / "dpo", out / "ckpt", out / "metrics.json")
+        runs[mode] = train(job(tiny, "dpo", recipe, out))
     assert runs["deferred"]["tokens_this_run"] == runs["trainer"]["tokens_this_run"] > 0
     seen = [h["num_input_tokens_seen"] for h in runs["deferred"]["log_history"] if "num_input_tokens_seen" in h]
     assert seen == [h["num_input_tokens_seen"] for h in runs["trainer"]["log_history"] if "num_input_tokens_seen" in h]
@@ -259,8 +261,7 @@ def test_stop_file_stops_in_process(tiny, tmp_path):
     threading.Thread(target=stop_after_first_checkpoint, daemon=True).start()
     recipe = load_recipe(DEMO, "sft", {"max_steps": 200, "save_steps": 2, "num_train_epochs": 100})
     with pytest.raises(SystemExit) as stopped:
-        train_sft(tiny / "model", tiny / "sft_train.parquet", None, recipe, tmp_path / "sft", ckpt,
-                  tmp_path / "m.json")
+        train(job(tiny, "sft", recipe, tmp_path))
     assert stopped.value.code == PREEMPTED_EXIT_CODE
     assert 2 < int(last_complete_checkpoint(ckpt).name.split("-")[1]) < 200
     assert not (tmp_path / "sft").exists()
@@ -427,10 +428,7 @@ def test_two_launchers_as_two_nodes_train_and_resume(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 def _train(tiny, tmp_path, recipe=None, **kw):
-    args = dict(model_dir=tiny / "model", train_path=tiny / "sft_train.parquet", test_path=None,
-                recipe=recipe or load_recipe(DEMO, "sft"), out_dir=tmp_path / "out",
-                checkpoint_dir=tmp_path / "ckpt", metrics_path=tmp_path / "m.json")
-    return train_sft(**{**args, **kw})
+    return train(job(tiny, "sft", recipe or load_recipe(DEMO, "sft"), tmp_path, **{"out": tmp_path / "out", **kw}))
 
 
 def test_missing_column_names_file_and_column(tiny, tmp_path):
@@ -438,13 +436,12 @@ def test_missing_column_names_file_and_column(tiny, tmp_path):
 
     pd.DataFrame({"messages": ["x"]}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(UserError, match=r"bad\.parquet: missing column\(s\) text"):
-        _train(tiny, tmp_path, train_path=tmp_path / "bad.parquet")
+        _train(tiny, tmp_path, train=tmp_path / "bad.parquet")
     pd.DataFrame({"prompt": ["p"], "chosen": ["c"]}).to_parquet(tmp_path / "pairs.parquet")
     with pytest.raises(UserError, match=r"pairs\.parquet: missing column\(s\) rejected"):
-        train_dpo(tiny / "model", None, tmp_path / "pairs.parquet", None, load_recipe(DEMO, "dpo"),
-                  tmp_path / "o", tmp_path / "c", tmp_path / "m.json")
+        train(job(tiny, "dpo", load_recipe(DEMO, "dpo"), tmp_path, train=tmp_path / "pairs.parquet"))
     with pytest.raises(UserError, match="does not exist"):
-        _train(tiny, tmp_path, test_path=tmp_path / "nope.parquet")
+        _train(tiny, tmp_path, test=tmp_path / "nope.parquet")
 
 
 def test_batch_not_divisible_by_processes(tiny, tmp_path):
@@ -507,7 +504,7 @@ def test_disk_check_before_training(tmp_path, monkeypatch, free_gb, overrides, k
 
 def test_missing_model_dir(tiny, tmp_path):
     with pytest.raises(UserError, match="no config.json"):
-        _train(tiny, tmp_path, model_dir=tmp_path / "nowhere")
+        _train(tiny, tmp_path, model=tmp_path / "nowhere")
 
 
 def test_sequence_length_above_the_models_limit(tiny, tmp_path):
@@ -516,7 +513,7 @@ def test_sequence_length_above_the_models_limit(tiny, tmp_path):
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
     with pytest.raises(UserError, match="max_seq_length 128 exceeds the model's max_position_embeddings 64"):
-        _train(tiny, tmp_path, model_dir=model)
+        _train(tiny, tmp_path, model=model)
 
 
 @pytest.mark.parametrize("pad,match", [("<|endoftext|>", "equals the eos token id"), (None, "no pad token")])
@@ -527,7 +524,7 @@ def test_pad_token_must_differ_from_eos(tiny, tmp_path, pad, match):
     config["pad_token"] = pad
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=match):
-        _train(tiny, tmp_path, model_dir=model)
+        _train(tiny, tmp_path, model=model)
 
 
 def test_checkpoints_of_other_settings_are_refused(tiny, tmp_path):
@@ -579,7 +576,7 @@ def test_every_recipe_key_reaches_trls_config(tmp_path, stage):
     for folder in sorted(p for p in (ROOT / "config" / "recipes").iterdir() if (p / f"{stage}.yaml").exists()):
         recipe = load_recipe(folder, stage)
         accumulation = recipe.global_batch_size // recipe.per_device_train_batch_size
-        args = trl_config(stage, recipe, tmp_path, accumulation, cuda=False, has_eval=True)
+        args = trl_config(job(tmp_path, stage, recipe, tmp_path), accumulation, cuda=False, has_eval=True)
         assert not args.bf16 and args.use_cpu  # the recipe's bf16 and fused optimizer apply on CUDA only
         translated = {  # recipe key: its value as TRL holds it (None: not TRL's, used elsewhere)
             "dataset": None,  # the prepare steps'
@@ -590,7 +587,7 @@ def test_every_recipe_key_reaches_trls_config(tmp_path, stage):
             "gradient_checkpointing": args.activation_checkpointing,
             "max_seq_length": args.max_length,
             "loss_type": args.loss_type[0] if stage == "dpo" else None,
-            "precompute_ref_log_probs": None,  # unset in the recipes: resolved (below)
+            "precompute_ref_log_probs": None,  # unset in the recipes: resolved in the job (below)
         }
         for key, value in as_dict(recipe).items():
             got = translated[key] if key in translated else getattr(args, key, "no such field in TRL's config")
@@ -600,6 +597,7 @@ def test_every_recipe_key_reaches_trls_config(tmp_path, stage):
             from mamba_align.train.recipes import precompute_ref_log_probs
 
             assert args.precompute_ref_log_probs is precompute_ref_log_probs(recipe) is True  # the default
+            assert recipe.precompute_ref_log_probs is None  # the job's own copy was resolved, not the caller's
 
 
 def _prepared(tiny, tmp_path, stage, rows, workers, cls=None):
@@ -611,7 +609,8 @@ def _prepared(tiny, tmp_path, stage, rows, workers, cls=None):
 
     out = tmp_path / f"{stage}-{workers}-{cls.__name__ if cls else 'ours'}"  # own datasets cache: no reuse
     ds = _load_rows(rows, stage, out / "cache")
-    args = trl_config(stage, load_recipe(DEMO, stage), out, 1, cuda=False, has_eval=False, workers=workers)
+    args = trl_config(job(tiny, stage, load_recipe(DEMO, stage), out), 1, cuda=False, has_eval=False,
+                      workers=workers)
     kw = dict(model=AutoModelForCausalLM.from_pretrained(tiny / "model"), args=args, train_dataset=ds,
               processing_class=AutoTokenizer.from_pretrained(tiny / "model"))
     sft_cls, dpo_cls = trainer_classes()

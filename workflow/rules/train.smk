@@ -33,7 +33,7 @@ rule train_sft:
         runtime=planned_runtime("train_sft", 60),
     params:
         # what is learned only: an operational change (batch size, save_steps...) reruns nothing; the job
-        # reads those from the config when it runs (recipes.stage_recipe)
+        # reads those from the config when it runs (train.job.TrainJob.from_snakemake)
         **settings_params("recipe", learning_settings(SFT)),
         checkpoints=f"{R}/checkpoints",
     script:

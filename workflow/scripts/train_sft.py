@@ -1,20 +1,15 @@
 from mamba_align.ops.gpus import claim as claim_gpus
 from mamba_align.ops.provenance import record_snakemake_job
-from mamba_align.ops.runs import train_stage
+from mamba_align.ops.runs import train_keyed
 from mamba_align.train.data import check_source_revision
-from mamba_align.train.recipes import stage_recipe, workflow_root
+from mamba_align.train.job import TrainJob
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])
 claim_gpus(int(snakemake.resources.gpu))  # GPUs of its own under the local executor
-i, o, p = snakemake.input, snakemake.output, snakemake.params
-# what is learned from params (the rerun trigger), operational keys from the config as it is now
-# (an experiment of a grid passes its own recipe and overrides as params.config)
-config = getattr(p, "config", None) or snakemake.config
-check_source_revision(i.train)  # a Hub dataset still at the commit its data was prepared from
-recipe = stage_recipe(config, "sft", workflow_root(snakemake.scriptdir), p.recipe)
-train_stage("sft", i.model, i.train, i.test, recipe, o.model, p.checkpoints, o.metrics,
-            num_processes=max(1, int(snakemake.resources.gpu)),
-            fsdp=int(getattr(snakemake.resources, "fsdp", 0)) > 0, rule=snakemake.rule)
+check_source_revision(snakemake.input.train)  # a Hub dataset still at the commit its data was prepared from
+# what is learned from params (the rerun trigger), operational keys from the config as it is now; a grid's
+# experiment passes its own recipe and overrides as params.config
+train_keyed(TrainJob.from_snakemake(snakemake, "sft"))
 
 record_snakemake_job(snakemake)

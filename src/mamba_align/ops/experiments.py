@@ -10,7 +10,7 @@ from, so that Snakemake runs shared work once:
 - SFT per distinct SFT settings:           results/shared/sft/<key>/       (key: base, data, learned settings)
 - DPO and everything after it, per experiment: results/experiments/<name>/
 
-A model's folder ("home") holds `model/` (the symlink runs.train_stage points), `metrics.json` or
+A model's folder ("home") holds `model/` (the symlink runs.train_keyed points), `metrics.json` or
 `verify.json`, and `eval/` with the generations, the judge caches and the scores.
 
 The `seed` axis sets the DPO recipe's seed: SFT stays shared across seeds (set `sft: {seed: [...]}` as a grid

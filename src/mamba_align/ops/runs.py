@@ -1,4 +1,5 @@
-"""One training job of the workflow: which checkpoint folder and model directory it uses, and what it leaves.
+"""The model store: which checkpoint folder and model directory a training job of the workflow (a train.job.TrainJob)
+uses, and what it leaves; the training itself is train.launch's.
 
 - Its key is a hash of everything the stage learns from: the recipe's learning settings (not the operational
   keys), the contents of its data files and the contents of its parent model. Checkpoints go to
@@ -27,12 +28,13 @@ from pathlib import Path
 
 from mamba_align.model.manifest import RUN_FILE, model_identity, verify_model, write_manifest
 from mamba_align.ops import layout
+from mamba_align.train.job import TrainJob
 from mamba_align.train.recipes import as_dict, learning_settings
 from mamba_align.utils import UserError, read_json, sha256_file, write_json
 
 log = logging.getLogger("mamba_align.ops.runs")
 
-__all__ = ["RUN_FILE", "learned_from", "model_identity", "run_key", "train_stage"]
+__all__ = ["RUN_FILE", "learned_from", "model_identity", "run_key", "train_keyed"]
 PREVIOUS = ".previous"
 
 
@@ -102,22 +104,22 @@ def _stored_and_sound(store: Path, key: str) -> dict | None:
     return run
 
 
-def train_stage(stage: str, model, train, test, recipe, out, checkpoints, metrics, num_processes: int = 1,
-                fsdp: bool = False, rule: str | None = None) -> dict:
-    """Train `stage` (sft or dpo; DPO uses its input model as the reference) into the keyed model directory,
-    point `out` at it and delete the run's checkpoints; or, when that key's model is stored and sound, point
-    `out` at it without training. `rule` (default train_<stage>) is named in the model's manifest as the rule
-    that rebuilds it. Returns the metrics."""
+def train_keyed(job: TrainJob) -> dict:
+    """Train `job` (its `out` the stage's model link, its `checkpoints` the checkpoints root) into the keyed model
+    directory, point `out` at it and delete the run's checkpoints; or, when that key's model is stored and sound,
+    point `out` at it without training. The training itself is train.launch.train of the job with the keyed
+    folders. Returns the metrics."""
     from mamba_align.train.checkpoints import last_complete_checkpoint, lock_checkpoint_dir, release_checkpoint_dir
 
-    rule = rule or f"train_{stage}"
+    stage, model = job.stage, job.model
     # checked in the same read: a damaged parent fails here, naming its file, before any folder is created
-    what = learned_from(stage, recipe, [train, test], model, model_identity(model))
+    what = learned_from(stage, job.recipe, [job.train, job.test], model, model_identity(model))
     key = _key(what)
-    ckpt = Path(layout.checkpoint_dir(str(checkpoints), stage, key))
+    ckpt = Path(layout.checkpoint_dir(str(job.checkpoints), stage, key))
     # live curves (recipe key report_to): `tensorboard --logdir results/logs/tensorboard`, one folder per run
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", layout.tensorboard_dir(str(Path(checkpoints).parent), str(ckpt)))
-    out = Path(out)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR",
+                          layout.tensorboard_dir(str(job.checkpoints.parent), str(ckpt)))
+    out, metrics = job.out, job.metrics
     store = Path(layout.stored_model_dir(str(out), key))
     lock_checkpoint_dir(ckpt)  # before the model store is touched: a second job on this key stops here
     try:
@@ -136,14 +138,10 @@ def train_stage(stage: str, model, train, test, recipe, out, checkpoints, metric
                  f"resuming {resume.name}" if resume else "from scratch", store)
         if store.exists() and resume is None:
             _keep_as_previous(store)
-        from mamba_align.train.launch import train_dpo, train_sft
+        from mamba_align.train.launch import train
 
-        if stage == "sft":
-            train_sft(model, train, test, recipe, store, ckpt, metrics, num_processes=num_processes, fsdp=fsdp)
-        else:
-            train_dpo(model, model, train, test, recipe, store, ckpt, metrics, num_processes=num_processes,
-                      fsdp=fsdp)
-        write_manifest(store, rule)
+        train(job.replace(out=store, checkpoints=ckpt))
+        write_manifest(store, job.rule)
         metrics_file = read_json(metrics)
         metrics_file["run"] = {"key": key, "model": str(store), "checkpoints_removed": str(ckpt)}
         write_json(metrics, metrics_file)

@@ -17,8 +17,9 @@ from mamba_align.train.callbacks import (
     stop_and_timing_callbacks,
 )
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, STOP_FILE, exit_preempted, last_complete_checkpoint
+from mamba_align.train.job import TrainJob
 from mamba_align.train.preflight import COLUMNS
-from mamba_align.train.recipes import as_dict, precompute_ref_log_probs
+from mamba_align.train.recipes import as_dict
 from mamba_align.train.trainer import dataset_workers, one_gpu_per_process, trainer_classes, trl_config
 from mamba_align.utils import atomic_path, write_json
 
@@ -50,11 +51,13 @@ def _load_rows(path, stage: str, cache_dir: Path):
     return ds
 
 
-def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir: Path, checkpoint_dir: Path,
-        metrics_path: Path, num_processes: int, accumulation: int) -> dict:
+def fit(job: TrainJob, accumulation: int) -> dict:
+    """Train `job` in this process (one rank of it under a distributed launch) with `accumulation` steps per
+    optimizer step; the metrics ({} on ranks other than 0)."""
     import torch
     from transformers import AutoTokenizer
 
+    stage, recipe, model_dir, checkpoint_dir = job.stage, job.recipe, job.model, job.checkpoints
     started = time.time()
     cuda = torch.cuda.is_available()
     if int(os.environ.get("RANK", 0)) != 0:
@@ -77,10 +80,9 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
     if enable_fast_path(model):
         log.info("mamba_ssm fast path on (fused add+RMSNorm and mixer call)")
     cache = checkpoint_dir / "cache"
-    train_ds = _load_rows(train_path, stage, cache)
-    eval_ds = _load_rows(test_path, stage, cache) if test_path is not None else None
-    args = trl_config(stage, recipe, checkpoint_dir, accumulation, cuda, eval_ds is not None,
-                      dataset_workers(len(train_ds)))
+    train_ds = _load_rows(job.train, stage, cache)
+    eval_ds = _load_rows(job.test, stage, cache) if job.test is not None else None
+    args = trl_config(job, accumulation, cuda, eval_ds is not None, dataset_workers(len(train_ds)))
     one_gpu_per_process(args)
     sft_cls, dpo_cls = trainer_classes()
     throughput: dict = {}
@@ -94,11 +96,10 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
 
         # Precomputed, the reference is the policy before its first step (TRL computes the log-probs in __init__,
         # before a checkpoint is loaded); under FSDP TRL would load a reference of its own, without the fast path
-        precompute = precompute_ref_log_probs(recipe)
+        precompute = recipe.precompute_ref_log_probs
         ref_model = None
-        if not (precompute and Path(ref_model_dir) == Path(model_dir)
-                and not parse_flag_from_env("ACCELERATE_USE_FSDP")):
-            ref_model, _ = _load_model(ref_model_dir, cpu=not cuda)
+        if not (precompute and job.ref_model == job.model and not parse_flag_from_env("ACCELERATE_USE_FSDP")):
+            ref_model, _ = _load_model(job.ref_model, cpu=not cuda)
             enable_fast_path(ref_model)
         log.info("dpo: reference log-probs %s", "precomputed before the first step" if precompute
                  else "from a reference forward at every step")
@@ -111,7 +112,7 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
 
     trainer.remove_callback(PrinterCallback)  # LogAndTime logs instead (one format, to the rule's log)
     resume = last_complete_checkpoint(checkpoint_dir)
-    log.info("%s: %d processes x %d per device x %d accumulation = global batch %d; %s", stage, num_processes,
+    log.info("%s: %d processes x %d per device x %d accumulation = global batch %d; %s", stage, job.num_processes,
              recipe.per_device_train_batch_size, accumulation, recipe.global_batch_size,
              f"resuming from {resume}" if resume else "starting from scratch")
     optim = getattr(trainer.args.optim, "value", trainer.args.optim)
@@ -146,13 +147,13 @@ def fit(stage, model_dir, ref_model_dir, train_path, test_path, recipe, out_dir:
     unwrapped.config.use_cache = True
     if saved_config["use_mambapy"] is not None:
         unwrapped.config.use_mambapy = saved_config["use_mambapy"]  # the base's value, not the CPU switch
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(job.out) as tmp:
         unwrapped.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-    metrics = _metrics(stage, trainer, recipe, throughput, num_processes, accumulation, resume, started, peaks,
-                       dict(model_dir=str(model_dir), ref_model_dir=ref_model_dir and str(ref_model_dir),
-                            train_path=str(train_path), test_path=test_path and str(test_path)))
-    write_json(metrics_path, metrics)
+    metrics = _metrics(stage, trainer, recipe, throughput, job.num_processes, accumulation, resume, started, peaks,
+                       dict(model_dir=str(model_dir), ref_model_dir=job.ref_model and str(job.ref_model),
+                            train_path=str(job.train), test_path=job.test and str(job.test)))
+    write_json(job.metrics, metrics)
     log.info("%s done: %s", stage, json.dumps(metrics["final"]))
     return metrics
 

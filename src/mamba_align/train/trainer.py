@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from mamba_align.train.recipes import TrainCommon, precompute_ref_log_probs
+from mamba_align.train.job import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -265,15 +265,17 @@ def trainer_classes():
     return MambaSFTTrainer, MambaDPOTrainer
 
 
-def trl_config(stage: str, recipe: TrainCommon, checkpoint_dir: Path, accumulation: int, cuda: bool, has_eval: bool,
-               workers: int | None = None):
-    """The recipe as TRL's SFTConfig / DPOConfig on this machine. A recipe key is the TRL field of the same name,
-    except where noted here (tests/test_train.py pins that for every shipped recipe): warmup_ratio, SFT's
-    max_seq_length and DPO's loss_type under TRL's names; global_batch_size as the accumulation; bf16 and the fused
-    optimizer on CUDA only; max_prompt_length, which TRL >= 1.0 lacks, by MambaDPOTrainer; dataset by the prepare
-    steps. `workers`: dataset_num_proc (dataset_workers), where the job runs, not what it learns."""
+def trl_config(job: TrainJob, accumulation: int, cuda: bool, has_eval: bool, workers: int | None = None):
+    """The job's recipe as TRL's SFTConfig / DPOConfig on this machine, checkpointing into the job's folder. A
+    recipe key is the TRL field of the same name, except where noted here (tests/test_train.py pins that for every
+    shipped recipe): warmup_ratio, SFT's max_seq_length and DPO's loss_type under TRL's names; global_batch_size as
+    the accumulation; bf16 and the fused optimizer on CUDA only; max_prompt_length, which TRL >= 1.0 lacks, by
+    MambaDPOTrainer; dataset by the prepare steps. `workers`: dataset_num_proc (dataset_workers), where the job
+    runs, not what it learns."""
     from transformers import TrainingArguments
     from trl import DPOConfig, SFTConfig
+
+    stage, recipe = job.stage, job.recipe
 
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name deprecated)
     ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
@@ -283,7 +285,7 @@ def trl_config(stage: str, recipe: TrainCommon, checkpoint_dir: Path, accumulati
     else:
         eval_strategy = "epoch" if recipe.eval_steps is None else "steps"
     common = dict(
-        output_dir=str(checkpoint_dir), num_train_epochs=recipe.num_train_epochs, max_steps=recipe.max_steps,
+        output_dir=str(job.checkpoints), num_train_epochs=recipe.num_train_epochs, max_steps=recipe.max_steps,
         learning_rate=recipe.learning_rate, lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=recipe.warmup_ratio,  # transformers 5: a float < 1 is the warmup ratio
         weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm,
@@ -312,7 +314,7 @@ def trl_config(stage: str, recipe: TrainCommon, checkpoint_dir: Path, accumulati
         return SFTConfig(**common, dataset_text_field="text", max_length=recipe.max_seq_length,
                          packing=recipe.packing, packing_strategy="wrapped", completion_only_loss=False)
     return DPOConfig(**common, beta=recipe.beta, loss_type=[recipe.loss_type], max_length=recipe.max_length,
-                     precompute_ref_log_probs=precompute_ref_log_probs(recipe))
+                     precompute_ref_log_probs=recipe.precompute_ref_log_probs)  # a bool in every job
 
 
 def one_gpu_per_process(args) -> None:
