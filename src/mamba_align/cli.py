@@ -82,7 +82,7 @@ def _training_status(results: Path, stage: str) -> str:
 
 
 def _checkpoint_of_log(log_file: Path, stage: str) -> dict | None:
-    """The newest complete checkpoint of the run the training log names last (runs.train_stage logs
+    """The newest complete checkpoint of the run the training log names last (runs.train_keyed logs
     '<stage> run <key>: checkpoints in <dir>'): a grid's runs share one checkpoints folder."""
     line = _last_line(log_file, rf"{stage} run \w+: checkpoints in ")
     if line is None:
