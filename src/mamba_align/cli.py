@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from mamba_align.ops import layout
-from mamba_align.ops.provenance import stale_reason
+from mamba_align.ops.provenance import stale_reason, stored_run_key
 from mamba_align.utils import UserError, read_json, read_jsonl
 
 TRAINED = ("sft", "dpo")
@@ -123,10 +123,9 @@ def _count_lines(paths) -> int:
 
 
 def _run_key(model_dir: Path) -> str | None:
-    """The key in the stored model's run.json (runs.py), None for the base model or no model."""
-    run = model_dir / "run.json"
+    """provenance.stored_run_key, None also where run.json cannot be read (status reports, never fails)."""
     try:
-        return read_json(run).get("key") if run.is_file() else None
+        return stored_run_key(model_dir)
     except (OSError, ValueError):
         return None
 

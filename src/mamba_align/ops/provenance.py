@@ -217,14 +217,18 @@ def model_key(learned: dict) -> str:
     return hashlib.sha256(json.dumps(learned, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def stored_run_key(model_dir: str | Path | None) -> str | None:
+    """The key in a trained model's run.json (runs.run_key: settings, data and parent model hashed); None for the
+    base model or no model."""
+    run_file = Path(model_dir) / "run.json" if model_dir else None
+    return read_json(run_file).get("key") if run_file is not None and run_file.is_file() else None
+
+
 def scored_model(learned: dict | None, model_dir: str | Path | None = None) -> dict:
     """What a score file records about its model: `model_key` (of the config) and `model_run_key` (the trained
-    model's run.json key, runs.run_key: settings, data and parent model hashed), each None when unknown."""
-    run_key = None
-    run_file = Path(model_dir) / "run.json" if model_dir else None
-    if run_file is not None and run_file.is_file():
-        run_key = read_json(run_file).get("key")
-    return {"model_key": model_key(learned) if learned is not None else None, "model_run_key": run_key}
+    model's run key, stored_run_key), each None when unknown."""
+    return {"model_key": model_key(learned) if learned is not None else None,
+            "model_run_key": stored_run_key(model_dir)}
 
 
 def load_config(config_files=(), workflow_dir: str | Path = ".") -> tuple[dict, list[Path]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mamba_align.ops.provenance import stale_reason
+from mamba_align.ops.provenance import stale_reason, stored_run_key
 from mamba_align.ops.report_tables import average_cell, table
 from mamba_align.utils import atomic_path, read_json
 
@@ -165,9 +165,7 @@ def _scored(ref: dict) -> tuple[dict | None, str]:
     if not path.is_file():
         return None, "missing"
     data = read_json(path)
-    run = Path(ref["model"]) / "run.json" if ref.get("model") else None
-    run_key = read_json(run).get("key") if run is not None and run.is_file() else None
-    reason = stale_reason(data, ref.get("model_key"), run_key)
+    reason = stale_reason(data, ref.get("model_key"), stored_run_key(ref.get("model")))
     return (None, reason) if reason else (data, "current")
 
 

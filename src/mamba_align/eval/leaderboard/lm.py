@@ -13,6 +13,7 @@ path's; it differs in how the model is run:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from lm_eval import utils as lm_utils
@@ -119,24 +120,32 @@ class MambaAlignLM(TemplateLM):
     def batch_size(self) -> int:
         return self.batch_rows
 
+    def _special(self, string: str, add_special_tokens: bool | None = None) -> dict:
+        """The tokenizer's special-token argument for `string`, as HFLM.tok_encode decides it: no second BOS
+        when the string already opens with it."""
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self._bos_text):
+            special["add_special_tokens"] = False
+        return special
+
+    @functools.cached_property
+    def _bos_text(self) -> str:
+        return self.tokenizer.decode(self.prefix_token_id)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None,
                    **kwargs) -> list[int]:
-        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
-        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-            special["add_special_tokens"] = False
-        enc = self.tokenizer.encode(string, **special)
+        enc = self.tokenizer.encode(string, **self._special(string, add_special_tokens))
         return enc[-left_truncate_len:] if left_truncate_len else enc
 
     def _encode_many(self, strings) -> dict[str, list[int]]:
-        """`tok_encode` of each distinct string, in one batched tokenizer call per BOS handling (the same ids)."""
-        bos = self.tokenizer.decode(self.prefix_token_id)
-        groups: dict[bool, list[str]] = {}
+        """`tok_encode` of each distinct string, in one batched tokenizer call per special-token argument (the
+        same ids)."""
+        groups: dict[tuple, list[str]] = {}
         for string in dict.fromkeys(strings):
-            groups.setdefault(has_bos_prefix(string, bos), []).append(string)
+            groups.setdefault(tuple(self._special(string).items()), []).append(string)
         out = {}
-        for prefixed, group in groups.items():
-            special = {"add_special_tokens": False} if prefixed else _add_special_kwargs(None, self.add_bos_token)
-            out.update(zip(group, self.tokenizer(group, **special)["input_ids"], strict=True))
+        for special, group in groups.items():
+            out.update(zip(group, self.tokenizer(group, **dict(special))["input_ids"], strict=True))
         return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
