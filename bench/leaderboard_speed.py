@@ -83,8 +83,9 @@ def make_docs(task: str, n: int, rng: random.Random, words: list[str], preamble:
     return docs
 
 
-def write_tasks(root: Path, limit: int, seed: int) -> list[str]:
-    """jsonl data and one lm-eval YAML per task under root/tasks; returns the corpus (for the tokenizer)."""
+def write_tasks(root: Path, limit: int | dict[str, int], seed: int) -> list[str]:
+    """jsonl data and one lm-eval YAML per task under root/tasks (`limit` test documents, or per task);
+    returns the corpus (for the tokenizer)."""
     rng = random.Random(seed)
     words = lexicon(rng)
     preamble = "\n\n".join(f"Q: {' '.join(rng.choices(words, k=10))}?\nA: {' '.join(rng.choices(words, k=6))}."
@@ -94,8 +95,9 @@ def write_tasks(root: Path, limit: int, seed: int) -> list[str]:
     tasks = root / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     for name, (shots, doc_to_text, doc_to_choice) in TASKS.items():
-        splits = {"train": make_docs(name, 60, rng, words, preamble), "test": make_docs(name, limit, rng, words,
-                                                                                          preamble)}
+        n = limit[name] if isinstance(limit, dict) else limit
+        splits = {"train": make_docs(name, 60, rng, words, preamble),
+                  "test": make_docs(name, n, rng, words, preamble)}
         files = {}
         for split, docs in splits.items():
             files[split] = tasks / f"{name}_{split}.jsonl"
@@ -108,11 +110,12 @@ def write_tasks(root: Path, limit: int, seed: int) -> list[str]:
             # MMLU's few-shot examples are the first of its dev split (lm-eval's mmlu template): one prefix
             + ("fewshot_config:\n  sampler: first_n\n" if name == "mmlu" else "") +
             f"output_type: multiple_choice\ndoc_to_text: \"{doc_to_text}\"\ndoc_to_choice: \"{doc_to_choice}\"\n"
-            "doc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+            "doc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
     return corpus
 
 
-def write_models(root: Path, shape: str, device: str, dtype: str, corpus: list[str]) -> tuple[Path, Path]:
+def write_models(root: Path, shape: str, device: str, dtype: str, corpus: list[str],
+                 mamba_ssm: bool = True) -> tuple[Path, Path]:
     """The same random weights as a transformers checkpoint (+ tokenizer) and a mamba_ssm checkpoint."""
     import torch
     from transformers import AutoTokenizer
@@ -130,12 +133,14 @@ def write_models(root: Path, shape: str, device: str, dtype: str, corpus: list[s
     hf_dir, ssm_dir = root / "model_hf", root / "model_mamba_ssm"
     model.save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
-    cfg = mamba_ssm_config_from_hf(model.config)
-    ssm_dir.mkdir(exist_ok=True)
-    sd = hf_to_mamba_ssm_state_dict(model.state_dict(), cfg["tie_embeddings"])
-    torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, ssm_dir / "pytorch_model.bin")
-    (ssm_dir / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    del model, sd
+    if mamba_ssm:
+        cfg = mamba_ssm_config_from_hf(model.config)
+        ssm_dir.mkdir(exist_ok=True)
+        sd = hf_to_mamba_ssm_state_dict(model.state_dict(), cfg["tie_embeddings"])
+        torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, ssm_dir / "pytorch_model.bin")
+        (ssm_dir / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+        del sd
+    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the paths run in processes of their own

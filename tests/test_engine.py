@@ -472,6 +472,27 @@ def test_gpu_each_sequence_stops_at_its_own_eos(gpu_checkpoint):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_stop_callback_ends_rows_at_the_next_look(gpu_checkpoint):
+    """A stop string's callback through the CUDA-graph decode loop: each stopped row is a prefix of its free
+    generation ending at most `sync_every` - 1 tokens past the stop, the others are unchanged."""
+    ms = MS.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=4, dtype=torch.float32)
+    ms.eos_token_id = None
+    prompts = _prompts(9, seed=12)
+    s = Sampling(max_new_tokens=40)
+    free = ms.generate(prompts, s)
+    mark = free[0][10]  # a token the first sequence produces at step 10: "the stop string"
+    cut = ms.generate(prompts, s, stop=lambda toks: mark in toks)
+    for c, f in zip(cut, free, strict=True):
+        assert c == f[: len(c)]
+        if mark in f:
+            assert f.index(mark) < len(c) <= f.index(mark) + 16  # the engine looks every 16 steps
+        else:
+            assert c == f
+    assert len(cut[0]) < 40
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_sampling_is_honoured_and_seeded(gpu_checkpoint):
     ms = MS.MambaSSMEngine(str(gpu_checkpoint), device="cuda", batch_size=8)
     ms.eos_token_id = None

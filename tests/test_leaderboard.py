@@ -142,7 +142,7 @@ def test_invocation_per_task_and_resume_after_a_preemption(fake_lm_eval, tmp_pat
     first = calls[0]
     assert first["num_fewshot"] == 25 and first["fewshot_random_seed"] == 1234 and first["random_seed"] == 1234
     assert first["apply_chat_template"] is False and first["log_samples"] is False
-    assert "requests-a" in first["use_cache"]  # lm-eval's request cache: a task resumes at request granularity
+    assert first.get("use_cache") is None  # a task resumes from its start: no SQLite commit per request
     fail_on.clear()
     calls.clear()
     summary = lb_run.evaluate_leaderboard(str(model), out, lb, fetched, tmp_path / "nltk",
@@ -221,3 +221,24 @@ def test_report_table_shows_change_from_base_and_published_rows(tmp_path):
     assert "Stale" in md and "run-dpo: stale" in md
     report_leaderboard.plot_changes(rows, tmp_path / "changes.png")
     assert (tmp_path / "changes.png").stat().st_size > 1000
+
+
+def test_templates_compile_once_and_render_as_lm_eval():
+    import lm_eval.utils
+
+    from mamba_align.eval.leaderboard import run as lb_run
+
+    stock = lm_eval.utils.apply_template
+    doc = {"question": "Why?", "choices": ["a", "b"], "ctx": "x  "}
+    templates = ["Question: {{question}}\nAnswer:", "{{choices}}", "{{ctx | regex_replace('\\s+$', '')}}!"]
+    want = [stock(t, doc) for t in templates]
+    try:
+        lb_run.compile_templates_once()
+        lb_run._template.cache_clear()
+        got = [lm_eval.utils.apply_template(t, doc) for t in templates * 3]
+        assert got == want * 3
+        assert lb_run._template.cache_info().misses == len(templates)  # each compiled once
+        with pytest.raises(Exception, match="undefined"):  # lm-eval's StrictUndefined still holds
+            lm_eval.utils.apply_template("{{missing}}", doc)
+    finally:
+        lm_eval.utils.apply_template = stock

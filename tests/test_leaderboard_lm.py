@@ -391,6 +391,40 @@ def test_mamba_ssm_path_equals_stock_hflm(tmp_path):
         assert a == pytest.approx(b, rel=0.02, abs=0.05)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU_KIT, reason="needs CUDA, mamba_ssm and causal_conv1d")
+def test_mamba_ssm_generate_until_cuts_at_until_as_stock_hflm(tmp_path):
+    """generate_until on the mamba_ssm engine (stop strings asked inside its decode loop) against lm-eval's
+    stock HFLM, greedy in fp32: the same texts, free and cut at stop strings taken from the free ones."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
+
+    from mamba_align.eval.leaderboard.lm import MambaAlignLM
+    from mamba_align.testing.demo import build_tiny_tokenizer
+
+    rng = random.Random(1)
+    build_tiny_tokenizer(tmp_path / "model", [sentence(rng, 12) + "." for _ in range(300)], vocab_size=300)
+    torch.manual_seed(1)
+    vocab = len(AutoTokenizer.from_pretrained(tmp_path / "model"))
+    MambaForCausalLM(MambaConfig(hidden_size=128, num_hidden_layers=2, vocab_size=vocab, bos_token_id=0,
+                                 eos_token_id=0, pad_token_id=1)).save_pretrained(tmp_path / "model")
+    ours = MambaAlignLM(str(tmp_path / "model"), device="cuda", batch_size=8, dtype="float32", backend="mamba_ssm")
+    stock = HFLM(pretrained=str(tmp_path / "model"), device="cuda", batch_size=8, dtype="float32")
+    contexts = [sentence(rng, n) for n in (3, 7, 12, 7, 5, 9)]
+    free = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 48, "do_sample": False}), i)
+            for i, c in enumerate(contexts)]
+    reference = stock.generate_until(free)
+    assert ours.generate_until(free) == reference
+    assert all(len(text) >= 6 for text in reference)
+    stops = [text[len(text) // 3 : len(text) // 3 + 2] for text in reference]
+    cut = [Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": 48}), i)
+           for i, (c, stop) in enumerate(zip(contexts, stops, strict=True))]
+    got = ours.generate_until(cut)
+    assert got == stock.generate_until(cut)
+    assert all(len(g) < len(r) for g, r in zip(got, reference, strict=True))
+
+
 def fewshot_pairs(seed=0, subjects=2, questions=5, long_choices=False, shots=6):
     """MMLU-shaped requests: per subject, the same few-shot prefix (lm-eval's `first_n` sampler) before
     each question, remainders of different lengths, one-token choices (or multi-word ones)."""

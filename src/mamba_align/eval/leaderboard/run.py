@@ -7,13 +7,16 @@ and their Hub commits, and fetches NLTK's punkt_tab for IFEval into the results 
 
 `evaluate_leaderboard` runs lm_eval.simple_evaluate once per task with the task's own shot count (the Open LLM
 Leaderboard's per-task settings), through the project's model class (leaderboard/lm.py: one pass over each shared
-context) or lm-eval's stock `hf` one. A preempted job resumes: each finished task is kept in a work folder keyed by
-the model's content and the settings, and lm-eval's request cache (SQLite) keeps every answered request of the task
-that was running.
+context) or lm-eval's stock `hf` one. A preempted job resumes from its finished tasks, each kept in a work folder
+keyed by the model's content and the settings (the task that was running starts again: at most HellaSwag's ~6
+minutes on an H200). lm-eval's request cache (`use_cache`) is not used: it commits an SQLite transaction per
+answered request, minutes over the suite's ~108,000 requests, and our model class answers a task's requests in one
+call anyway (docs/benchmarks.md §18).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +34,26 @@ log = logging.getLogger(__name__)
 PUNKT = "tokenizers/punkt_tab"
 NEEDS_PUNKT = ("ifeval",)
 MODEL_CLASSES = ("mamba_align", "hf")
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(text: str):
+    import lm_eval.utils
+
+    return lm_eval.utils.env.from_string(text)  # lm-eval's environment: its filters, StrictUndefined
+
+
+def _apply_template(template: str, doc: dict) -> str:
+    return _template(template).render(**doc)
+
+
+def compile_templates_once() -> None:
+    """lm-eval compiles a task's Jinja template at every use (`lm_eval.utils.apply_template`: per document, choice
+    and few-shot example): 36 of 166 s for 2,500 10-shot HellaSwag documents on an H200 host, ~6 minutes over the
+    suite (docs/benchmarks.md §18). A template compiles to the same object each time: compile each once."""
+    import lm_eval.utils
+
+    lm_eval.utils.apply_template = _apply_template
 
 
 def _task_manager(include_path: str | None):
@@ -99,6 +122,7 @@ def fetch_leaderboard_data(leaderboard: dict, out: str | Path, nltk_dir: str | P
     subtasks."""
     specs = task_specs(leaderboard)
     use_nltk_data(nltk_dir, specs, fetch=True)
+    compile_templates_once()
     tm = _task_manager(leaderboard.get("include_path"))
     record = {"tasks": {}}
     for spec in specs:
@@ -172,6 +196,7 @@ def evaluate_leaderboard(model_dir: str, out: str | Path, leaderboard: dict, fet
                 "bootstrap_iters": bootstrap, "include_path": leaderboard.get("include_path")}
     work = _work_dir(out, model_dir, settings)
     work.mkdir(parents=True, exist_ok=True)
+    compile_templates_once()
     tm = _task_manager(leaderboard.get("include_path"))
     lm = None
     records, started = {}, time.monotonic()
@@ -188,7 +213,7 @@ def evaluate_leaderboard(model_dir: str, out: str | Path, leaderboard: dict, fet
         t0 = time.monotonic()
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[spec.task], num_fewshot=spec.num_fewshot, task_manager=tm, limit=limit,
-            use_cache=str(work / f"requests-{spec.task}"), log_samples=False, bootstrap_iters=bootstrap,
+            log_samples=False, bootstrap_iters=bootstrap,
             apply_chat_template=spec.chat_template, fewshot_as_multiturn=spec.chat_template,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         record = score(spec, results)
