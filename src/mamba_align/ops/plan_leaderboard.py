@@ -1,10 +1,12 @@
 """The leaderboard jobs in the plan: GPU time per task from the rates measured on one H200 at the 2.8B shape.
 
-Multiple-choice tasks: seconds per document inside lm-eval's loglikelihood through the project's model class
-(`mamba_align`: each shared context read once), measured by bench/leaderboard_speed.py on tasks shaped like the
-real ones (docs/benchmarks.md §17, run X: random bf16 weights, 500 documents per task, median of 2). Tasks not
-measured are estimated from a measured task of similar shape or, for generation, from the generation engine's rate
-with every answer at its cap (an upper bound). Documents per task: the full test (or validation) splits lm-eval scores.
+Multiple-choice tasks: seconds per document of the whole task as the job runs it (lm-eval's task building,
+tokenisation and scoring through the project's model class `mamba_align`, each shared context read once), measured
+by bench/leaderboard_suite.py: the job's own function over the four tasks at their real sizes, shaped like the
+real ones (docs/benchmarks.md §18, run Y: random bf16 weights, 26,073 documents, 8.8 minutes end to end). Tasks
+not measured are estimated from a measured task of similar shape or, for generation, from the generation engine's
+rate with every answer at its cap (an upper bound). Documents per task: the full test (or validation) splits
+lm-eval scores.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import math
 
 # (documents, seconds per document on one H200 at 2.8B, source)
 TASK_COST = {
-    "arc_challenge": (1172, 0.0401, "measured (25-shot, ~1,070 tokens per request)"),
-    "hellaswag": (10042, 0.0329, "measured (10-shot, ~900 tokens per request)"),
-    "mmlu": (14042, 0.0113, "measured (5-shot, one-token choices, the few-shot prefix read once)"),
+    "arc_challenge": (1172, 0.0381, "measured (25-shot, ~1,070 tokens per request)"),
+    "hellaswag": (10042, 0.0332, "measured (10-shot, ~900 tokens per request)"),
+    "mmlu": (14042, 0.0076, "measured (5-shot, one-token choices, the few-shot prefix read once)"),
     "truthfulqa_mc2": (817, 0.0207, "measured (0-shot, 4-12 choices)"),
     "winogrande": (1267, 0.0207, "estimated as truthfulqa_mc2 (short contexts, 2 choices)"),
     "gsm8k": (1319, 256 / 14949 / 1.1 + 0.03, "upper bound: 256 generated tokens each at the engine's rate"),
     "ifeval": (541, 1280 / 14949 / 1.1, "upper bound: 1,280 generated tokens each at the engine's rate"),
 }
-LOAD_MINUTES = 5.0  # model and datasets loaded, lm-eval's task building: per job
+LOAD_MINUTES = 5.0  # per job: 0.4 min measured with local data (run Y); the Hub datasets' cache (MMLU's 57) on top
 H200_SPEED = 1.1  # plan.GPUS["H200"]["speed"]: these rates are H200 ones, the plan's speeds are H100-relative
 
 
