@@ -149,7 +149,30 @@ def _write_evals(tmp_path, name, stage, mt, ae1, lc):
     return {"mtbench": str(d / "mtbench.json"), "alpacaeval": str(d / "alpacaeval.json")}
 
 
-def test_experiments_report_table_seed_means_and_axis_plot(tmp_path):
+@pytest.fixture
+def panels(monkeypatch):
+    """What each saved figure draws: per panel (by title) its points (x, mean, spread), or else the text it shows."""
+    from matplotlib.figure import Figure
+
+    drawn, save = [], Figure.savefig
+
+    def spy(fig, *a, **k):
+        out = {}
+        for ax in fig.axes:
+            points = [
+                (float(x), float(y), float(seg[1][1] - seg[0][1]) / 2)
+                for line, _, (bars,) in ax.containers
+                for (x, y), seg in zip(line.get_xydata(), bars.get_segments())
+            ]
+            out[ax.get_title()] = points or [t.get_text() for t in ax.texts]
+        drawn.append(out)
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return drawn
+
+
+def test_experiments_report_table_seed_means_and_axis_plot(tmp_path, panels):
     entries = []
     for beta, seed, mt, ae in [(0.01, 1, 5.0, 10.0), (0.01, 2, 6.0, 14.0), (0.1, 1, 4.0, 20.0), (0.1, 2, 4.0, 22.0)]:
         name = f"beta{beta}-seed{seed}"
@@ -167,6 +190,9 @@ def test_experiments_report_table_seed_means_and_axis_plot(tmp_path):
     assert "5.50 ± 0.71" in md and "zephyr-7b-beta (paper)" in md and "![dpo.beta](dpo.beta.png)" in md
     png = (out / "dpo.beta.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    (drawn,) = panels  # a grid without the leaderboard: no panel of it
+    assert list(drawn) == ["MT-Bench overall", "AlpacaEval 1.0 win %", "AlpacaEval 2.0 LC win %"]
+    assert drawn["MT-Bench overall"] == [(0.01, 5.5, pytest.approx(0.7071, abs=1e-4)), (0.1, 4.0, 0.0)]
     assert (out / "scores.csv").read_text().splitlines()[0].startswith("experiment,stage,axis:dpo.beta,axis:seed")
 
 
@@ -266,7 +292,7 @@ def _write(path, obj):
     Path(path).write_text(json.dumps(obj))
 
 
-def test_grid_report_has_leaderboard_columns_and_never_another_models_score(tmp_path):
+def test_grid_report_has_leaderboard_columns_and_never_another_models_score(tmp_path, panels):
     """Per experiment and scored stage: the average and each task (% ± stderr) with the change from the shared
     base model; a missing score, or one of another model, is shown as missing (–), named with why below."""
     grid = ex.Grid(str(tmp_path / "results"), resolved(ex.expand(grid_cfg(dpo={"beta": [0.01, 0.1]}, seed=[1, 2]))),
@@ -310,6 +336,25 @@ def test_grid_report_has_leaderboard_columns_and_never_another_models_score(tmp_
     assert "leaderboard:arc_challenge" not in saved[("beta0.1-seed1", "dpo")]
     html = (out / "scores.html").read_text()
     assert "Open LLM Leaderboard tasks (lm-eval)" in html and "35.00 ± 1.00 (+5.00)" in html
+    (drawn,) = panels  # the final models' average in %, over seeds; beta 0.1 (stale, missing): no point
+    assert list(drawn)[-1] == "Open LLM Leaderboard avg %" and len(drawn) == 4
+    assert drawn["Open LLM Leaderboard avg %"] == [(0.01, pytest.approx(30.75), pytest.approx(0.3536, abs=1e-4))]
+
+
+@pytest.mark.parametrize("stages, shown", [(["base", "dpo"], True), (["base"], False), ([], False)])
+def test_the_axis_plot_has_a_leaderboard_panel_where_the_grid_scores_final_models(tmp_path, panels, stages, shown):
+    """Leaderboard stages with dpo but no score yet: the panel says so, as the others do; without dpo (only the
+    base model scored there) or without a leaderboard: no panel."""
+    exps = resolved(ex.expand(grid_cfg(dpo={"beta": [0.01, 0.1]})))
+    grid = ex.Grid(str(tmp_path / "results"), exps, ["dpo"], stages)
+    entries = grid.report_entries(learning_settings)
+    for i, e in enumerate(entries):
+        _write(e["evals"]["dpo"]["mtbench"], {"scores": {"overall": 5.0 + i, "turn_1": 5.0, "turn_2": 5.0}})
+    build_experiments_report(entries, ["dpo.beta"], tmp_path / "report")
+    (drawn,) = panels
+    assert drawn["MT-Bench overall"] == [(0.01, 5.0, 0.0), (0.1, 6.0, 0.0)]
+    assert drawn["AlpacaEval 1.0 win %"] == ["not scored in this run"]
+    assert drawn.get("Open LLM Leaderboard avg %") == (["not scored in this run"] if shown else None)
 
 
 def test_a_grid_without_leaderboard_keeps_its_tables(tmp_path):

@@ -304,7 +304,8 @@ def seed_groups(rows: list[dict]) -> list[dict]:
 
 
 def plot_axis(rows: list[dict], axis: str, out_png: Path) -> None:
-    """Scores of the final models against one swept axis, mean and spread over seeds (error bars)."""
+    """Scores of the final models against one swept axis, mean and spread over seeds (error bars); the leaderboard's
+    average (in %) where the grid scores its final models there (eval.leaderboard.stages has dpo)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,6 +319,8 @@ def plot_axis(rows: list[dict], axis: str, out_png: Path) -> None:
               ("alpaca_eval_2_lc_win_rate", "AlpacaEval 2.0 LC win %")]
     if not any(r.get("alpaca_eval_2_lc_win_rate") is not None for r in final):
         panels[2] = ("alpaca_eval_2_win_rate", "AlpacaEval 2.0 win % (no LC)")  # LC needs more prompts
+    if any("leaderboard_status" in r for r in final):  # scored there, or a panel saying not (yet)
+        panels.append(("leaderboard_average", "Open LLM Leaderboard avg %"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels):
         if not any(r.get(key) is not None for r in final):
