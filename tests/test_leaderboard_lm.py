@@ -185,24 +185,28 @@ def test_chat_templated_generation_task_equals_stock_hflm(ours, stock, tmp_path)
     assert "<|user|>" in json.dumps(prompt) and "<|assistant|>" in json.dumps(prompt)
 
 
-def test_generate_until_cuts_at_until_and_matches_stock_greedy(ours, stock):
+def generate_until_as_stock(ours, stock, contexts, max_gen_toks, at):
+    """Greedy generate_until of `ours` against `stock`: the same texts free, and cut at stop strings taken from
+    the free texts (at fraction `at` of each), so each cut really happens inside the text."""
     from lm_eval.api.instance import Instance
 
-    rng = random.Random(3)
-    contexts = [sentence(rng, n) for n in (3, 7, 12, 7)]
-    free = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 24, "do_sample": False}), i)
+    free = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": max_gen_toks, "do_sample": False}), i)
             for i, c in enumerate(contexts)]
     reference = stock.generate_until(free)
     assert ours.generate_until(free) == reference
-    # stop strings taken from the free generations, so each cut really happens inside the text
     assert all(len(text) >= 4 for text in reference)
-    stops = [text[len(text) // 2 : len(text) // 2 + 2] for text in reference]
-    cut = [Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": 24}), i)
+    stops = [text[int(len(text) * at) : int(len(text) * at) + 2] for text in reference]
+    cut = [Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": max_gen_toks}), i)
            for i, (c, stop) in enumerate(zip(contexts, stops, strict=True))]
     got = ours.generate_until(cut)
     assert got == stock.generate_until(cut)
     for text, full, stop in zip(got, reference, stops, strict=True):
         assert stop not in text and full.startswith(text) and len(text) < len(full)
+
+
+def test_generate_until_cuts_at_until_and_matches_stock_greedy(ours, stock):
+    rng = random.Random(3)
+    generate_until_as_stock(ours, stock, [sentence(rng, n) for n in (3, 7, 12, 7)], 24, at=1 / 2)
 
 
 def test_each_shared_context_is_read_once(model_dir, stock):
@@ -396,7 +400,6 @@ def test_mamba_ssm_path_equals_stock_hflm(tmp_path):
 def test_mamba_ssm_generate_until_cuts_at_until_as_stock_hflm(tmp_path):
     """generate_until on the mamba_ssm engine (stop strings asked inside its decode loop) against lm-eval's
     stock HFLM, greedy in fp32: the same texts, free and cut at stop strings taken from the free ones."""
-    from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
 
@@ -411,18 +414,7 @@ def test_mamba_ssm_generate_until_cuts_at_until_as_stock_hflm(tmp_path):
                                  eos_token_id=0, pad_token_id=1)).save_pretrained(tmp_path / "model")
     ours = MambaAlignLM(str(tmp_path / "model"), device="cuda", batch_size=8, dtype="float32", backend="mamba_ssm")
     stock = HFLM(pretrained=str(tmp_path / "model"), device="cuda", batch_size=8, dtype="float32")
-    contexts = [sentence(rng, n) for n in (3, 7, 12, 7, 5, 9)]
-    free = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 48, "do_sample": False}), i)
-            for i, c in enumerate(contexts)]
-    reference = stock.generate_until(free)
-    assert ours.generate_until(free) == reference
-    assert all(len(text) >= 6 for text in reference)
-    stops = [text[len(text) // 3 : len(text) // 3 + 2] for text in reference]
-    cut = [Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": 48}), i)
-           for i, (c, stop) in enumerate(zip(contexts, stops, strict=True))]
-    got = ours.generate_until(cut)
-    assert got == stock.generate_until(cut)
-    assert all(len(g) < len(r) for g, r in zip(got, reference, strict=True))
+    generate_until_as_stock(ours, stock, [sentence(rng, n) for n in (3, 7, 12, 7, 5, 9)], 48, at=1 / 3)
 
 
 def fewshot_pairs(seed=0, subjects=2, questions=5, long_choices=False, shots=6):
