@@ -14,8 +14,8 @@ import pytest
 from wfhelpers import REPO, snakemake
 
 from mamba_align import cli
-from mamba_align.ops import provenance
-from mamba_align.ops.report import build_report
+from mamba_align.ops.reporting.report import build_report
+from mamba_align.ops.store import provenance
 
 DEMO = [str(REPO / "config" / "demo.yaml")]
 OLD_KEY = "0123456789ab"

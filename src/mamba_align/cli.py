@@ -24,8 +24,8 @@ import re
 import sys
 from pathlib import Path
 
-from mamba_align.ops import layout
-from mamba_align.ops.provenance import stale_reason, stored_run_key
+from mamba_align.ops.store import layout
+from mamba_align.ops.store.provenance import stale_reason, stored_run_key
 from mamba_align.utils import UserError, read_json, read_jsonl
 
 TRAINED = ("sft", "dpo")
@@ -47,8 +47,8 @@ COMMANDS = {
                     "fetch the AlpacaEval data, or judge a model's outputs (fetch_alpaca_eval, judge_alpaca_eval)"),
     "judge-server": ("mamba_align.eval.judge.server",
                      "serve a local chat model as an OpenAI-compatible judge (for the judge commands' --base-url)"),
-    "report": ("mamba_align.ops.report", "the scores table and plots of a run (report)"),
-    "plan": ("mamba_align.ops.plan", "GPU-hours, wall time and judge cost before anything runs (plan)"),
+    "report": ("mamba_align.ops.reporting.report", "the scores table and plots of a run (report)"),
+    "plan": ("mamba_align.ops.reporting.plan", "GPU-hours, wall time and judge cost before anything runs (plan)"),
 }
 
 
@@ -181,8 +181,8 @@ def _ready(path: Path) -> str:
 def _grid_status(results: Path, grid) -> list[str]:
     """Each experiment's stages in a grid's layout (experiments.Grid): the shared base model, data and SFT run
     under shared/, DPO and the scores under experiments/<name>/, logs under logs/<the same folder>/."""
-    from mamba_align.ops.provenance import grid_model_key
-    from mamba_align.ops.report_leaderboard import status_line
+    from mamba_align.ops.reporting.report_leaderboard import status_line
+    from mamba_align.ops.store.provenance import grid_model_key
 
     out = [f"experiments: {len(grid.exps)} (each under {results}/experiments/<name>/, their shared base model, "
            f"data and SFT runs under {results}/shared/)"]
@@ -264,7 +264,7 @@ def status(results: str | Path, config_files=None, workflow_dir: str | Path = ".
     results = Path(results)
     if not results.is_dir():
         raise UserError(f"{results} is not a folder (the config's results_dir, e.g. results)")
-    from mamba_align.ops.provenance import current_grid, current_model_keys
+    from mamba_align.ops.store.provenance import current_grid, current_model_keys
 
     out = [f"mamba-align status of {results}/", ""]
     named = ", ".join(map(str, [Path(workflow_dir) / "config" / "config.yaml", *(config_files or [])]))

@@ -8,12 +8,12 @@ from snakemake.utils import min_version, validate
 
 from mamba_align.eval.judge.client import check_judge
 from mamba_align.eval.judge.settings import JudgeSettings
-from mamba_align.ops import condor_env, gpu_choice, jobenv, layout, provenance
-from mamba_align.ops import experiments as experiments_of
-from mamba_align.ops import plan as planner
-from mamba_align.ops import rerun
-from mamba_align.ops import runs as model_store
-from mamba_align.ops.rerun import settings_params
+from mamba_align.ops.jobenv import condor_env, gpu_choice, jobenv
+from mamba_align.ops.reporting import plan as planner
+from mamba_align.ops.store import experiments as experiments_of
+from mamba_align.ops.store import layout, provenance, rerun
+from mamba_align.ops.store import runs as model_store
+from mamba_align.ops.store.rerun import settings_params
 from mamba_align.train import data as prepared_data
 from mamba_align.train import recipes
 from mamba_align.train.recipes import as_dict, learning_settings
@@ -292,7 +292,7 @@ GPU_CHOICES = {}
 
 def training_gpu_request(rule):
     """`gpu` of a training job: chosen when the job is submitted (each retry anew) from what the scheduler has
-    free on one node (mamba_align.ops.gpu_choice); the choice and why go to the rule's log. Inside the job, where
+    free on one node (mamba_align.ops.jobenv.gpu_choice); the choice and why go to the rule's log. Inside the job, where
     Snakemake evaluates it again, the count the scheduler gave the job."""
     counts, chosen = training_gpu_counts(rule), GPU_CHOICES
 
@@ -429,7 +429,7 @@ def grid_local_source(stage):
 # here, at the next parse, before the DAG compares times (mamba_align.train.data.record_outputs).
 # A model link whose stored model was deleted (to retrain its key) is dropped: a missing output, not an error.
 # Snakemake's records of params in an earlier form (whole dicts) are translated to settings_params' form
-# (mamba_align.ops.rerun): a finished run does not rerun for the new form; a changed setting still does.
+# (mamba_align.ops.store.rerun): a finished run does not rerun for the new form; a changed setting still does.
 if workflow.is_main_process:
     note = rerun.migration_note(rerun.migrate_records())
     if note:

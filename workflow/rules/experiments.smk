@@ -1,5 +1,5 @@
 # Experiments of a grid (config `experiments`): the same rules, with outputs under folders keyed by what each
-# job learns from (mamba_align.ops.experiments), so that work the experiments share runs once. Inactive (no
+# job learns from (mamba_align.ops.store.experiments), so that work the experiments share runs once. Inactive (no
 # target asks for these paths) when the config names no experiments.
 
 

@@ -1,5 +1,5 @@
 # A trained model lives in results/models/<stage>-<key>/ and the declared output results/models/<stage> is a
-# symlink to it; the key hashes what the stage learns from (settings, data, parent model; mamba_align.ops.runs).
+# symlink to it; the key hashes what the stage learns from (settings, data, parent model; mamba_align.ops.store.runs).
 # A --forcerun or a failed retrain deletes only the symlink; retraining a key keeps its earlier model as
 # <stage>-<key>.previous. Training resumes from its newest complete checkpoint
 # (results/checkpoints/<stage>-<key>/, not a declared output, so a failed or pre-empted job keeps it for the

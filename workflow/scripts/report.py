@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from mamba_align.ops import layout
-from mamba_align.ops.provenance import model_key, record_snakemake_job
-from mamba_align.ops.report import build_report
+from mamba_align.ops.reporting.report import build_report
+from mamba_align.ops.store import layout
+from mamba_align.ops.store.provenance import model_key, record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

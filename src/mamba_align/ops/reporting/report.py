@@ -8,9 +8,9 @@ import json
 import logging
 from pathlib import Path
 
-from mamba_align.ops import report_leaderboard
-from mamba_align.ops.provenance import stale_reason
-from mamba_align.ops.report_tables import SE_OF, experiments_doc, scores_doc, se_of_mean, to_html, to_markdown
+from mamba_align.ops.reporting import report_leaderboard
+from mamba_align.ops.reporting.report_tables import SE_OF, experiments_doc, scores_doc, se_of_mean, to_html, to_markdown
+from mamba_align.ops.store.provenance import stale_reason
 from mamba_align.utils import UserError, atomic_path, read_json, setup_logging, write_json
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ def _unique_rows(entries: list[dict]) -> list[dict]:
 
 def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo: bool = False) -> list[dict]:
     """entries: experiments.Grid.report_entries(); axes: the swept axes (one plot each)."""
-    from mamba_align.ops.experiments import plot_name
+    from mamba_align.ops.store.experiments import plot_name
 
     out_dir = Path(out_dir)
     rows = _unique_rows(entries)

@@ -25,8 +25,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from mamba_align.ops import layout
-from mamba_align.ops.provenance import model_key
+from mamba_align.ops.store import layout
+from mamba_align.ops.store.provenance import model_key
 from mamba_align.utils import UserError
 
 STAGE_AXES = ("sft", "dpo")

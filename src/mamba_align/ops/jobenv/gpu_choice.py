@@ -210,7 +210,7 @@ def record(choice: Choice, rule: str, wildcards, attempt: int, results: str, dry
         f.write(json.dumps(entry) + "\n")
     if not entry["wildcards"]:  # a grid's rules log elsewhere; the JSONL has them
         with open(log_history(logs / f"{rule}.log"), "a") as f:
-            f.write(f"{when} INFO mamba_align.ops.gpu_choice: submitted with {line}\n")
+            f.write(f"{when} INFO mamba_align.ops.jobenv.gpu_choice: submitted with {line}\n")
 
 
 # ------------------------------------------------------------------------------------------------ plan

@@ -27,12 +27,12 @@ import shutil
 from pathlib import Path
 
 from mamba_align.model.manifest import RUN_FILE, model_identity, verify_model, write_manifest
-from mamba_align.ops import layout
+from mamba_align.ops.store import layout
 from mamba_align.train.job import TrainJob
 from mamba_align.train.recipes import as_dict, learning_settings
 from mamba_align.utils import UserError, read_json, sha256_file, write_json
 
-log = logging.getLogger("mamba_align.ops.runs")
+log = logging.getLogger("mamba_align.ops.store.runs")
 
 __all__ = ["RUN_FILE", "learned_from", "model_identity", "run_key", "train_keyed"]
 PREVIOUS = ".previous"

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from mamba_align.ops.gpu_choice import format_gpu_counts, with_gpu_counts
-from mamba_align.ops.plan_leaderboard import leaderboard_job, owned_evals
+from mamba_align.ops.jobenv.gpu_choice import format_gpu_counts, with_gpu_counts
+from mamba_align.ops.reporting.plan_leaderboard import leaderboard_job, owned_evals
 from mamba_align.train.recipes import precompute_ref_log_probs
 from mamba_align.train.sizes import REF_PARAMS, disk_gb, memory_fix, params_from_config, stage_memory_gib
 from mamba_align.utils import UserError, read_json, write_json
@@ -302,7 +302,7 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
     h, minutes, note, n = leaderboard_job(ev.get("leaderboard"), params / REF_PARAMS, _gpu(gpu_type)["speed"], p)
     jobs += [JobPlan("eval_leaderboard", 1, gpu_type, h, h, runtime_min=minutes, note=note)] * n
     judge = judge_cost(cfg, len(ev["stages"]))
-    from mamba_align.ops.provenance import unpinned
+    from mamba_align.ops.store.provenance import unpinned
 
     return {
         "gpu_type": gpu_type,
