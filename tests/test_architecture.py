@@ -10,7 +10,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "src" / "mamba_align"
 DOC = PKG.parents[1] / "docs" / "architecture.md"
 # what each folder may import (process, flock, utils and cli are top-level modules; cli may import anything);
-# ops/ by its parts: jobenv (where a job runs) and store (the results folder) below reporting (plan, report)
+# ops/ by its parts: store (the results folder) below jobenv (where a job runs), both below reporting (plan, report)
 LOW = {"process", "flock", "utils"}
 MAY_IMPORT = {
     "process": set(),
@@ -20,7 +20,7 @@ MAY_IMPORT = {
     "train": LOW | {"model", "train"},
     "eval": LOW | {"model", "train", "eval"},
     "ops/schema": LOW,
-    "ops/jobenv": LOW | {"model", "train", "ops/jobenv"},
+    "ops/jobenv": LOW | {"model", "train", "ops/store", "ops/jobenv"},
     "ops/condor_env": {"ops/jobenv"},  # the old name in earlier environments' .pth
     "ops/store": LOW | {"model", "train", "ops/store"},
     "ops/reporting": LOW | {"model", "train", "ops/schema", "ops/jobenv", "ops/store", "ops/reporting"},

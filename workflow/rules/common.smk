@@ -37,6 +37,8 @@ except WorkflowError as e:
     raise WorkflowError(config_error(e)) from None
 
 R = config["results_dir"]
+# every path under it (mamba_align.ops.store.layout)
+PATHS = layout.Results(R)
 # the recipe's chat template unless the config names one; a different one is an error
 config["base_model"]["chat_template"] = recipes.resolve_chat_template(
     config, workflow.basedir
@@ -159,17 +161,17 @@ wildcard_constraints:
 
 
 def demo_inputs():
-    return [f"{R}/demo"] if config["demo"] else []
+    return [PATHS.demo()] if config["demo"] else []
 
 
 def built_by_demo(local_dir):
     """The demo's inputs when a benchmark's local_dir lies inside them (the rehearsal's question sets)."""
-    inside = local_dir and Path(local_dir).is_relative_to(f"{R}/demo")
+    inside = local_dir and Path(local_dir).is_relative_to(PATHS.demo())
     return demo_inputs() if inside else []
 
 
 def model_of(stage):
-    return layout.model_dir(R, stage)
+    return PATHS.model(stage)
 
 
 def model_for(wildcards):
@@ -214,13 +216,13 @@ def scored_learned_by(w):
 def scored_model_dir(w):
     """The model folder a judge job's answers came from (its run.json key goes into the score)."""
     if hasattr(w, "home"):
-        return f"{R}/{w.home}/model"
+        return PATHS.home_model(w.home)
     return model_of(layout.stage_of(w.stagedir))
 
 
 def answers_for(name):
     """Input function: the per-stage generation output a judge rule reads."""
-    return lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/{name}"
+    return lambda w: PATHS.stage_eval(layout.stage_of(w.stagedir), name)
 
 
 def all_targets():
@@ -232,13 +234,9 @@ def all_targets():
             *rules.plan.output,
         ]
     return [
+        *(PATHS.eval_summary(s, b) for s in EVAL["stages"] for b in layout.BENCHMARKS),
         *(
-            layout.eval_summary(R, s, b)
-            for s in EVAL["stages"]
-            for b in layout.BENCHMARKS
-        ),
-        *(
-            layout.eval_summary(R, s, layout.LEADERBOARD)
+            PATHS.eval_summary(s, layout.LEADERBOARD)
             for s in EVAL["leaderboard"]["stages"]
         ),
         *rules.report.output,
@@ -363,9 +361,8 @@ def grid_data(stage, field):
 
 
 def grid_data_files(stage, experiment):
-    return {
-        f: f"{GRID.data_dir(experiment, stage)}/{f}.parquet" for f in ("train", "test")
-    }
+    files = GRID.data_files(experiment, stage)
+    return {f: files[f] for f in ("train", "test")}
 
 
 def grid_runtime(rule, default):
@@ -381,7 +378,7 @@ def grid_runtime(rule, default):
                 training_gpus(),
                 gpu_type_of(rule),
                 R,
-                verify=f"{R}/{GRID.home(r, 'base')}/verify.json",
+                verify=GRID.base_verify(r),
                 data_dirs={s: GRID.data_dir(r, s) for s in ("sft", "dpo")},
             )
         except UserError:
@@ -434,7 +431,9 @@ if workflow.is_main_process:
     note = rerun.migration_note(rerun.migrate_records())
     if note:
         print(note, file=sys.stderr)
-    for d in [f"{R}/data/sft", f"{R}/data/dpo", *glob.glob(f"{R}/shared/data/*/*")]:
+    for d in [PATHS.train_data_dir(s) for s in ("sft", "dpo")] + glob.glob(
+        PATHS.train_data_dir("*", "*")
+    ):
         prepared_data.settle_kept_mtimes(d)
     for link in model_store.drop_dangling_links(R):
         print(

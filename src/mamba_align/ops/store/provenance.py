@@ -176,7 +176,7 @@ def record_path(smk) -> str:
         return str(declared)
     wc = "-".join(str(v).strip("/") for v in dict(smk.wildcards).values() if str(v).strip("/"))
     name = smk.rule + (f"-{wc}" if wc else "")
-    return f"{smk.config.get('results_dir', 'results')}/provenance/{name}.json"
+    return layout.Results(smk.config.get("results_dir", "results")).provenance(name)
 
 
 def record_snakemake_job(smk) -> Path:

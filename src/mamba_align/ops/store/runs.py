@@ -58,9 +58,9 @@ def drop_dangling_links(results) -> list[Path]:
     """Remove model links whose stored model was deleted (README: deleting `<stage>-<key>/` is how a key is
     retrained). Such a link is a missing output, but Snakemake cannot read its time and stops the whole run
     ("Unable to obtain modification time"); without the link it plans the training job instead."""
-    root, dropped = Path(results), []
-    homes = [*root.glob("shared/*/*"), *root.glob("experiments/*")]  # a grid's model links: <home>/model
-    for link in [*root.glob("models/*"), *(home / "model" for home in homes)]:
+    paths, dropped = layout.Results(str(results)), []
+    homes = [f"{g}/{h.name}" for g in layout.GRID_HOMES.values() for h in Path(paths.path(g)).glob("*")]
+    for link in [*Path(paths.models_dir()).glob("*"), *(Path(paths.home_model(home)) for home in homes)]:
         if link.is_symlink() and not link.exists():
             link.unlink()
             dropped.append(link)
