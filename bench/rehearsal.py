@@ -241,7 +241,7 @@ def phase(a) -> int:
                 print(f"train_sft stopped as planned (snakemake exit {rc}); rerunning to resume", file=sys.stderr)
             rc = run_snakemake(TARGETS["sft"], a.cpu, a.gpus, log, deadline, overlays=a.overlay)
         else:
-            # every GPU job claims GPUs of its own (mamba_align.ops.gpus): generation runs on all of them at once
+            # every GPU job claims GPUs of its own (mamba_align.ops.jobenv.gpus): generation runs on all of them at once
             rc = run_snakemake(TARGETS[a.phase], a.cpu, a.gpus, log, deadline, overlays=a.overlay)
     finally:
         if sampler:

@@ -179,7 +179,7 @@ def test_python_dash_m_of_each_module_still_runs_it(module, monkeypatch, capsys)
 
 
 def test_plan_command_writes_what_the_planner_module_writes(tmp_path):
-    from mamba_align.ops import plan
+    from mamba_align.ops.reporting import plan
 
     args = ["--config", "config/config.yaml", "--workflow-dir", str(REPO)]
     assert cli.main(["plan", *args, "--out", str(tmp_path / "cli.json")]) == 0
@@ -208,7 +208,8 @@ def test_an_unknown_command_is_an_error_naming_the_commands(capsys):
     ("mamba_align.eval.alpacaeval", "fetch_alpaca_eval",
      ["alpaca-eval", "fetch", "--out-dir", "o", "--annotators", "alpaca_eval_gpt4"],
      {"annotators": ["alpaca_eval_gpt4"]}),
-    ("mamba_align.ops.report", "build_report", ["report", "--run-name", "r", "--out", "o", "--leaderboard", "dpo", "l"],
+    ("mamba_align.ops.reporting.report", "build_report",
+     ["report", "--run-name", "r", "--out", "o", "--leaderboard", "dpo", "l"],
      {"leaderboards": {"dpo": "l"}}),
 ], ids=["generate-top-k", "fetch-annotators", "report-leaderboards"])
 def test_a_command_passes_what_its_rule_passes(monkeypatch, module, func, argv, expected):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mamba_align.ops import condor_env
+from mamba_align.ops.jobenv import condor_env
 
 
 def test_sets_dev_null_only_where_htcondor_would(monkeypatch, tmp_path):
@@ -29,7 +29,8 @@ def test_the_htcondor_plugin_imports_without_the_warning():
     if any(os.path.isfile(os.path.expanduser(p)) for p in condor_env.DEFAULT_LOCATIONS):
         pytest.skip("an HTCondor config exists here")
     env = {k: v for k, v in os.environ.items() if k != "CONDOR_CONFIG"}
-    code = "import mamba_align.ops.condor_env as m; m.quiet_condor_config(); import snakemake_executor_plugin_htcondor"
+    code = ("import mamba_align.ops.jobenv.condor_env as m; m.quiet_condor_config(); "
+            "import snakemake_executor_plugin_htcondor")
     quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert quiet.returncode == 0 and "CONDOR_CONFIG" not in quiet.stderr, quiet.stderr
     loud = subprocess.run([sys.executable, "-c", "import htcondor2"], env=env, capture_output=True, text=True)
@@ -73,7 +74,8 @@ def test_the_pth_line_does_what_quiet_condor_config_does(tmp_path):
                     reason="htcondor (the condor extra) not installed, or an HTCondor config exists here")
 def test_snakemake_starts_without_the_warning_in_an_env_with_the_pth(tmp_path):
     """#29: a pip install with the condor extra but without `make setup` warned at every snakemake start (the
-    executor plugins load before the Snakefile is read); `python -m mamba_align.ops.condor_env` writes the .pth."""
+    executor plugins load before the Snakefile is read); `python -m mamba_align.ops.jobenv.condor_env` writes the
+    .pth."""
     proc = run_with_pth(tmp_path, "import sys; sys.argv = ['snakemake', '--version']; "
                                   "from snakemake.cli import main; main()")
     assert "9." in proc.stdout and "CONDOR_CONFIG" not in proc.stderr, proc.stderr

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from mamba_align.ops import experiments as ex
-from mamba_align.ops import plan as planner
-from mamba_align.ops import provenance
-from mamba_align.ops.report import build_experiments_report, seed_groups
+from mamba_align.ops.reporting import plan as planner
+from mamba_align.ops.reporting.report import build_experiments_report, seed_groups
+from mamba_align.ops.store import experiments as ex
+from mamba_align.ops.store import provenance
 from mamba_align.train.recipes import learning_settings
 from mamba_align.utils import UserError
 

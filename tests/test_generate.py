@@ -129,7 +129,7 @@ def test_an_unchanged_model_resumes_whatever_its_files_times_and_records(setup, 
 
 def test_the_progress_key_is_the_model_stores_identity(setup):
     from mamba_align.model.manifest import model_identity
-    from mamba_align.ops import runs
+    from mamba_align.ops.store import runs
 
     tmp, _ = setup
     model, out = tmp / "model", tmp / "answers.jsonl"

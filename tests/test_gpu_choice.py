@@ -1,4 +1,5 @@
-"""The GPU count a training job asks for (mamba_align.ops.gpu_choice), from fake sinfo / condor_status outputs."""
+"""The GPU count a training job asks for (mamba_align.ops.jobenv.gpu_choice), from fake sinfo / condor_status
+outputs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 
 import pytest
 
-from mamba_align.ops import gpu_choice as gc
+from mamba_align.ops.jobenv import gpu_choice as gc
 from mamba_align.utils import UserError
 
 # sinfo -N -h -O NodeHost:|,StateCompact:|,Gres:|,GresUsed:|,features_act:|,Memory:|,AllocMem:| (Slurm 22.05's
@@ -131,7 +132,7 @@ def test_a_profiles_count_that_cannot_keep_the_batch_is_refused_before_any_job(t
 def test_the_plan_shows_wall_and_gpu_hours_per_count():
     from test_plan import CFG, DPO, SFT
 
-    from mamba_align.ops import plan
+    from mamba_align.ops.reporting import plan
 
     p = plan.make_plan(CFG, SFT, DPO, {"train_sft": 8, "train_dpo": 8}, "A100-80GB", results="/nonexistent")
     sft = next(j for j in p["jobs"] if j["rule"] == "train_sft")

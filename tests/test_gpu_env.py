@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from mamba_align.ops import jobenv
+from mamba_align.ops.jobenv import jobenv
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = REPO / "workflow" / "envs"

@@ -1,5 +1,5 @@
-"""GPUs of their own for local jobs (mamba_align.ops.gpus), on a CPU machine with a fake nvidia-smi listing two GPUs:
-jobs get different GPUs, a third waits until one ends, a job never holds part of what it needs while it waits, and
+"""GPUs of their own for local jobs (mamba_align.ops.jobenv.gpus), on a CPU machine with a fake nvidia-smi listing two
+GPUs: jobs get different GPUs, a third waits until one ends, a job never holds part of what it needs while it waits, and
 nothing is claimed inside a scheduler's job or where there is no GPU."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from mamba_align import flock
-from mamba_align.ops import gpus
+from mamba_align.ops.jobenv import gpus
 from mamba_align.utils import UserError
 
 UUIDS = ["GPU-11111111-aaaa", "GPU-22222222-bbbb"]
 CLAIM = """
 import os, sys, time
 from pathlib import Path
-from mamba_align.ops.gpus import claim
+from mamba_align.ops.jobenv.gpus import claim
 got = claim(int(sys.argv[1]), poll_s=0.05)
 print(",".join(got), flush=True)
 Path(sys.argv[2]).write_text(os.environ.get("CUDA_VISIBLE_DEVICES", ""))

@@ -180,7 +180,7 @@ def _truncate(path):
 
 def test_a_truncated_model_fails_dpo_naming_the_file_and_the_rule_before_anything_runs(sft_model, tmp_path,
                                                                                      monkeypatch):
-    from mamba_align.ops import runs
+    from mamba_align.ops.store import runs
     from mamba_align.train.job import TrainJob
     from mamba_align.train.recipes import load_recipe
 
@@ -215,7 +215,7 @@ def test_generation_checks_the_model_before_loading_an_engine(sft_model, tmp_pat
 
 
 def test_the_identity_of_a_model_is_unchanged_by_its_manifest(sft_model):
-    from mamba_align.ops import runs
+    from mamba_align.ops.store import runs
 
     identity = runs.model_identity(sft_model)
     (sft_model / "manifest.json").unlink()

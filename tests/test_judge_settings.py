@@ -16,8 +16,8 @@ from wfhelpers import REPO
 from mamba_align.eval import alpacaeval
 from mamba_align.eval.judge.client import JudgeClient, check_judge
 from mamba_align.eval.judge.settings import JudgeSettings, LocalJudge
-from mamba_align.ops import rerun
-from mamba_align.ops.provenance import load_config
+from mamba_align.ops.store import rerun
+from mamba_align.ops.store.provenance import load_config
 from mamba_align.utils import UserError
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())

@@ -12,7 +12,7 @@ import yaml
 
 from mamba_align.eval.leaderboard import run as lb_run
 from mamba_align.eval.leaderboard.tasks import TaskSpec, check_against_task, score, task_specs
-from mamba_align.ops import report_leaderboard
+from mamba_align.ops.reporting import report_leaderboard
 from mamba_align.utils import UserError, read_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_report_table_shows_change_from_base_and_published_rows(tmp_path):
     assert sft["arc_challenge_change"] == pytest.approx(3.0)
     assert sft["arc_challenge_change_stderr"] == pytest.approx(2 ** 0.5)
     assert dpo["status"].startswith("stale") and "arc_challenge_change" not in dpo
-    from mamba_align.ops.report_tables import to_markdown
+    from mamba_align.ops.reporting.report_tables import to_markdown
 
     md = to_markdown(report_leaderboard.leaderboard_doc(rows, demo=False))
     assert "| run-sft | 33.00 ± 1.00 (+3.00) | 59.00 ± 1.00 (-1.00) |" in md

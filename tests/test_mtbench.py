@@ -19,7 +19,7 @@ from fake_openai import KEY, FakeOpenAI, judge_cfg
 
 from mamba_align.eval import mtbench
 from mamba_align.eval.judge.client import request_key
-from mamba_align.ops.report import plot_radar
+from mamba_align.ops.reporting.report import plot_radar
 from mamba_align.utils import UserError, read_json, read_jsonl
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mt_bench"
@@ -364,7 +364,7 @@ def test_demo_data_through_the_cli(tmp_path):
 
 def test_summary_records_the_scored_models_keys(data, tmp_path):
     """Issue #28: a score names the model it was computed for (status and the report compare it with the config's)."""
-    from mamba_align.ops.provenance import scored_model
+    from mamba_align.ops.store.provenance import scored_model
 
     model_dir = tmp_path / "models" / "dpo"
     model_dir.mkdir(parents=True)

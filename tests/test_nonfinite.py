@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_runs import store_job
 from wfhelpers import bench_module, snakemake
 
-from mamba_align.ops import runs
+from mamba_align.ops.store import runs
 from mamba_align.train.callbacks import NON_FINITE_STEPS, NonFiniteLoss
 from mamba_align.train.checkpoints import last_complete_checkpoint
 from mamba_align.train.recipes import load_recipe

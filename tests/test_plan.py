@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mamba_align.ops import plan
+from mamba_align.ops.reporting import plan
 from mamba_align.train import sizes
 from mamba_align.utils import UserError
 

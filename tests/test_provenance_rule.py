@@ -10,7 +10,7 @@ import pytest
 import yaml
 from wfhelpers import REPO, copy_workflow, snakemake
 
-from mamba_align.ops import provenance
+from mamba_align.ops.store import provenance
 from mamba_align.train.recipes import workflow_root
 from mamba_align.utils import UserError, read_json
 

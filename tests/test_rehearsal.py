@@ -73,11 +73,11 @@ def test_benchmarks_have_the_real_counts_and_shapes(built):
 
 def test_lengths_in_tokens_follow_the_published_sizes(built):
     """Each synthetic word is one token, so the drawn lengths are what the model sees: UltraChat ~1,400 tokens
-    per conversation and UltraFeedback ~520 per chosen/rejected sequence (mamba_align.ops.plan.PUBLISHED),
+    per conversation and UltraFeedback ~520 per chosen/rejected sequence (mamba_align.ops.reporting.plan.PUBLISHED),
     MT-Bench turn 1 median 80, AlpacaEval median 45 (docs/benchmarks.md section 5)."""
     from transformers import AutoTokenizer
 
-    from mamba_align.ops.plan import PUBLISHED
+    from mamba_align.ops.reporting.plan import PUBLISHED
 
     out, _ = built
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from wfhelpers import snakemake
 
-from mamba_align.ops import provenance
-from mamba_align.ops.report import build_experiments_report, build_report, seed_groups
-from mamba_align.ops.report_tables import se_of_mean
+from mamba_align.ops.reporting.report import build_experiments_report, build_report, seed_groups
+from mamba_align.ops.reporting.report_tables import se_of_mean
+from mamba_align.ops.store import provenance
 
 
 def write(path: Path, obj) -> Path:

@@ -1,4 +1,4 @@
-"""A rerun's reason names the setting that changed (mamba_align.ops.rerun): one Snakemake param per setting, the
+"""A rerun's reason names the setting that changed (mamba_align.ops.store.rerun): one Snakemake param per setting, the
 whole value recorded as a digest; what reruns is unchanged; records of the earlier form (whole dicts) are
 translated when the workflow is read, so a finished run does not rerun and a changed setting still does."""
 
@@ -13,7 +13,7 @@ import pytest
 import yaml
 from wfhelpers import copy_workflow, planned_jobs, snakemake
 
-from mamba_align.ops import rerun
+from mamba_align.ops.store import rerun
 
 DEMO = ("--configfile", "config/demo.yaml")
 # train_dpo (a static recipe param) and the DPO model's MT-Bench answers (a model param that is a function of the
@@ -159,7 +159,7 @@ def _old_form(wf: Path, rule: str, value) -> list[Path]:
 
 def _current(wf: Path) -> tuple[dict, dict]:
     """(train_dpo's learned settings, the DPO model's chain) of the demo config, as common.smk computes them."""
-    from mamba_align.ops.provenance import learned_by, load_config
+    from mamba_align.ops.store.provenance import learned_by, load_config
     from mamba_align.train.recipes import as_dict, config_recipe, learning_settings
 
     config, files = load_config(["config/demo.yaml"], wf)

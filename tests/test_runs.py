@@ -1,5 +1,5 @@
-"""mamba_align.ops.runs and the checkpoint-folder lock on a tiny random Mamba (CPU, offline): a training run is keyed
-by its settings, data and parent model; a finished run stores its model, points the stage's path at it and
+"""mamba_align.ops.store.runs and the checkpoint-folder lock on a tiny random Mamba (CPU, offline): a training run is
+keyed by its settings, data and parent model; a finished run stores its model, points the stage's path at it and
 deletes its checkpoints; the same key reuses its stored model, a damaged one is retrained and kept; two jobs
 never share a checkpoint folder, and a killed one leaves no stale lock."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from wfhelpers import bench_module
 
-from mamba_align.ops import runs
+from mamba_align.ops.store import runs
 from mamba_align.train.checkpoints import lock_checkpoint_dir, release_checkpoint_dir
 from mamba_align.train.job import TrainJob
 from mamba_align.train.recipes import load_recipe
@@ -158,7 +158,7 @@ def test_a_second_job_on_one_checkpoint_folder_is_refused_naming_the_first(tmp_p
 
 
 def test_a_link_to_a_deleted_model_is_dropped_so_the_key_retrains(tmp_path):
-    from mamba_align.ops.runs import drop_dangling_links
+    from mamba_align.ops.store.runs import drop_dangling_links
 
     r = tmp_path / "results"
     (r / "models/sft-abc").mkdir(parents=True)

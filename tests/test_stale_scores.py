@@ -14,8 +14,8 @@ import pytest
 from wfhelpers import REPO, snakemake
 
 from mamba_align import cli
-from mamba_align.ops import provenance
-from mamba_align.ops.report import build_report
+from mamba_align.ops.reporting.report import build_report
+from mamba_align.ops.store import provenance
 
 DEMO = [str(REPO / "config" / "demo.yaml")]
 OLD_KEY = "0123456789ab"
@@ -140,7 +140,7 @@ def test_every_provenance_record_is_a_declared_output(rule):
     if not script or "record_snakemake_job" not in (REPO / "workflow" / "scripts" / script.group(1)).read_text():
         pytest.skip("writes no provenance record")
     output = section(body, "output") or section(blocks[base][0], "output")
-    assert re.search(r'^        provenance=f"\{R\}/provenance/', output, re.M), f"{rule} writes an undeclared record"
+    assert re.search(r'^        provenance=PATHS\.provenance\(', output, re.M), f"{rule} writes an undeclared record"
 
 
 def dry_run_jobs(wf: Path, *config: str) -> list[tuple[str, dict, list[str]]]:

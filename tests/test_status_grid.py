@@ -11,7 +11,7 @@ import pytest
 from wfhelpers import REPO, copy_workflow, snakemake
 
 from mamba_align import cli
-from mamba_align.ops import provenance
+from mamba_align.ops.store import provenance
 
 GRID_CONFIG = [str(REPO / "config" / "demo.yaml"), str(REPO / "config" / "demo-grid.yaml")]
 OLD_KEY = "0123456789ab"
@@ -67,7 +67,7 @@ def results(tmp_path, grid) -> Path:
     write(r / "checkpoints" / "dpo-0ther0000000" / "checkpoint-3" / "trainer_state.json",  # another experiment's
           {"global_step": 3, "max_steps": 4})
     write(r / "logs" / running / "train_dpo.log",
-          f"2026-01-01 00:00:00,000 INFO mamba_align.ops.runs: dpo run feedc0ffee00: checkpoints in {ckpts} "
+          f"2026-01-01 00:00:00,000 INFO mamba_align.ops.store.runs: dpo run feedc0ffee00: checkpoints in {ckpts} "
           f"(resuming), model to {r}/models/dpo-feedc0ffee00\n" + progress_line("dpo", 3, 4))
     write(r / "logs" / done / "judge_alpaca_eval.log",
           "2026-01-01 00:00:00,000 ERROR mamba_align: judge unreachable\n")

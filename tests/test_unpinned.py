@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from mamba_align.ops import provenance
-from mamba_align.ops.plan import format_plan, make_plan
+from mamba_align.ops.reporting.plan import format_plan, make_plan
+from mamba_align.ops.store import provenance
 from mamba_align.train.recipes import as_dict, config_recipe
 from mamba_align.utils import read_json
 

@@ -56,7 +56,7 @@ def test_file_record_is_size_and_sha256_or_above_the_limit_size_and_mtime(tmp_pa
 
 def test_the_manifest_and_provenance_record_files_alike(tmp_path):
     from mamba_align.model.manifest import file_hashes
-    from mamba_align.ops.provenance import describe_file
+    from mamba_align.ops.store.provenance import describe_file
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "config.json").write_text("{}")

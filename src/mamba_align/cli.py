@@ -18,14 +18,15 @@ rule's script calls the package function that the command calls. Two commands li
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import json
 import re
 import sys
 from pathlib import Path
 
-from mamba_align.ops import layout
-from mamba_align.ops.provenance import stale_reason, stored_run_key
+from mamba_align.ops.store import layout
+from mamba_align.ops.store.provenance import stale_reason, stored_run_key
 from mamba_align.utils import UserError, read_json, read_jsonl
 
 TRAINED = ("sft", "dpo")
@@ -47,8 +48,8 @@ COMMANDS = {
                     "fetch the AlpacaEval data, or judge a model's outputs (fetch_alpaca_eval, judge_alpaca_eval)"),
     "judge-server": ("mamba_align.eval.judge.server",
                      "serve a local chat model as an OpenAI-compatible judge (for the judge commands' --base-url)"),
-    "report": ("mamba_align.ops.report", "the scores table and plots of a run (report)"),
-    "plan": ("mamba_align.ops.plan", "GPU-hours, wall time and judge cost before anything runs (plan)"),
+    "report": ("mamba_align.ops.reporting.report", "the scores table and plots of a run (report)"),
+    "plan": ("mamba_align.ops.reporting.plan", "GPU-hours, wall time and judge cost before anything runs (plan)"),
 }
 
 
@@ -64,7 +65,8 @@ def _last_line(path: Path, pattern: str) -> str | None:
 def _latest_checkpoint(results: Path, stage: str) -> dict | None:
     """The newest complete checkpoint of any run of `stage` (trainer_state.json is written last)."""
     best = None
-    for state_file in (results / "checkpoints").glob(f"{stage}-*/checkpoint-*/trainer_state.json"):
+    runs = layout.checkpoint_dir(layout.Results(str(results)).checkpoints(), stage, "*")
+    for state_file in map(Path, glob.glob(f"{runs}/checkpoint-*/trainer_state.json")):
         try:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):
@@ -77,8 +79,9 @@ def _latest_checkpoint(results: Path, stage: str) -> dict | None:
 
 
 def _training_status(results: Path, stage: str) -> str:
-    return _training_at(Path(layout.model_dir(str(results), stage)), results / "metrics" / f"{stage}.json",
-                        results / "logs" / f"train_{stage}.log", stage, _latest_checkpoint(results, stage))
+    paths = layout.Results(str(results))
+    return _training_at(Path(paths.model(stage)), Path(paths.metrics(stage)), Path(paths.log(f"train_{stage}")),
+                        stage, _latest_checkpoint(results, stage))
 
 
 def _checkpoint_of_log(log_file: Path, stage: str) -> dict | None:
@@ -136,9 +139,9 @@ def _marked(line: str, summary: dict, current_key: str | None, run_key: str | No
 
 
 def _eval_status(results: Path, stage: str, current_key: str | None = None) -> list[str]:
-    return _eval_rows(results / "eval" / stage, Path(layout.eval_summary(str(results), stage, "mtbench")),
-                      Path(layout.eval_summary(str(results), stage, "alpacaeval")),
-                      Path(layout.model_dir(str(results), stage)), current_key)
+    paths = layout.Results(str(results))
+    return _eval_rows(Path(paths.stage_eval_dir(stage)), Path(paths.eval_summary(stage, "mtbench")),
+                      Path(paths.eval_summary(stage, "alpacaeval")), Path(paths.model(stage)), current_key)
 
 
 def _eval_rows(eval_dir: Path, mt: Path, ae: Path, model_dir: Path, current_key: str | None) -> list[str]:
@@ -181,61 +184,67 @@ def _ready(path: Path) -> str:
 def _grid_status(results: Path, grid) -> list[str]:
     """Each experiment's stages in a grid's layout (experiments.Grid): the shared base model, data and SFT run
     under shared/, DPO and the scores under experiments/<name>/, logs under logs/<the same folder>/."""
-    from mamba_align.ops.provenance import grid_model_key
-    from mamba_align.ops.report_leaderboard import status_line
+    from mamba_align.ops.reporting.report_leaderboard import status_line
+    from mamba_align.ops.store.provenance import grid_model_key
 
+    paths = layout.Results(str(results))
     out = [f"experiments: {len(grid.exps)} (each under {results}/experiments/<name>/, their shared base model, "
            f"data and SFT runs under {results}/shared/)"]
     for r in grid.exps:
         axes = ", ".join(f"{a} {v}" for a, v in r.exp.axes.items())
         out.append(f"experiment {r.name}" + (f" ({axes})" if axes else "") + ":")
         base = grid.home(r, "base")
-        out.append(f"  base model ({base}): {_ready(results / base / 'verify.json')}")
+        out.append(f"  base model ({base}): {_ready(Path(paths.home_verify(base)))}")
         for stage in TRAINED:
             data = Path(grid.data_dir(r, stage))
-            out.append(f"  {stage} data ({data.relative_to(results)}): {_ready(data / 'stats.json')}")
+            stats = Path(grid.data_files(r, stage)["stats"])
+            out.append(f"  {stage} data ({data.relative_to(results)}): {_ready(stats)}")
         for stage in TRAINED:
             home = grid.home(r, stage)
-            log_file = results / "logs" / home / f"train_{stage}.log"
+            log_file = Path(paths.log(home, f"train_{stage}"))
             out.append(f"  train {stage} ({home}): " + _training_at(
-                results / home / "model", results / home / "metrics.json", log_file, stage,
+                Path(paths.home_model(home)), Path(paths.home_metrics(home)), log_file, stage,
                 _checkpoint_of_log(log_file, stage)))
         for stage in grid.eval_stages:
             home = grid.home(r, stage)
-            rows = _eval_rows(results / home / "eval", Path(grid.eval_summary(r, stage, "mtbench")),
-                              Path(grid.eval_summary(r, stage, "alpacaeval")), results / home / "model",
+            rows = _eval_rows(Path(paths.home_eval_dir(home)), Path(grid.eval_summary(r, stage, "mtbench")),
+                              Path(grid.eval_summary(r, stage, "alpacaeval")), Path(paths.home_model(home)),
                               grid_model_key(grid, home))
             out += [f"  eval {stage} ({home}): {row}" for row in rows] or [f"  eval {stage} ({home}): not started"]
         for stage in grid.leaderboard_stages:  # the Open LLM Leaderboard tasks (eval.leaderboard.stages)
             home = grid.home(r, stage)
             out.append(f"  leaderboard {stage} ({home}): " + status_line(
                 grid.eval_summary(r, stage, layout.LEADERBOARD), grid_model_key(grid, home),
-                _run_key(results / home / "model")))
+                _run_key(Path(paths.home_model(home)))))
     return out
 
 
 def _found_experiments_status(results: Path) -> list[str]:
     """A grid's experiments found in the folder when no grid config was given: their DPO training and scores,
     without stale marks (the config says which model each score should be of)."""
-    homes = sorted(p for p in (results / "experiments").glob("*") if p.is_dir())
+    paths = layout.Results(str(results))
+    homes = sorted(p for p in Path(paths.path(layout.GRID_HOMES["dpo"])).glob("*") if p.is_dir())
     if not homes:
         return []
     out = [f"experiments found in {results}/experiments/ (pass the grid's --configfile for their shared stages "
            f"and stale marks):"]
     for home in homes:
-        rel = home.relative_to(results)
-        log_file = results / "logs" / rel / "train_dpo.log"
+        rel = layout.home("dpo", home.name)
+        log_file = Path(paths.log(rel, "train_dpo"))
         out.append(f"experiment {home.name}:")
-        out.append("  train dpo: " + _training_at(home / "model", home / "metrics.json", log_file, "dpo",
-                                                  _checkpoint_of_log(log_file, "dpo")))
-        out += [f"  eval: {row}" for row in _eval_rows(home / "eval", home / "eval" / "mtbench.json",
-                                                       home / "eval" / "alpacaeval.json", home / "model", None)]
+        out.append("  train dpo: " + _training_at(Path(paths.home_model(rel)), Path(paths.home_metrics(rel)),
+                                                  log_file, "dpo", _checkpoint_of_log(log_file, "dpo")))
+        out += [f"  eval: {row}" for row in _eval_rows(Path(paths.home_eval_dir(rel)),
+                                                       Path(paths.home_summary(rel, "mtbench")),
+                                                       Path(paths.home_summary(rel, "alpacaeval")),
+                                                       Path(paths.home_model(rel)), None)]
     return out
 
 
 def _report_status(results: Path, current: dict[str, str] | None) -> str | None:
     """The report's line: its path, and stale when a row it shows as current is of another model."""
-    table, data = results / "report" / "scores.md", results / "report" / "scores.json"
+    paths = layout.Results(str(results))
+    table, data = Path(paths.report("table")), Path(paths.report("json"))
     if not table.exists():
         return None
     rows = read_json(data) if data.exists() else []
@@ -264,7 +273,7 @@ def status(results: str | Path, config_files=None, workflow_dir: str | Path = ".
     results = Path(results)
     if not results.is_dir():
         raise UserError(f"{results} is not a folder (the config's results_dir, e.g. results)")
-    from mamba_align.ops.provenance import current_grid, current_model_keys
+    from mamba_align.ops.store.provenance import current_grid, current_model_keys
 
     out = [f"mamba-align status of {results}/", ""]
     named = ", ".join(map(str, [Path(workflow_dir) / "config" / "config.yaml", *(config_files or [])]))
@@ -279,20 +288,21 @@ def status(results: str | Path, config_files=None, workflow_dir: str | Path = ".
     except Exception as e:  # a config that does not load (missing, invalid) must not hide the folder's status
         current = grid = None
         out.append(f"scores not compared with a config ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    plan = results / "plan.txt"
+    paths = layout.Results(str(results))
+    plan = Path(paths.plan("txt"))
     if plan.exists():
         total = _last_line(plan, r"total GPU-hours|judge total")
         out.append(f"plan: {plan}" + (f" ({total.strip()})" if total else ""))
     if grid is not None:
         out += _grid_status(results, grid)
-        table = results / "report" / "experiments" / "scores.md"
+        table = Path(paths.experiments_report("table"))
         if table.exists():
             out.append(f"report: {table}")
         return "\n".join(out + _log_errors(results))
-    base = Path(layout.model_dir(str(results), "base"))
+    base = Path(paths.model("base"))
     out.append(f"base model: {'ready' if (base / 'config.json').exists() else 'not prepared'}")
     for name in ("sft", "dpo"):
-        stats = results / "data" / name / "stats.json"
+        stats = Path(paths.train_data(name)["stats"])
         out.append(f"{name} data: {'ready' if stats.exists() else 'not prepared'}")
     for stage in TRAINED:
         out.append(f"train {stage}: {_training_status(results, stage)}")
@@ -309,7 +319,7 @@ def status(results: str | Path, config_files=None, workflow_dir: str | Path = ".
 def _log_errors(results: Path) -> list[str]:
     """The newest ERROR line of each log under results/logs/ (a grid's in logs/shared/..., logs/experiments/...)."""
     failures = []
-    for log_file in sorted((results / "logs").rglob("*.log")):
+    for log_file in sorted(Path(layout.Results(str(results)).log_dir()).rglob("*.log")):
         last = _last_line(log_file, r" (ERROR|CRITICAL) ")
         if last:
             failures.append(f"  {log_file}: {last.split(' ', 2)[-1]}")
@@ -326,12 +336,13 @@ def rescore(results: str | Path, stage: str) -> dict:
     from mamba_align.eval.mtbench import combine_ratings, parse_rating, summarize
 
     results = Path(results)
-    stored_path = Path(layout.eval_summary(str(results), stage, "mtbench"))
+    paths = layout.Results(str(results))
+    stored_path = Path(paths.eval_summary(stage, "mtbench"))
     # beside the summary (the judge rule's declared output); earlier runs kept it in eval/<stage>/
-    judgments_path = stored_path.with_name("mt_bench_judgments.jsonl")
-    if not judgments_path.exists() and (results / "eval" / stage / "mt_bench_judgments.jsonl").exists():
-        judgments_path = results / "eval" / stage / "mt_bench_judgments.jsonl"
-    questions_path = results / "data" / "mt_bench" / "question.jsonl"
+    judgments_path = Path(paths.scored(layout.MT_BENCH_JUDGMENTS, layout.stage_dir(stage)))
+    if not judgments_path.exists() and Path(paths.stage_eval(stage, layout.MT_BENCH_JUDGMENTS)).exists():
+        judgments_path = Path(paths.stage_eval(stage, layout.MT_BENCH_JUDGMENTS))
+    questions_path = Path(paths.mt_bench_data()["questions"])
     for p in (judgments_path, questions_path):
         if not p.exists():
             raise UserError(f"{p} does not exist: judge the {stage} model first (results/eval/... mtbench.json)")

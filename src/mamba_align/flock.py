@@ -1,5 +1,5 @@
 """Exclusive file locks that the kernel releases when the holding process ends (flock(2)), so a killed job leaves no
-stale lock; the one lock of the package (a checkpoint folder's LOCK in train/checkpoints, a GPU's in ops/gpus).
+stale lock; the one lock of the package (a checkpoint folder's LOCK in train/checkpoints, a GPU's in ops/jobenv/gpus).
 
 `acquire` never waits (callers that wait poll it); a lock is held by this process until `release` or its end, and
 acquiring one this process holds already is a no-op. The file holds a line saying who holds it (`holder`), which

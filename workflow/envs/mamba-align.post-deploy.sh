@@ -7,7 +7,7 @@
 # (MAMBA_ALIGN_ALLOW_SLOW_PATH=1 to run on the slow path anyway).
 set -euo pipefail
 # no htcondor2 "CONDOR_CONFIG unset" warning where HTCondor is absent: PTH_LINE of
-# src/mamba_align/ops/condor_env.py, written as make setup writes it (tests/test_condor_env.py checks the copy)
+# src/mamba_align/ops/jobenv/condor_env.py, written as make setup writes it (tests/test_condor_env.py checks the copy)
 cat > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mamba_align_condor.pth" <<'PTH'
 import os; "CONDOR_CONFIG" in os.environ or any(os.path.isfile(os.path.expanduser(f)) for f in ('~/.condor/condor_config', '/etc/condor/condor_config', '/usr/local/etc/condor_config', '~condor/condor_config')) or os.environ.__setitem__("CONDOR_CONFIG", "/dev/null")
 PTH

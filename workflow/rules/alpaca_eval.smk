@@ -7,12 +7,12 @@ rule fetch_alpaca_eval:
     input:
         built_by_demo(AE["local_dir"]),
     output:
-        directory(f"{R}/data/alpaca_eval"),
-        provenance=f"{R}/provenance/fetch_alpaca_eval.json",
+        directory(PATHS.alpaca_eval_data()),
+        provenance=PATHS.provenance("fetch_alpaca_eval"),
     log:
-        f"{R}/logs/fetch_alpaca_eval.log",
+        PATHS.log("fetch_alpaca_eval"),
     benchmark:
-        f"{R}/benchmarks/fetch_alpaca_eval.tsv"
+        PATHS.benchmark("fetch_alpaca_eval")
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -34,12 +34,12 @@ rule generate_alpaca_eval:
         model=model_for,
         data=rules.fetch_alpaca_eval.output[0],
     output:
-        f"{R}/eval/{{stage}}/alpaca_eval_outputs.json",
-        provenance=f"{R}/provenance/generate_alpaca_eval-{{stage}}.json",
+        PATHS.stage_eval("{stage}", layout.ALPACA_EVAL_OUTPUTS),
+        provenance=PATHS.provenance("generate_alpaca_eval-{stage}"),
     log:
-        f"{R}/logs/generate_alpaca_eval/{{stage}}.log",
+        PATHS.log("generate_alpaca_eval/{stage}"),
     benchmark:
-        f"{R}/benchmarks/generate_alpaca_eval/{{stage}}.tsv"
+        PATHS.benchmark("generate_alpaca_eval/{stage}")
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -63,15 +63,15 @@ rule judge_alpaca_eval:
     """Win rates (1.0) and length-controlled win rates (2.0) with the alpaca_eval library; its annotation
     cache lives beside the output so a rerun pays only for what is missing."""
     input:
-        outputs=answers_for("alpaca_eval_outputs.json"),
+        outputs=answers_for(layout.ALPACA_EVAL_OUTPUTS),
         data=rules.fetch_alpaca_eval.output[0],
     output:
-        f"{R}/eval/{{stagedir}}alpacaeval.json",
-        provenance=f"{R}/provenance/{{stagedir}}judge_alpaca_eval.json",
+        PATHS.summary("alpacaeval"),
+        provenance=PATHS.provenance("{stagedir}judge_alpaca_eval"),
     log:
-        f"{R}/logs/judge_alpaca_eval/{{stagedir}}judge.log",
+        PATHS.log("judge_alpaca_eval/{stagedir}judge"),
     benchmark:
-        f"{R}/benchmarks/judge_alpaca_eval/{{stagedir}}judge.tsv"
+        PATHS.benchmark("judge_alpaca_eval/{stagedir}judge")
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -84,7 +84,9 @@ rule judge_alpaca_eval:
         # the scored model's identity, recorded in the score (model_key, model_run_key) for status and the report
         **settings_params("model", scored_learned_by, like=any_learned()),
         annotators=AE["annotators"],
-        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/alpaca_eval_cache",
+        cache=lambda w: PATHS.stage_eval(
+            layout.stage_of(w.stagedir), layout.ALPACA_EVAL_CACHE
+        ),
         model_dir=scored_model_dir,
     script:
         "../scripts/judge_alpaca_eval.py"

@@ -8,12 +8,12 @@ from snakemake.utils import min_version, validate
 
 from mamba_align.eval.judge.client import check_judge
 from mamba_align.eval.judge.settings import JudgeSettings
-from mamba_align.ops import condor_env, gpu_choice, jobenv, layout, provenance
-from mamba_align.ops import experiments as experiments_of
-from mamba_align.ops import plan as planner
-from mamba_align.ops import rerun
-from mamba_align.ops import runs as model_store
-from mamba_align.ops.rerun import settings_params
+from mamba_align.ops.jobenv import condor_env, gpu_choice, jobenv
+from mamba_align.ops.reporting import plan as planner
+from mamba_align.ops.store import experiments as experiments_of
+from mamba_align.ops.store import layout, provenance, rerun
+from mamba_align.ops.store import runs as model_store
+from mamba_align.ops.store.rerun import settings_params
 from mamba_align.train import data as prepared_data
 from mamba_align.train import recipes
 from mamba_align.train.recipes import as_dict, learning_settings
@@ -37,6 +37,8 @@ except WorkflowError as e:
     raise WorkflowError(config_error(e)) from None
 
 R = config["results_dir"]
+# every path under it (mamba_align.ops.store.layout)
+PATHS = layout.Results(R)
 # the recipe's chat template unless the config names one; a different one is an error
 config["base_model"]["chat_template"] = recipes.resolve_chat_template(
     config, workflow.basedir
@@ -159,17 +161,17 @@ wildcard_constraints:
 
 
 def demo_inputs():
-    return [f"{R}/demo"] if config["demo"] else []
+    return [PATHS.demo()] if config["demo"] else []
 
 
 def built_by_demo(local_dir):
     """The demo's inputs when a benchmark's local_dir lies inside them (the rehearsal's question sets)."""
-    inside = local_dir and Path(local_dir).is_relative_to(f"{R}/demo")
+    inside = local_dir and Path(local_dir).is_relative_to(PATHS.demo())
     return demo_inputs() if inside else []
 
 
 def model_of(stage):
-    return layout.model_dir(R, stage)
+    return PATHS.model(stage)
 
 
 def model_for(wildcards):
@@ -214,13 +216,13 @@ def scored_learned_by(w):
 def scored_model_dir(w):
     """The model folder a judge job's answers came from (its run.json key goes into the score)."""
     if hasattr(w, "home"):
-        return f"{R}/{w.home}/model"
+        return PATHS.home_model(w.home)
     return model_of(layout.stage_of(w.stagedir))
 
 
 def answers_for(name):
     """Input function: the per-stage generation output a judge rule reads."""
-    return lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/{name}"
+    return lambda w: PATHS.stage_eval(layout.stage_of(w.stagedir), name)
 
 
 def all_targets():
@@ -232,13 +234,9 @@ def all_targets():
             *rules.plan.output,
         ]
     return [
+        *(PATHS.eval_summary(s, b) for s in EVAL["stages"] for b in layout.BENCHMARKS),
         *(
-            layout.eval_summary(R, s, b)
-            for s in EVAL["stages"]
-            for b in layout.BENCHMARKS
-        ),
-        *(
-            layout.eval_summary(R, s, layout.LEADERBOARD)
+            PATHS.eval_summary(s, layout.LEADERBOARD)
             for s in EVAL["leaderboard"]["stages"]
         ),
         *rules.report.output,
@@ -292,7 +290,7 @@ GPU_CHOICES = {}
 
 def training_gpu_request(rule):
     """`gpu` of a training job: chosen when the job is submitted (each retry anew) from what the scheduler has
-    free on one node (mamba_align.ops.gpu_choice); the choice and why go to the rule's log. Inside the job, where
+    free on one node (mamba_align.ops.jobenv.gpu_choice); the choice and why go to the rule's log. Inside the job, where
     Snakemake evaluates it again, the count the scheduler gave the job."""
     counts, chosen = training_gpu_counts(rule), GPU_CHOICES
 
@@ -363,9 +361,8 @@ def grid_data(stage, field):
 
 
 def grid_data_files(stage, experiment):
-    return {
-        f: f"{GRID.data_dir(experiment, stage)}/{f}.parquet" for f in ("train", "test")
-    }
+    files = GRID.data_files(experiment, stage)
+    return {f: files[f] for f in ("train", "test")}
 
 
 def grid_runtime(rule, default):
@@ -381,7 +378,7 @@ def grid_runtime(rule, default):
                 training_gpus(),
                 gpu_type_of(rule),
                 R,
-                verify=f"{R}/{GRID.home(r, 'base')}/verify.json",
+                verify=GRID.base_verify(r),
                 data_dirs={s: GRID.data_dir(r, s) for s in ("sft", "dpo")},
             )
         except UserError:
@@ -429,12 +426,14 @@ def grid_local_source(stage):
 # here, at the next parse, before the DAG compares times (mamba_align.train.data.record_outputs).
 # A model link whose stored model was deleted (to retrain its key) is dropped: a missing output, not an error.
 # Snakemake's records of params in an earlier form (whole dicts) are translated to settings_params' form
-# (mamba_align.ops.rerun): a finished run does not rerun for the new form; a changed setting still does.
+# (mamba_align.ops.store.rerun): a finished run does not rerun for the new form; a changed setting still does.
 if workflow.is_main_process:
     note = rerun.migration_note(rerun.migrate_records())
     if note:
         print(note, file=sys.stderr)
-    for d in [f"{R}/data/sft", f"{R}/data/dpo", *glob.glob(f"{R}/shared/data/*/*")]:
+    for d in [PATHS.train_data_dir(s) for s in ("sft", "dpo")] + glob.glob(
+        PATHS.train_data_dir("*", "*")
+    ):
         prepared_data.settle_kept_mtimes(d)
     for link in model_store.drop_dangling_links(R):
         print(

@@ -4,14 +4,12 @@ rule prepare_sft_data:
         demo_inputs(),
         model=model_of("base"),
     output:
-        train=f"{R}/data/sft/train.parquet",
-        test=f"{R}/data/sft/test.parquet",
-        stats=f"{R}/data/sft/stats.json",
-        provenance=f"{R}/provenance/prepare_sft_data.json",
+        **PATHS.train_data("sft"),
+        provenance=PATHS.provenance("prepare_sft_data"),
     log:
-        f"{R}/logs/prepare_sft_data.log",
+        PATHS.log("prepare_sft_data"),
     benchmark:
-        f"{R}/benchmarks/prepare_sft_data.tsv"
+        PATHS.benchmark("prepare_sft_data")
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -33,14 +31,12 @@ rule prepare_preference_data:
         demo_inputs(),
         model=model_of("base"),
     output:
-        train=f"{R}/data/dpo/train.parquet",
-        test=f"{R}/data/dpo/test.parquet",
-        stats=f"{R}/data/dpo/stats.json",
-        provenance=f"{R}/provenance/prepare_preference_data.json",
+        **PATHS.train_data("dpo"),
+        provenance=PATHS.provenance("prepare_preference_data"),
     log:
-        f"{R}/logs/prepare_preference_data.log",
+        PATHS.log("prepare_preference_data"),
     benchmark:
-        f"{R}/benchmarks/prepare_preference_data.tsv"
+        PATHS.benchmark("prepare_preference_data")
     conda:
         "../envs/mamba-align.yaml"
     resources:

@@ -10,12 +10,12 @@ rule build_demo_inputs:
         ],
         judge_prompts="config/demo/mt_bench/judge_prompts.jsonl",
     output:
-        directory(f"{R}/demo"),
-        provenance=f"{R}/provenance/build_demo_inputs.json",
+        directory(PATHS.demo()),
+        provenance=PATHS.provenance("build_demo_inputs"),
     log:
-        f"{R}/logs/build_demo_inputs.log",
+        PATHS.log("build_demo_inputs"),
     benchmark:
-        f"{R}/benchmarks/build_demo_inputs.tsv"
+        PATHS.benchmark("build_demo_inputs")
     conda:
         "../envs/mamba-align.yaml"
     resources:

@@ -1,19 +1,24 @@
 # Experiments of a grid (config `experiments`): the same rules, with outputs under folders keyed by what each
-# job learns from (mamba_align.ops.experiments), so that work the experiments share runs once. Inactive (no
+# job learns from (mamba_align.ops.store.experiments), so that work the experiments share runs once. Inactive (no
 # target asks for these paths) when the config names no experiments.
+
+# the model folders ("homes", mamba_align.ops.store.layout.home) of the grid's training rules' wildcards
+BASE_HOME = layout.home("base", "{key}")
+SFT_HOME = layout.home("sft", "{key}")
+DPO_HOME = layout.home("dpo", "{name}")
 
 
 use rule prepare_base_model as prepare_base_model_grid with:
     input:
         demo_inputs(),
     output:
-        model=directory(f"{R}/shared/base/{{key}}/model"),
-        report=f"{R}/shared/base/{{key}}/verify.json",
-        provenance=f"{R}/provenance/prepare_base_model_grid-{{key}}.json",
+        model=directory(PATHS.home_model(BASE_HOME)),
+        report=PATHS.home_verify(BASE_HOME),
+        provenance=PATHS.provenance("prepare_base_model_grid-{key}"),
     log:
-        f"{R}/logs/shared/base/{{key}}/prepare_base_model.log",
+        PATHS.log(BASE_HOME, "prepare_base_model"),
     benchmark:
-        f"{R}/benchmarks/shared/base/{{key}}/prepare_base_model.tsv"
+        PATHS.benchmark(BASE_HOME, "prepare_base_model")
     params:
         **settings_params(
             "base", grid_base, like=grid_like(lambda r: r.exp.base_model, BASE)
@@ -25,14 +30,12 @@ use rule prepare_sft_data as prepare_sft_data_grid with:
         demo_inputs(),
         model=lambda w: GRID.model(GRID.data_owner("sft", w.key), "base"),
     output:
-        train=f"{R}/shared/data/sft/{{key}}/train.parquet",
-        test=f"{R}/shared/data/sft/{{key}}/test.parquet",
-        stats=f"{R}/shared/data/sft/{{key}}/stats.json",
-        provenance=f"{R}/provenance/prepare_sft_data_grid-{{key}}.json",
+        **PATHS.train_data("sft", "{key}"),
+        provenance=PATHS.provenance("prepare_sft_data_grid-{key}"),
     log:
-        f"{R}/logs/shared/data/sft/{{key}}/prepare_sft_data.log",
+        PATHS.log(layout.data_home("sft", "{key}"), "prepare_sft_data"),
     benchmark:
-        f"{R}/benchmarks/shared/data/sft/{{key}}/prepare_sft_data.tsv"
+        PATHS.benchmark(layout.data_home("sft", "{key}"), "prepare_sft_data")
     params:
         **grid_local_source("sft"),
         **settings_params(
@@ -49,14 +52,12 @@ use rule prepare_preference_data as prepare_preference_data_grid with:
         demo_inputs(),
         model=lambda w: GRID.model(GRID.data_owner("dpo", w.key), "base"),
     output:
-        train=f"{R}/shared/data/dpo/{{key}}/train.parquet",
-        test=f"{R}/shared/data/dpo/{{key}}/test.parquet",
-        stats=f"{R}/shared/data/dpo/{{key}}/stats.json",
-        provenance=f"{R}/provenance/prepare_preference_data_grid-{{key}}.json",
+        **PATHS.train_data("dpo", "{key}"),
+        provenance=PATHS.provenance("prepare_preference_data_grid-{key}"),
     log:
-        f"{R}/logs/shared/data/dpo/{{key}}/prepare_preference_data.log",
+        PATHS.log(layout.data_home("dpo", "{key}"), "prepare_preference_data"),
     benchmark:
-        f"{R}/benchmarks/shared/data/dpo/{{key}}/prepare_preference_data.tsv"
+        PATHS.benchmark(layout.data_home("dpo", "{key}"), "prepare_preference_data")
     params:
         **grid_local_source("dpo"),
         **settings_params(
@@ -73,13 +74,13 @@ use rule train_sft as train_sft_grid with:
         unpack(lambda w: grid_data_files("sft", GRID.first_sft[w.key])),
         model=lambda w: GRID.model(GRID.first_sft[w.key], "base"),
     output:
-        model=directory(f"{R}/shared/sft/{{key}}/model"),
-        metrics=f"{R}/shared/sft/{{key}}/metrics.json",
-        provenance=f"{R}/provenance/train_sft_grid-{{key}}.json",
+        model=directory(PATHS.home_model(SFT_HOME)),
+        metrics=PATHS.home_metrics(SFT_HOME),
+        provenance=PATHS.provenance("train_sft_grid-{key}"),
     log:
-        f"{R}/logs/shared/sft/{{key}}/train_sft.log",
+        PATHS.log(SFT_HOME, "train_sft"),
     benchmark:
-        f"{R}/benchmarks/shared/sft/{{key}}/train_sft.tsv"
+        PATHS.benchmark(SFT_HOME, "train_sft")
     resources:
         gpu=training_gpu_request("train_sft_grid"),
         request_gpus=training_gpu_request("train_sft_grid"),
@@ -96,7 +97,7 @@ use rule train_sft as train_sft_grid with:
             lambda w: GRID.stage_config(GRID.first_sft[w.key], "sft"),
             like=grid_like(lambda r: GRID.stage_config(r, "sft")),
         ),
-        checkpoints=f"{R}/checkpoints",
+        checkpoints=PATHS.checkpoints(),
 
 
 use rule train_dpo as train_dpo_grid with:
@@ -104,13 +105,13 @@ use rule train_dpo as train_dpo_grid with:
         unpack(lambda w: grid_data_files("dpo", GRID.by_name[w.name])),
         model=lambda w: GRID.model(GRID.by_name[w.name], "sft"),
     output:
-        model=directory(f"{R}/experiments/{{name}}/model"),
-        metrics=f"{R}/experiments/{{name}}/metrics.json",
-        provenance=f"{R}/provenance/train_dpo_grid-{{name}}.json",
+        model=directory(PATHS.home_model(DPO_HOME)),
+        metrics=PATHS.home_metrics(DPO_HOME),
+        provenance=PATHS.provenance("train_dpo_grid-{name}"),
     log:
-        f"{R}/logs/experiments/{{name}}/train_dpo.log",
+        PATHS.log(DPO_HOME, "train_dpo"),
     benchmark:
-        f"{R}/benchmarks/experiments/{{name}}/train_dpo.tsv"
+        PATHS.benchmark(DPO_HOME, "train_dpo")
     resources:
         gpu=training_gpu_request("train_dpo_grid"),
         request_gpus=training_gpu_request("train_dpo_grid"),
@@ -127,20 +128,20 @@ use rule train_dpo as train_dpo_grid with:
             lambda w: GRID.stage_config(GRID.by_name[w.name], "dpo"),
             like=grid_like(lambda r: GRID.stage_config(r, "dpo")),
         ),
-        checkpoints=f"{R}/checkpoints",
+        checkpoints=PATHS.checkpoints(),
 
 
 use rule generate_mt_bench as generate_mt_bench_grid with:
     input:
-        model=f"{R}/{{home}}/model",
+        model=PATHS.home_model("{home}"),
         questions=rules.fetch_mt_bench.output.questions,
     output:
-        f"{R}/{{home}}/eval/mt_bench_answers.jsonl",
-        provenance=f"{R}/provenance/generate_mt_bench_grid-{{home}}.json",
+        PATHS.home_eval("{home}", layout.MT_BENCH_ANSWERS),
+        provenance=PATHS.provenance("generate_mt_bench_grid-{home}"),
     log:
-        f"{R}/logs/{{home}}/generate_mt_bench.log",
+        PATHS.log("{home}", "generate_mt_bench"),
     benchmark:
-        f"{R}/benchmarks/{{home}}/generate_mt_bench.tsv"
+        PATHS.benchmark("{home}", "generate_mt_bench")
     params:
         **settings_params(
             "model",
@@ -154,34 +155,34 @@ use rule generate_mt_bench as generate_mt_bench_grid with:
 
 use rule judge_mt_bench as judge_mt_bench_grid with:
     input:
-        answers=f"{R}/{{home}}/eval/mt_bench_answers.jsonl",
+        answers=PATHS.home_eval("{home}", layout.MT_BENCH_ANSWERS),
         questions=rules.fetch_mt_bench.output.questions,
         judge_prompts=rules.fetch_mt_bench.output.judge_prompts,
         reference=rules.fetch_mt_bench.output.reference,
     output:
-        f"{R}/{{home}}/eval/mtbench.json",
-        judgments=f"{R}/{{home}}/eval/mt_bench_judgments.jsonl",
-        provenance=f"{R}/provenance/judge_mt_bench_grid-{{home}}.json",
+        PATHS.home_summary("{home}", "mtbench"),
+        judgments=PATHS.home_eval("{home}", layout.MT_BENCH_JUDGMENTS),
+        provenance=PATHS.provenance("judge_mt_bench_grid-{home}"),
     log:
-        f"{R}/logs/{{home}}/judge_mt_bench.log",
+        PATHS.log("{home}", "judge_mt_bench"),
     benchmark:
-        f"{R}/benchmarks/{{home}}/judge_mt_bench.tsv"
+        PATHS.benchmark("{home}", "judge_mt_bench")
     params:
         **settings_params("judge", JUDGE.as_dict()),
-        cache=f"{R}/{{home}}/eval/mt_bench_judge_cache.jsonl",
+        cache=PATHS.home_eval("{home}", layout.MT_BENCH_JUDGE_CACHE),
 
 
 use rule generate_alpaca_eval as generate_alpaca_eval_grid with:
     input:
-        model=f"{R}/{{home}}/model",
+        model=PATHS.home_model("{home}"),
         data=rules.fetch_alpaca_eval.output[0],
     output:
-        f"{R}/{{home}}/eval/alpaca_eval_outputs.json",
-        provenance=f"{R}/provenance/generate_alpaca_eval_grid-{{home}}.json",
+        PATHS.home_eval("{home}", layout.ALPACA_EVAL_OUTPUTS),
+        provenance=PATHS.provenance("generate_alpaca_eval_grid-{home}"),
     log:
-        f"{R}/logs/{{home}}/generate_alpaca_eval.log",
+        PATHS.log("{home}", "generate_alpaca_eval"),
     benchmark:
-        f"{R}/benchmarks/{{home}}/generate_alpaca_eval.tsv"
+        PATHS.benchmark("{home}", "generate_alpaca_eval")
     params:
         **settings_params(
             "model",
@@ -198,32 +199,32 @@ use rule generate_alpaca_eval as generate_alpaca_eval_grid with:
 
 use rule judge_alpaca_eval as judge_alpaca_eval_grid with:
     input:
-        outputs=f"{R}/{{home}}/eval/alpaca_eval_outputs.json",
+        outputs=PATHS.home_eval("{home}", layout.ALPACA_EVAL_OUTPUTS),
         data=rules.fetch_alpaca_eval.output[0],
     output:
-        f"{R}/{{home}}/eval/alpacaeval.json",
-        provenance=f"{R}/provenance/judge_alpaca_eval_grid-{{home}}.json",
+        PATHS.home_summary("{home}", "alpacaeval"),
+        provenance=PATHS.provenance("judge_alpaca_eval_grid-{home}"),
     log:
-        f"{R}/logs/{{home}}/judge_alpaca_eval.log",
+        PATHS.log("{home}", "judge_alpaca_eval"),
     benchmark:
-        f"{R}/benchmarks/{{home}}/judge_alpaca_eval.tsv"
+        PATHS.benchmark("{home}", "judge_alpaca_eval")
     params:
         **settings_params("judge", ALPACA_EVAL_JUDGE.as_dict()),
         annotators=AE["annotators"],
-        cache=f"{R}/{{home}}/eval/alpaca_eval_cache",
+        cache=PATHS.home_eval("{home}", layout.ALPACA_EVAL_CACHE),
 
 
 use rule eval_leaderboard as eval_leaderboard_grid with:
     input:
-        model=f"{R}/{{home}}/model",
+        model=PATHS.home_model("{home}"),
         tasks=rules.fetch_leaderboard_data.output.tasks,
     output:
-        f"{R}/{{home}}/eval/leaderboard.json",
-        provenance=f"{R}/provenance/eval_leaderboard_grid-{{home}}.json",
+        PATHS.home_summary("{home}", layout.LEADERBOARD),
+        provenance=PATHS.provenance("eval_leaderboard_grid-{home}"),
     log:
-        f"{R}/logs/{{home}}/eval_leaderboard.log",
+        PATHS.log("{home}", "eval_leaderboard"),
     benchmark:
-        f"{R}/benchmarks/{{home}}/eval_leaderboard.tsv"
+        PATHS.benchmark("{home}", "eval_leaderboard")
     resources:
         gpu=1,
         mem_mb=64000,
@@ -235,27 +236,27 @@ rule report_experiments:
     input:
         evals=lambda w: GRID.eval_targets(),
     output:
-        table=f"{R}/report/experiments/scores.md",
+        table=PATHS.experiments_report("table"),
         html=report(
-            f"{R}/report/experiments/scores.html",
+            PATHS.experiments_report("html"),
             caption="../report/experiments.rst",
             category="Experiments",
         ),
-        csv=f"{R}/report/experiments/scores.csv",
-        json=f"{R}/report/experiments/scores.json",
+        csv=PATHS.experiments_report("csv"),
+        json=PATHS.experiments_report("json"),
         plots=[
             report(
-                f"{R}/report/experiments/{experiments_of.plot_name(a)}",
+                PATHS.experiments_plot(a),
                 caption="../report/experiments.rst",
                 category="Experiments",
             )
             for a in (GRID.swept_axes() if GRID else [])
         ],
-        provenance=f"{R}/provenance/report_experiments.json",
+        provenance=PATHS.provenance("report_experiments"),
     log:
-        f"{R}/logs/report_experiments.log",
+        PATHS.log("report_experiments"),
     benchmark:
-        f"{R}/benchmarks/report_experiments.tsv"
+        PATHS.benchmark("report_experiments")
     conda:
         "../envs/mamba-align.yaml"
     resources:

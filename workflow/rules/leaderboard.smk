@@ -8,12 +8,12 @@ rule fetch_leaderboard_data:
     input:
         leaderboard_task_files(),
     output:
-        tasks=f"{R}/data/leaderboard/tasks.json",
-        provenance=f"{R}/provenance/fetch_leaderboard_data.json",
+        tasks=PATHS.leaderboard_tasks(),
+        provenance=PATHS.provenance("fetch_leaderboard_data"),
     log:
-        f"{R}/logs/fetch_leaderboard_data.log",
+        PATHS.log("fetch_leaderboard_data"),
     benchmark:
-        f"{R}/benchmarks/fetch_leaderboard_data.tsv"
+        PATHS.benchmark("fetch_leaderboard_data")
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -22,7 +22,7 @@ rule fetch_leaderboard_data:
         runtime=60,
     params:
         **settings_params("leaderboard", LB),
-        nltk_dir=f"{R}/data/leaderboard/nltk_data",
+        nltk_dir=PATHS.nltk_dir(),
     script:
         "../scripts/fetch_leaderboard_data.py"
 
@@ -34,12 +34,12 @@ rule eval_leaderboard:
         model=lambda w: model_of(layout.stage_of(w.stagedir)),
         tasks=rules.fetch_leaderboard_data.output.tasks,
     output:
-        f"{R}/eval/{{stagedir}}leaderboard.json",
-        provenance=f"{R}/provenance/{{stagedir}}eval_leaderboard.json",
+        PATHS.summary(layout.LEADERBOARD),
+        provenance=PATHS.provenance("{stagedir}eval_leaderboard"),
     log:
-        f"{R}/logs/eval_leaderboard/{{stagedir}}eval.log",
+        PATHS.log("eval_leaderboard/{stagedir}eval"),
     benchmark:
-        f"{R}/benchmarks/eval_leaderboard/{{stagedir}}eval.tsv"
+        PATHS.benchmark("eval_leaderboard/{stagedir}eval")
     conda:
         "../envs/mamba-align.yaml"
     resources:

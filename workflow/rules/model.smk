@@ -5,12 +5,12 @@ rule prepare_base_model:
         demo_inputs(),
     output:
         model=directory(model_of("base")),
-        report=f"{R}/models/base.verify.json",
-        provenance=f"{R}/provenance/prepare_base_model.json",
+        report=PATHS.base_verify(),
+        provenance=PATHS.provenance("prepare_base_model"),
     log:
-        f"{R}/logs/prepare_base_model.log",
+        PATHS.log("prepare_base_model"),
     benchmark:
-        f"{R}/benchmarks/prepare_base_model.tsv"
+        PATHS.benchmark("prepare_base_model")
     conda:
         "../envs/mamba-align.yaml"
     resources:

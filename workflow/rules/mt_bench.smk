@@ -6,14 +6,12 @@ rule fetch_mt_bench:
     input:
         built_by_demo(MTB["local_dir"]),
     output:
-        questions=f"{R}/data/mt_bench/question.jsonl",
-        judge_prompts=f"{R}/data/mt_bench/judge_prompts.jsonl",
-        reference=f"{R}/data/mt_bench/reference_answer.jsonl",
-        provenance=f"{R}/provenance/fetch_mt_bench.json",
+        **PATHS.mt_bench_data(),
+        provenance=PATHS.provenance("fetch_mt_bench"),
     log:
-        f"{R}/logs/fetch_mt_bench.log",
+        PATHS.log("fetch_mt_bench"),
     benchmark:
-        f"{R}/benchmarks/fetch_mt_bench.tsv"
+        PATHS.benchmark("fetch_mt_bench")
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -33,12 +31,12 @@ rule generate_mt_bench:
         model=model_for,
         questions=rules.fetch_mt_bench.output.questions,
     output:
-        f"{R}/eval/{{stage}}/mt_bench_answers.jsonl",
-        provenance=f"{R}/provenance/generate_mt_bench-{{stage}}.json",
+        PATHS.stage_eval("{stage}", layout.MT_BENCH_ANSWERS),
+        provenance=PATHS.provenance("generate_mt_bench-{stage}"),
     log:
-        f"{R}/logs/generate_mt_bench/{{stage}}.log",
+        PATHS.log("generate_mt_bench/{stage}"),
     benchmark:
-        f"{R}/benchmarks/generate_mt_bench/{{stage}}.tsv"
+        PATHS.benchmark("generate_mt_bench/{stage}")
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -59,18 +57,18 @@ rule judge_mt_bench:
     """Single-answer grading as FastChat does it; judgments cached in a JSONL beside the output so a
     rerun pays only for what is missing."""
     input:
-        answers=answers_for("mt_bench_answers.jsonl"),
+        answers=answers_for(layout.MT_BENCH_ANSWERS),
         questions=rules.fetch_mt_bench.output.questions,
         judge_prompts=rules.fetch_mt_bench.output.judge_prompts,
         reference=rules.fetch_mt_bench.output.reference,
     output:
-        f"{R}/eval/{{stagedir}}mtbench.json",
-        judgments=f"{R}/eval/{{stagedir}}mt_bench_judgments.jsonl",
-        provenance=f"{R}/provenance/{{stagedir}}judge_mt_bench.json",
+        PATHS.summary("mtbench"),
+        judgments=PATHS.scored(layout.MT_BENCH_JUDGMENTS),
+        provenance=PATHS.provenance("{stagedir}judge_mt_bench"),
     log:
-        f"{R}/logs/judge_mt_bench/{{stagedir}}judge.log",
+        PATHS.log("judge_mt_bench/{stagedir}judge"),
     benchmark:
-        f"{R}/benchmarks/judge_mt_bench/{{stagedir}}judge.tsv"
+        PATHS.benchmark("judge_mt_bench/{stagedir}judge")
     conda:
         "../envs/mamba-align.yaml"
     resources:
@@ -81,7 +79,9 @@ rule judge_mt_bench:
         **settings_params("judge", JUDGE.as_dict()),
         # the scored model's identity, recorded in the score (model_key, model_run_key) for status and the report
         **settings_params("model", scored_learned_by, like=any_learned()),
-        cache=lambda w: f"{R}/eval/{layout.stage_of(w.stagedir)}/mt_bench_judge_cache.jsonl",
+        cache=lambda w: PATHS.stage_eval(
+            layout.stage_of(w.stagedir), layout.MT_BENCH_JUDGE_CACHE
+        ),
         model_dir=scored_model_dir,
     script:
         "../scripts/judge_mt_bench.py"

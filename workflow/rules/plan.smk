@@ -3,13 +3,13 @@ rule plan:
     input:
         demo_inputs(),
     output:
-        json=f"{R}/plan.json",
-        table=f"{R}/plan.txt",
-        provenance=f"{R}/provenance/plan.json",
+        json=PATHS.plan("json"),
+        table=PATHS.plan("txt"),
+        provenance=PATHS.provenance("plan"),
     log:
-        f"{R}/logs/plan.log",
+        PATHS.log("plan"),
     benchmark:
-        f"{R}/benchmarks/plan.tsv"
+        PATHS.benchmark("plan")
     conda:
         "../envs/mamba-align.yaml"
     resources:

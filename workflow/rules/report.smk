@@ -2,46 +2,44 @@ rule report:
     """Scores of every evaluated stage beside published rows, MT-Bench radar and training curves."""
     input:
         evals=[
-            layout.eval_summary(R, s, b)
-            for s in EVAL["stages"]
-            for b in layout.BENCHMARKS
+            PATHS.eval_summary(s, b) for s in EVAL["stages"] for b in layout.BENCHMARKS
         ],
-        metrics=[f"{R}/metrics/{s}.json" for s in EVAL["stages"] if s != "base"],
+        metrics=[PATHS.metrics(s) for s in EVAL["stages"] if s != "base"],
         leaderboard=[
-            layout.eval_summary(R, s, layout.LEADERBOARD)
+            PATHS.eval_summary(s, layout.LEADERBOARD)
             for s in EVAL["leaderboard"]["stages"]
         ],
     output:
-        table=f"{R}/report/scores.md",
+        table=PATHS.report("table"),
         # the HTML table is what Snakemake's report shows inline (a .md is only a download there)
         html=report(
-            f"{R}/report/scores.html",
+            PATHS.report("html"),
             caption="../report/scores.rst",
             category="Scores",
         ),
-        csv=f"{R}/report/scores.csv",
-        json=f"{R}/report/scores.json",
+        csv=PATHS.report("csv"),
+        json=PATHS.report("json"),
         radar=report(
-            f"{R}/report/mt_bench_radar.png",
+            PATHS.report("radar"),
             caption="../report/radar.rst",
             category="Scores",
         ),
         curves=report(
-            f"{R}/report/training_curves.png",
+            PATHS.report("curves"),
             caption="../report/curves.rst",
             category="Training",
         ),
-        leaderboard=f"{R}/report/leaderboard.json",
+        leaderboard=PATHS.report("leaderboard"),
         leaderboard_changes=report(
-            f"{R}/report/leaderboard_changes.png",
+            PATHS.report("leaderboard_changes"),
             caption="../report/leaderboard.rst",
             category="Scores",
         ),
-        provenance=f"{R}/provenance/report.json",
+        provenance=PATHS.provenance("report"),
     log:
-        f"{R}/logs/report.log",
+        PATHS.log("report"),
     benchmark:
-        f"{R}/benchmarks/report.tsv"
+        PATHS.benchmark("report")
     conda:
         "../envs/mamba-align.yaml"
     resources:

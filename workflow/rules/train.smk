@@ -1,5 +1,5 @@
 # A trained model lives in results/models/<stage>-<key>/ and the declared output results/models/<stage> is a
-# symlink to it; the key hashes what the stage learns from (settings, data, parent model; mamba_align.ops.runs).
+# symlink to it; the key hashes what the stage learns from (settings, data, parent model; mamba_align.ops.store.runs).
 # A --forcerun or a failed retrain deletes only the symlink; retraining a key keeps its earlier model as
 # <stage>-<key>.previous. Training resumes from its newest complete checkpoint
 # (results/checkpoints/<stage>-<key>/, not a declared output, so a failed or pre-empted job keeps it for the
@@ -17,12 +17,12 @@ rule train_sft:
         test=rules.prepare_sft_data.output.test,
     output:
         model=directory(model_of("sft")),
-        metrics=f"{R}/metrics/sft.json",
-        provenance=f"{R}/provenance/train_sft.json",
+        metrics=PATHS.metrics("sft"),
+        provenance=PATHS.provenance("train_sft"),
     log:
-        f"{R}/logs/train_sft.log",
+        PATHS.log("train_sft"),
     benchmark:
-        f"{R}/benchmarks/train_sft.tsv"
+        PATHS.benchmark("train_sft")
     conda:
         "../envs/mamba-align.yaml"
     threads: 2
@@ -35,7 +35,7 @@ rule train_sft:
         # what is learned only: an operational change (batch size, save_steps...) reruns nothing; the job
         # reads those from the config when it runs (train.job.TrainJob.from_snakemake)
         **settings_params("recipe", learning_settings(SFT)),
-        checkpoints=f"{R}/checkpoints",
+        checkpoints=PATHS.checkpoints(),
     script:
         "../scripts/train_sft.py"
 
@@ -48,12 +48,12 @@ rule train_dpo:
         test=rules.prepare_preference_data.output.test,
     output:
         model=directory(model_of("dpo")),
-        metrics=f"{R}/metrics/dpo.json",
-        provenance=f"{R}/provenance/train_dpo.json",
+        metrics=PATHS.metrics("dpo"),
+        provenance=PATHS.provenance("train_dpo"),
     log:
-        f"{R}/logs/train_dpo.log",
+        PATHS.log("train_dpo"),
     benchmark:
-        f"{R}/benchmarks/train_dpo.tsv"
+        PATHS.benchmark("train_dpo")
     conda:
         "../envs/mamba-align.yaml"
     threads: 2
@@ -64,6 +64,6 @@ rule train_dpo:
         runtime=planned_runtime("train_dpo", 60),
     params:
         **settings_params("recipe", learning_settings(DPO)),
-        checkpoints=f"{R}/checkpoints",
+        checkpoints=PATHS.checkpoints(),
     script:
         "../scripts/train_dpo.py"

@@ -1,4 +1,4 @@
-from mamba_align.ops.provenance import record_snakemake_job
+from mamba_align.ops.store.provenance import record_snakemake_job
 from mamba_align.testing.demo import build_demo_inputs
 from mamba_align.testing.rehearsal import build_rehearsal_inputs
 from mamba_align.utils import setup_logging

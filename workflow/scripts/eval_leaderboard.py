@@ -1,6 +1,6 @@
 from mamba_align.eval.leaderboard.run import evaluate_leaderboard
-from mamba_align.ops.gpus import claim as claim_gpus
-from mamba_align.ops.provenance import record_snakemake_job, scored_model
+from mamba_align.ops.jobenv.gpus import claim as claim_gpus
+from mamba_align.ops.store.provenance import record_snakemake_job, scored_model
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

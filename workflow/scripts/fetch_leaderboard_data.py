@@ -1,5 +1,5 @@
 from mamba_align.eval.leaderboard.run import fetch_leaderboard_data
-from mamba_align.ops.provenance import record_snakemake_job
+from mamba_align.ops.store.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,6 +1,6 @@
 from mamba_align.eval.generate import generate_mt_bench
-from mamba_align.ops.gpus import claim as claim_gpus
-from mamba_align.ops.provenance import record_snakemake_job
+from mamba_align.ops.jobenv.gpus import claim as claim_gpus
+from mamba_align.ops.store.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

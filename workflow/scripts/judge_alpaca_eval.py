@@ -1,7 +1,7 @@
 from mamba_align.eval.alpacaeval import judge_alpaca_eval
-from mamba_align.ops.gpus import claim as claim_gpus
-from mamba_align.ops.plan import judge_prices
-from mamba_align.ops.provenance import record_snakemake_job, scored_model
+from mamba_align.ops.jobenv.gpus import claim as claim_gpus
+from mamba_align.ops.reporting.plan import judge_prices
+from mamba_align.ops.store.provenance import record_snakemake_job, scored_model
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,6 +1,6 @@
-from mamba_align.ops.experiments import Grid
-from mamba_align.ops.plan import make_grid_plan, make_plan, write_plan
-from mamba_align.ops.provenance import record_snakemake_job
+from mamba_align.ops.reporting.plan import make_grid_plan, make_plan, write_plan
+from mamba_align.ops.store.experiments import Grid
+from mamba_align.ops.store.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from mamba_align.ops.provenance import record_snakemake_job
+from mamba_align.ops.store.provenance import record_snakemake_job
 from mamba_align.train.data import prepare_sft_data
 from mamba_align.train.recipes import DatasetSpec
 from mamba_align.utils import setup_logging

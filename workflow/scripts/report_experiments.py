@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from mamba_align.ops.provenance import record_snakemake_job
-from mamba_align.ops.report import build_experiments_report
+from mamba_align.ops.reporting.report import build_experiments_report
+from mamba_align.ops.store.provenance import record_snakemake_job
 from mamba_align.utils import setup_logging
 
 setup_logging(snakemake.log[0])

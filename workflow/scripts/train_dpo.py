@@ -1,6 +1,6 @@
-from mamba_align.ops.gpus import claim as claim_gpus
-from mamba_align.ops.provenance import record_snakemake_job
-from mamba_align.ops.runs import train_keyed
+from mamba_align.ops.jobenv.gpus import claim as claim_gpus
+from mamba_align.ops.store.provenance import record_snakemake_job
+from mamba_align.ops.store.runs import train_keyed
 from mamba_align.train.data import check_source_revision
 from mamba_align.train.job import TrainJob
 from mamba_align.utils import setup_logging

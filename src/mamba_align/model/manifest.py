@@ -19,7 +19,7 @@ from mamba_align.utils import UserError, file_record, write_json
 log = logging.getLogger("mamba_align.model.manifest")
 
 MANIFEST = "manifest.json"
-RUN_FILE = "run.json"  # a stored model's key and what it learned from (mamba_align.ops.runs)
+RUN_FILE = "run.json"  # a stored model's key and what it learned from (mamba_align.ops.store.runs)
 NOT_MODEL_FILES = (RUN_FILE, MANIFEST)  # records about a model, not part of it (nor of its identity)
 
 
@@ -51,7 +51,7 @@ def identity_of(hashes: dict[str, dict]) -> str:
 def model_identity(model_dir, check: bool = True) -> str:
     """The one identity of a model: a sha256 of its files' names and contents (model_files: hidden files and our
     records left out, so a manifest, a run.json or Snakemake's timestamp never change it). It is the parent model in
-    a training key (ops/runs), and keys a generation's progress (eval/generate) and the leaderboard's work folder,
+    a training key (ops/store/runs), and keys a generation's progress (eval/generate) and the leaderboard's work folder,
     so a changed model never resumes an earlier one's answers. `check`: verify the model against its manifest in the
     same read (the identity is that read's by-product). Reads every byte: ~10 s for a 2.8B model."""
     return identity_of(verify_model(model_dir) if check else file_hashes(model_dir))

@@ -7,7 +7,7 @@ syllables, each one token of the tokenizer, so a length drawn in tokens is the l
 
 Where the lengths come from (none measured here; no data downloaded):
 - UltraChat 200k: ~1,400 tokens per conversation (GPT-NeoX tokenizer; the plan's published estimate,
-  mamba_align.ops.plan.PUBLISHED); the defaults give ~3.2 exchanges x (65 + 310 median tokens, log-normal
+  mamba_align.ops.reporting.plan.PUBLISHED); the defaults give ~3.2 exchanges x (65 + 310 median tokens, log-normal
   sigma 0.6), mean ~1,440.
 - UltraFeedback binarized: ~520 tokens per chosen or rejected sequence (same source); prompts median 90,
   sigma 0.9 (a long tail: some exceed max_prompt_length 512), answers median 300, sigma 0.6.

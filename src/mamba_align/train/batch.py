@@ -1,5 +1,5 @@
 """How a recipe's global batch is split over N processes: per-device batch x accumulation x N, the same rows per
-optimizer step whatever N is (a run resumes on another GPU count: mamba_align.ops.gpu_choice)."""
+optimizer step whatever N is (a run resumes on another GPU count: mamba_align.ops.jobenv.gpu_choice)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One training job, described once: `TrainJob` holds the stage, the resolved recipe (learned settings from the
 rule's params, operational ones from the config as it is when the job runs), the input and output paths, the
 process count and the rule. The rule script builds it (`from_snakemake`), `python -m mamba_align.train` builds it
-from its options, and every later step reads it: the model store (ops/runs.py), the launcher, `fit` and
+from its options, and every later step reads it: the model store (ops/store/runs.py), the launcher, `fit` and
 `trainer.trl_config`. Ranks of a multi-GPU run read the same job from the JSON file the launcher writes (`save`,
 `load`), never the recipe files again.
 
@@ -34,7 +34,7 @@ PATHS = ("model", "ref_model", "train", "test", "out", "checkpoints", "metrics")
 @dataclass(frozen=True)
 class TrainJob:
     """A training run: `out` is the model folder written when training ends (for a workflow job, the model
-    store's link, which ops/runs.py replaces by the keyed folder), `checkpoints` the folder of its checkpoints
+    store's link, which ops/store/runs.py replaces by the keyed folder), `checkpoints` the folder of its checkpoints
     (ditto: the checkpoints root, then the run's keyed folder)."""
 
     stage: str

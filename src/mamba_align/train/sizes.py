@@ -1,6 +1,6 @@
 """Sizes of a training run: parameters of a Mamba-1 config, disk for its checkpoints and final model, and peak
 GPU memory per device (a model fitted to measured peaks). Training checks them before it starts (preflight.py);
-the plan (ops/plan.py) sizes jobs with them."""
+the plan (ops/reporting/plan.py) sizes jobs with them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 # Optimizer state bytes per parameter (fp32): AdamW two moments, RMSprop one, Adafactor factored (~0).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "rmsprop": 4, "sgd": 4, "adagrad": 4, "adafactor": 0}
-# The model size the measurements here and in ops/plan.py were taken at (the 2.8B shape).
+# The model size the measurements here and in ops/reporting/plan.py were taken at (the 2.8B shape).
 REF_PARAMS = 2.77e9
 # Peak training memory per GPU (allocated) as the recipes run, with gradient accumulation and DDP (gradients kept
 # between micro-batches, inside DDP's all-reduce buckets): fp32 weights and gradients (8 bytes per parameter), the

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mamba_align.ops.provenance import stale_reason, stored_run_key
-from mamba_align.ops.report_tables import average_cell, table
+from mamba_align.ops.reporting.report_tables import average_cell, table
+from mamba_align.ops.store.provenance import stale_reason, stored_run_key
 from mamba_align.utils import atomic_path, read_json
 
 # Published numbers in %, each with its source. The first three are the Open LLM Leaderboard v1's settings

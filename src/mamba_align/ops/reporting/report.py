@@ -8,9 +8,10 @@ import json
 import logging
 from pathlib import Path
 
-from mamba_align.ops import report_leaderboard
-from mamba_align.ops.provenance import stale_reason
-from mamba_align.ops.report_tables import SE_OF, experiments_doc, scores_doc, se_of_mean, to_html, to_markdown
+from mamba_align.ops.reporting import report_leaderboard
+from mamba_align.ops.reporting.report_tables import SE_OF, experiments_doc, scores_doc, se_of_mean, to_html, to_markdown
+from mamba_align.ops.store.layout import REPORT, plot_name
+from mamba_align.ops.store.provenance import stale_reason
 from mamba_align.utils import UserError, atomic_path, read_json, setup_logging, write_json
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,14 @@ def _alpaca_results(data: dict) -> dict[str, dict]:
 def write_tables(rows: list[dict], out_dir: Path, demo: bool, more: list[tuple] = ()) -> None:
     """scores.csv, and the table (and `more` blocks: the leaderboard's) as scores.md and scores.html (the one
     Snakemake's report shows inline)."""
-    with atomic_path(out_dir / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(out_dir / REPORT["csv"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     doc = scores_doc(rows, demo) + list(more)
-    with atomic_path(out_dir / "scores.md") as tmp:
+    with atomic_path(out_dir / REPORT["table"]) as tmp:
         tmp.write_text(to_markdown(doc))
-    with atomic_path(out_dir / "scores.html") as tmp:
+    with atomic_path(out_dir / REPORT["html"]) as tmp:
         tmp.write_text(to_html(doc, "Scores"))
 
 
@@ -215,17 +216,17 @@ def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[
     lb_rows = report_leaderboard.leaderboard_rows(run_name, leaderboards or {}, current_keys)
     write_tables(rows, out_dir, demo, report_leaderboard.leaderboard_doc(lb_rows, demo))
     if leaderboards is not None:
-        write_json(out_dir / "leaderboard.json", {"rows": lb_rows, "published": report_leaderboard.PUBLISHED})
-        report_leaderboard.plot_changes(lb_rows, out_dir / "leaderboard_changes.png")
+        write_json(out_dir / REPORT["leaderboard"], {"rows": lb_rows, "published": report_leaderboard.PUBLISHED})
+        report_leaderboard.plot_changes(lb_rows, out_dir / REPORT["leaderboard_changes"])
     radar = []
     for stage, p in evals.items():
         mt = summaries[stage]["mtbench"]
         if mt:
             reason = stale_reason(mt, current_keys.get(stage))
             radar.append((f"{stage} (stale: model {mt.get('model_key')})" if reason else stage, p["mtbench"]))
-    plot_radar(radar, out_dir / "mt_bench_radar.png")
-    plot_training_curves(metrics, out_dir / "training_curves.png")
-    write_json(out_dir / "scores.json", rows)
+    plot_radar(radar, out_dir / REPORT["radar"])
+    plot_training_curves(metrics, out_dir / REPORT["curves"])
+    write_json(out_dir / REPORT["json"], rows)
     return rows
 
 
@@ -370,7 +371,6 @@ def _unique_rows(entries: list[dict]) -> list[dict]:
 
 def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo: bool = False) -> list[dict]:
     """entries: experiments.Grid.report_entries(); axes: the swept axes (one plot each)."""
-    from mamba_align.ops.experiments import plot_name
 
     out_dir = Path(out_dir)
     rows = _unique_rows(entries)
@@ -379,7 +379,7 @@ def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo
     cols = ["experiment", "stage", *axis_cols, "mt_bench_overall", *cats,
             *(k for value, se in SE_OF.items() for k in (value, se)),
             *report_leaderboard.experiment_csv_columns(rows), "judge", "source"]
-    with atomic_path(out_dir / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(out_dir / REPORT["csv"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -387,11 +387,11 @@ def build_experiments_report(entries: list[dict], axes: list[str], out_dir, demo
     published = PAPER_ROWS + leaderboard_rows()
     doc = experiments_doc(rows, groups, published, axes, [plot_name(a) for a in axes], demo,
                           report_leaderboard.experiments_leaderboard_doc(rows, demo))
-    with atomic_path(out_dir / "scores.md") as tmp:
+    with atomic_path(out_dir / REPORT["table"]) as tmp:
         tmp.write_text(to_markdown(doc))
-    with atomic_path(out_dir / "scores.html") as tmp:
+    with atomic_path(out_dir / REPORT["html"]) as tmp:
         tmp.write_text(to_html(doc, "Experiments"))
     for a in axes:
         plot_axis(rows, a, out_dir / plot_name(a))
-    write_json(out_dir / "scores.json", {"experiments": rows, "over_seeds": groups, "published": published})
+    write_json(out_dir / REPORT["json"], {"experiments": rows, "over_seeds": groups, "published": published})
     return rows

@@ -13,8 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from mamba_align.ops import layout
-from mamba_align.ops.rerun import whole
+from mamba_align.ops.store import layout
+from mamba_align.ops.store.rerun import whole
 from mamba_align.utils import UserError, file_record, read_json, write_json
 
 PACKAGES = ("mamba-align", "torch", "transformers", "trl", "accelerate", "datasets", "mamba-ssm", "causal-conv1d",
@@ -129,7 +129,7 @@ def _recipes_of(config: dict, workflow_dir: str | Path) -> tuple[dict, dict]:
 
 def _unpinned_of_run(config: dict, workflow_dir: str | Path) -> list[dict]:
     """unpinned() of the config, and of each experiment of its grid (their base models and recipes may differ)."""
-    from mamba_align.ops import experiments
+    from mamba_align.ops.store import experiments
 
     configs = [config] + [e.config(config) for e in experiments.expand(config)] if experiments.is_grid(config) \
         else [config]
@@ -176,7 +176,7 @@ def record_path(smk) -> str:
         return str(declared)
     wc = "-".join(str(v).strip("/") for v in dict(smk.wildcards).values() if str(v).strip("/"))
     name = smk.rule + (f"-{wc}" if wc else "")
-    return f"{smk.config.get('results_dir', 'results')}/provenance/{name}.json"
+    return layout.Results(smk.config.get("results_dir", "results")).provenance(name)
 
 
 def record_snakemake_job(smk) -> Path:
@@ -265,7 +265,7 @@ def current_model_keys(config_files=(), workflow_dir: str | Path = ".") -> dict[
 def current_grid(results: str | Path, config_files=(), workflow_dir: str | Path = "."):
     """The experiments.Grid of that config with its folders under `results` (as common.smk builds it), or None
     when the config names no experiments. Its model keys: grid_model_key."""
-    from mamba_align.ops import experiments
+    from mamba_align.ops.store import experiments
     from mamba_align.train.recipes import as_dict, config_recipe, learning_settings
 
     config, files = load_config(config_files, workflow_dir)

@@ -16,6 +16,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 
+from mamba_align.ops.store.layout import Results
 from mamba_align.train.batch import batch_layout, nearest_valid  # noqa: F401 (batch_layout: callers' one import)
 from mamba_align.utils import UserError
 
@@ -201,16 +202,17 @@ def record(choice: Choice, rule: str, wildcards, attempt: int, results: str, dry
     print(f"GPU count for {line}", file=sys.stderr)
     if dryrun:
         return
-    logs = Path(results) / "logs"
+    paths = Results(str(results))
+    logs = Path(paths.log_dir())
     logs.mkdir(parents=True, exist_ok=True)
     when = time.strftime("%Y-%m-%d %H:%M:%S")
     entry = {"time": when, "rule": rule, "wildcards": dict(wildcards.items()) if wildcards else {},
              "attempt": attempt, "gpus": choice.gpus, "reason": choice.reason}
-    with open(logs / "gpu_choices.jsonl", "a") as f:
+    with open(paths.log_dir("gpu_choices.jsonl"), "a") as f:
         f.write(json.dumps(entry) + "\n")
     if not entry["wildcards"]:  # a grid's rules log elsewhere; the JSONL has them
-        with open(log_history(logs / f"{rule}.log"), "a") as f:
-            f.write(f"{when} INFO mamba_align.ops.gpu_choice: submitted with {line}\n")
+        with open(log_history(paths.log(rule)), "a") as f:
+            f.write(f"{when} INFO mamba_align.ops.jobenv.gpu_choice: submitted with {line}\n")
 
 
 # ------------------------------------------------------------------------------------------------ plan

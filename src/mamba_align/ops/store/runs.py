@@ -27,12 +27,12 @@ import shutil
 from pathlib import Path
 
 from mamba_align.model.manifest import RUN_FILE, model_identity, verify_model, write_manifest
-from mamba_align.ops import layout
+from mamba_align.ops.store import layout
 from mamba_align.train.job import TrainJob
 from mamba_align.train.recipes import as_dict, learning_settings
 from mamba_align.utils import UserError, read_json, sha256_file, write_json
 
-log = logging.getLogger("mamba_align.ops.runs")
+log = logging.getLogger("mamba_align.ops.store.runs")
 
 __all__ = ["RUN_FILE", "learned_from", "model_identity", "run_key", "train_keyed"]
 PREVIOUS = ".previous"
@@ -58,9 +58,9 @@ def drop_dangling_links(results) -> list[Path]:
     """Remove model links whose stored model was deleted (README: deleting `<stage>-<key>/` is how a key is
     retrained). Such a link is a missing output, but Snakemake cannot read its time and stops the whole run
     ("Unable to obtain modification time"); without the link it plans the training job instead."""
-    root, dropped = Path(results), []
-    homes = [*root.glob("shared/*/*"), *root.glob("experiments/*")]  # a grid's model links: <home>/model
-    for link in [*root.glob("models/*"), *(home / "model" for home in homes)]:
+    paths, dropped = layout.Results(str(results)), []
+    homes = [f"{g}/{h.name}" for g in layout.GRID_HOMES.values() for h in Path(paths.path(g)).glob("*")]
+    for link in [*Path(paths.models_dir()).glob("*"), *(Path(paths.home_model(home)) for home in homes)]:
         if link.is_symlink() and not link.exists():
             link.unlink()
             dropped.append(link)

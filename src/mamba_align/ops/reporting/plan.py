@@ -13,8 +13,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from mamba_align.ops.gpu_choice import format_gpu_counts, with_gpu_counts
-from mamba_align.ops.plan_leaderboard import leaderboard_job, owned_evals
+from mamba_align.ops.jobenv.gpu_choice import format_gpu_counts, with_gpu_counts
+from mamba_align.ops.reporting.plan_leaderboard import leaderboard_job, owned_evals
+from mamba_align.ops.store.layout import TRAIN_DATA, Results
 from mamba_align.train.recipes import precompute_ref_log_probs
 from mamba_align.train.sizes import REF_PARAMS, disk_gb, memory_fix, params_from_config, stage_memory_gib
 from mamba_align.utils import UserError, read_json, write_json
@@ -233,7 +234,7 @@ def base_params(cfg: dict, results: str, verify: str | Path | None = None, notes
     """The base model's parameter count: recorded when it was prepared if that is the configured model (a demo
     run leaves its tiny one in results/), else from the configured source. Why a recorded one was passed over
     is appended to `notes`."""
-    verify = Path(verify) if verify else Path(results) / "models" / "base.verify.json"
+    verify = Path(verify if verify else Results(str(results)).base_verify())
     src, revision = cfg["base_model"]["source"], cfg["base_model"].get("revision")
     if verify.exists():
         recorded = _read_recorded(verify)
@@ -255,7 +256,7 @@ def base_params(cfg: dict, results: str, verify: str | Path | None = None, notes
 def prepared_stats(data_dir: str | Path, recipe: dict, notes: list[str] | None = None) -> dict | None:
     """The prepared data's stats.json if it was prepared from the recipe's dataset, else None (planned from the
     dataset's size); why it was passed over is appended to `notes`."""
-    f = Path(data_dir) / "stats.json"
+    f = Path(data_dir) / TRAIN_DATA["stats"]
     if not f.exists():
         return None
     stats, ds = _read_recorded(f), recipe["dataset"]
@@ -275,7 +276,7 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
     p, notes = cfg["plan"], []
     dpo = {**dpo, "precompute_ref_log_probs": precompute_ref_log_probs(dpo, cfg)}  # unset: the config's setting
     params = base_params(cfg, results, verify, notes)
-    data_dirs = data_dirs or {s: Path(results) / "data" / s for s in ("sft", "dpo")}
+    data_dirs = data_dirs or {s: Path(Results(str(results)).train_data_dir(s)) for s in ("sft", "dpo")}
     stats = {s: prepared_stats(data_dirs[s], recipe, notes) for s, recipe in (("sft", sft), ("dpo", dpo))}
     jobs, sources, train_speeds = [], {}, {}
     stages = [("train_sft", sft_tokens(sft, stats["sft"]), sft)] if train_sft else []
@@ -302,7 +303,7 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
     h, minutes, note, n = leaderboard_job(ev.get("leaderboard"), params / REF_PARAMS, _gpu(gpu_type)["speed"], p)
     jobs += [JobPlan("eval_leaderboard", 1, gpu_type, h, h, runtime_min=minutes, note=note)] * n
     judge = judge_cost(cfg, len(ev["stages"]))
-    from mamba_align.ops.provenance import unpinned
+    from mamba_align.ops.store.provenance import unpinned
 
     return {
         "gpu_type": gpu_type,
@@ -433,7 +434,7 @@ def main(argv=None):
     ap.add_argument("--workflow-dir", default=".", help="the workflow's folder (its config/ and workflow/schemas/)")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per training job")
     ap.add_argument("--gpu-type", default="A100-80GB", choices=sorted(GPUS))
-    ap.add_argument("--out", default="results/plan.json")
+    ap.add_argument("--out", default=Results("results").plan("json"))
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.workflow_dir)
     sft, dpo = (as_dict(config_recipe(cfg, s, a.workflow_dir)) for s in ("sft", "dpo"))

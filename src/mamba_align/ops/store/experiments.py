@@ -25,8 +25,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from mamba_align.ops import layout
-from mamba_align.ops.provenance import model_key
+from mamba_align.ops.store import layout
+from mamba_align.ops.store.provenance import model_key
 from mamba_align.utils import UserError
 
 STAGE_AXES = ("sft", "dpo")
@@ -167,6 +167,7 @@ class Grid:
         """eval_stages: the stages judged on MT-Bench and AlpacaEval (eval.stages); leaderboard_stages: those
         scored on the leaderboard tasks (eval.leaderboard.stages; none: no leaderboard jobs)."""
         self.R, self.exps, self.eval_stages = results, resolved, list(eval_stages)
+        self.paths = layout.Results(results)
         self.leaderboard_stages = list(leaderboard_stages)
         self.by_name = {r.name: r for r in resolved}
         self.first_base, self.first_data, self.first_sft = {}, {}, {}
@@ -188,19 +189,23 @@ class Grid:
 
     # folders
     def home(self, r: Resolved, stage: str) -> str:
-        """The folder of `r`'s model of `stage`, relative to results: shared/base/<k>, shared/sft/<k>,
-        experiments/<name>."""
-        return {"base": f"shared/base/{r.base_key}", "sft": f"shared/sft/{r.sft_key}",
-                "dpo": f"experiments/{r.name}"}[stage]
+        """The folder of `r`'s model of `stage`, relative to results (layout.home)."""
+        return layout.home(stage, {"base": r.base_key, "sft": r.sft_key, "dpo": r.name}[stage])
 
     def data_dir(self, r: Resolved, stage: str) -> str:
-        return f"{self.R}/shared/data/{stage}/{r.data_keys[stage]}"
+        return self.paths.train_data_dir(stage, r.data_keys[stage])
+
+    def data_files(self, r: Resolved, stage: str) -> dict[str, str]:
+        return self.paths.train_data(stage, r.data_keys[stage])
 
     def model(self, r: Resolved, stage: str) -> str:
-        return f"{self.R}/{self.home(r, stage)}/model"
+        return self.paths.home_model(self.home(r, stage))
+
+    def base_verify(self, r: Resolved) -> str:
+        return self.paths.home_verify(self.home(r, "base"))
 
     def eval_summary(self, r: Resolved, stage: str, bench: str) -> str:
-        return f"{self.R}/{self.home(r, stage)}/eval/{bench}.json"
+        return self.paths.home_summary(self.home(r, stage), bench)
 
     # reverse look-ups from wildcards
     def owner(self, home: str) -> tuple[Resolved, str]:
@@ -225,7 +230,7 @@ class Grid:
         try:
             return self.first_data[(stage, key)]
         except KeyError:
-            raise UserError(f"no experiment of the config prepares {self.R}/shared/data/{stage}/{key}") from None
+            raise UserError(f"no experiment of the config prepares {self.paths.train_data_dir(stage, key)}") from None
 
     def learned_by(self, home: str, learning_settings) -> dict:
         """What the model of `home` learned from (a generation rule's rerun trigger)."""
@@ -253,8 +258,7 @@ class Grid:
         return list(dict.fromkeys(out))
 
     def metrics(self, r: Resolved) -> dict[str, str]:
-        return {"sft": f"{self.R}/{self.home(r, 'sft')}/metrics.json",
-                "dpo": f"{self.R}/{self.home(r, 'dpo')}/metrics.json"}
+        return {s: self.paths.home_metrics(self.home(r, s)) for s in ("sft", "dpo")}
 
     def swept_axes(self) -> list[str]:
         """Axes with more than one value, seeds excepted (seeds are averaged): one plot each."""
@@ -282,11 +286,3 @@ class Grid:
             for e, r in zip(entries, self.exps):
                 e["leaderboard"] = {s: leaderboard(r, s) for s in self.leaderboard_stages}
         return entries
-
-
-def plot_name(axis: str) -> str:
-    return f"{axis}.png"
-
-
-def report_dir(results: str) -> str:
-    return f"{results}/report/experiments"

@@ -1,0 +1,1 @@
+"""The results folder: where each output lives, the keyed model store, and what every job recorded."""
