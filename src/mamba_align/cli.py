@@ -268,7 +268,7 @@ def status(results: str | Path, config_files=None, workflow_dir: str | Path = ".
 
     Scores are compared with the model keys of the config (provenance.current_model_keys: config/config.yaml
     under `workflow_dir` with `config_files` merged over it, as `snakemake --configfile` reads them). A config with
-    `experiments` shows each experiment's stages in the grid's layout (ops.experiments), its scores compared with
+    `experiments` shows each experiment's stages in the grid's layout (ops.store.experiments), its scores compared with
     each model folder's key; without a config, experiments found under results/experiments/ are listed unmarked."""
     results = Path(results)
     if not results.is_dir():
