@@ -242,3 +242,19 @@ def test_templates_compile_once_and_render_as_lm_eval():
             lm_eval.utils.apply_template("{{missing}}", doc)
     finally:
         lm_eval.utils.apply_template = stock
+
+
+def test_the_suite_bench_runs_tiny_on_cpu(tmp_path):
+    """bench/leaderboard_suite.py (the whole job's GPU timing, docs/benchmarks.md §18) end to end at the tiny
+    shape: config.yaml's leaderboard settings map onto its tasks, so no device time is lost to a broken bench."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "suite.json"
+    proc = subprocess.run([sys.executable, "bench/leaderboard_suite.py", "--tiny", "--workdir", str(tmp_path / "w"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["documents"] == 12 and set(result["tasks"]) == {
+        "synth_arc_c", "synth_hellaswag", "synth_mmlu", "synth_truthfulqa"}
+    assert result["process_s"] >= result["tasks_s"] > 0
