@@ -1,7 +1,7 @@
 """The whole leaderboard job end to end, as `eval_leaderboard` runs it: one process, the package's
 `evaluate_leaderboard` (the function the rule's script calls) over the four tasks at their real sizes, with the
-settings of config/config.yaml's `eval.leaderboard` (shots, metrics, batch size, seed, bootstrap), lm-eval's
-request cache on, the model loaded from disk. The clock starts when this script starts (imports, model load,
+settings of config/config.yaml's `eval.leaderboard` (shots, metrics, batch size, seed, bootstrap), the model
+loaded from disk. The clock starts when this script starts (imports, model load,
 CUDA-graph capture, task building and lm-eval's bookkeeping all count) and stops when the summary is written.
 
 The tasks are leaderboard_speed.py's synthetic lm-eval YAML tasks (same shapes: 25-shot ARC, 10-shot
@@ -49,7 +49,7 @@ def leaderboard_settings(tasks_dir: Path, batch_size: int | None) -> dict:
         s.pop("aggregate", None)
         settings[f"synth_{AS[name]}"] = s
     return {**lb, "tasks": list(settings), "settings": settings, "include_path": str(tasks_dir),
-            "batch_size": batch_size or lb.get("batch_size", 32)}
+            "batch_size": batch_size or lb["batch_size"]}
 
 
 def main(argv=None) -> dict:
