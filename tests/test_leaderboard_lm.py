@@ -342,16 +342,25 @@ def test_chat_template_is_the_checkpoints(ours, stock):
     assert ours.tokenizer_name == stock.tokenizer_name
 
 
-def test_registered_with_lm_eval_and_built_from_its_arguments(model_dir):
-    """As simple_evaluate(model="mamba_align", model_args="...", batch_size=..., device=...) builds it."""
+def test_registered_with_lm_eval_and_built_from_its_arguments(model_dir, monkeypatch):
+    """As simple_evaluate(model="mamba_align", model_args="...", batch_size=..., device=...) builds it, also for
+    `lm_eval --model mamba_align` outside the workflow: with the templates compiled once (leaderboard/run.py)."""
+    import lm_eval.utils
     from lm_eval.api.registry import get_model
 
+    from mamba_align.eval.leaderboard import run as lb_run
     from mamba_align.eval.leaderboard.lm import MambaAlignLM
 
+    monkeypatch.setattr(lm_eval.utils, "apply_template", lambda template, doc: "lm-eval's own")  # restored after
     assert get_model("mamba_align") is MambaAlignLM
-    lm = MambaAlignLM.create_from_arg_string(f"pretrained={model_dir},dtype=float32,backend=transformers",
-                                             {"batch_size": "auto", "max_batch_size": None, "device": "cpu"})
+    lm = get_model("mamba_align").create_from_arg_string(
+        f"pretrained={model_dir},dtype=float32,backend=transformers",
+        {"batch_size": "auto", "max_batch_size": None, "device": "cpu"})
     assert lm.batch_size == 64 and lm.max_length == 2048 and lm.engine.name == "transformers"
+    assert lm_eval.utils.apply_template is lb_run._apply_template
+    lb_run.compile_templates_once()  # idempotent: evaluate_leaderboard installs it again over a model's
+    assert lm_eval.utils.apply_template is lb_run._apply_template
+    assert lm_eval.utils.apply_template("Q: {{q}}", {"q": "why?"}) == "Q: why?"
     with pytest.raises(ValueError, match="batch_size"):
         MambaAlignLM(str(model_dir), device="cpu", batch_size="many")
 

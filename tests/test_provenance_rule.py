@@ -10,9 +10,10 @@ import pytest
 import yaml
 from wfhelpers import REPO, copy_workflow, snakemake
 
-from mamba_align.ops.store import provenance
-from mamba_align.train.recipes import workflow_root
-from mamba_align.utils import UserError, read_json
+from mamba_align.ops.store import layout, provenance
+from mamba_align.train import recipes
+from mamba_align.train.recipes import as_dict, config_recipe, workflow_root
+from mamba_align.utils import UserError, file_record, read_json
 
 
 def test_workflow_root_of_a_scriptdir_as_snakemake_gives_it():
@@ -25,22 +26,30 @@ def test_workflow_root_outside_any_workflow_names_the_folder(tmp_path):
         workflow_root(tmp_path)
 
 
-def test_a_record_whose_recipe_cannot_be_read_fails_naming_it(tmp_path):
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    cfg["recipe"] = "no-such-recipe"
-    with pytest.raises(UserError, match=r"cannot read recipe 'no-such-recipe' at .*config/recipes/no-such-recipe"):
-        provenance.record("plan", {}, {}, {}, cfg, tmp_path / "rec.json", REPO)
-    assert not (tmp_path / "rec.json").exists()
-
-
-def test_record_snakemake_job_reads_the_recipes_from_the_workflow_folder(tmp_path, monkeypatch):
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+def test_a_job_record_reads_no_recipe_and_points_at_the_run_file(tmp_path, monkeypatch):
+    """The run's unpinned list is written once (onstart: write_run_unpinned, from the recipes the workflow parsed);
+    a job's record points at that file, parsing no recipe, and a list rewritten by a later run is not shown as
+    this job's."""
+    cfg = {**yaml.safe_load((REPO / "config" / "config.yaml").read_text()), "results_dir": "results"}  # the default
+    sft, dpo = (as_dict(config_recipe(cfg, s, REPO)) for s in ("sft", "dpo"))
     monkeypatch.chdir(tmp_path)  # a job runs in the working directory, not necessarily the workflow's
+    run_file = provenance.write_run_unpinned(layout.Results(cfg["results_dir"]).unpinned(), cfg, sft, dpo)
+
+    def no_recipes(*args, **kwargs):
+        raise AssertionError("a job's provenance record parsed a recipe")
+
+    monkeypatch.setattr(recipes, "config_recipe", no_recipes)
+    monkeypatch.setattr(recipes, "load_recipe", no_recipes)
     smk = SimpleNamespace(rule="fetch_mt_bench", scriptdir=str(REPO / "workflow" / "rules" / ".." / "scripts"),
                           input=_Files(), output=_Files(provenance=str(tmp_path / "rec.json")), params={},
                           config=cfg, wildcards={})
     rec = read_json(provenance.record_snakemake_job(smk))
-    assert {"recipe sft dataset", "recipe dpo dataset"} <= {a["key"] for a in rec["unpinned"]}
+    assert rec["unpinned"] == {"path": "results/provenance/unpinned.json", **file_record(run_file)}
+    assert {"recipe sft dataset", "recipe dpo dataset"} <= {a["key"] for a in provenance.recorded_unpinned(rec)}
+    # a later run of another config rewrites the run's file: this job's record no longer claims that list
+    pinned = {**cfg, "base_model": {**cfg["base_model"], "revision": "0" * 40}}
+    provenance.write_run_unpinned(run_file, pinned, sft, dpo)
+    assert provenance.recorded_unpinned(rec) is None
 
 
 class _Files(list):
@@ -71,6 +80,15 @@ def test_a_real_rule_run_records_the_recipe_datasets_as_unpinned(tmp_path):
     records = sorted(Path(wf).rglob("provenance/fetch_mt_bench.json"))
     assert len(records) == 1, records
     rec = read_json(records[0])
-    listed = {a["key"]: a["artefact"] for a in rec["unpinned"]}
+    assert (wf / rec["unpinned"]["path"]).is_file()  # written by the run's onstart, pointed at by the record
+    listed = {a["key"]: a["artefact"] for a in provenance.recorded_unpinned(rec, wf)}
     assert listed["recipe sft dataset"] == "hf-dataset:HuggingFaceH4/ultrachat_200k"
     assert listed["recipe dpo dataset"] == "hf-dataset:HuggingFaceH4/ultrafeedback_binarized"
+    # the next run, of a config that pins the base model, rewrites the list before its job: the file stays current
+    overlay.write_text(yaml.safe_dump({"eval": {"mt_bench": {"local_dir": "config/demo/mt_bench"}},
+                                       "base_model": {"revision": "0" * 40}}))
+    snakemake(wf, "--configfile", "config/config.yaml", str(overlay), "--cores", "1", "--force",
+              "fetch_mt_bench", timeout=600)
+    assert provenance.recorded_unpinned(rec, wf) is None  # the first run's record: its list is no longer stored
+    again = provenance.recorded_unpinned(read_json(records[0]), wf)
+    assert "base_model.source" in listed and "base_model.source" not in {a["key"] for a in again}

@@ -134,6 +134,9 @@ onstart:
         ):
             for f in job.output:
                 Path(f).unlink(missing_ok=True)
+    # What this run reads at a branch, from the recipes parsed above: written once here, before any job, and
+    # pointed at by every job's provenance record (no job parses the recipes again for it).
+    provenance.write_run_unpinned(PATHS.unpinned(), config, SFT, DPO, GRID)
 
 
 # Downloads and judge API calls run where snakemake runs (compute nodes often have no internet);

@@ -32,6 +32,7 @@ from lm_eval.models.utils import (
 
 from mamba_align.eval.engine import load_engine
 from mamba_align.eval.engine.sampling import Sampling
+from mamba_align.eval.leaderboard.run import compile_templates_once
 from mamba_align.eval.leaderboard.scoring import HFScorer, SSMScorer, score
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class MambaAlignLM(TemplateLM):
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, prefill_tokens: int = 16384,
                  add_bos_token: bool | None = None, max_batch_size: int | None = None, **kwargs):
         super().__init__()
+        # also when lm-eval builds this class by name (`lm_eval --model mamba_align`), outside evaluate_leaderboard
+        compile_templates_once()
         if kwargs:
             log.warning("mamba_align ignores the model arguments %s", sorted(kwargs))
         self.pretrained = str(pretrained)

@@ -50,7 +50,9 @@ def _apply_template(template: str, doc: dict) -> str:
 def compile_templates_once() -> None:
     """lm-eval compiles a task's Jinja template at every use (`lm_eval.utils.apply_template`: per document, choice
     and few-shot example): 36 of 166 s for 2,500 10-shot HellaSwag documents on an H200 host, ~6 minutes over the
-    suite (docs/benchmarks.md §18). A template compiles to the same object each time: compile each once."""
+    suite (docs/benchmarks.md §18). A template compiles to the same object each time: compile each once.
+    Idempotent (it installs the same function); called by the fetch, by evaluate_leaderboard and by every
+    MambaAlignLM (leaderboard/lm.py), so `lm_eval --model mamba_align` outside the workflow has it too."""
     import lm_eval.utils
 
     lm_eval.utils.apply_template = _apply_template

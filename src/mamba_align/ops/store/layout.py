@@ -161,6 +161,11 @@ class Results:
     def provenance(self, name: str) -> str:
         return self.path("provenance", f"{name}.json")
 
+    def unpinned(self) -> str:
+        """results/provenance/unpinned.json: what the run reads at a branch instead of a commit, written once per run
+        (provenance.write_run_unpinned); each job's record points at it."""
+        return self.path("provenance", "unpinned.json")
+
     # plan and report
     def plan(self, suffix: str) -> str:
         """results/plan.json (the numbers), results/plan.txt (the table)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mamba_align.ops.store import layout
 from mamba_align.ops.store.rerun import whole
-from mamba_align.utils import UserError, file_record, read_json, write_json
+from mamba_align.utils import UserError, file_record, read_json, sha256_file, write_json
 
 PACKAGES = ("mamba-align", "torch", "transformers", "trl", "accelerate", "datasets", "mamba-ssm", "causal-conv1d",
             "alpaca-eval", "openai", "snakemake", "snakemake-executor-plugin-slurm",
@@ -113,30 +113,41 @@ def unpinned(config: dict, sft: dict | None = None, dpo: dict | None = None) -> 
     return [a for a in hub_artifacts(config, sft, dpo) if not a["pinned"]]
 
 
-def _recipes_of(config: dict, workflow_dir: str | Path) -> tuple[dict, dict]:
-    """The config's stage recipes as dicts, for their datasets' revisions. A recipe that cannot be read is an
-    error naming it: a record without its datasets would pass for complete (the workflow read these recipes when
-    it started, so this fails only when `workflow_dir` is wrong)."""
-    from mamba_align.train.recipes import as_dict, config_recipe, recipe_dir
-
-    try:
-        return tuple(as_dict(config_recipe(config, s, workflow_dir)) for s in ("sft", "dpo"))
-    except (UserError, OSError, KeyError) as e:
-        where = recipe_dir(config["recipe"], workflow_dir) if "recipe" in config else "(config has no 'recipe')"
-        raise UserError(f"provenance: cannot read recipe {config.get('recipe')!r} at {where} (workflow folder "
-                        f"{workflow_dir}) to list its datasets' revisions: {e}") from e
-
-
-def _unpinned_of_run(config: dict, workflow_dir: str | Path) -> list[dict]:
-    """unpinned() of the config, and of each experiment of its grid (their base models and recipes may differ)."""
-    from mamba_align.ops.store import experiments
-
-    configs = [config] + [e.config(config) for e in experiments.expand(config)] if experiments.is_grid(config) \
-        else [config]
+def unpinned_of_run(config: dict, sft: dict, dpo: dict, grid=None) -> list[dict]:
+    """unpinned() of the config, and of each experiment of its grid (their base models and recipes may differ), from
+    the recipes as the workflow parsed them (`grid`: its experiments.Grid, None for one experiment)."""
+    runs = [(config, sft, dpo)] + [(r.exp.config(config), r.sft, r.dpo) for r in (grid.exps if grid else [])]
     out: list[dict] = []
-    for c in configs:
-        out += [a for a in unpinned(c, *_recipes_of(c, workflow_dir)) if a not in out]
+    for c, s, d in runs:
+        out += [a for a in unpinned(c, s, d) if a not in out]
     return out
+
+
+def write_run_unpinned(path: str | Path, config: dict, sft: dict, dpo: dict, grid=None) -> Path:
+    """Write the run's unpinned artefacts (unpinned_of_run) to `path`, layout's `Results.unpinned()`: once per run,
+    by the workflow's onstart before any job, so it always holds the list of the run that last started jobs. Every
+    job's record points at it by path and sha256 (unpinned_pointer) instead of parsing the recipes again."""
+    write_json(path, {"unpinned": unpinned_of_run(config, sft, dpo, grid)})
+    return Path(path)
+
+
+def unpinned_pointer(config: dict) -> dict:
+    """A job's record of its run's unpinned artefacts: the run-level file's path and content (size, sha256; or
+    `missing`). A later run of another config rewrites the file; the sha256 then no longer matches."""
+    path = layout.Results(config.get("results_dir", "results")).unpinned()
+    return {"path": path, **describe_file(path)}
+
+
+def recorded_unpinned(rec: dict, workdir: str | Path = ".") -> list[dict] | None:
+    """The unpinned artefacts of the run that wrote `rec` (a job's record), read through its pointer from the run's
+    working folder; None when the run-level file is missing or was rewritten since (a list that is not this job's)."""
+    pointer = rec.get("unpinned") or {}
+    if isinstance(pointer, list):  # a record written before the run-level file held the list itself
+        return pointer
+    path = Path(workdir) / pointer.get("path", "")
+    if "sha256" not in pointer or not path.is_file() or sha256_file(path) != pointer["sha256"]:
+        return None
+    return read_json(path)["unpinned"]
 
 
 def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, out_path: str | Path,
@@ -150,7 +161,7 @@ def record(step: str, inputs: dict, outputs: dict, params: dict, config: dict, o
         "outputs": {k: str(v) for k, v in outputs.items()},
         "params": params,
         "config": config,
-        "unpinned": _unpinned_of_run(config, workflow_dir) if "base_model" in config else None,
+        "unpinned": unpinned_pointer(config) if "base_model" in config else None,
         "packages": package_versions(),
         "hardware": hardware(),
         "scheduler": scheduler_job(),
@@ -180,8 +191,9 @@ def record_path(smk) -> str:
 
 
 def record_snakemake_job(smk) -> Path:
-    """`record` for a Snakemake `script:` job, at record_path(smk). Its workflow folder (for the git commit and the
-    recipes) is found from the script's folder, which Snakemake gives as `workflow/rules/../scripts`."""
+    """`record` for a Snakemake `script:` job, at record_path(smk). Its workflow folder (for the git commit) is found
+    from the script's folder, which Snakemake gives as `workflow/rules/../scripts`. No recipe is read: the run's
+    unpinned artefacts are the onstart's file (write_run_unpinned), which the record points at."""
     from mamba_align.train.recipes import workflow_root
 
     workflow_dir = workflow_root(getattr(smk, "scriptdir", "workflow/scripts"))
