@@ -39,7 +39,7 @@ FAST_VARIANTS = ("fast", "fast_recompute", "fast_trl", "fast_hf_mixer")
 
 
 def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: int, steps: int,
-           profile: str | None = None, max_grad_norm: float = 0.0) -> dict:
+           profile: str | None = None, max_grad_norm: float = 0.0, rows_per_step: int = 0) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -87,10 +87,13 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
             return model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False).loss
         return model(input_ids=ids, labels=ids).loss
 
+    accum = max(1, rows_per_step // batch)  # micro-batches per optimizer step (gradient accumulation)
+
     def train_step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_fn()
-        loss.backward()
+        for _ in range(accum):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                loss = loss_fn() / accum
+            loss.backward()
         if max_grad_norm > 0:
             from mamba_align.train.fast import fused_clip_grad_norm_
 
@@ -112,7 +115,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-        losses.append(round(loss.item(), 4))
+        losses.append(round(loss.item() * accum, 4))
     step_s = statistics.median(times)
     if profile:  # two more steps under torch.profiler: the kernels that take the time, appended to a text file
         from torch.profiler import ProfilerActivity
@@ -129,7 +132,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
             f.write(f"\n===== {variant} batch {batch} ckpt {ckpt}: 2 steps =====\n{table}\n")
     return dict(variant=variant, batch=batch, gradient_checkpointing=ckpt, params=params, seq=seq,
                 max_grad_norm=max_grad_norm,
-                step_seconds=round(step_s, 4), tokens_per_s=round(batch * seq / step_s, 1),
+                accumulation=accum, step_seconds=round(step_s, 4), tokens_per_s=round(accum * batch * seq / step_s, 1),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
                 first_losses=losses[:3], steps_timed=steps)
 
@@ -145,6 +148,9 @@ def main(argv=None) -> dict:
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant")
     p.add_argument("--profile", default=None, help="append a torch.profiler table of 2 steps per variant here")
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="clip every step (recipes: 1.0); 0: no clipping")
+    p.add_argument("--rows-per-step", type=int, default=0,
+                   help="accumulate batch-sized micro-batches up to this many rows per optimizer step, as the "
+                        "recipes do (0: one micro-batch per step)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -154,7 +160,8 @@ def main(argv=None) -> dict:
 
     if a.worker:
         name, batch, ckpt = (a.worker.split(":") + ["", ""])[:3]
-        res = worker(name, int(batch), ckpt == "ckpt", shape, a.seq, a.warmup, a.steps, a.profile, a.max_grad_norm)
+        res = worker(name, int(batch), ckpt == "ckpt", shape, a.seq, a.warmup, a.steps, a.profile, a.max_grad_norm,
+                     a.rows_per_step)
         print("RESULT " + json.dumps(res), flush=True)
         return res
 
@@ -170,7 +177,8 @@ def main(argv=None) -> dict:
             continue
         cmd = [sys.executable, __file__, "--worker", f"{name}:{batch}:{'ckpt' if ckpt else ''}",
                "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps),
-               "--max-grad-norm", str(a.max_grad_norm)] + (["--tiny"] if a.tiny else []) \
+               "--max-grad-norm", str(a.max_grad_norm), "--rows-per-step", str(a.rows_per_step)] \
+            + (["--tiny"] if a.tiny else []) \
             + (["--profile", a.profile] if a.profile else [])
         t0 = time.time()
         try:
