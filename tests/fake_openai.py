@@ -252,13 +252,15 @@ class FakeOpenAI:
             pass
 
 
-# The judge settings and API key the judge tests use (the schema's judge section, short timeouts).
+# The judge settings and API key the judge tests use (the schema's judge section). timeout_s is 10 s, not shorter:
+# on a loaded 2-CPU machine a 20 ms fake answer can take over 0.5 s, and the client's retry then breaks the tests
+# that count requests exactly (tests of the timeout fault set their own short timeout_s).
 KEY = "sk-test-secret-0123456789"
 
 
 def judge_cfg(**overrides) -> dict:
     cfg = {"backend": "openai", "model": "gpt-4", "base_url": None, "api_key_env": "OPENAI_API_KEY",
-           "concurrency": 8, "repeats": 1, "max_retries": 8, "timeout_s": 0.5, "temperature": 0.0,
+           "concurrency": 8, "repeats": 1, "max_retries": 8, "timeout_s": 10, "temperature": 0.0,
            "max_tokens": 2048, "local": {"model_path": None, "gguf_package": None, "gguf_file": None,
                                           "rating_from_logprobs": False, "device": "cpu"}}
     cfg.update(overrides)
