@@ -364,3 +364,20 @@ def test_a_grid_without_leaderboard_keeps_its_tables(tmp_path):
     md = (tmp_path / "report/scores.md").read_text()
     assert "leaderboard" not in md.split("## Published")[0].lower()
     assert "leaderboard" not in (tmp_path / "report/scores.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("home, matches", [
+    ("shared/base/0123456789ab", True), ("shared/sft/abcdef012345", True), ("experiments/beta=0.1_seed-2", True),
+    ("experiments/A.b+c", True), ("shared/dpo/0123456789ab", False), ("shared/sft/0123456789a", False),
+    ("shared/sft/0123456789AB", False), ("experiments/_x", False), ("experiments/a/b", False), ("models/sft", False),
+])
+def test_the_home_wildcard_matches_what_it_matched_when_spelled_in_common_smk(home, matches):
+    """layout.home_pattern() replaced the regex that common.smk spelled out; the same folders match."""
+    import re
+
+    from mamba_align.ops.store import layout
+
+    spelled = "shared/(base|sft)/[0-9a-f]{12}|experiments/[A-Za-z0-9][A-Za-z0-9._=+-]*"
+    assert bool(re.fullmatch(f"(?:{layout.home_pattern()})", home)) is matches
+    assert bool(re.fullmatch(f"(?:{spelled})", home)) is matches
+    assert all(re.fullmatch(layout.home_pattern(), layout.home(s, "0123456789ab")) for s in layout.STAGES)

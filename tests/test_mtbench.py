@@ -379,3 +379,10 @@ def test_summary_records_the_scored_models_keys(data, tmp_path):
     out = read_json(tmp_path / "mtbench.json")
     assert out["model_run_key"] == "feedbeef0001" and len(out["model_key"]) == 12
     assert scored_model(learned, tmp_path / "nowhere") == {"model_key": out["model_key"], "model_run_key": None}
+
+
+def test_the_fetched_file_names_are_the_results_layouts():
+    """eval/ does not import ops/: mtbench names its data files itself, and they must be layout's."""
+    from mamba_align.ops.store import layout
+
+    assert sorted(p.name for p in mtbench.data_paths("d").values()) == sorted(layout.MT_BENCH_DATA.values())

@@ -269,3 +269,16 @@ def test_the_plan_reads_the_effective_precompute_setting():
     unset, off = DPO | {"precompute_ref_log_probs": None}, CFG | {"training": {"precompute_ref_log_probs": False}}
     assert dpo_rate(CFG, unset) == 9435 and dpo_rate(off, unset) == 6820
     assert dpo_rate(off, DPO | {"precompute_ref_log_probs": True}) == 9435 and dpo_rate(CFG, DPO) == 6820
+
+
+def test_the_plan_reads_the_config_as_status_does_without_the_chat_template():
+    """One load_config (provenance) serves both; the plan's asks for no chat template (it never read one), and
+    naming config/config.yaml itself merges it once."""
+    from mamba_align.ops.store.provenance import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    planned, files = load_config(["config/config.yaml"], repo, resolve_template=False)
+    assert files == [repo / "config" / "config.yaml"]
+    assert planned["base_model"].get("chat_template") is None
+    status_cfg, _ = load_config([], repo)
+    assert status_cfg["base_model"]["chat_template"] and {**status_cfg, "base_model": planned["base_model"]} == planned

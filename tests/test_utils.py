@@ -64,3 +64,15 @@ def test_the_manifest_and_provenance_record_files_alike(tmp_path):
     described = describe_file(tmp_path)["files"]
     assert file_hashes(tmp_path) == described == {"config.json": file_record(tmp_path / "config.json"),
                                                   "sub/w.bin": file_record(tmp_path / "sub" / "w.bin")}
+
+
+def test_progress_files_are_the_outputs_own_beside_it(tmp_path):
+    from mamba_align.utils import progress_file, progress_files
+
+    out = tmp_path / "mt_bench_answers.jsonl"
+    assert progress_file(out, "0123456789ab") == tmp_path / "mt_bench_answers.jsonl.progress-0123456789ab.jsonl"
+    for name in ("mt_bench_answers.jsonl.progress-a.jsonl", "mt_bench_answers.jsonl.progress-b.jsonl",
+                 "alpaca_eval_outputs.json.progress-a.jsonl", "mt_bench_answers.jsonl.progress-c.tmp"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in progress_files(out)] == ["mt_bench_answers.jsonl.progress-a.jsonl",
+                                                     "mt_bench_answers.jsonl.progress-b.jsonl"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mamba_align.ops.store import layout
 from mamba_align.ops.store.provenance import stale_reason, stored_run_key
-from mamba_align.utils import UserError, read_json, read_jsonl
+from mamba_align.utils import UserError, progress_files, read_json, read_jsonl
 
 TRAINED = ("sft", "dpo")
 # a step's command: (the module whose main(argv) it runs, its help naming the rules that call the same function)
@@ -155,25 +155,23 @@ def _eval_rows(eval_dir: Path, mt: Path, ae: Path, model_dir: Path, current_key:
         rows.append(_marked(f"MT-Bench: overall {s['overall']}, turn 1 {s['turn_1']}, turn 2 {s['turn_2']}",
                             summary, current_key, run_key))
     else:
-        answers = eval_dir / "mt_bench_answers.jsonl"
+        answers = eval_dir / layout.MT_BENCH_ANSWERS
         if answers.exists():
-            cache = eval_dir / "mt_bench_judge_cache.jsonl"
+            cache = eval_dir / layout.MT_BENCH_JUDGE_CACHE
             rows.append(f"MT-Bench: answers done; judge cache holds {_count_lines([cache])} judgments")
-        elif list(eval_dir.glob("mt_bench_answers.jsonl.progress-*.jsonl")):
-            rows.append(f"MT-Bench: {_count_lines(eval_dir.glob('mt_bench_answers.jsonl.progress-*.jsonl'))} "
-                        f"questions answered so far")
+        elif progress := progress_files(answers):
+            rows.append(f"MT-Bench: {_count_lines(progress)} questions answered so far")
     if ae.exists():
         from mamba_align.eval.alpacaeval import summary_line
 
         summary = read_json(ae)
         rows.append(_marked(summary_line(summary), summary, current_key, run_key))
     else:
-        outputs = eval_dir / "alpaca_eval_outputs.json"
+        outputs = eval_dir / layout.ALPACA_EVAL_OUTPUTS
         if outputs.exists():
             rows.append("AlpacaEval: outputs done, not yet judged")
-        elif list(eval_dir.glob("alpaca_eval_outputs.json.progress-*.jsonl")):
-            rows.append(f"AlpacaEval: {_count_lines(eval_dir.glob('alpaca_eval_outputs.json.progress-*.jsonl'))} "
-                        f"outputs so far")
+        elif progress := progress_files(outputs):
+            rows.append(f"AlpacaEval: {_count_lines(progress)} outputs so far")
     return rows
 
 

@@ -283,6 +283,18 @@ def _truncate(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def progress_file(out_path: str | os.PathLike, digest: str) -> Path:
+    """A resumable step's progress file, beside (not inside) its output: <output>.progress-<digest>.jsonl."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.name}.progress-{digest}.jsonl")
+
+
+def progress_files(out_path: str | os.PathLike) -> list[Path]:
+    """Every progress file of an output (progress_file), whatever run left it."""
+    out_path = Path(out_path)
+    return sorted(out_path.parent.glob(f"{out_path.name}.progress-*.jsonl"))
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:

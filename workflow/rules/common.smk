@@ -158,9 +158,9 @@ localrules:
 wildcard_constraints:
     stage="|".join(layout.STAGES),
     stagedir="(base/|sft/)?",
-    key="[0-9a-f]{12}",
-    name="[A-Za-z0-9][A-Za-z0-9._=+-]*",
-    home="shared/(base|sft)/[0-9a-f]{12}|experiments/[A-Za-z0-9][A-Za-z0-9._=+-]*",
+    key=layout.KEY_PATTERN,
+    name=layout.NAME_PATTERN,
+    home=layout.home_pattern(),
 
 
 def demo_inputs():

@@ -19,7 +19,17 @@ from mamba_align.eval.engine import load_engine
 from mamba_align.eval.engine.sampling import Sampling
 from mamba_align.model.manifest import model_identity
 from mamba_align.train.data import with_system_turn
-from mamba_align.utils import ProgressLog, UserError, append_jsonl, read_jsonl, setup_logging, write_json, write_jsonl
+from mamba_align.utils import (
+    ProgressLog,
+    UserError,
+    append_jsonl,
+    progress_file,
+    progress_files,
+    read_jsonl,
+    setup_logging,
+    write_json,
+    write_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +55,12 @@ def progress_path(out_path: str | Path, model_dir: str | Path, *settings) -> Pat
     # both steps start here: a damaged model fails naming its file before any engine loads
     identity = model_identity(model_dir)
     h = hashlib.sha256(json.dumps([identity, *(str(s) for s in settings)]).encode())
-    return Path(out_path).with_name(f"{Path(out_path).name}.progress-{h.hexdigest()[:12]}.jsonl")
+    return progress_file(out_path, h.hexdigest()[:12])
 
 
 def drop_progress(out_path: str | Path) -> None:
     """The output is complete: its progress files go, this run's and any left by an earlier model's run."""
-    out_path = Path(out_path)
-    for f in out_path.parent.glob(f"{out_path.name}.progress-*.jsonl"):
+    for f in progress_files(out_path):
         f.unlink(missing_ok=True)
 
 

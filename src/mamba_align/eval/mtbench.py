@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 PINNED_COMMIT = "0e6d3e4beaab66f4d3f93db72541a4abab8af28d"
 RAW_URL = "https://raw.githubusercontent.com/lm-sys/FastChat/{commit}/fastchat/llm_judge/data/{path}"
-# our file name -> (path under FastChat's data/, sha256 at PINNED_COMMIT)
+# our file name (<name>.jsonl, as ops/store/layout.MT_BENCH_DATA has them) -> (path under FastChat's data/, sha256 at
+# PINNED_COMMIT); eval/ does not import ops/, a test pins the two
 DATA_FILES = {
     "question": ("mt_bench/question.jsonl",
                  "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7"),
@@ -50,6 +51,11 @@ ONE_SCORE_PATTERN_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
 
 # ---------------------------------------------------------------------------------------- data
+def data_paths(data_dir: str | Path) -> dict[str, Path]:
+    """{question, judge_prompts, reference_answer}: the files of a fetched (or local) MT-Bench data folder."""
+    return {name: Path(data_dir) / f"{name}.jsonl" for name in DATA_FILES}
+
+
 def fetch_mt_bench(commit: str, local_dir: str | None, out_dir: str | Path) -> dict:
     """Write out_dir/{question,judge_prompts,reference_answer}.jsonl and out_dir/hashes.json.
 
@@ -62,15 +68,13 @@ def fetch_mt_bench(commit: str, local_dir: str | None, out_dir: str | Path) -> d
     if local_dir is None and not check:
         log.warning("FastChat commit %s is not the pinned %s: file hashes are recorded, not checked",
                     commit, PINNED_COMMIT)
-    hashes = {}
+    hashes, dest, local = {}, data_paths(out_dir), data_paths(local_dir) if local_dir else {}
     for name, (remote, sha) in DATA_FILES.items():
-        dest = out_dir / f"{name}.jsonl"
-        local = Path(local_dir) / f"{name}.jsonl" if local_dir else None
-        fetch_file(RAW_URL.format(commit=commit, path=remote), dest, sha if check else None, local)
-        hashes[name] = sha256_file(dest)
-    load_questions(out_dir / "question.jsonl")
-    load_judge_prompts(out_dir / "judge_prompts.jsonl")
-    load_answers(out_dir / "reference_answer.jsonl")
+        fetch_file(RAW_URL.format(commit=commit, path=remote), dest[name], sha if check else None, local.get(name))
+        hashes[name] = sha256_file(dest[name])
+    load_questions(dest["question"])
+    load_judge_prompts(dest["judge_prompts"])
+    load_answers(dest["reference_answer"])
     info = {"source": str(local_dir) if local_dir else RAW_URL.format(commit=commit, path=""),
             "commit": None if local_dir else commit, "sha256": hashes}
     write_json(out_dir / "hashes.json", info)
@@ -337,10 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         import yaml
 
         judge = JudgeSettings.from_params(yaml.safe_load(Path(args.judge_config).read_text()) or {})
-        d = Path(args.data_dir)
-        judge_mt_bench(args.answers, d / "question.jsonl", d / "judge_prompts.jsonl",
-                       d / "reference_answer.jsonl", judge, args.out, args.cache,
-                       judgments_path=args.judgments, base_url=args.base_url)
+        d = data_paths(args.data_dir)
+        judge_mt_bench(args.answers, d["question"], d["judge_prompts"], d["reference_answer"], judge, args.out,
+                       args.cache, judgments_path=args.judgments, base_url=args.base_url)
 
 
 if __name__ == "__main__":

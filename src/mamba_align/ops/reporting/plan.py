@@ -13,9 +13,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from mamba_align.eval.judge.settings import JudgeSettings
 from mamba_align.ops.jobenv.gpu_choice import format_gpu_counts, with_gpu_counts
 from mamba_align.ops.reporting.plan_leaderboard import leaderboard_job, owned_evals
-from mamba_align.ops.store.layout import TRAIN_DATA, Results
+from mamba_align.ops.store.layout import MT_BENCH_DATA, TRAIN_DATA, Results
+from mamba_align.ops.store.provenance import load_config, unpinned
 from mamba_align.train.recipes import precompute_ref_log_probs
 from mamba_align.train.sizes import REF_PARAMS, disk_gb, memory_fix, params_from_config, stage_memory_gib
 from mamba_align.utils import UserError, read_json, write_json
@@ -169,27 +171,28 @@ def generation_hours(params: float, gpu_type: str, mt_bench_tokens: int, alpaca_
             "generate_alpaca_eval": ALPACA_EVAL_PROMPTS * alpaca_tokens / speed / 3600}
 
 
-def judge_prices(cfg: dict) -> tuple[float, float] | None:
-    """USD per million (prompt, completion) tokens of the judge (None for a local judge, which costs nothing)."""
-    if cfg["judge"].get("backend") == "local":
+def judge_prices(cfg: dict, judge: JudgeSettings | None = None) -> tuple[float, float] | None:
+    """USD per million (prompt, completion) tokens of the judge (None for a local judge, which costs nothing);
+    `judge` the config's JudgeSettings, built from `cfg` when not given."""
+    if (judge or JudgeSettings.from_config(cfg)).backend == "local":
         return None
     return cfg["plan"]["judge_price_per_1m_input"], cfg["plan"]["judge_price_per_1m_output"]
 
 
-def judge_cost(cfg: dict, n_stages: int) -> dict:
+def judge_cost(cfg: dict, n_stages: int, judge: JudgeSettings | None = None) -> dict:
     """Requests, tokens and dollars per benchmark; question counts from local data folders when set.
     A local judge costs nothing."""
-    judge, plan, ev = cfg["judge"], cfg["plan"], cfg["eval"]
-    turns, prompts = MT_BENCH_TURNS, ALPACA_EVAL_PROMPTS
-    if (ev["mt_bench"].get("local_dir") and (q := Path(ev["mt_bench"]["local_dir"]) / "question.jsonl").exists()):
+    judge = judge or JudgeSettings.from_config(cfg)
+    ev, turns, prompts = cfg["eval"], MT_BENCH_TURNS, ALPACA_EVAL_PROMPTS
+    if (ev["mt_bench"].get("local_dir")
+            and (q := Path(ev["mt_bench"]["local_dir"]) / MT_BENCH_DATA["questions"]).exists()):
         turns = sum(len(json.loads(line)["turns"]) for line in q.read_text().splitlines() if line.strip())
     if (ev["alpaca_eval"].get("local_dir")
             and (a := Path(ev["alpaca_eval"]["local_dir"]) / "alpaca_eval.json").exists()):
         prompts = len(json.loads(a.read_text()))
-    price = (0.0, 0.0) if judge.get("backend") == "local" else (plan["judge_price_per_1m_input"],
-                                                                plan["judge_price_per_1m_output"])
+    price = judge_prices(cfg, judge) or (0.0, 0.0)
     rows = {}
-    items = [("mt_bench", turns * judge["repeats"])]
+    items = [("mt_bench", turns * judge.repeats)]
     items += [(a, prompts) for a in ev["alpaca_eval"]["annotators"]]
     for name, n in items:
         tin, tout = JUDGE_TOKENS.get(name, (1_500, 100))
@@ -303,8 +306,6 @@ def make_plan(cfg: dict, sft: dict, dpo: dict, gpus: dict[str, int], gpu_type: s
     h, minutes, note, n = leaderboard_job(ev.get("leaderboard"), params / REF_PARAMS, _gpu(gpu_type)["speed"], p)
     jobs += [JobPlan("eval_leaderboard", 1, gpu_type, h, h, runtime_min=minutes, note=note)] * n
     judge = judge_cost(cfg, len(ev["stages"]))
-    from mamba_align.ops.store.provenance import unpinned
-
     return {
         "gpu_type": gpu_type,
         "base_params": params,
@@ -394,37 +395,6 @@ def write_plan(plan: dict, out_json, out_txt=None) -> None:
     print(format_plan(plan))
 
 
-def load_config(config: str | Path, workflow_dir: str | Path = ".") -> dict:
-    """The config a workflow run with `--configfile config` reads: config/config.yaml with `config` merged over
-    it, validated and defaulted by the workflow's schema. Errors are one line (UserError)."""
-    import yaml
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import update_config, validate
-
-    from mamba_align.ops.schema import config_error
-
-    workflow_dir = Path(workflow_dir)
-    base, schema = workflow_dir / "config" / "config.yaml", workflow_dir / "workflow" / "schemas" / "config.schema.yaml"
-    files = [base] + ([Path(config)] if Path(config).resolve() != base.resolve() else [])
-    cfg: dict = {}
-    for f in [*files, schema]:
-        if not f.is_file():
-            raise UserError(f"{f} does not exist (run from the workflow's folder, or pass --config / --workflow-dir)")
-    for f in files:
-        try:
-            loaded = yaml.safe_load(f.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"{f}: expected a mapping of config keys, found {type(loaded).__name__}")
-        update_config(cfg, loaded)
-    try:
-        validate(cfg, str(schema))  # the same defaults as a workflow run, not a copy of them
-    except WorkflowError as e:
-        raise UserError(f"{files[-1]}: {config_error(e)}") from None
-    return cfg
-
-
 def main(argv=None):
     from mamba_align.train.recipes import as_dict, config_recipe
 
@@ -436,7 +406,7 @@ def main(argv=None):
     ap.add_argument("--gpu-type", default="A100-80GB", choices=sorted(GPUS))
     ap.add_argument("--out", default=Results("results").plan("json"))
     a = ap.parse_args(argv)
-    cfg = load_config(a.config, a.workflow_dir)
+    cfg, _ = load_config([a.config], a.workflow_dir, resolve_template=False)
     sft, dpo = (as_dict(config_recipe(cfg, s, a.workflow_dir)) for s in ("sft", "dpo"))
     gpus = {"train_sft": a.gpus, "train_dpo": a.gpus}
     write_plan(make_plan(cfg, sft, dpo, gpus, a.gpu_type, cfg["results_dir"]), a.out)

@@ -30,7 +30,7 @@ from mamba_align.ops.store.provenance import model_key
 from mamba_align.utils import UserError
 
 STAGE_AXES = ("sft", "dpo")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+NAME = re.compile(rf"^{layout.NAME_PATTERN}$")
 
 
 def key_of(what) -> str:
@@ -215,7 +215,7 @@ class Grid:
             return self.first_base[key], "base"
         if kind == "sft" and key in self.first_sft:
             return self.first_sft[key], "sft"
-        if home.startswith("experiments/") and key in self.by_name:
+        if home.startswith(f"{layout.GRID_HOMES['dpo']}/") and key in self.by_name:
             return self.by_name[key], "dpo"
         raise UserError(f"no experiment of the config has the model folder {self.R}/{home}")
 

@@ -41,6 +41,15 @@ def stage_of(stagedir: str) -> str:
 
 # where a grid's model folders of each stage lie, relative to results
 GRID_HOMES = {"base": "shared/base", "sft": "shared/sft", "dpo": "experiments"}
+# the grid rules' wildcards: a key of shared work (12 hex digits of a sha256), an experiment's name
+KEY_PATTERN = "[0-9a-f]{12}"
+NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9._=+-]*"
+
+
+def home_pattern() -> str:
+    """The regex of a grid's model folder (home(stage, key)): a key under shared/base and shared/sft, an
+    experiment's name under experiments/."""
+    return "|".join(f"{GRID_HOMES[s]}/{NAME_PATTERN if s == FINAL_STAGE else KEY_PATTERN}" for s in STAGES)
 
 
 def plot_name(axis: str) -> str:

@@ -243,24 +243,40 @@ def scored_model(learned: dict | None, model_dir: str | Path | None = None) -> d
             "model_run_key": stored_run_key(model_dir)}
 
 
-def load_config(config_files=(), workflow_dir: str | Path = ".") -> tuple[dict, list[Path]]:
+def load_config(config_files=(), workflow_dir: str | Path = ".", resolve_template: bool = True
+                ) -> tuple[dict, list[Path]]:
     """(config, files) as a workflow run with `--configfile config_files` reads it: the Snakefile's
-    config/config.yaml first, each file merged over it, validated and defaulted by the workflow's schema, the
-    recipe's chat template resolved (common.smk). Reads YAML only: no model, no data."""
+    config/config.yaml first, each file merged over it, validated and defaulted by the workflow's schema (the same
+    defaults as a workflow run, not a copy of them), and with `resolve_template` the recipe's chat template resolved
+    (common.smk; the plan does not ask for it). Reads YAML only: no model, no data. Errors are one line (UserError)."""
     import yaml
+    from snakemake.exceptions import WorkflowError
     from snakemake.utils import update_config, validate
 
+    from mamba_align.ops.schema import config_error
     from mamba_align.train.recipes import resolve_chat_template
 
     workflow_dir = Path(workflow_dir)
-    files = [workflow_dir / "config" / "config.yaml", *map(Path, config_files)]
+    base, schema = workflow_dir / "config" / "config.yaml", workflow_dir / "workflow" / "schemas" / "config.schema.yaml"
+    files = [base, *(Path(f) for f in config_files if Path(f).resolve() != base.resolve())]
+    for f in [*files, schema]:
+        if not f.is_file():
+            raise UserError(f"{f} does not exist (run from the workflow's folder, or pass --config / --workflow-dir)")
     config: dict = {}
     for f in files:
-        if not f.is_file():
-            raise UserError(f"config file {f} does not exist (run from the workflow folder or pass --workflow-dir)")
-        update_config(config, yaml.safe_load(f.read_text()) or {})
-    validate(config, str(workflow_dir / "workflow" / "schemas" / "config.schema.yaml"))
-    config["base_model"]["chat_template"] = resolve_chat_template(config, workflow_dir)
+        try:
+            loaded = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{f}: expected a mapping of config keys, found {type(loaded).__name__}")
+        update_config(config, loaded)
+    try:
+        validate(config, str(schema))
+    except WorkflowError as e:
+        raise UserError(f"{files[-1]}: {config_error(e)}") from None
+    if resolve_template:
+        config["base_model"]["chat_template"] = resolve_chat_template(config, workflow_dir)
     return config, files
 
 
