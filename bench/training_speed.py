@@ -15,6 +15,8 @@ Variants (--variants, comma-separated, each NAME or NAME:BATCH or NAME:BATCH:ckp
                  backward, as mamba_ssm does)
   fast_trl       fast + TRL's fused LM head (what SFTTrainer/DPOTrainer call: fused_lm_head=True)
   fast_hf_mixer  fast with native_mixer_layout=False (transformers' own mixer call: in_proj(x).transpose)
+  NAME+cuscan    NAME with bench/cuda_scan.py's selective scan in place of mamba_ssm's CUDA kernel (issue #33;
+                 CUSCAN=DB:TT in the environment picks its channels per block and tile, default 16:16)
 
 --max-grad-norm N clips every step as the recipes do (max_grad_norm 1.0): clip_grad_norm_ then step, or for the
 fast variants fast.fused_clip_grad_norm_ (the scale applied inside the fused AdamW step, as the trainer does).
@@ -43,6 +45,13 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
     import torch
     import torch.nn.functional as F
 
+    label = variant
+    variant, _, own_scan = variant.partition("+")
+    if own_scan == "cuscan":  # mamba_inner_fn looks selective_scan_cuda up at call time
+        import mamba_ssm.ops.selective_scan_interface as ssi
+        from cuda_scan import CudaScan
+
+        ssi.selective_scan_cuda = CudaScan(*(int(v) for v in os.environ.get("CUSCAN", "16:16").split(":")))
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
@@ -129,8 +138,8 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
                 torch.cuda.synchronize()
         table = profile_table(prof, cuda)
         with open(profile, "a") as f:
-            f.write(f"\n===== {variant} batch {batch} ckpt {ckpt}: 2 steps =====\n{table}\n")
-    return dict(variant=variant, batch=batch, gradient_checkpointing=ckpt, params=params, seq=seq,
+            f.write(f"\n===== {label} batch {batch} ckpt {ckpt}: 2 steps =====\n{table}\n")
+    return dict(variant=label, batch=batch, gradient_checkpointing=ckpt, params=params, seq=seq,
                 max_grad_norm=max_grad_norm,
                 accumulation=accum, step_seconds=round(step_s, 4), tokens_per_s=round(accum * batch * seq / step_s, 1),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
