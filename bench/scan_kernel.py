@@ -11,7 +11,7 @@ the largest magnitude of each result.
     # fp32 gradients against chunked_scan.reference_scan's autograd at a small shape with ragged chunks and
     # channel blocks; on CPU through Triton's interpreter (triton 3.6.0 needs numpy < 2.4 there):
     TRITON_INTERPRET=1 python bench/scan_kernel.py --check 2,12,37,4 --configs 8:8:4
-    python bench/scan_kernel.py --check 2,12,37,4 --configs emu:16     # CudaScan's algorithm in PyTorch, CPU
+    python bench/scan_kernel.py --check 2,32,37,16 --configs host:16:16   # CudaScan's source on CPU threads
     python bench/scan_kernel.py --check 2,32,37,16 --configs cuda:16:16   # CudaScan itself (GPU), bf16 in/out
 """
 
@@ -56,16 +56,12 @@ def run(ops, x, dout):
 
 def make_ops(cfg):
     """`chunk:block_d:warps` -> the Triton scan; `cuda:block_d:tile` -> the CUDA one (bench/cuda_scan.py);
-    `emu:tile` -> the CUDA kernels' algorithm in PyTorch (cuda_scan.TileEmulation, for a check on CPU)."""
-    if cfg.startswith("emu:"):
-        from cuda_scan import TileEmulation
-
-        return TileEmulation(tile=int(cfg.split(":")[1]))
-    if cfg.startswith("cuda:"):
+    `host:block_d:tile` -> the CUDA one's source on CPU threads (g++), for a check without a GPU."""
+    if cfg.startswith(("cuda:", "host:")):
         from cuda_scan import CudaScan
 
-        _, bd, tile = cfg.split(":")
-        return CudaScan(block_d=int(bd), tile=int(tile))
+        kind, bd, tile = cfg.split(":")
+        return CudaScan(block_d=int(bd), tile=int(tile), host=kind == "host")
     from chunked_scan import ChunkedScan
 
     chunk, bd, warps = (int(v) for v in cfg.split(":"))
@@ -78,7 +74,7 @@ def check(shape, cfg):
     from chunked_scan import reference_scan
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = cfg.startswith("cuda:")
+    bf16 = cfg.startswith(("cuda:", "host:"))
     b, d, seq, n = shape
     torch.manual_seed(0)
     x = [torch.randn(b, d, seq), torch.randn(b, d, seq) * 0.5 - 1, -torch.rand(d, n) * 4 - 0.1,
@@ -94,8 +90,14 @@ def check(shape, cfg):
         g = g.to(torch.bfloat16).float()
     out.backward(g)
     ops = make_ops(cfg)
+    dz = None
+    if bf16:  # strided as mamba_inner_fn passes them: delta (l, b*l, 1), z and dz halves of (b, 2d, l) tensors
+        x[1] = x[1].transpose(0, 1).contiguous().transpose(0, 1)
+        x[6] = torch.cat([torch.zeros_like(x[6]), x[6]], dim=1)[:, d:]
+        dz = torch.empty(b, 2 * d, seq, device=dev, dtype=x[6].dtype)[:, d:]
     y, st, oz = ops.fwd(*x, True)
-    res = ops.bwd(*x, g.to(x[0].dtype), st, y, None, True, True)
+    res = ops.bwd(*x, g.to(x[0].dtype), st, y, dz, True, True)
+    assert dz is None or res[7].data_ptr() == dz.data_ptr()
     scale = (lambda r: max(r.abs().max().item(), 1e-12)) if bf16 else (lambda r: 1.0)
     err = {"out_z": (oz.float() - out).abs().max().item() / scale(out)}
     names = ["du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias", "dz"]
@@ -117,7 +119,7 @@ def main():
         cfg = args.configs.split(",")[0]
         err = check([int(v) for v in args.check.split(",")], cfg)
         print(err)
-        assert max(err.values()) < (2e-2 if cfg.startswith("cuda:") else 1e-4), err
+        assert max(err.values()) < (2e-2 if cfg.startswith(("cuda:", "host:")) else 1e-4), err
         return
     import selective_scan_cuda
 
