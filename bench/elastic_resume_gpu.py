@@ -2,7 +2,7 @@
 resumed steps' losses equal an uninterrupted run's within the 1- vs 2-GPU tolerance of docs/benchmarks.md §8
 (0.25% relative per step: the run-to-run spread of the bf16 kernels).
 
-Three runs of `python -m mamba_align.train sft` (what a training job runs) on the same random model and rows:
+Three runs of `mamba-align train sft` (what a training job runs) on the same random model and rows:
 uninterrupted on M GPUs; on N GPUs stopped at step K through the STOP file (as SIGTERM does: checkpoint-K,
 exit 75); the same checkpoint folder resumed on M GPUs. Prints each resumed step's loss beside the uninterrupted
 run's, the largest relative difference, PASS/FAIL, and writes everything to $OUT/elastic_resume.json.
@@ -33,7 +33,7 @@ TOLERANCE = 0.0025  # relative, per step (docs/benchmarks.md §8)
 
 
 def command(a, work: Path, run: Path, nproc: int) -> list[str]:
-    cmd = [sys.executable, "-m", "mamba_align.train", "sft", "--model", str(work / "model"),
+    cmd = [sys.executable, "-m", "mamba_align.cli", "train", "sft", "--model", str(work / "model"),
            "--train", str(work / "sft.parquet"), "--recipe-dir", str(ROOT / "config" / "recipes" / a.recipe),
            "--out", str(run / "out"), "--checkpoint-dir", str(run / "ckpt"), "--metrics", str(run / "metrics.json"),
            "--log", str(run / "train.log"), "--num-processes", str(nproc)]

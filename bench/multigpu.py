@@ -1,4 +1,4 @@
-"""Multi-GPU training through the pipeline's own command (`python -m mamba_align.train`), at the 2.8B shape.
+"""Multi-GPU training through the pipeline's own command (`mamba-align train`), at the 2.8B shape.
 
 Every run is the command a training job runs (accelerate launch underneath for several processes), on a random
 2.8B-shape model and synthetic rows, with the recipe files themselves (config/recipes/<recipe>/) and only the run
@@ -71,7 +71,7 @@ def _command(a, work: Path, run: Path, machine_rank: int | None) -> list[str]:
         stage_args += ["--ref-model", str(work / "model")]
     for o in ["save_steps=1000", "logging_steps=1", "eval_steps=null", *a.override]:
         stage_args += ["--override", o]
-    module = ["-m", "mamba_align.train", a.stage, *stage_args]
+    module = ["-m", "mamba_align.cli", "train", a.stage, *stage_args]
     if machine_rank is None:  # what a Snakemake job runs: the CLI relaunches itself for several processes
         return [sys.executable, *module, "--num-processes", str(a.nproc), *(["--fsdp"] if a.fsdp else [])]
     # profiles/README.md's multi-node launch: one launcher per node, each with its node rank

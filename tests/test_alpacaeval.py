@@ -12,6 +12,7 @@ import pytest
 import yaml
 from fake_openai import FakeOpenAI, logprob_entry
 
+from mamba_align import cli
 from mamba_align.eval import alpacaeval, alpacaeval_compat, alpacaeval_data
 from mamba_align.utils import UserError, read_json, sha256_file
 
@@ -270,13 +271,14 @@ def test_openai_backend_needs_key_before_any_request(tmp_path, data_dir, monkeyp
 
 def test_main_cli(tmp_path, judge):
     data = tmp_path / "data"
-    alpacaeval.main(["fetch", "--local-dir", str(DEMO), "--out-dir", str(data)])
+    cli.main(["alpaca-eval", "fetch", "--local-dir", str(DEMO), "--out-dir", str(data)])
     cfg = tmp_path / "judge.yaml"
     cfg.write_text(json.dumps(judge_cfg()))
-    alpacaeval.main(["--log", str(tmp_path / "log.txt"), "judge", "--outputs", str(write_outputs(tmp_path / "o.json")),
-                     "--data-dir", str(data), "--annotators", "alpaca_eval_gpt4", "--judge-config", str(cfg),
-                     "--base-url", judge.base_url, "--cache-dir", str(tmp_path / "cache"),
-                     "--out", str(tmp_path / "m.json")])
+    cli.main(["alpaca-eval", "--log", str(tmp_path / "log.txt"), "judge",
+              "--outputs", str(write_outputs(tmp_path / "o.json")),
+              "--data-dir", str(data), "--annotators", "alpaca_eval_gpt4", "--judge-config", str(cfg),
+              "--base-url", judge.base_url, "--cache-dir", str(tmp_path / "cache"),
+              "--out", str(tmp_path / "m.json")])
     assert read_json(tmp_path / "m.json")["results"]["alpaca_eval_gpt4"]["win_rate"] == 75.0
     assert "AlpacaEval 1.0" in (tmp_path / "log.txt").read_text()
 

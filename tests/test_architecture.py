@@ -9,7 +9,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "mamba_align"
 DOC = PKG.parents[1] / "docs" / "architecture.md"
-# what each folder may import (process, flock, utils and cli are top-level modules; cli may import anything);
+# what each folder may import (process, flock, utils are top-level modules; cli/, the top, may import anything);
 # ops/ by its parts: store (the results folder) below jobenv (where a job runs), both below reporting (plan, report)
 LOW = {"process", "flock", "utils"}
 MAY_IMPORT = {

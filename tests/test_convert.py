@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mamba_align import cli
 from mamba_align.model import convert, reference
 from mamba_align.model.convert import prepare_base_model
 from mamba_align.model.tokenizer import CHAT_TEMPLATES
@@ -189,8 +190,9 @@ def test_chat_templates_are_plain_strings():
 def test_cli_converts(tmp_path):
     build_tiny_mamba_ssm_checkpoint(tmp_path / "ssm", d_model=32, n_layer=1)
     build_tiny_tokenizer(tmp_path / "tok", TEXTS)
-    convert.main(["--source", str(tmp_path / "ssm"), "--tokenizer", str(tmp_path / "tok"), "--chat-template", "zephyr",
-                  "--out-dir", str(tmp_path / "out"), "--report", str(tmp_path / "r.json")])
+    assert cli.main(["convert", "--source", str(tmp_path / "ssm"), "--tokenizer", str(tmp_path / "tok"),
+                     "--chat-template", "zephyr", "--out-dir", str(tmp_path / "out"),
+                     "--report", str(tmp_path / "r.json")]) == 0
     report = read_json(tmp_path / "r.json")
     assert report["config"]["hidden_size"] == 32 and report["verify"]["greedy_continuation_identical"]
 
@@ -409,7 +411,7 @@ def test_transformers_runs_cpu_tensors_on_torch_with_cuda_kernels_installed(cuda
 def test_conversion_check_runs_on_cpu_with_cuda_kernels_installed(tiny, tmp_path, cuda_kernels_installed):
     import subprocess
 
-    r = subprocess.run([cuda_kernels_installed["python"], "-m", "mamba_align.model.convert", "--source",
+    r = subprocess.run([cuda_kernels_installed["python"], "-m", "mamba_align.cli", "convert", "--source",
                         str(tiny["ssm"]), "--tokenizer", str(tiny["tokenizer"]), "--chat-template", "zephyr",
                         "--out-dir", str(tmp_path / "model"), "--report", str(tmp_path / "report.json")],
                        env=cuda_kernels_installed["env"], capture_output=True, text=True)

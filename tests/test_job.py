@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from mamba_align.cli import build_parser
+from mamba_align.cli.train import job_from_args
 from mamba_align.train.job import TrainJob
-from mamba_align.train.launch import build_parser, job_from_args
 from mamba_align.train.recipes import (
     PRECOMPUTE_REF_DEFAULT,
     as_dict,
@@ -89,7 +90,7 @@ def test_a_wrong_job_is_refused_naming_what_is_wrong(tmp_path):
 
 
 def test_the_command_line_builds_the_job_the_same_way(tmp_path, capsys):
-    p = build_parser()
+    p = build_parser("train")
     args = ["dpo", "--model", "m", "--train", "t.parquet", "--recipe-dir", str(DEMO), "--out", "o",
             "--checkpoint-dir", "c", "--metrics", "x.json", "--override", "beta=0.2"]
     job = job_from_args(p, p.parse_args(args))

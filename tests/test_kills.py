@@ -204,7 +204,7 @@ def test_a_killed_steps_leftover_is_removed_at_the_next_start_and_logged(tmp_pat
     log.unlink()  # Snakemake's job start
 
     build_tiny_mamba_ssm_checkpoint(tmp_path / "ssm", d_model=32, n_layer=1)
-    subprocess.run([sys.executable, "-m", "mamba_align.model.convert", "--source", str(tmp_path / "ssm"),
+    subprocess.run([sys.executable, "-m", "mamba_align.cli", "convert", "--source", str(tmp_path / "ssm"),
                     "--out-dir", str(out), "--report", str(tmp_path / "report.json"), "--log", str(log)],
                    env=ENV, check=True, capture_output=True)
     assert not leftover.exists() and (out / "model.safetensors").exists()

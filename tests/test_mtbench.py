@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from fake_openai import KEY, FakeOpenAI, judge_cfg
 
+from mamba_align import cli
 from mamba_align.eval import mtbench
 from mamba_align.eval.judge.client import request_key
 from mamba_align.ops.reporting.report import plot_radar
@@ -343,15 +344,15 @@ def test_killed_run_resumes_with_only_the_missing_requests(data, tmp_path):
 
 
 def test_demo_data_through_the_cli(tmp_path):
-    """The demo's own prompts and questions, driven through main() as a user would."""
-    mtbench.main(["fetch", "--local-dir", str(DEMO), "--out-dir", str(tmp_path / "d")])
+    """The demo's own prompts and questions, driven through the command as a user would."""
+    cli.main(["mt-bench", "fetch", "--local-dir", str(DEMO), "--out-dir", str(tmp_path / "d")])
     answers = write_answers(tmp_path / "answers.jsonl", tmp_path / "d" / "question.jsonl")
     cfg_path = tmp_path / "judge.json"
     cfg_path.write_text(json.dumps(judge_cfg()))
     with FakeOpenAI(rating_by_question) as fake:
-        mtbench.main(["judge", "--answers", str(answers), "--data-dir", str(tmp_path / "d"),
-                      "--judge-config", str(cfg_path), "--base-url", fake.base_url,
-                      "--cache", str(tmp_path / "cache.jsonl"), "--out", str(tmp_path / "mtbench.json")])
+        cli.main(["mt-bench", "judge", "--answers", str(answers), "--data-dir", str(tmp_path / "d"),
+                  "--judge-config", str(cfg_path), "--base-url", fake.base_url,
+                  "--cache", str(tmp_path / "cache.jsonl"), "--out", str(tmp_path / "mtbench.json")])
     out = read_json(tmp_path / "mtbench.json")
     n = len(read_jsonl(tmp_path / "d" / "question.jsonl"))
     assert len(fake.log) == out["n_requests"] == 2 * n

@@ -124,7 +124,7 @@ def test_two_ranks_stop_together_and_the_launch_fails_naming_the_step(tiny, tmp_
     mean over ranks and the decision is reduced): the launch fails instead of hanging, the rule's log names the
     step, and no model is written."""
     overrides = {**DIVERGING, "max_steps": 6, "logging_steps": 1}
-    cmd = [sys.executable, "-m", "mamba_align.train", "sft", "--model", str(tiny / "model"),
+    cmd = [sys.executable, "-m", "mamba_align.cli", "train", "sft", "--model", str(tiny / "model"),
            "--train", str(tiny / "sft.parquet"), "--recipe-dir", str(DEMO), "--out", str(tmp_path / "model"),
            "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics", str(tmp_path / "m.json"),
            "--log", str(tmp_path / "log.txt"), "--num-processes", "2",

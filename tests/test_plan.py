@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from mamba_align import cli
 from mamba_align.ops.reporting import plan
 from mamba_align.train import sizes
 from mamba_align.utils import UserError
@@ -99,7 +100,7 @@ def test_command_line_plans_the_real_config(tmp_path, monkeypatch, workflow_copy
     import json
 
     monkeypatch.chdir(workflow_copy)  # without results/: never the checkout's, which a demo run fills
-    plan.main(["--out", str(tmp_path / "plan.json")])
+    assert cli.main(["plan", "--out", str(tmp_path / "plan.json")]) == 0
     p = json.loads((tmp_path / "plan.json").read_text())
     assert p["gpu_type"] == "A100-80GB" and p["jobs"][0]["gpus"] == 8
     assert p["assumptions"]["safety_margin"] == 0.25  # the schema's default
@@ -196,9 +197,9 @@ def test_a_demo_left_in_results_does_not_size_the_real_plan(tmp_path, monkeypatc
     """#29: after `make demo`, the default config's plan read the demo's tiny model (0.00B parameters, 0.0
     GPU-hours); it plans exactly as a fresh checkout does, and says which results it passed over."""
     monkeypatch.chdir(workflow_copy)
-    plan.main(["--out", str(tmp_path / "fresh.json")])
+    assert cli.main(["plan", "--out", str(tmp_path / "fresh.json")]) == 0
     demo_leftovers(workflow_copy / "results")
-    plan.main(["--out", str(tmp_path / "after_demo.json")])
+    assert cli.main(["plan", "--out", str(tmp_path / "after_demo.json")]) == 0
     fresh, after = (json.loads((tmp_path / f).read_text()) for f in ("fresh.json", "after_demo.json"))
     notes = after.pop("notes")
     assert fresh.pop("notes") == []

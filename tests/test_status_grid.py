@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from wfhelpers import REPO, copy_workflow, snakemake
 
-from mamba_align import cli
+from mamba_align.cli.status import status as folder_status
 from mamba_align.ops.store import provenance
 
 GRID_CONFIG = [str(REPO / "config" / "demo.yaml"), str(REPO / "config" / "demo-grid.yaml")]
@@ -75,7 +75,7 @@ def results(tmp_path, grid) -> Path:
 
 
 def status(results: Path, *config: str) -> str:
-    return cli.status(results, list(config), REPO)
+    return folder_status(results, list(config), REPO)
 
 
 def test_each_experiment_shows_its_stages(results, grid):

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 from wfhelpers import bench_module
 
+from mamba_align.cli import main
 from mamba_align.train.checkpoints import PREEMPTED_EXIT_CODE, last_complete_checkpoint
 from mamba_align.train.job import TrainJob
-from mamba_align.train.launch import main, train
+from mamba_align.train.launch import train
 from mamba_align.train.recipes import load_recipe
 from mamba_align.train.trainer import _decay_parameter_names, truncate_pair
 from mamba_align.utils import UserError, read_json
@@ -184,7 +185,7 @@ def test_token_count_read_at_log_time_equals_the_trainers(tiny, tmp_path, monkey
 
 def cli(tiny, out: Path, stage="sft", *overrides) -> list[str]:
     data = "sft" if stage == "sft" else "dpo"
-    return [sys.executable, "-m", "mamba_align.train", stage, "--model", str(tiny / "model"),
+    return [sys.executable, "-m", "mamba_align.cli", "train", stage, "--model", str(tiny / "model"),
             "--train", str(tiny / f"{data}_train.parquet"), "--recipe-dir", str(DEMO),
             "--out", str(out / "model"), "--checkpoint-dir", str(out / "ckpt"), "--metrics", str(out / "m.json"),
             "--log", str(out / "log.txt"), *[a for o in overrides for a in ("--override", o)]]
@@ -536,7 +537,7 @@ def test_checkpoints_of_other_settings_are_refused(tiny, tmp_path):
 
 def test_cli_reports_user_errors(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["sft", "--model", str(tiny / "model"), "--train", str(tiny / "sft_train.parquet"),
+        main(["train", "sft", "--model", str(tiny / "model"), "--train", str(tiny / "sft_train.parquet"),
               "--recipe-dir", str(DEMO), "--out", str(tmp_path / "o"), "--checkpoint-dir", str(tmp_path / "c"),
               "--metrics", str(tmp_path / "m.json"), "--override", "learning_rat=1"])
     assert e.value.code == 2 and "unknown key(s) learning_rat" in capsys.readouterr().err

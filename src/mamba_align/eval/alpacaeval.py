@@ -1,4 +1,4 @@
-"""AlpacaEval through the `alpaca_eval` library: a configurable judge, resumable annotation, and the stage's CLI.
+"""AlpacaEval through the `alpaca_eval` library: a configurable judge and resumable annotation.
 
 `judge_alpaca_eval` runs `alpaca_eval.evaluate` once per annotator on the data that `fetch_alpaca_eval`
 (eval/alpacaeval_data.py) pinned. Everything alpaca_eval would write by default into its own package directory
@@ -10,7 +10,6 @@ through its arguments is in eval/alpacaeval_compat.py.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
@@ -24,14 +23,13 @@ from typing import Any
 
 from mamba_align.eval.alpacaeval_client import JudgeSession, judge_session, openai_client
 from mamba_align.eval.alpacaeval_compat import annotator_class, lc_file_from, metric
-from mamba_align.eval.alpacaeval_data import ANNOTATORS, DATA_FILES, LC_FILE, fetch_alpaca_eval, validate_records
+from mamba_align.eval.alpacaeval_data import ANNOTATORS, DATA_FILES, LC_FILE, validate_records
 from mamba_align.eval.judge.client import JudgeCalls
 from mamba_align.eval.judge.settings import JudgeSettings
 from mamba_align.utils import (
     ProgressLog,
     UserError,
     read_json,
-    setup_logging,
     sha256_file,
     write_json,
 )
@@ -335,45 +333,3 @@ def summary_line(metrics: dict) -> str:
     parts = [f"{name} ({r['version']}): win rate {pct(r['win_rate'])}, LC win rate "
              f"{pct(r['length_controlled_winrate'])} (n={r['n']})" for name, r in metrics["results"].items()]
     return f"AlpacaEval {metrics['generator']}: " + "; ".join(parts)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mamba-align alpaca-eval", description=__doc__.splitlines()[0])
-    p.add_argument("--log", help="log file (the rule's log)")
-    sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fetch", help="download (or copy) the AlpacaEval data files")
-    f.add_argument("--revision", default="main", help="HF dataset revision; pin a commit sha")
-    f.add_argument("--local-dir", help="folder with the same files (offline clusters, the demo)")
-    f.add_argument("--out-dir", required=True)
-    f.add_argument("--sha256", action="append", default=[], metavar="FILE=HASH", help="pin a file's content")
-    f.add_argument("--annotators", nargs="+", choices=list(ANNOTATORS), help="only their reference files (default all)")
-    j = sub.add_parser("judge", help="annotate a model's outputs and write the win rates")
-    j.add_argument("--outputs", required=True, help="model outputs JSON (alpaca_eval format)")
-    j.add_argument("--data-dir", required=True, help="out-dir of `fetch`")
-    j.add_argument("--annotators", nargs="+", default=list(ANNOTATORS), choices=list(ANNOTATORS))
-    j.add_argument("--judge-config", required=True, help="JSON or YAML file with the judge section")
-    j.add_argument("--base-url", help="an already running OpenAI-compatible judge server")
-    j.add_argument("--cache-dir", required=True, help="annotation caches and generated annotator configs")
-    j.add_argument("--out", required=True, help="metrics JSON")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log)
-    if args.command == "fetch":
-        pins = dict(s.split("=", 1) for s in args.sha256)
-        fetch_alpaca_eval(args.revision, args.local_dir, args.out_dir, sha256=pins, annotators=args.annotators)
-    else:
-        import yaml
-
-        judge = JudgeSettings.from_params(yaml.safe_load(Path(args.judge_config).read_text()) or {})
-        judge_alpaca_eval(args.outputs, args.data_dir, args.annotators, judge, args.out, args.cache_dir,
-                          base_url=args.base_url)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,6 @@ rating scores -1, is left out of the means as in show_result, and is counted in 
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import json
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from mamba_align.eval.judge.settings import JudgeSettings
-from mamba_align.utils import UserError, fetch_file, setup_logging, sha256_file, write_json, write_jsonl
+from mamba_align.utils import UserError, fetch_file, sha256_file, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -310,41 +309,3 @@ def judge_mt_bench(answers_path, question_path, judge_prompts_path, reference_pa
     log.info("MT-Bench %s: turn 1 %s, turn 2 %s, overall %s (%d unrated)", model_id,
              s["turn_1"], s["turn_2"], s["overall"], out["n_unrated"])
     return out
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mamba-align mt-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--log", help="log file (the rule's log)")
-    sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fetch", help="download (or copy) the MT-Bench data files")
-    f.add_argument("--commit", default=PINNED_COMMIT, help="FastChat commit")
-    f.add_argument("--local-dir", help="folder with question.jsonl, judge_prompts.jsonl, reference_answer.jsonl")
-    f.add_argument("--out-dir", required=True)
-    j = sub.add_parser("judge", help="grade a model's answers and write the scores")
-    j.add_argument("--answers", required=True, help="the model's answers (FastChat answer JSONL)")
-    j.add_argument("--data-dir", required=True, help="out-dir of `fetch`")
-    j.add_argument("--judge-config", required=True, help="JSON or YAML file with the judge section, defaults filled")
-    j.add_argument("--base-url", help="an already running OpenAI-compatible judge server")
-    j.add_argument("--cache", required=True, help="judge cache JSONL (resumes from it)")
-    j.add_argument("--judgments", help="judgments JSONL (default: beside --out)")
-    j.add_argument("--out", required=True, help="summary JSON")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log)
-    if args.command == "fetch":
-        fetch_mt_bench(args.commit, args.local_dir, args.out_dir)
-    else:
-        import yaml
-
-        judge = JudgeSettings.from_params(yaml.safe_load(Path(args.judge_config).read_text()) or {})
-        d = data_paths(args.data_dir)
-        judge_mt_bench(args.answers, d["question"], d["judge_prompts"], d["reference_answer"], judge, args.out,
-                       args.cache, judgments_path=args.judgments, base_url=args.base_url)
-
-
-if __name__ == "__main__":
-    main()

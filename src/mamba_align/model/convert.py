@@ -18,7 +18,6 @@ formats, model/tokenizer.py prepares the tokenizer and chat template.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -48,7 +47,6 @@ from mamba_align.utils import (
     UserError,
     atomic_path,
     follow_umask,
-    setup_logging,
     sha256_file,
     write_json,
 )
@@ -205,34 +203,3 @@ def prepare_base_model(source: str, revision: str | None, tokenizer: str | None,
     write_json(report_path, report)
     log.info("wrote %s (%d parameters) and %s", out_dir, report["n_params"], report_path)
     return report
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command lines
-# ---------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mamba-align convert",
-                                description="Convert a Mamba checkpoint to a transformers MambaForCausalLM dir.")
-    p.add_argument("--source", required=True, help="local directory or Hub id (owner/name)")
-    p.add_argument("--revision", help="Hub commit sha or tag (required for a Hub source)")
-    p.add_argument("--tokenizer", help="local directory or Hub id; omit to skip the tokenizer")
-    p.add_argument("--tokenizer-revision")
-    p.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES))
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--report", required=True, help="JSON report path")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the CPU check against model/reference.py (slow for 2.8B)")
-    p.add_argument("--log", help="log file")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log)
-    prepare_base_model(args.source, args.revision, args.tokenizer, args.tokenizer_revision, args.chat_template,
-                       args.out_dir, args.report, verify=args.verify)
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,6 @@ nothing."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -17,7 +16,7 @@ import torch
 
 from mamba_align.model.mapping import padded_vocab_size
 from mamba_align.model.tokenizer import EOS_TOKEN, PAD_TOKEN
-from mamba_align.utils import atomic_path, setup_logging
+from mamba_align.utils import atomic_path
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
 ANIMALS = ["cat", "dog", "bird", "fish", "horse", "cow"]
@@ -165,17 +164,3 @@ def build_demo_inputs(out_dir, vocab_files=(), d_model: int = 64, n_layer: int =
     vocab = len(AutoTokenizer.from_pretrained(tok_dir))
     build_tiny_mamba_ssm_checkpoint(out / "base_mamba_ssm", d_model=d_model, n_layer=n_layer,
                                     vocab_size=vocab, seed=seed)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="mamba-align demo-inputs", description=__doc__)
-    p.add_argument("--out", required=True)
-    p.add_argument("--vocab-files", nargs="*", default=[], help="texts the tokenizer must cover")
-    p.add_argument("--log", default=None)
-    a = p.parse_args(argv)
-    setup_logging(a.log)
-    build_demo_inputs(a.out, a.vocab_files)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,6 @@ so nothing downstream reruns for it in a later invocation.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import hashlib
 import json
@@ -24,8 +23,8 @@ import re
 import time
 from pathlib import Path
 
-from mamba_align.train.recipes import DatasetSpec, load_recipe
-from mamba_align.utils import UserError, read_json, setup_logging, sha256_file, write_json
+from mamba_align.train.recipes import DatasetSpec
+from mamba_align.utils import UserError, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -424,23 +423,3 @@ def settle_kept_mtimes(out_dir) -> dict:
         log.info("%s: %s kept their earlier modification times (rewritten byte-identically)", out_dir,
                  ", ".join(restored))
     return restored
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="mamba-align data", description=__doc__)
-    p.add_argument("stage", choices=["sft", "dpo"])
-    p.add_argument("--recipe-dir", required=True, help="config/recipes/<name>")
-    p.add_argument("--model", required=True, help="prepared base model dir (its tokenizer is used)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--log", default=None)
-    a = p.parse_args(argv)
-    setup_logging(a.log)
-    recipe = load_recipe(a.recipe_dir, a.stage)
-    if a.stage == "sft":
-        prepare_sft_data(recipe.dataset, a.model, a.out, recipe.max_seq_length, recipe.packing)
-    else:
-        prepare_preference_data(recipe.dataset, a.model, a.out, recipe.max_length, recipe.max_prompt_length)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """One training job, described once: `TrainJob` holds the stage, the resolved recipe (learned settings from the
 rule's params, operational ones from the config as it is when the job runs), the input and output paths, the
-process count and the rule. The rule script builds it (`from_snakemake`), `python -m mamba_align.train` builds it
-from its options, and every later step reads it: the model store (ops/store/runs.py), the launcher, `fit` and
+process count and the rule. The rule script builds it (`from_snakemake`), `mamba-align train` (cli/train.py) builds
+it from its options, and every later step reads it: the model store (ops/store/runs.py), the launcher, `fit` and
 `trainer.trl_config`. Ranks of a multi-GPU run read the same job from the JSON file the launcher writes (`save`,
 `load`), never the recipe files again.
 

@@ -8,14 +8,12 @@ the run save a checkpoint at the end of the current optimizer step and exit with
     mamba-align train sft --model M --train T.parquet --test V.parquet --recipe-dir config/recipes/demo \
         --out results/sft --checkpoint-dir results/checkpoints/sft --metrics results/metrics/sft.json
 
-`python -m mamba_align.train` runs the same (train/__main__.py); either builds the same TrainJob (train/job.py) as a
-workflow job. The ranks of a multi-GPU run are started as `python -m mamba_align.train --job
-<checkpoints>/launch/job.json`: the job this process resolved.
+The command (cli/train.py) builds the same TrainJob (train/job.py) as a workflow job. The ranks of a multi-GPU run
+are started as `python -m mamba_align.cli train --job <checkpoints>/launch/job.json`: the job this process resolved.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -37,14 +35,7 @@ from mamba_align.train.preflight import (
     check_tokenizer,
     check_trackers,
 )
-from mamba_align.train.recipes import load_recipe, parse_overrides
-from mamba_align.utils import (
-    UserError,
-    follow_umask,
-    read_json,
-    remove_leftovers,
-    setup_logging,
-)
+from mamba_align.utils import follow_umask, read_json, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +106,7 @@ def _in_distributed_launch() -> bool:
 
 
 def _relaunch(job: TrainJob) -> dict:
-    """Re-run `python -m mamba_align.train --job` under `accelerate launch`; every rank reads the job this process
+    """Re-run `python -m mamba_align.cli train --job` under `accelerate launch`; every rank reads the job this process
     resolved (JOB_FILE in the checkpoint folder). SIGTERM/SIGUSR1 are forwarded to the ranks as the STOP file."""
     import torch
 
@@ -131,7 +122,7 @@ def _relaunch(job: TrainJob) -> dict:
         dist = ["--multi_gpu"]  # torch.distributed.run underneath; on a machine without CUDA, gloo on CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(job.num_processes),
            "--num_machines", "1", "--mixed_precision", "bf16" if job.recipe.bf16 and cuda else "no", *dist,
-           "-m", "mamba_align.train", "--job", str(job_file)]
+           "-m", "mamba_align.cli", "train", "--job", str(job_file)]
     log_files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     if log_files:  # the ranks log to the rule's log file too
         cmd += ["--log", log_files[0]]
@@ -158,60 +149,3 @@ def _relaunch(job: TrainJob) -> dict:
     if rc != 0:
         raise SystemExit(f"training processes failed with exit code {rc} (see the log above)")
     return read_json(job.metrics)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mamba-align train", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", nargs="?", choices=["sft", "dpo"], help="required unless --job")
-    p.add_argument("--model", help="transformers checkpoint directory (with tokenizer); required")
-    p.add_argument("--ref-model", help="DPO reference model directory (default: --model)")
-    p.add_argument("--train", help="train.parquet from the prepare step; required")
-    p.add_argument("--test", help="test.parquet (evaluated once per epoch or every eval_steps)")
-    p.add_argument("--recipe-dir", help="folder holding <stage>.yaml, e.g. config/recipes/demo; required")
-    p.add_argument("--override", action="append", metavar="KEY=VALUE",
-                   help="recipe override, repeatable (e.g. max_steps=10, dataset.revision=abc)")
-    p.add_argument("--out", help="final model directory (written atomically); required")
-    p.add_argument("--checkpoint-dir", help="resumable checkpoints, beside the output; required")
-    p.add_argument("--metrics", help="metrics JSON; required")
-    p.add_argument("--num-processes", type=int, default=1, help="GPUs; >1 relaunches with accelerate")
-    p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP when multi-GPU")
-    p.add_argument("--job", help="instead of all the above: a job file written by the launcher for its ranks")
-    p.add_argument("--log", help="also log to this file")
-    return p
-
-
-REQUIRED = ("stage", "model", "train", "recipe_dir", "out", "checkpoint_dir", "metrics")
-
-
-def job_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> TrainJob:
-    """The job the command line describes: the launcher's job file, or the options (the recipe file with its
-    overrides, strictly parsed)."""
-    def named(keys):
-        return ", ".join(k if k == "stage" else f"--{k.replace('_', '-')}" for k in keys)
-
-    given = [k for k in (*REQUIRED, "ref_model", "test", "override") if getattr(a, k) is not None]
-    if a.job is not None:
-        if given:
-            p.error(f"--job replaces the other options; also given: {named(given)}")
-        return TrainJob.load(a.job)
-    missing = [k for k in REQUIRED if getattr(a, k) is None]
-    if missing:
-        p.error(f"the following arguments are required: {named(missing)}")
-    return TrainJob(stage=a.stage, recipe=load_recipe(a.recipe_dir, a.stage, parse_overrides(a.override)),
-                    model=a.model, ref_model=a.ref_model, train=a.train, test=a.test, out=a.out,
-                    checkpoints=a.checkpoint_dir, metrics=a.metrics, num_processes=a.num_processes, fsdp=a.fsdp)
-
-
-def main(argv=None) -> None:
-    p = build_parser()
-    a = p.parse_args(argv)
-    # a rank dies with its launcher; the attempt (header, end, SIGTERM logged) is the outer process's, or rank 0's
-    # under a launcher of the user's (one per node, profiles/README.md)
-    rank = "LOCAL_RANK" in os.environ
-    outer = not rank or (not os.environ.get(LAUNCHED_ENV) and os.environ.get("RANK") == "0")
-    setup_logging(a.log, attempt=outer, die_with_parent=rank or None)
-    try:
-        train(job_from_args(p, a))
-    except UserError as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None

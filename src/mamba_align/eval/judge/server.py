@@ -11,7 +11,6 @@ follow the output format; this still gives them a score.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -22,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
-from mamba_align.utils import UserError, setup_logging
+from mamba_align.utils import UserError
 
 log = logging.getLogger(__name__)
 
@@ -268,30 +267,3 @@ def serve_local_judge(local_cfg: dict, model_name: str) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="mamba-align judge-server",
-                                description="Serve a local chat model as an OpenAI-compatible judge.")
-    p.add_argument("--model-name", default="local-judge", help="name the server reports")
-    p.add_argument("--model-path", help="a transformers model folder (or the folder of --gguf-file)")
-    p.add_argument("--gguf-package", help="installed Python package whose folder holds --gguf-file")
-    p.add_argument("--gguf-file", help="GGUF file name (or path, without the other two options)")
-    p.add_argument("--rating-from-logprobs", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--log", help="log file")
-    args = p.parse_args(argv)
-    setup_logging(args.log)
-    local_cfg = {"model_path": args.model_path, "gguf_package": args.gguf_package,
-                 "gguf_file": args.gguf_file, "rating_from_logprobs": args.rating_from_logprobs,
-                 "device": args.device}
-    with serve_local_judge(local_cfg, args.model_name) as url:
-        print(url, flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-
-
-if __name__ == "__main__":
-    main()

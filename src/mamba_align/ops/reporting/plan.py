@@ -7,7 +7,6 @@ throughput (docs/benchmarks.md). The same numbers size each job's `runtime` reso
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from mamba_align.eval.judge.settings import JudgeSettings
 from mamba_align.ops.jobenv.gpu_choice import format_gpu_counts, with_gpu_counts
 from mamba_align.ops.reporting.plan_leaderboard import leaderboard_job, owned_evals
 from mamba_align.ops.store.layout import MT_BENCH_DATA, TRAIN_DATA, Results
-from mamba_align.ops.store.provenance import load_config, unpinned
+from mamba_align.ops.store.provenance import unpinned
 from mamba_align.train.recipes import precompute_ref_log_probs
 from mamba_align.train.sizes import REF_PARAMS, disk_gb, memory_fix, params_from_config, stage_memory_gib
 from mamba_align.utils import UserError, read_json, write_json
@@ -393,27 +392,3 @@ def write_plan(plan: dict, out_json, out_txt=None) -> None:
     if out_txt:
         Path(out_txt).write_text(format_plan(plan) + "\n")
     print(format_plan(plan))
-
-
-def main(argv=None):
-    from mamba_align.train.recipes import as_dict, config_recipe
-
-    ap = argparse.ArgumentParser(prog="mamba-align plan", description=__doc__)
-    ap.add_argument("--config", default="config/config.yaml",
-                    help="a config file, merged over config/config.yaml as snakemake --configfile does")
-    ap.add_argument("--workflow-dir", default=".", help="the workflow's folder (its config/ and workflow/schemas/)")
-    ap.add_argument("--gpus", type=int, default=8, help="GPUs per training job")
-    ap.add_argument("--gpu-type", default="A100-80GB", choices=sorted(GPUS))
-    ap.add_argument("--out", default=Results("results").plan("json"))
-    a = ap.parse_args(argv)
-    cfg, _ = load_config([a.config], a.workflow_dir, resolve_template=False)
-    sft, dpo = (as_dict(config_recipe(cfg, s, a.workflow_dir)) for s in ("sft", "dpo"))
-    gpus = {"train_sft": a.gpus, "train_dpo": a.gpus}
-    write_plan(make_plan(cfg, sft, dpo, gpus, a.gpu_type, cfg["results_dir"]), a.out)
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        raise SystemExit(f"mamba-align plan: {e}") from None

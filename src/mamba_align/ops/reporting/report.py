@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -12,7 +11,7 @@ from mamba_align.ops.reporting import report_leaderboard
 from mamba_align.ops.reporting.report_tables import SE_OF, experiments_doc, scores_doc, se_of_mean, to_html, to_markdown
 from mamba_align.ops.store.layout import REPORT, plot_name
 from mamba_align.ops.store.provenance import stale_reason
-from mamba_align.utils import UserError, atomic_path, read_json, setup_logging, write_json
+from mamba_align.utils import UserError, atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -228,28 +227,6 @@ def build_report(run_name: str, evals: dict[str, dict[str, str]], metrics: dict[
     plot_training_curves(metrics, out_dir / REPORT["curves"])
     write_json(out_dir / REPORT["json"], rows)
     return rows
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="mamba-align report", description=__doc__)
-    p.add_argument("--run-name", required=True)
-    p.add_argument("--eval", nargs=3, action="append", metavar=("STAGE", "MTBENCH_JSON", "ALPACAEVAL_JSON"),
-                   default=[])
-    p.add_argument("--metrics", nargs=2, action="append", metavar=("STAGE", "METRICS_JSON"), default=[])
-    p.add_argument("--out", required=True)
-    p.add_argument("--model-key", nargs=2, action="append", metavar=("STAGE", "KEY"), default=[],
-                   help="the current config's model key of STAGE: scores of another model are shown as stale")
-    p.add_argument("--leaderboard", nargs=2, action="append", metavar=("STAGE", "LEADERBOARD_JSON"), default=[])
-    p.add_argument("--demo", action="store_true")
-    p.add_argument("--log", default=None)
-    a = p.parse_args(argv)
-    setup_logging(a.log)
-    build_report(a.run_name, {s: {"mtbench": m, "alpacaeval": e} for s, m, e in a.eval}, dict(a.metrics),
-                 a.out, a.demo, dict(a.model_key), leaderboards=dict(a.leaderboard))
-
-
-if __name__ == "__main__":
-    main()
 
 
 # --- experiments of a grid, side by side -------------------------------------------------------------------

@@ -1,28 +1,13 @@
-"""`mamba-align`: one command for every step of the pipeline and for what a user asks between Snakemake runs.
-
-    mamba-align <command> [options]         `mamba-align <command> --help`: the command's options
-
-A step's command runs that step by hand: its module's `main(argv)` (COMMANDS) with the rest of the command
-line, so the module's parser is the one definition of its options and `python -m mamba_align.<module>` runs the
-same (accelerate's relaunch of `python -m mamba_align.train` on N GPUs does). Snakemake runs the pipeline; each
-rule's script calls the package function that the command calls. Two commands live here:
-
-    mamba-align status [results] [--configfile F ...]
-                                            which stages are done, training checkpoints and ETA, eval progress,
-                                            scores (each marked stale when computed for another model than the
-                                            config's), the report, and the last error of each failed step; for a
-                                            grid config (`experiments`), each experiment's stages
-    mamba-align rescore [results] --stage S re-score stored MT-Bench judgments (no judge call)
-"""
+"""`mamba-align status [results] [--configfile F ...]`: which stages are done, training checkpoints and ETA, eval
+progress, scores (each marked stale when computed for another model than the config's), the report, and the last
+error of each failed step; for a grid config (`experiments`), each experiment's stages. Reads files only."""
 
 from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 import json
 import re
-import sys
 from pathlib import Path
 
 from mamba_align.ops.store import layout
@@ -30,27 +15,19 @@ from mamba_align.ops.store.provenance import stale_reason, stored_run_key
 from mamba_align.utils import UserError, progress_files, read_json, read_jsonl
 
 TRAINED = ("sft", "dpo")
-# a step's command: (the module whose main(argv) it runs, its help naming the rules that call the same function)
-COMMANDS = {
-    "demo-inputs": ("mamba_align.testing.demo",
-                    "the tiny demo's synthetic model, tokenizer and data, no network (build_demo_inputs)"),
-    "convert": ("mamba_align.model.convert",
-                "a Mamba checkpoint -> a verified transformers model folder (prepare_base_model)"),
-    "data": ("mamba_align.train.data",
-             "SFT or preference data, chat-templated, as parquet (prepare_sft_data, prepare_preference_data)"),
-    "train": ("mamba_align.train.launch",
-              "SFT or DPO training, resumable, on N GPUs through accelerate (train_sft, train_dpo)"),
-    "generate": ("mamba_align.eval.generate",
-                 "a model's MT-Bench answers or AlpacaEval outputs (generate_mt_bench, generate_alpaca_eval)"),
-    "mt-bench": ("mamba_align.eval.mtbench",
-                 "fetch the MT-Bench data, or judge a model's answers (fetch_mt_bench, judge_mt_bench)"),
-    "alpaca-eval": ("mamba_align.eval.alpacaeval",
-                    "fetch the AlpacaEval data, or judge a model's outputs (fetch_alpaca_eval, judge_alpaca_eval)"),
-    "judge-server": ("mamba_align.eval.judge.server",
-                     "serve a local chat model as an OpenAI-compatible judge (for the judge commands' --base-url)"),
-    "report": ("mamba_align.ops.reporting.report", "the scores table and plots of a run (report)"),
-    "plan": ("mamba_align.ops.reporting.plan", "GPU-hours, wall time and judge cost before anything runs (plan)"),
-}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", nargs="?", default="results")
+    p.add_argument("--configfile", "--config", nargs="+", action="extend", default=[], metavar="FILE",
+                   help="the config files given to snakemake (merged over config/config.yaml): scores computed "
+                        "for other models than these describe are marked stale; with a grid config (experiments), "
+                        "each experiment's stages are shown")
+    p.add_argument("--workflow-dir", default=".", help="the workflow's folder (its config/ and workflow/schemas/)")
+
+
+def run(args: argparse.Namespace) -> None:
+    print(status(args.results, args.configfile, args.workflow_dir))
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -324,106 +301,3 @@ def _log_errors(results: Path) -> list[str]:
     if failures:
         return ["", "errors in the logs (the newest of each; a rerun may have fixed them):", *failures]
     return []
-
-
-# ---------------------------------------------------------------------------------------------- rescore
-
-def rescore(results: str | Path, stage: str) -> dict:
-    """MT-Bench scores recomputed from the stored judgments' text (FastChat's rating parser), without any
-    judge call: for a changed parser, or to check a summary against its judgments."""
-    from mamba_align.eval.mtbench import combine_ratings, parse_rating, summarize
-
-    results = Path(results)
-    paths = layout.Results(str(results))
-    stored_path = Path(paths.eval_summary(stage, "mtbench"))
-    # beside the summary (the judge rule's declared output); earlier runs kept it in eval/<stage>/
-    judgments_path = Path(paths.scored(layout.MT_BENCH_JUDGMENTS, layout.stage_dir(stage)))
-    if not judgments_path.exists() and Path(paths.stage_eval(stage, layout.MT_BENCH_JUDGMENTS)).exists():
-        judgments_path = Path(paths.stage_eval(stage, layout.MT_BENCH_JUDGMENTS))
-    questions_path = Path(paths.mt_bench_data()["questions"])
-    for p in (judgments_path, questions_path):
-        if not p.exists():
-            raise UserError(f"{p} does not exist: judge the {stage} model first (results/eval/... mtbench.json)")
-    try:
-        categories = {q["question_id"]: q["category"] for q in read_jsonl(questions_path)}
-    except KeyError as e:
-        raise UserError(f"{questions_path}: a question without {e} (not MT-Bench's question.jsonl)") from None
-    rows = []
-    for i, j in enumerate(read_jsonl(judgments_path), 1):
-        if missing := [k for k in ("question_id", "judgment") if k not in j]:
-            raise UserError(f"{judgments_path}:{i}: no {' or '.join(missing)} (not an MT-Bench judgment)")
-        texts = j.get("repeat_judgments") or [j["judgment"]]
-        if j["question_id"] not in categories:
-            raise UserError(f"{judgments_path}:{i}: question {j['question_id']} is not in {questions_path}")
-        rows.append({**j, "category": categories[j["question_id"]],
-                     "score": combine_ratings([parse_rating(t) for t in texts])})
-    summary = summarize(rows, list(dict.fromkeys(categories.values())))
-    try:
-        stored = read_json(stored_path)["scores"] if stored_path.exists() else None
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{stored_path}: not an MT-Bench summary ({type(e).__name__}: {e}); rebuild it with "
-                        f"snakemake {stored_path}") from None
-    return {"stage": stage, "judgments": str(judgments_path), "n": len(rows), **summary,
-            "stored_scores": stored, "changed": stored is not None and stored != summary["scores"]}
-
-
-# ---------------------------------------------------------------------------------------------- main
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mamba-align", description=__doc__,
-                                 epilog="In parentheses: the workflow rules that call the same package function.",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
-    for name, (_, help_text) in COMMANDS.items():  # their options: their module's parser (run_command)
-        sub.add_parser(name, help=help_text, add_help=False)
-    s = sub.add_parser("status", help="what is done in a results folder, progress, scores, errors")
-    s.add_argument("results", nargs="?", default="results")
-    s.add_argument("--configfile", "--config", nargs="+", action="extend", default=[], metavar="FILE",
-                   help="the config files given to snakemake (merged over config/config.yaml): scores computed "
-                        "for other models than these describe are marked stale; with a grid config (experiments), "
-                        "each experiment's stages are shown")
-    s.add_argument("--workflow-dir", default=".", help="the workflow's folder (its config/ and workflow/schemas/)")
-    r = sub.add_parser("rescore", help="re-score stored MT-Bench judgments without judge calls")
-    r.add_argument("results", nargs="?", default="results")
-    r.add_argument("--stage", choices=TRAINED, default=layout.FINAL_STAGE)
-    r.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    return ap
-
-
-def run_command(name: str, argv: list[str]) -> None:
-    """A step's command: its module, imported now (heavy imports only for the step that needs them), run with the
-    rest of the command line, exactly as `python -m <module> ARGV`."""
-    importlib.import_module(COMMANDS[name][0]).main(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name = argv[0] if argv else None
-    if name in COMMANDS and name != "plan":
-        # a step's error as under `python -m`: its setup_logging's excepthook writes it to the step's log
-        run_command(name, argv[1:])
-        return 0
-    args = build_parser().parse_args(argv) if name != "plan" else None
-    try:
-        if args is None:  # plan sets up no log: its error as one line here
-            run_command("plan", argv[1:])
-        elif args.command == "status":
-            print(status(args.results, args.configfile, args.workflow_dir))
-        elif args.command == "rescore":
-            r = rescore(args.results, args.stage)
-            if args.json:
-                print(json.dumps(r, indent=2))
-            else:
-                s = r["scores"]
-                print(f"MT-Bench {args.stage} rescored from {r['n']} judgments: overall {s['overall']}, "
-                      f"turn 1 {s['turn_1']}, turn 2 {s['turn_2']} ({r['n_unrated']} unrated)")
-                if r["stored_scores"] is not None:
-                    print("differs from" if r["changed"] else "same as", "the stored summary")
-    except (UserError, OSError) as e:  # OSError: a file named on the command line that cannot be read or written
-        print(f"mamba-align: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,3 +1,0 @@
-from mamba_align.train.launch import main
-
-main()
