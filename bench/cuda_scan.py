@@ -19,10 +19,10 @@ the tiles from the last, recomputes the tile's states from the stored one into r
 g_t = C_t dy_t + a_{t+1} g_{t+1} backwards: every gradient is formed from h_{t-1}, h_t and g_t, without dividing by a_t.
 
 Status (session 16, no GPU lent): the source compiles for sm_90 with NVRTC 13.5 (DB 16, TT 16: 64 registers in
-backward, 62 in forward, no spills, 24.7 KB shared memory). The same source runs on the CPU (`host=True`: g++, a
-thread per CUDA thread, barriers for __syncthreads and shuffles) and matches the fp32 reference's autograd at
-ragged shapes and the strided delta / z / dz that mamba_inner_fn passes, for TT 8, 16, 32 and DB 4, 8, 16 (fp32
-results within 7e-7 of the largest value, bf16 ones within their rounding, <= 3.6e-3):
+backward, no spills, 24.7 KB shared memory; 48 in forward, 8 bytes spilled). The same source runs on the CPU
+(`host=True`: g++, a thread per CUDA thread, barriers for __syncthreads and shuffles) and matches the fp32
+reference's autograd at ragged shapes and the strided delta / z / dz that mamba_inner_fn passes, for TT 8, 16, 32
+and DB 4, 8, 16 (fp32 results within 7e-7 of the largest value, bf16 ones within their rounding, <= 3.6e-3):
 
     python bench/scan_kernel.py --check 2,32,37,16 --configs host:16:16
 
@@ -56,6 +56,18 @@ __device__ __forceinline__ bf16_t f2bf(float f) {
 }
 __device__ __forceinline__ float softplus_f(float x) { return x <= 20.f ? log1pf(expf(x)) : x; }
 
+// B and C of one tile (16 states x TT steps, zeros past the end) into shared memory, as floats
+__device__ __forceinline__ void stage_bc(const bf16_t* __restrict__ Bm, const bf16_t* __restrict__ Cm,
+                                         float (*s_B)[TT + 1], float (*s_C)[TT + 1], long long bcrow, int t0, int L,
+                                         int tid) {
+    for (int e = tid; e < NS * TT; e += NT) {
+        const int k = e / TT, t = e % TT, tt = t0 + t;
+        const bool in = tt < L;
+        s_B[k][t] = in ? bf2f(Bm[bcrow + (long long)k * L + tt]) : 0.f;
+        s_C[k][t] = in ? bf2f(Cm[bcrow + (long long)k * L + tt]) : 0.f;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(NT)
 scan_fwd(const bf16_t* __restrict__ u, int su_b, int su_d,
          const bf16_t* __restrict__ dl, int sdl_b, int sdl_d,
@@ -84,12 +96,7 @@ scan_fwd(const bf16_t* __restrict__ u, int su_b, int su_d,
             }
             s_dt[i][t] = dtv; s_u[i][t] = uv; s_dtu[i][t] = dtv * uv;
         }
-        for (int e = tid; e < NS * TT; e += NT) {
-            const int k = e / TT, t = e % TT, tt = t0 + t;
-            float bv = 0.f, cv = 0.f;
-            if (tt < L) { bv = bf2f(Bm[bcrow + (long long)k * L + tt]); cv = bf2f(Cm[bcrow + (long long)k * L + tt]); }
-            s_B[k][t] = bv; s_C[k][t] = cv;
-        }
+        stage_bc(Bm, Cm, s_B, s_C, bcrow, t0, L, tid);
         ckpt[(((long long)b * Dm + d) * nT + c) * NS + n] = h;
         __syncthreads();
 #pragma unroll
@@ -179,12 +186,7 @@ scan_bwd(const bf16_t* __restrict__ u, int su_b, int su_d,
                 s_dt[i][t] = dtv; s_u[i][t] = uv; s_dy[i][t] = dy;
             }
         }
-        for (int e = tid; e < NS * TT; e += NT) {
-            const int k = e / TT, t = e % TT, tt = t0 + t;
-            float bv = 0.f, cv = 0.f;
-            if (tt < L) { bv = bf2f(Bm[bcrow + (long long)k * L + tt]); cv = bf2f(Cm[bcrow + (long long)k * L + tt]); }
-            s_B[k][t] = bv; s_C[k][t] = cv;
-        }
+        stage_bc(Bm, Cm, s_B, s_C, bcrow, t0, L, tid);
         const float h0 = ckpt[(((long long)b * Dm + d) * nT + c) * NS + n];
         __syncthreads();
         float hs[TT], as[TT];
