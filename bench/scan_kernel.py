@@ -113,6 +113,9 @@ def main():
     p.add_argument("--configs", default="32:8:4,64:8:4,32:16:4,32:4:4,16:8:4,32:8:8,64:16:8,32:16:8")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--check", metavar="B,D,L,N", help="only compare with the fp32 reference at this shape")
+    p.add_argument("--fixed-bc", action="store_true",
+                   help="also time mamba_ssm's kernel with B and/or C fixed (d, n): what its per-element atomic "
+                        "adds of dB and dC cost")
     p.add_argument("--out")
     args = p.parse_args()
     if args.check:
@@ -130,6 +133,16 @@ def main():
     (ry, rst, roz), rres = run(selective_scan_cuda, x, dout)
     rows = [dict(impl="mamba_ssm CUDA", fwd_ms=timed(lambda: selective_scan_cuda.fwd(*a, True), args.reps),
                  bwd_ms=timed(lambda: selective_scan_cuda.bwd(*a, dout, rst, ry, None, True, True), args.reps))]
+    if args.fixed_bc:  # B, C as (d, n) weights: dB, dC summed in the block, not one atomic per (b, d, n, t)
+        for which in ("B", "C", "BC"):
+            f = dict(x, **{k: torch.randn(d, n, device="cuda") for k in which})
+            fa = (f["u"], f["delta"], f["A"], f["B"], f["C"], f["D"], f["z"], f["delta_bias"])
+            fy, fst, _ = selective_scan_cuda.fwd(*fa, True)
+            rows.append(dict(impl=f"mamba_ssm CUDA, {which} fixed (d, n)",
+                             fwd_ms=timed(lambda: selective_scan_cuda.fwd(*fa, True), args.reps),
+                             bwd_ms=timed(lambda: selective_scan_cuda.bwd(*fa, dout, fst, fy, None, True, True),
+                                          args.reps)))
+            print(rows[-1], flush=True)
     names = ["du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias", "dz", "out_z"]
     for cfg in args.configs.split(","):
         ops = make_ops(cfg)
