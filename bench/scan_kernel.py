@@ -56,12 +56,13 @@ def run(ops, x, dout):
 
 def make_ops(cfg):
     """`chunk:block_d:warps` -> the Triton scan; `cuda:block_d:tile` -> the CUDA one (bench/cuda_scan.py);
-    `host:block_d:tile` -> the CUDA one's source on CPU threads (g++), for a check without a GPU."""
-    if cfg.startswith(("cuda:", "host:")):
+    `host:block_d:tile` -> the CUDA one's source on CPU threads (g++), for a check without a GPU; a fourth field
+    `time` picks the CUDA scan's other layout (a warp per channel, `tile` steps per lane)."""
+    if cfg.startswith(("cuda:", "host:")):  # [cuda|host]:block_d:tile[:time]
         from cuda_scan import CudaScan
 
-        kind, bd, tile = cfg.split(":")
-        return CudaScan(block_d=int(bd), tile=int(tile), host=kind == "host")
+        kind, bd, tile, *layout = cfg.split(":")
+        return CudaScan(block_d=int(bd), tile=int(tile), host=kind == "host", layout=(layout or ["state"])[0])
     from chunked_scan import ChunkedScan
 
     chunk, bd, warps = (int(v) for v in cfg.split(":"))

@@ -16,7 +16,8 @@ Variants (--variants, comma-separated, each NAME or NAME:BATCH or NAME:BATCH:ckp
   fast_trl       fast + TRL's fused LM head (what SFTTrainer/DPOTrainer call: fused_lm_head=True)
   fast_hf_mixer  fast with native_mixer_layout=False (transformers' own mixer call: in_proj(x).transpose)
   NAME+cuscan    NAME with bench/cuda_scan.py's selective scan in place of mamba_ssm's CUDA kernel (issue #33;
-                 CUSCAN=DB:TT in the environment picks its channels per block and tile, default 16:16)
+                 CUSCAN=DB:TT[:time] in the environment picks its layout, channels per block and tile,
+                 default 16:16)
 
 --max-grad-norm N clips every step as the recipes do (max_grad_norm 1.0): clip_grad_norm_ then step, or for the
 fast variants fast.fused_clip_grad_norm_ (the scale applied inside the fused AdamW step, as the trainer does).
@@ -51,7 +52,8 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
         import mamba_ssm.ops.selective_scan_interface as ssi
         from cuda_scan import CudaScan
 
-        ssi.selective_scan_cuda = CudaScan(*(int(v) for v in os.environ.get("CUSCAN", "16:16").split(":")))
+        db, tile, *layout = os.environ.get("CUSCAN", "16:16").split(":")
+        ssi.selective_scan_cuda = CudaScan(int(db), int(tile), layout=(layout or ["state"])[0])
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
