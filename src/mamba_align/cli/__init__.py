@@ -1,18 +1,8 @@
 """`mamba-align`: one command for every step of the pipeline and for what a user asks between Snakemake runs.
 
-    mamba-align <command> [options]         `mamba-align <command> --help`: the command's options
-
 Each command is a module of mamba_align.cli (COMMANDS): the one definition of its options (`configure`) and a thin
-`run` calling the package function that the command's rules call through their scripts. Snakemake runs the
-pipeline; a step's command runs that step by hand. `python -m mamba_align.cli` runs the same (accelerate's relaunch
-of `mamba-align train` on N GPUs does). Two commands only read a results folder:
-
-    mamba-align status [results] [--configfile F ...]
-                                            which stages are done, training checkpoints and ETA, eval progress,
-                                            scores (each marked stale when computed for another model than the
-                                            config's), the report, and the last error of each failed step; for a
-                                            grid config (`experiments`), each experiment's stages
-    mamba-align rescore [results] --stage S re-score stored MT-Bench judgments (no judge call)
+`run` calling the package function that the command's rules call through their scripts. `python -m mamba_align.cli`
+runs the same (accelerate's relaunch of `mamba-align train` on N GPUs does). What a user reads is USAGE.
 """
 
 from __future__ import annotations
@@ -23,6 +13,20 @@ import sys
 from types import ModuleType
 
 from mamba_align.utils import UserError
+
+USAGE = """\
+Run one step of the pipeline by hand, or ask about a results folder between Snakemake runs. Snakemake runs the
+whole pipeline (`snakemake --profile profiles/slurm results/eval/mtbench.json`); a step's command runs the same code
+as its rule (in parentheses below).
+
+    mamba-align <command> [options]         `mamba-align <command> --help`: the command's options
+    mamba-align status [results] [--configfile F ...]
+                                            which stages are done, training checkpoints and ETA, eval progress,
+                                            scores (each marked stale when computed for another model than the
+                                            config's), the report, and the last error of each failed step; for a
+                                            grid config (`experiments`), each experiment's stages
+    mamba-align rescore [results] --stage S re-score stored MT-Bench judgments (no judge call)
+"""
 
 # a command: (its module in mamba_align.cli, its help naming the rules that call the same function)
 COMMANDS = {
@@ -54,7 +58,7 @@ def command(name: str) -> ModuleType:
 def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     """`mamba-align`'s parser, listing every command with its help; with `name`, that command's parser (prog
     `mamba-align <name>`), its options from its module's `configure`."""
-    ap = argparse.ArgumentParser(prog="mamba-align", description=__doc__,
+    ap = argparse.ArgumentParser(prog="mamba-align", description=USAGE,
                                  epilog="In parentheses: the workflow rules that call the same package function.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="command")
