@@ -94,6 +94,8 @@ def _unfinished_attempt(history: Path) -> tuple[int, str] | None:
 
 def _end_attempt(pid: int) -> None:
     if os.getpid() == pid:  # not in a forked child (those leave through os._exit anyway)
+        # at exit, a handler whose stream its owner closed already (a test runner's capture) stays quiet
+        logging.raiseExceptions = False
         log.info(ATTEMPT_ENDED.format(pid=pid))
 
 
