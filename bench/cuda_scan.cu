@@ -7,6 +7,28 @@ typedef unsigned short bf16_t;
 #define FULL 0xffffffffu
 #define LOG2E 1.4426950408889634f
 
+// the kernels' arguments, the same in both layouts: those of mamba_ssm's selective_scan_cuda.fwd / .bwd
+#define IN_PARAMS \
+    const bf16_t* __restrict__ u, int su_b, int su_d, \
+    const bf16_t* __restrict__ dl, int sdl_b, int sdl_d, \
+    const float* __restrict__ A, const bf16_t* __restrict__ Bm, const bf16_t* __restrict__ Cm, \
+    const float* __restrict__ Dv, const float* __restrict__ bias, \
+    const bf16_t* __restrict__ z, int sz_b, int sz_d
+
+#define FWD_PARAMS IN_PARAMS, \
+    bf16_t* __restrict__ y, bf16_t* __restrict__ outz, float* __restrict__ ckpt, \
+    int Dm, int L, int nT
+
+#define BWD_PARAMS IN_PARAMS, \
+    const bf16_t* __restrict__ yv, int sy_b, int sy_d, \
+    const bf16_t* __restrict__ dout, int sdo_b, int sdo_d, \
+    const float* __restrict__ ckpt, \
+    bf16_t* __restrict__ du, bf16_t* __restrict__ ddl, \
+    bf16_t* __restrict__ dz, int sdz_b, int sdz_d, \
+    bf16_t* __restrict__ outz, \
+    float* __restrict__ dA, float* __restrict__ dB, float* __restrict__ dC, \
+    float* __restrict__ dD, float* __restrict__ dbias, \
+    int Dm, int L, int nT, int recompute_outz
 
 __device__ __forceinline__ float bf2f(bf16_t x) { return __uint_as_float(((unsigned)x) << 16); }
 __device__ __forceinline__ bf16_t f2bf(float f) {
@@ -33,13 +55,7 @@ __device__ __forceinline__ void stage_bc(const bf16_t* __restrict__ Bm, const bf
 }
 
 extern "C" __global__ void __launch_bounds__(NT)
-scan_fwd(const bf16_t* __restrict__ u, int su_b, int su_d,
-         const bf16_t* __restrict__ dl, int sdl_b, int sdl_d,
-         const float* __restrict__ A, const bf16_t* __restrict__ Bm, const bf16_t* __restrict__ Cm,
-         const float* __restrict__ Dv, const float* __restrict__ bias,
-         const bf16_t* __restrict__ z, int sz_b, int sz_d,
-         bf16_t* __restrict__ y, bf16_t* __restrict__ outz, float* __restrict__ ckpt,
-         int Dm, int L, int nT)
+scan_fwd(FWD_PARAMS)
 {
     __shared__ float s_dt[DB][TT], s_dtu[DB][TT], s_u[DB][TT], s_y[DB][TT];
     __shared__ float s_B[NS][TT + 1], s_C[NS][TT + 1];
@@ -97,20 +113,7 @@ scan_fwd(const bf16_t* __restrict__ u, int su_b, int su_d,
 #define RED(w, q, t, k) s_red[((w) * 2 + (q)) * RSTRIDE + (t) * (NS + 1) + (k)]
 
 extern "C" __global__ void __launch_bounds__(NT)
-scan_bwd(const bf16_t* __restrict__ u, int su_b, int su_d,
-         const bf16_t* __restrict__ dl, int sdl_b, int sdl_d,
-         const float* __restrict__ A, const bf16_t* __restrict__ Bm, const bf16_t* __restrict__ Cm,
-         const float* __restrict__ Dv, const float* __restrict__ bias,
-         const bf16_t* __restrict__ z, int sz_b, int sz_d,
-         const bf16_t* __restrict__ yv, int sy_b, int sy_d,
-         const bf16_t* __restrict__ dout, int sdo_b, int sdo_d,
-         const float* __restrict__ ckpt,
-         bf16_t* __restrict__ du, bf16_t* __restrict__ ddl,
-         bf16_t* __restrict__ dz, int sdz_b, int sdz_d,
-         bf16_t* __restrict__ outz,
-         float* __restrict__ dA, float* __restrict__ dB, float* __restrict__ dC,
-         float* __restrict__ dD, float* __restrict__ dbias,
-         int Dm, int L, int nT, int recompute_outz)
+scan_bwd(BWD_PARAMS)
 {
     __shared__ float s_dt[DB][TT], s_u[DB][TT], s_dy[DB][TT], s_gB[DB][TT], s_ddt[DB][TT];
     __shared__ float s_B[NS][TT + 1], s_C[NS][TT + 1];
@@ -262,13 +265,7 @@ __device__ __forceinline__ float enter_state(float P, float H, float chunk_in, i
 }
 
 extern "C" __global__ void __launch_bounds__(NT)
-scan_fwd(const bf16_t* __restrict__ u, int su_b, int su_d,
-         const bf16_t* __restrict__ dl, int sdl_b, int sdl_d,
-         const float* __restrict__ A, const bf16_t* __restrict__ Bm, const bf16_t* __restrict__ Cm,
-         const float* __restrict__ Dv, const float* __restrict__ bias,
-         const bf16_t* __restrict__ z, int sz_b, int sz_d,
-         bf16_t* __restrict__ y, bf16_t* __restrict__ outz, float* __restrict__ ckpt,
-         int Dm, int L, int nT)
+scan_fwd(FWD_PARAMS)
 {
     __shared__ float s_B[NS][SKN], s_C[NS][SKN];
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
@@ -323,20 +320,7 @@ scan_fwd(const bf16_t* __restrict__ u, int su_b, int su_d,
 }
 
 extern "C" __global__ void __launch_bounds__(NT)
-scan_bwd(const bf16_t* __restrict__ u, int su_b, int su_d,
-         const bf16_t* __restrict__ dl, int sdl_b, int sdl_d,
-         const float* __restrict__ A, const bf16_t* __restrict__ Bm, const bf16_t* __restrict__ Cm,
-         const float* __restrict__ Dv, const float* __restrict__ bias,
-         const bf16_t* __restrict__ z, int sz_b, int sz_d,
-         const bf16_t* __restrict__ yv, int sy_b, int sy_d,
-         const bf16_t* __restrict__ dout, int sdo_b, int sdo_d,
-         const float* __restrict__ ckpt,
-         bf16_t* __restrict__ du, bf16_t* __restrict__ ddl,
-         bf16_t* __restrict__ dz, int sdz_b, int sdz_d,
-         bf16_t* __restrict__ outz,
-         float* __restrict__ dA, float* __restrict__ dB, float* __restrict__ dC,
-         float* __restrict__ dD, float* __restrict__ dbias,
-         int Dm, int L, int nT, int recompute_outz)
+scan_bwd(BWD_PARAMS)
 {
     __shared__ float s_B[NS][SKN], s_C[NS][SKN];
     __shared__ float s_part[2][DB][SKN];            // one state's dB, dC terms over the chunk, per channel

@@ -153,9 +153,9 @@ def _host_kernels(opts):
 
     wrappers, sigs = [], {}
     for name in ("scan_fwd", "scan_bwd"):
-        found = {m.group(1) for m in re.finditer(rf"\n{name}\((.*?)\)\s*\{{", SRC, re.S)}
-        assert len(found) == 1, f"the layouts' {name} must take the same arguments"
-        params = [p.strip() for p in found.pop().split(",")]
+        macros = {k: v.replace("\\\n", " ") for k, v in re.findall(r"#define (\w+_PARAMS) (.*?)\n\n", SRC, re.S)}
+        text = macros[f"{name[5:].upper()}_PARAMS"].replace("IN_PARAMS", macros["IN_PARAMS"])
+        params = [p.strip() for p in text.split(",")]
         names = [re.findall(r"\w+", p)[-1] for p in params]
         sigs[name] = ["*" in p for p in params]
         wrappers.append(f'extern "C" void launch_{name}(int gx, int gy, int nt, {", ".join(params)}) '
