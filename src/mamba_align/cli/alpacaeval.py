@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from mamba_align.eval.alpacaeval import judge_alpaca_eval
 from mamba_align.eval.alpacaeval_data import ANNOTATORS, fetch_alpaca_eval
@@ -39,8 +38,6 @@ def run(args: argparse.Namespace) -> None:
         pins = dict(s.split("=", 1) for s in args.sha256)
         fetch_alpaca_eval(args.revision, args.local_dir, args.out_dir, sha256=pins, annotators=args.annotators)
     else:
-        import yaml
-
-        judge = JudgeSettings.from_params(yaml.safe_load(Path(args.judge_config).read_text()) or {})
+        judge = JudgeSettings.from_file(args.judge_config)
         judge_alpaca_eval(args.outputs, args.data_dir, args.annotators, judge, args.out, args.cache_dir,
                           base_url=args.base_url)

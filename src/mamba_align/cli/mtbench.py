@@ -4,7 +4,6 @@ the rules fetch_mt_bench and judge_mt_bench do."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from mamba_align.eval import mtbench
 from mamba_align.eval.judge.settings import JudgeSettings
@@ -35,9 +34,7 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "fetch":
         fetch_mt_bench(args.commit, args.local_dir, args.out_dir)
     else:
-        import yaml
-
-        judge = JudgeSettings.from_params(yaml.safe_load(Path(args.judge_config).read_text()) or {})
+        judge = JudgeSettings.from_file(args.judge_config)
         d = data_paths(args.data_dir)
         judge_mt_bench(args.answers, d["question"], d["judge_prompts"], d["reference_answer"], judge, args.out,
                        args.cache, judgments_path=args.judgments, base_url=args.base_url)

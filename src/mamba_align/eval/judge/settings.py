@@ -95,6 +95,14 @@ class JudgeSettings:
         return cls(**{**params, "local": LocalJudge(**local)})
 
     @classmethod
+    def from_file(cls, path: str | os.PathLike) -> JudgeSettings:
+        """From a --judge-config file: judge.* as JSON or YAML (an empty file: every default)."""
+        import yaml
+
+        with open(path) as f:
+            return cls.from_params(yaml.safe_load(f) or {})
+
+    @classmethod
     def from_config(cls, config: Mapping) -> JudgeSettings:
         """From a whole config (its `judge` section)."""
         return cls.from_params(config.get("judge") or {})
