@@ -95,14 +95,6 @@ static std::vector<std::barrier<>*> g_warp_bar;
 static float g_xchg[64][32];
 static std::mutex g_atomic;
 inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int m) {
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    g_xchg[w][lane] = v;
-    g_warp_bar[w]->arrive_and_wait();
-    const float r = g_xchg[w][lane ^ m];
-    g_warp_bar[w]->arrive_and_wait();
-    return r;
-}
 inline float __shfl_sync(unsigned, float v, int src) {
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     g_xchg[w][lane] = v;
@@ -111,6 +103,7 @@ inline float __shfl_sync(unsigned, float v, int src) {
     g_warp_bar[w]->arrive_and_wait();
     return r;
 }
+inline float __shfl_xor_sync(unsigned m, float v, int x) { return __shfl_sync(m, v, (threadIdx.x & 31) ^ x); }
 inline float __shfl_up_sync(unsigned m, float v, int k) {
     const float r = __shfl_sync(m, v, ((threadIdx.x & 31) - k) & 31);
     return (threadIdx.x & 31) >= k ? r : v;
@@ -149,11 +142,10 @@ def _host_kernels(opts):
     import re
     import subprocess
     import tempfile
-    from pathlib import Path
 
+    macros = {k: v.replace("\\\n", " ") for k, v in re.findall(r"#define (\w+_PARAMS) (.*?)\n\n", SRC, re.S)}
     wrappers, sigs = [], {}
     for name in ("scan_fwd", "scan_bwd"):
-        macros = {k: v.replace("\\\n", " ") for k, v in re.findall(r"#define (\w+_PARAMS) (.*?)\n\n", SRC, re.S)}
         text = macros[f"{name[5:].upper()}_PARAMS"].replace("IN_PARAMS", macros["IN_PARAMS"])
         params = [p.strip() for p in text.split(",")]
         names = [re.findall(r"\w+", p)[-1] for p in params]
@@ -189,6 +181,15 @@ def _bd(t):
     return t, t.stride(0), t.stride(1)
 
 
+def _in_params(u, delta, A, B, C, D, z, delta_bias) -> list:
+    """The arguments both kernels start with (IN_PARAMS in cuda_scan.cu)."""
+    u, su_b, su_d = _bd(u)
+    delta, sdl_b, sdl_d = _bd(delta)
+    z, sz_b, sz_d = _bd(z)
+    return [u, su_b, su_d, delta, sdl_b, sdl_d, A.float().contiguous(), B.contiguous(), C.contiguous(),
+            D.float().contiguous(), delta_bias.float().contiguous(), z, sz_b, sz_d]
+
+
 class CudaScan:
     """`fwd` / `bwd` with the signatures of mamba_ssm's `selective_scan_cuda` for the Mamba-1 mixer's call.
     layout "state": a thread per (channel, state), `block_d` channels per block, tiles of `tile` steps;
@@ -201,6 +202,12 @@ class CudaScan:
         self.chunk = tile * (32 if layout == "time" else 1)  # steps per stored state
         self.threads = block_d * (32 if layout == "time" else N_STATE)
 
+    @classmethod
+    def from_spec(cls, spec: str, host: bool = False) -> CudaScan:
+        """From `DB:TT` (layout "state") or `DB:IT:time`, as scan_kernel.py's --configs and CUSCAN spell it."""
+        db, tile, *layout = spec.split(":")
+        return cls(int(db), int(tile), host=host, layout=(layout or ["state"])[0])
+
     def _check(self, u, A, B, z, delta_bias, delta_softplus):
         assert delta_softplus and z is not None and delta_bias is not None
         assert not A.is_complex() and A.shape[-1] == N_STATE and B.dim() == 4 and B.shape[1] == 1
@@ -210,17 +217,12 @@ class CudaScan:
         self._check(u, A, B, z, delta_bias, delta_softplus)
         b, dm, L = u.shape
         nT = -(-L // self.chunk)
-        u, su_b, su_d = _bd(u)
-        delta, sdl_b, sdl_d = _bd(delta)
-        z, sz_b, sz_d = _bd(z)
-        A, B, C = A.float().contiguous(), B.contiguous(), C.contiguous()
-        D, bias = D.float().contiguous(), delta_bias.float().contiguous()
+        args = _in_params(u, delta, A, B, C, D, z, delta_bias)
         y = torch.empty(b, dm, L, device=u.device, dtype=u.dtype)
         out_z = torch.empty_like(y)
         states = torch.empty(b, dm, nT, N_STATE, device=u.device, dtype=torch.float32)
         fwd, _ = _kernels(self.layout, self.block_d, self.tile, self.host)
-        fwd((dm // self.block_d, b, 1), (self.threads, 1, 1),
-            [u, su_b, su_d, delta, sdl_b, sdl_d, A, B, C, D, bias, z, sz_b, sz_d, y, out_z, states, dm, L, nT])
+        fwd((dm // self.block_d, b, 1), (self.threads, 1, 1), [*args, y, out_z, states, dm, L, nT])
         return y, states, out_z
 
     def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, states, y, dz, delta_softplus, recompute_out_z):
@@ -228,13 +230,9 @@ class CudaScan:
         b, dm, L = u.shape
         nT = states.shape[2]
         assert nT == -(-L // self.chunk), "states from a forward with another tile"
-        u, su_b, su_d = _bd(u)
-        delta, sdl_b, sdl_d = _bd(delta)
-        z, sz_b, sz_d = _bd(z)
+        args = _in_params(u, delta, A, B, C, D, z, delta_bias)
         y, sy_b, sy_d = _bd(y)
         dout, sdo_b, sdo_d = _bd(dout)
-        A, B, C = A.float().contiguous(), B.contiguous(), C.contiguous()
-        Df, bias = D.float().contiguous(), delta_bias.float().contiguous()
         du, ddelta = torch.empty(b, dm, L, device=u.device, dtype=u.dtype), torch.empty(b, dm, L, device=u.device,
                                                                                        dtype=delta.dtype)
         if dz is None:
@@ -247,8 +245,7 @@ class CudaScan:
         dD, dbias = torch.zeros(dm, **f32), torch.zeros(dm, **f32)
         _, bwd = _kernels(self.layout, self.block_d, self.tile, self.host)
         bwd((dm // self.block_d, b, 1), (self.threads, 1, 1),
-            [u, su_b, su_d, delta, sdl_b, sdl_d, A, B, C, Df, bias, z, sz_b, sz_d, y, sy_b, sy_d, dout, sdo_b, sdo_d,
-             states, du, ddelta, dz, dz.stride(0), dz.stride(1), du if out_z is None else out_z,
-             dA, dB, dC, dD, dbias, dm, L, nT, int(recompute_out_z)])
+            [*args, y, sy_b, sy_d, dout, sdo_b, sdo_d, states, du, ddelta, dz, dz.stride(0), dz.stride(1),
+             du if out_z is None else out_z, dA, dB, dC, dD, dbias, dm, L, nT, int(recompute_out_z)])
         return (du, ddelta, dA, dB, dC, dD.to(D.dtype), dbias.to(delta_bias.dtype), dz, out_z)
 

@@ -54,15 +54,18 @@ def run(ops, x, dout):
     return (y, st, oz), res
 
 
+OWN = ("cuda:", "host:")  # --configs prefixes of bench/cuda_scan.py's scan (bf16 in and out)
+
+
 def make_ops(cfg):
     """`chunk:block_d:warps` -> the Triton scan; `cuda:block_d:tile` -> the CUDA one (bench/cuda_scan.py);
     `host:block_d:tile` -> the CUDA one's source on CPU threads (g++), for a check without a GPU; a fourth field
     `time` picks the CUDA scan's other layout (a warp per channel, `tile` steps per lane)."""
-    if cfg.startswith(("cuda:", "host:")):  # [cuda|host]:block_d:tile[:time]
+    if cfg.startswith(OWN):  # [cuda|host]:block_d:tile[:time]
         from cuda_scan import CudaScan
 
-        kind, bd, tile, *layout = cfg.split(":")
-        return CudaScan(block_d=int(bd), tile=int(tile), host=kind == "host", layout=(layout or ["state"])[0])
+        kind, spec = cfg.split(":", 1)
+        return CudaScan.from_spec(spec, host=kind == "host")
     from chunked_scan import ChunkedScan
 
     chunk, bd, warps = (int(v) for v in cfg.split(":"))
@@ -75,7 +78,7 @@ def check(shape, cfg):
     from chunked_scan import reference_scan
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = cfg.startswith(("cuda:", "host:"))
+    bf16 = cfg.startswith(OWN)
     b, d, seq, n = shape
     torch.manual_seed(0)
     x = [torch.randn(b, d, seq), torch.randn(b, d, seq) * 0.5 - 1, -torch.rand(d, n) * 4 - 0.1,
@@ -123,7 +126,7 @@ def main():
         cfg = args.configs.split(",")[0]
         err = check([int(v) for v in args.check.split(",")], cfg)
         print(err)
-        assert max(err.values()) < (2e-2 if cfg.startswith(("cuda:", "host:")) else 1e-4), err
+        assert max(err.values()) < (2e-2 if cfg.startswith(OWN) else 1e-4), err
         return
     import selective_scan_cuda
 

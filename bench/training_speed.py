@@ -52,8 +52,7 @@ def worker(variant: str, batch: int, ckpt: bool, shape: str, seq: int, warmup: i
         import mamba_ssm.ops.selective_scan_interface as ssi
         from cuda_scan import CudaScan
 
-        db, tile, *layout = os.environ.get("CUSCAN", "16:16").split(":")
-        ssi.selective_scan_cuda = CudaScan(int(db), int(tile), layout=(layout or ["state"])[0])
+        ssi.selective_scan_cuda = CudaScan.from_spec(os.environ.get("CUSCAN", "16:16"))
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
