@@ -16,7 +16,7 @@ from mamba_align.train.recipes import (
     config_recipe,
     learning_settings,
     load_recipe,
-    stage_recipe,
+    recipe_of,
 )
 from mamba_align.utils import UserError, read_json, write_json
 
@@ -25,11 +25,12 @@ DEMO = ROOT / "config" / "recipes" / "demo"
 PATHS = dict(model="m", train="t.parquet", test=None, out="o", checkpoints="c", metrics="x.json")
 
 
-def rule(stage: str, config: dict, params_config: dict | None = None, **resources):
-    """What a Snakemake script gets for train_<stage> (or its grid twin, with params.config)."""
-    learned = learning_settings(as_dict(config_recipe({**config, **(params_config or {})}, stage, ROOT)))
-    params = types.SimpleNamespace(recipe=learned, checkpoints="results/checkpoints",
-                                   **({"config": params_config} if params_config else {}))
+def rule(stage: str, config: dict, **resources):
+    """What a Snakemake script gets for train_<stage>, as train.smk wires it: the learned settings Snakemake records
+    (params.recipe) and the recipe object the job runs with (params.job_recipe), both of the parsed config."""
+    recipe = as_dict(config_recipe(config, stage, ROOT))
+    params = types.SimpleNamespace(recipe=learning_settings(recipe), job_recipe=recipe_of(stage, recipe),
+                                   checkpoints="results/checkpoints")
     return types.SimpleNamespace(
         input=types.SimpleNamespace(model="results/models/base", train="d/train.parquet", test="d/test.parquet"),
         output=types.SimpleNamespace(model=f"results/models/{stage}", metrics=f"results/metrics/{stage}.json"),
@@ -37,12 +38,13 @@ def rule(stage: str, config: dict, params_config: dict | None = None, **resource
         resources=types.SimpleNamespace(**{"gpu": 0, **resources}))
 
 
-def test_a_rule_builds_the_job_learned_settings_from_params_the_rest_from_the_config_now():
-    config = {"recipe": "demo", "training": {"precompute_ref_log_probs": False}}
+def test_a_rule_hands_the_job_its_recipe_whole_and_the_config_is_not_read_again():
+    config = {"recipe": "demo", "training": {"precompute_ref_log_probs": False},
+              "recipe_overrides": {"dpo": {"save_steps": 7}}}
     smk = rule("dpo", config)
-    now = {**config, "recipe_overrides": {"dpo": {"save_steps": 7}}}  # operational: changed after the rule ran
-    job = TrainJob.from_snakemake(types.SimpleNamespace(**{**vars(smk), "config": now}), "dpo")
-    assert job.recipe == stage_recipe(now, "dpo", ROOT, smk.params.recipe)
+    job = TrainJob.from_snakemake(types.SimpleNamespace(**{**vars(smk), "config": {"recipe": "no such recipe"}}),
+                                  "dpo")
+    assert job.recipe == config_recipe(config, "dpo", ROOT) and job.recipe is not smk.params.job_recipe
     assert job.recipe.save_steps == 7 and job.recipe.precompute_ref_log_probs is False
     assert (job.model, job.ref_model, job.test) == (Path("results/models/base"),) * 2 + (Path("d/test.parquet"),)
     assert (job.out, job.checkpoints, job.rule, job.num_processes, job.fsdp) == \
@@ -51,12 +53,14 @@ def test_a_rule_builds_the_job_learned_settings_from_params_the_rest_from_the_co
     assert sft.ref_model is None and sft.num_processes == 4 and sft.fsdp
 
 
-def test_a_grid_experiment_brings_its_recipe_and_keeps_the_workflows_training_section():
-    config = {"recipe": "zephyr-7b-beta", "training": {"precompute_ref_log_probs": False}}
-    own = {"recipe": "demo", "recipe_overrides": {"dpo": {"beta": 0.5}}}
-    job = TrainJob.from_snakemake(rule("dpo", config, own), "dpo")
-    assert job.recipe.beta == 0.5 and job.recipe.global_batch_size == load_recipe(DEMO, "dpo").global_batch_size
-    assert job.recipe.precompute_ref_log_probs is False
+def test_params_that_disagree_are_a_workflow_error():
+    smk = rule("dpo", {"recipe": "demo"})
+    smk.params.recipe = {**smk.params.recipe, "beta": 0.5}
+    with pytest.raises(UserError, match="train_dpo: its params disagree"):
+        TrainJob.from_snakemake(smk, "dpo")
+    smk = rule("dpo", {"recipe": "demo"})  # an operational key is not in the recorded settings
+    smk.params.job_recipe = dataclasses.replace(smk.params.job_recipe, save_steps=3)
+    assert TrainJob.from_snakemake(smk, "dpo").recipe.save_steps == 3
 
 
 def test_the_reference_setting_is_a_bool_in_every_job_and_the_callers_recipe_is_untouched():

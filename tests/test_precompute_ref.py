@@ -22,7 +22,7 @@ from mamba_align.train.recipes import (
     learning_settings,
     load_recipe,
     precompute_ref_log_probs,
-    stage_recipe,
+    recipe_of,
 )
 
 torch.set_num_threads(2)
@@ -183,9 +183,9 @@ def test_the_setting_is_operational_and_resolved_recipe_then_config_then_default
     assert on != not_on and learning_settings(on) == learning_settings(not_on)
     # the key holds the value every run had before the default changed: earlier runs keep their keys
     assert learning_settings(on)["precompute_ref_log_probs"] is False
-    # ... and the job's recipe (params' learned settings + the config now) still gets the effective value
+    # ... and the recipe a job runs with (params.job_recipe) still has the effective value
     for c, want in ((config, True), (off, False)):
-        assert stage_recipe(c, "dpo", ROOT, learning_settings(on)).precompute_ref_log_probs is want
+        assert recipe_of("dpo", as_dict(config_recipe(c, "dpo", ROOT))).precompute_ref_log_probs is want
 
 
 def test_the_schema_default_is_the_code_default():

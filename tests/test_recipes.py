@@ -100,24 +100,6 @@ def test_accumulation_keeps_the_global_batch(gpus, accumulation):
         gradient_accumulation_steps(recipe, 3)
 
 
-def test_stage_recipe_learns_from_params_and_runs_with_the_current_config():
-    from mamba_align.train.recipes import as_dict, learning_settings, stage_recipe
-
-    base = RECIPES.parents[1]
-    scheduled = as_dict(load_recipe(RECIPES / "zephyr-7b-beta", "sft"))
-    # the config now asks for another batch size and save_steps (operational), and another learning rate,
-    # which the finished job's params do not carry: the job keeps what it learned with
-    config = {"recipe": "zephyr-7b-beta",
-              "recipe_overrides": {"sft": {"per_device_train_batch_size": 8, "save_steps": 7, "learning_rate": 1.0}}}
-    r = stage_recipe(config, "sft", base, learning_settings(scheduled))
-    assert isinstance(r, SFTRecipe)
-    assert (r.per_device_train_batch_size, r.save_steps) == (8, 7)
-    assert r.learning_rate == scheduled["learning_rate"] == 2e-5 and r.global_batch_size == 512
-    with pytest.raises(UserError, match="not divisible by per_device_train_batch_size 3"):
-        stage_recipe({**config, "recipe_overrides": {"sft": {"per_device_train_batch_size": 3}}}, "sft", base,
-                     learning_settings(scheduled))
-
-
 # (stage, override, expected message): each rejected when the recipe is parsed, naming the key and what is allowed.
 BAD_VALUES = [
     ("sft", {"learning_rate": -1e-3}, r"learning_rate is -0\.001; expected a number > 0"),
@@ -226,14 +208,13 @@ def test_non_finite_in_a_recipe_file_names_the_file_and_key(tmp_path, text):
 @pytest.mark.parametrize("override", [{"learning_rate": "nan"}, {"warmup_ratio": float("nan")},
                                       {"beta": float("inf")}])
 def test_non_finite_from_the_command_line_or_a_job_is_refused(override):
-    from mamba_align.train.recipes import as_dict, stage_recipe
+    from mamba_align.train.recipes import as_dict, recipe_of
 
     with pytest.raises(UserError, match=r"dpo\.yaml with overrides\.\w+: expected a finite number"):
         load_recipe(RECIPES / "demo", "dpo", override)
-    # a training job's own parse (the rule's params) refuses it too
-    learned = {**as_dict(load_recipe(RECIPES / "demo", "dpo")), **override}
+    # the recipe object a training rule hands its job refuses it too
     with pytest.raises(UserError, match=r"recipe dpo\.\w+: expected a finite number"):
-        stage_recipe({"recipe": "demo"}, "dpo", RECIPES.parents[1], learned)
+        recipe_of("dpo", {**as_dict(load_recipe(RECIPES / "demo", "dpo")), **override})
 
 
 def test_the_whole_config_is_walked_for_non_finite_numbers_cheaply():

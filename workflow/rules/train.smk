@@ -32,9 +32,11 @@ rule train_sft:
         mem_mb=32000,
         runtime=planned_runtime("train_sft", 60),
     params:
-        # what is learned only: an operational change (batch size, save_steps...) reruns nothing; the job
-        # reads those from the config when it runs (train.job.TrainJob.from_snakemake)
+        # recorded, the rerun trigger: what is learned only, so an operational change (batch size,
+        # save_steps...) reruns nothing
         **settings_params("recipe", learning_settings(SFT)),
+        # what the job runs with, operational keys too: an object, of which Snakemake records nothing
+        job_recipe=recipes.recipe_of("sft", SFT),
         checkpoints=PATHS.checkpoints(),
     script:
         "../scripts/train_sft.py"
@@ -64,6 +66,7 @@ rule train_dpo:
         runtime=planned_runtime("train_dpo", 60),
     params:
         **settings_params("recipe", learning_settings(DPO)),
+        job_recipe=recipes.recipe_of("dpo", DPO),
         checkpoints=PATHS.checkpoints(),
     script:
         "../scripts/train_dpo.py"

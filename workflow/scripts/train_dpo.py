@@ -8,8 +8,7 @@ from mamba_align.utils import setup_logging
 setup_logging(snakemake.log[0])
 claim_gpus(int(snakemake.resources.gpu))  # GPUs of its own under the local executor
 check_source_revision(snakemake.input.train)  # a Hub dataset still at the commit its data was prepared from
-# what is learned from params (the rerun trigger), operational keys from the config as it is now; a grid's
-# experiment passes its own recipe and overrides as params.config
+# the recipe the workflow parsed (params.job_recipe), checked against the learned settings Snakemake records
 train_keyed(TrainJob.from_snakemake(snakemake, "dpo"))
 
 record_snakemake_job(snakemake)

@@ -1,7 +1,7 @@
-"""One training job, described once: `TrainJob` holds the stage, the resolved recipe (learned settings from the
-rule's params, operational ones from the config as it is when the job runs), the input and output paths, the
-process count and the rule. The rule script builds it (`from_snakemake`), `mamba-align train` (cli/train.py) builds
-it from its options, and every later step reads it: the model store (ops/store/runs.py), the launcher, `fit` and
+"""One training job, described once: `TrainJob` holds the stage, the resolved recipe (the one the workflow parsed
+when it was read, handed over by the rule), the input and output paths, the process count and the rule. The rule
+script builds it (`from_snakemake`), `mamba-align train` (cli/train.py) builds it from its options, and every later
+step reads it: the model store (ops/store/runs.py), the launcher, `fit` and
 `trainer.trl_config`. Ranks of a multi-GPU run read the same job from the JSON file the launcher writes (`save`,
 `load`), never the recipe files again.
 
@@ -22,9 +22,8 @@ from mamba_align.train.recipes import (
     TrainCommon,
     as_dict,
     build,
+    learning_settings,
     precompute_ref_log_probs,
-    stage_recipe,
-    workflow_root,
 )
 from mamba_align.utils import UserError, read_json, write_json
 
@@ -73,22 +72,19 @@ class TrainJob:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_rule(cls, stage: str, config: dict, root, learned: dict, **fields) -> TrainJob:
-        """A workflow job: what is learned from the rule's params (`learned`, which Snakemake compares to decide on
-        a rerun), the operational keys from `config` as it is now (recipes.stage_recipe); `fields` the paths and
-        counts."""
-        return cls(stage=stage, recipe=stage_recipe(config, stage, root, learned), **fields)
-
-    @classmethod
     def from_snakemake(cls, smk, stage: str) -> TrainJob:
-        """The job of rule train_<stage> (or its grid variant, whose params.config holds the experiment's recipe
-        and overrides; `training` stays the workflow's)."""
+        """The job of rule train_<stage> (or its grid variant): the recipe as the workflow resolved it when it was
+        read (params.job_recipe, learned and operational keys: Snakemake records nothing of it, so a changed
+        operational key reruns nothing, and a submission, which reads the workflow again, runs with the current
+        value), checked against the learned settings Snakemake does record (params.recipe, the rerun trigger)."""
         i, o, p = smk.input, smk.output, smk.params
-        config = {**smk.config, **(getattr(p, "config", None) or {})}
-        return cls.from_rule(stage, config, workflow_root(smk.scriptdir), p.recipe, model=i.model, train=i.train,
-                             test=i.test, out=o.model, checkpoints=p.checkpoints, metrics=o.metrics,
-                             num_processes=max(1, int(smk.resources.gpu)),
-                             fsdp=int(getattr(smk.resources, "fsdp", 0)) > 0, rule=smk.rule)
+        recipe = p.job_recipe
+        if learning_settings(as_dict(recipe)) != dict(p.recipe):
+            raise UserError(f"rule {smk.rule}: its params disagree: the recipe it runs with (job_recipe) is not the "
+                            f"one whose learned settings it records (recipe); a workflow error, not a config one")
+        return cls(stage=stage, recipe=recipe, model=i.model, train=i.train, test=i.test, out=o.model,
+                   checkpoints=p.checkpoints, metrics=o.metrics, num_processes=max(1, int(smk.resources.gpu)),
+                   fsdp=int(getattr(smk.resources, "fsdp", 0)) > 0, rule=smk.rule)
 
     def as_dict(self) -> dict:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -243,15 +243,13 @@ def precompute_ref_log_probs(recipe: DPORecipe | dict, config: dict | None = Non
     return PRECOMPUTE_REF_DEFAULT if value is None else bool(value)
 
 
-def stage_recipe(config: dict, stage: str, basedir: str | Path, learned: dict) -> TrainCommon:
-    """A training job's recipe: what it learns from the rule's params (`learned`, which Snakemake compares to
-    decide on a rerun) and the operational keys from the config as it is now, so that changing a batch size or
-    save_steps after a stage finished reruns nothing, and a resubmission picks the new value up."""
-    learned = {k: v for k, v in learned.items() if k not in KEY_AS_BEFORE}  # held fixed for the key only
-    merged = {**as_dict(config_recipe(config, stage, basedir)), **learned}
-    recipe = build(RECIPE_CLASSES[stage], merged, f"recipe {stage}")
-    validate(recipe, f"recipe {stage}")
-    return recipe
+def recipe_of(stage: str, recipe: dict) -> TrainCommon:
+    """The stage's recipe object from the dict the workflow resolved when it was read (as_dict of config_recipe, or
+    a grid experiment's): what a training job runs with, its rule's param `job_recipe`. An object, not a dict, on
+    purpose: Snakemake records only builtin values of params, so this param is no rerun trigger (the learned settings'
+    param `recipe` is), and a changed operational key reruns nothing; a later submission, which reads the workflow
+    again, runs with it."""
+    return build(RECIPE_CLASSES[stage], recipe, f"recipe {stage}")
 
 
 def load_recipe(recipe_dir: str | Path, stage: str, overrides: dict | None = None,

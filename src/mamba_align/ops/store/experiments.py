@@ -243,8 +243,9 @@ class Grid:
         return chain
 
     def stage_config(self, r: Resolved, stage: str) -> dict:
-        """What a training job reads its operational keys from: the recipe and that stage's overrides only,
-        so that experiments sharing an SFT run give it the same params."""
+        """The recipe and that stage's overrides only (experiments sharing an SFT run give it the same params): a
+        recorded param of the grid's training rules since runs read their operational keys from it, kept so that
+        finished runs keep their records (the job runs with its `job_recipe` param)."""
         return {"recipe": r.exp.recipe, "recipe_overrides": {stage: r.exp.recipe_overrides.get(stage) or {}}}
 
     # targets
