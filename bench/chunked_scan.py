@@ -191,16 +191,3 @@ class ChunkedScan:
         dC = dCp.sum(1, keepdim=True)
         return (du, ddelta, dA.sum(0), dB, dC, dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype), dz,
                 out_z if recompute_out_z else None)
-
-
-def reference_scan(u, delta, A, B, C, D, z, delta_bias):
-    """The same computation step by step in PyTorch (fp32), for tests: returns out_z (b, d, l)."""
-    dt = torch.nn.functional.softplus(delta.float() + delta_bias.float()[:, None])
-    Bf, Cf = B[:, 0].float(), C[:, 0].float()  # (b, n, l)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
-    ys = []
-    for t in range(u.shape[-1]):
-        h = torch.exp(dt[..., t, None] * A) * h + (dt[..., t] * u[..., t].float())[..., None] * Bf[:, None, :, t]
-        ys.append((h * Cf[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, -1) + D.float()[:, None] * u.float()
-    return y * torch.nn.functional.silu(z.float())

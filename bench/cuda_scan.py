@@ -30,13 +30,14 @@ the largest value, bf16 ones within their rounding, <= 4.5e-3):
     python bench/scan_kernel.py --check 2,32,37,16 --configs host:16:16
     python bench/scan_kernel.py --check 2,8,600,16 --configs host:4:4:time
 
+tests/test_cuda_scan.py runs such checks of both layouts on the CPU in every test run, and on the GPU with `-m gpu`.
+
 Static instruction counts (SASS of the unrolled loops) put both backwards at ~75-95 instructions per (channel,
 state, step): at full issue ~0.8-0.9 ms per layer call against mamba_ssm's measured 1.55 ms, so a win needs
 mamba_ssm's backward to be limited by its atomics or latency, which `scan_kernel.py --fixed-bc` prices. Not yet
 run on a GPU. The next GPU call (from bench/, after the GPU kit):
 
-    python3 scan_kernel.py --check 2,32,37,16 --configs cuda:16:16
-    python3 scan_kernel.py --check 2,8,600,16 --configs cuda:4:4:time
+    (cd .. && python3 -m pytest -q -m gpu tests/test_cuda_scan.py)
     C=cuda:16:16,cuda:8:16,cuda:8:32,cuda:4:8:time,cuda:8:4:time
     python3 scan_kernel.py --fixed-bc --configs $C --out $OUT/scan_cuda.json
     V=mamba_ssm:2,fast_trl:2,fast_trl+cuscan:2   # then training with the fastest (CUSCAN=DB:TT[:time]), as §19

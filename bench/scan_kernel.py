@@ -8,7 +8,7 @@ Inputs as the Mamba-1 mixer passes them in training under bf16 autocast: u, delt
 the largest magnitude of each result.
 
     PYTHONPATH=src python bench/scan_kernel.py --out $OUT/scan_kernel.json
-    # fp32 gradients against chunked_scan.reference_scan's autograd at a small shape with ragged chunks and
+    # fp32 gradients against scan_reference.reference_scan's autograd at a small shape with ragged chunks and
     # channel blocks; on CPU through Triton's interpreter (triton 3.6.0 needs numpy < 2.4 there):
     TRITON_INTERPRET=1 python bench/scan_kernel.py --check 2,12,37,4 --configs 8:8:4
     python bench/scan_kernel.py --check 2,32,37,16 --configs host:16:16   # CudaScan's source on CPU threads
@@ -75,7 +75,7 @@ def make_ops(cfg):
 def check(shape, cfg):
     """Largest difference of each result from the step-by-step fp32 reference (and its autograd); for the CUDA
     scan (bf16 inputs and outputs) the inputs are bf16 and each difference is relative to the largest value."""
-    from chunked_scan import reference_scan
+    from scan_reference import reference_scan
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = cfg.startswith(OWN)
