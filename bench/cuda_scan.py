@@ -35,13 +35,12 @@ tests/test_cuda_scan.py runs such checks of both layouts on the CPU in every tes
 Static instruction counts (SASS of the unrolled loops) put both backwards at ~75-95 instructions per (channel,
 state, step): at full issue ~0.8-0.9 ms per layer call against mamba_ssm's measured 1.55 ms, so a win needs
 mamba_ssm's backward to be limited by its atomics or latency, which `scan_kernel.py --fixed-bc` prices. Not yet
-run on a GPU. The next GPU call (from bench/, after the GPU kit):
+run on a GPU. The next GPU calls, back to back (bench/scan_speed.sh: the GPU tests, every configuration's forward
+and backward against mamba_ssm's and its fixed-B/C variants, then the training A/B only for a configuration that
+beats it):
 
-    (cd .. && python3 -m pytest -q -m gpu tests/test_cuda_scan.py)
-    C=cuda:16:16,cuda:8:16,cuda:8:32,cuda:4:8:time,cuda:8:4:time
-    python3 scan_kernel.py --fixed-bc --configs $C --out $OUT/scan_cuda.json
-    V=mamba_ssm:2,fast_trl:2,fast_trl+cuscan:2   # then training with the fastest (CUSCAN=DB:TT[:time]), as §19
-    python3 training_speed.py --variants $V,$V,$V --rows-per-step 16 --max-grad-norm 1.0 --warmup 1 --steps 3
+    bash bench/scan_speed.sh kernels
+    bash bench/scan_speed.sh train
 """
 
 from __future__ import annotations
