@@ -52,6 +52,18 @@ def test_a_job_record_reads_no_recipe_and_points_at_the_run_file(tmp_path, monke
     assert provenance.recorded_unpinned(rec) is None
 
 
+def test_a_training_jobs_record_holds_the_recipe_it_ran_with_key_by_key(tmp_path):
+    cfg = {**yaml.safe_load((REPO / "config" / "config.yaml").read_text()), "results_dir": str(tmp_path / "r"),
+           "recipe_overrides": {"dpo": {"save_steps": 7}}}
+    dpo = as_dict(config_recipe(cfg, "dpo", REPO))
+    params = {"recipe": recipes.learning_settings(dpo), "job_recipe": recipes.recipe_of("dpo", dpo)}
+    smk = SimpleNamespace(rule="train_dpo", scriptdir=str(REPO / "workflow" / "scripts"), input=_Files(),
+                          output=_Files(provenance=str(tmp_path / "rec.json")), config=cfg, wildcards={},
+                          params=params)
+    rec = read_json(provenance.record_snakemake_job(smk))
+    assert rec["params"]["job_recipe"] == dpo and rec["params"]["job_recipe"]["save_steps"] == 7
+
+
 class _Files(list):
     """snakemake's Namedlist, as far as provenance reads it."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -198,8 +199,9 @@ def record_snakemake_job(smk) -> Path:
 
     workflow_dir = workflow_root(getattr(smk, "scriptdir", "workflow/scripts"))
     outputs = {k: v for k, v in _named(smk.output).items() if k != "provenance"}
-    return record(smk.rule, _named(smk.input), outputs, whole(smk.params), dict(smk.config), record_path(smk),
-                  workflow_dir)
+    # a training job's recipe object (params.job_recipe: operational keys too) recorded key by key
+    params = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in whole(smk.params).items()}
+    return record(smk.rule, _named(smk.input), outputs, params, dict(smk.config), record_path(smk), workflow_dir)
 
 
 def _named(files) -> dict:
