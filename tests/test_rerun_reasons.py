@@ -72,6 +72,18 @@ def test_a_record_of_the_earlier_form_translates_to_what_this_form_records():
                                        rerun.digest({**RECIPE, "beta": 0.05})}
 
 
+# what the grid's training rules recorded before their `config` param was dropped (rerun.DROPPED_PARAMS)
+GRID_CONFIG = {"recipe": "demo", "recipe_overrides": {"dpo": {"save_steps": 3, "beta": 0.05}, "sft": {}}}
+
+
+def test_a_dropped_param_leaves_the_record_with_its_settings_and_digest():
+    ours = sorted([*rerun.recorded(RECIPE), repr("results/checkpoints")])
+    assert rerun.drop(sorted([*ours, *rerun.recorded(GRID_CONFIG)]), ("recipe", "recipe_overrides")) == ours
+    assert rerun.drop(ours, ("recipe", "recipe_overrides")) is None  # none there
+    stray = sorted([*ours, repr("recipe_overrides.dpo.beta=0.05")])  # no digest of them: left alone
+    assert rerun.drop(stray, ("recipe", "recipe_overrides")) is None
+
+
 def test_migrate_records_rewrites_only_earlier_records_of_known_rules(tmp_path):
     meta = tmp_path / "metadata"
     meta.mkdir()
@@ -172,7 +184,7 @@ def test_records_of_the_earlier_form_rerun_only_what_changed(finished):
     files = _old_form(finished, "train_dpo", recipe) + _old_form(finished, "generate_mt_bench", chain)
     proc = dry_run(finished)
     assert planned_jobs(proc.stdout) == {}, proc.stdout + proc.stderr
-    assert "translated to the per-setting form" in proc.stderr and "results/metrics/dpo.json" in proc.stderr
+    assert "translated to this version's form" in proc.stderr and "results/metrics/dpo.json" in proc.stderr
     for f in files:
         assert any(p.startswith("'settings#") for p in json.loads(f.read_text())["params"])
 
@@ -180,3 +192,46 @@ def test_records_of_the_earlier_form_rerun_only_what_changed(finished):
     out = dry_run(finished, {"recipe_overrides": {"dpo": {"beta": 0.05}}}).stdout
     assert planned_jobs(out) == {"train_dpo": 1, "generate_mt_bench": 1}, out
     assert "'beta=0.05'" in params_reasons(out)["train_dpo"]
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory) -> Path:
+    """The demo grid with its training runs recorded as done (as `finished`), their records as the version before
+    this one wrote them: with the experiment's recipe name and overrides (GRID_CONFIG) as a param."""
+    wf = copy_workflow(tmp_path_factory.mktemp("rerun-grid") / "wf")
+    for line in re.findall(r"^rule \w+:\n(?:    input: .*\n)?    output: (.*)$", snakemake(wf, "-n", *GRID).stdout,
+                           re.M):
+        for f in line.split(", "):
+            (wf / f).parent.mkdir(parents=True, exist_ok=True)
+            (wf / f).touch() if (wf / f).suffix else (wf / f).mkdir(exist_ok=True)
+    snakemake(wf, "--touch", "--cores", "1", "--forcerun", *GRID_TRAINING, *GRID)
+    for path in (wf / ".snakemake" / "metadata").rglob("*"):
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        if record.get("rule") in GRID_TRAINING:
+            path.write_text(json.dumps({**record, "params": sorted([*record["params"], *rerun.recorded(GRID_CONFIG)])}))
+    return wf
+
+
+GRID = (*DEMO, "config/demo-grid.yaml")
+GRID_TRAINING = ("train_sft_grid", "train_dpo_grid")
+
+
+def _grid_training(wf: Path, change: dict | None = None) -> tuple[dict, str]:
+    extra = ()
+    if change:
+        (wf / "change.yaml").write_text(yaml.safe_dump(change))
+        extra = ("change.yaml",)
+    proc = snakemake(wf, "-n", *GRID, *extra)
+    return {r: n for r, n in planned_jobs(proc.stdout).items() if r in GRID_TRAINING}, proc.stderr
+
+
+def test_a_grid_run_keeps_its_training_and_an_operational_change_reruns_none(finished_grid):
+    planned, err = _grid_training(finished_grid)
+    assert planned == {}, err
+    assert "translated to this version's form" in err and "train_dpo_grid" in err
+    # an operational override reran every training run of the grid while the rules recorded the overrides
+    assert _grid_training(finished_grid, {"recipe_overrides": {"sft": {"save_steps": 7},
+                                                                 "dpo": {"logging_steps": 3}}})[0] == {}
+    assert _grid_training(finished_grid, {"recipe_overrides": {"dpo": {"learning_rate": 1e-6}}})[0] == \
+        {"train_dpo_grid": 4}
+

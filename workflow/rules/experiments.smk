@@ -92,13 +92,6 @@ use rule train_sft as train_sft_grid with:
             lambda w: learning_settings(GRID.first_sft[w.key].sft),
             like=grid_like(lambda r: learning_settings(r.sft), learning_settings(SFT)),
         ),
-        # the experiment's recipe and overrides: recorded as before (finished runs keep their records); the job
-        # runs with job_recipe
-        **settings_params(
-            "config",
-            lambda w: GRID.stage_config(GRID.first_sft[w.key], "sft"),
-            like=grid_like(lambda r: GRID.stage_config(r, "sft")),
-        ),
         job_recipe=lambda w: recipes.recipe_of("sft", GRID.first_sft[w.key].sft),
         checkpoints=PATHS.checkpoints(),
 
@@ -125,13 +118,6 @@ use rule train_dpo as train_dpo_grid with:
             "recipe",
             lambda w: learning_settings(GRID.by_name[w.name].dpo),
             like=grid_like(lambda r: learning_settings(r.dpo), learning_settings(DPO)),
-        ),
-        # the experiment's recipe and overrides: recorded as before (finished runs keep their records); the job
-        # runs with job_recipe
-        **settings_params(
-            "config",
-            lambda w: GRID.stage_config(GRID.by_name[w.name], "dpo"),
-            like=grid_like(lambda r: GRID.stage_config(r, "dpo")),
         ),
         job_recipe=lambda w: recipes.recipe_of("dpo", GRID.by_name[w.name].dpo),
         checkpoints=PATHS.checkpoints(),

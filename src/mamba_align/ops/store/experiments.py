@@ -242,12 +242,6 @@ class Grid:
             chain["dpo"] = learning_settings(r.dpo)
         return chain
 
-    def stage_config(self, r: Resolved, stage: str) -> dict:
-        """The recipe and that stage's overrides only (experiments sharing an SFT run give it the same params): a
-        recorded param of the grid's training rules since runs read their operational keys from it, kept so that
-        finished runs keep their records (the job runs with its `job_recipe` param)."""
-        return {"recipe": r.exp.recipe, "recipe_overrides": {stage: r.exp.recipe_overrides.get(stage) or {}}}
-
     # targets
     def eval_targets(self, r: Resolved | None = None) -> list[str]:
         """The judged scores of each eval stage, then the leaderboard's of each leaderboard stage: a model that

@@ -40,6 +40,13 @@ OLD_FORM_RULES = frozenset({
 })
 
 
+# Settings params rules no longer have: {rule: the param's top-level keys}. The grid's training rules recorded the
+# experiment's recipe name and overrides (`config`) for their jobs to read the operational keys from; with those
+# in the record, an operational override reran every training run of the grid. Their learned settings are the
+# `recipe` param.
+DROPPED_PARAMS = {"train_sft_grid": ("recipe", "recipe_overrides"), "train_dpo_grid": ("recipe", "recipe_overrides")}
+
+
 def is_settings(value: Any) -> bool:
     """A dict, or a list holding a dict: what settings_params splits into one param per setting."""
     return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
@@ -63,8 +70,12 @@ def settings(value: Any) -> dict[str, str]:
 
 def digest(value: Any) -> str:
     """What Snakemake records for the whole value: a hash of all its settings."""
-    lines = "\n".join(sorted(settings(value).values()))
-    return repr(DIGEST + hashlib.sha256(f"{type(value).__name__}\n{lines}".encode()).hexdigest()[:12])
+    return _digest(type(value).__name__, settings(value).values())
+
+
+def _digest(type_name: str, lines: Iterable[str]) -> str:
+    text = "\n".join(sorted(lines))
+    return repr(DIGEST + hashlib.sha256(f"{type_name}\n{text}".encode()).hexdigest()[:12])
 
 
 class SettingsDict(dict):
@@ -168,12 +179,31 @@ def translate(params: list) -> list | None:
     return sorted(out) if found else None
 
 
+def drop(params: list, keys: Iterable[str]) -> list | None:
+    """A record's params without those of a settings param the rule no longer has (a dict param whose top-level
+    keys are `keys`): its settings and its digest, recomputed from them. None when the record holds none, or when
+    the digest is not there (then the record is left alone: the job reruns once)."""
+    keys, mine = set(keys), []
+    for s in params:
+        try:
+            value = ast.literal_eval(s) if isinstance(s, str) else None
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            value = None
+        if isinstance(value, str) and value.partition("=")[0].split(".")[0] in keys:
+            mine.append((s, value))
+    if not mine:
+        return None
+    gone = {s for s, _ in mine} | {_digest("dict", (v for _, v in mine))}
+    return sorted(p for p in params if p not in gone) if len(gone) == len(mine) + 1 and gone <= set(params) else None
+
+
 def migrate_records(metadata_dir: str | os.PathLike = ".snakemake/metadata",
                     rules: Iterable[str] = OLD_FORM_RULES) -> dict[str, list[str]]:
-    """Translate the params of Snakemake's records (its file backend, one JSON file per output) of `rules`
-    written in the earlier form. Translating keeps what reruns: Snakemake compares the translated record with
-    this form of the current settings, equal exactly when the settings are. Returns {rule: [output, ...]}."""
-    root, rules, done = Path(metadata_dir), set(rules), {}
+    """Bring the params of Snakemake's records (its file backend, one JSON file per output) of `rules` written by
+    an earlier version to this version's: the earlier form translated (`translate`), the params a rule no longer
+    has dropped (DROPPED_PARAMS, `drop`). Both keep what reruns: Snakemake compares the record with what this
+    version records for the current settings, equal exactly when the settings are. Returns {rule: [output, ...]}."""
+    root, rules, done = Path(metadata_dir), set(rules) | set(DROPPED_PARAMS), {}
     if not root.is_dir():
         return done
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -184,8 +214,10 @@ def migrate_records(metadata_dir: str | os.PathLike = ".snakemake/metadata",
         if not isinstance(record, dict) or record.get("rule") not in rules or not isinstance(
                 record.get("params"), list):
             continue
-        params = translate(record["params"])
-        if params is None:
+        params = translate(record["params"]) or record["params"]
+        if record["rule"] in DROPPED_PARAMS:
+            params = drop(params, DROPPED_PARAMS[record["rule"]]) or params
+        if params == record["params"]:
             continue
         tmp = path.with_name(f".{path.name}.migrating-{os.getpid()}")
         tmp.write_text(json.dumps({**record, "params": params}))
@@ -211,5 +243,5 @@ def migration_note(done: dict[str, list[str]]) -> str | None:
     outputs = [o for outs in done.values() for o in outs]
     shown = ", ".join(outputs[:5]) + (f" and {len(outputs) - 5} more" if len(outputs) > 5 else "")
     return (f"Snakemake's records of {len(outputs)} outputs ({', '.join(sorted(done))}) held their params in the "
-            f"form of an earlier version; translated to the per-setting form (nothing reruns for that; a changed "
+            f"form of an earlier version; translated to this version's form (nothing reruns for that; a changed "
             f"setting still does): {shown}")
