@@ -12,7 +12,8 @@ Snakemake records each param of a job as `repr(value)` and, when a record differ
 What reruns is unchanged: a job reruns when any setting differs (the digest covers the whole value, also a key
 no setting param names). Records written before this form (the whole repr of the value) are translated once by
 `migrate_records` when the workflow is read, into what this form records for that same value, so a finished run
-does not rerun for the new form, and a setting that really changed still does.
+does not rerun for the new form, and a setting that really changed still does; the same pass drops from a rule's
+records a settings param the rule no longer has (DROPPED_PARAMS).
 """
 
 from __future__ import annotations
@@ -167,10 +168,7 @@ def translate(params: list) -> list | None:
         return None
     out, found = [], False
     for s in params:
-        try:
-            value = ast.literal_eval(s) if isinstance(s, str) else None
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            value = None
+        value = _value(s)
         if is_settings(value):
             out += recorded(value)
             found = True
@@ -183,18 +181,20 @@ def drop(params: list, keys: Iterable[str]) -> list | None:
     """A record's params without those of a settings param the rule no longer has (a dict param whose top-level
     keys are `keys`): its settings and its digest, recomputed from them. None when the record holds none, or when
     the digest is not there (then the record is left alone: the job reruns once)."""
-    keys, mine = set(keys), []
-    for s in params:
-        try:
-            value = ast.literal_eval(s) if isinstance(s, str) else None
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            value = None
-        if isinstance(value, str) and value.partition("=")[0].split(".")[0] in keys:
-            mine.append((s, value))
-    if not mine:
+    keys = set(keys)
+    mine = {s: v for s in params if isinstance(v := _value(s), str) and v.partition("=")[0].split(".")[0] in keys}
+    its_digest = _digest("dict", mine.values())
+    if not mine or its_digest not in params:
         return None
-    gone = {s for s, _ in mine} | {_digest("dict", (v for _, v in mine))}
-    return sorted(p for p in params if p not in gone) if len(gone) == len(mine) + 1 and gone <= set(params) else None
+    return sorted(p for p in params if p not in mine and p != its_digest)
+
+
+def _value(recorded_param):
+    """The value a record's param is the repr of, or None when it is not one Python can read back."""
+    try:
+        return ast.literal_eval(recorded_param) if isinstance(recorded_param, str) else None
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
 
 
 def migrate_records(metadata_dir: str | os.PathLike = ".snakemake/metadata",
