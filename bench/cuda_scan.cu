@@ -235,6 +235,9 @@ scan_bwd(BWD_PARAMS)
 #define CH (32 * IT)                 // steps per chunk: 32 lanes x IT
 #define SK(t) ((t) + ((t) >> 5))     // skewed index: the 32 lanes reading item i of their runs hit 32 banks
 #define SKN (CH + CH / 32)
+#ifndef SAVE
+#define SAVE CH                      // steps per stored state: a chunk, or a tile of the "state" backward (hybrid)
+#endif
 // a lane's run of IT steps (IT a power of two <= 32) stays inside one row of 32, so its items are SK(lane*IT) + i
 
 // B and C of one chunk (16 states x CH steps, zeros past the end) into shared memory, as floats
@@ -289,9 +292,6 @@ scan_fwd(FWD_PARAMS)
             dtu[i] = dt[i] * uu[i];
             yy[i] = 0.f;
         }
-#pragma unroll
-        for (int n = 0; n < NS; ++n)
-            if (lane == n) ckpt[(((long long)b * Dm + d) * nT + c) * NS + n] = carry[n];
         __syncthreads();
 #pragma unroll
         for (int n = 0; n < NS; ++n) {
@@ -304,6 +304,8 @@ scan_fwd(FWD_PARAMS)
                 hl[i] = H; p[i] = P;
             }
             const float s = enter_state(P, H, carry[n], lane, &carry[n]);
+            // the state entering each tile of SAVE steps (SAVE = CH: lane 0's, the chunk's)
+            if ((lane * IT) % SAVE == 0 && tl < L) ckpt[(((long long)b * Dm + d) * nT + tl / SAVE) * NS + n] = s;
 #pragma unroll
             for (int i = 0; i < IT; ++i) yy[i] = fmaf(fmaf(p[i], s, hl[i]), s_C[n][sk0 + i], yy[i]);
         }

@@ -19,6 +19,8 @@ without dividing by a_t.
 - layout "time" (`cuda:DB:IT:time`): a warp per channel, each lane a run of IT steps of a chunk of 32 x IT, a loop
   over the 16 states with warp scans of (decay product, state) pairs forwards and of the adjoint backwards, as
   mamba_ssm's kernels are laid out. Stored states: 5 MB per layer at IT 8.
+- a hybrid (`cuda:DB:IT:time/DB:TT`): the "time" forward, storing the state entering each tile of TT steps (its
+  lanes' run starts; compiled with -DSAVE=TT), and the "state" backward.
 
 Status (session 16, no GPU lent). Compiled here for sm_90 with NVRTC 13.5: "state" 16:16 uses 64 registers in
 backward (no spills, 24.7 KB shared memory); "time" 4:8 128 registers in backward (43 KB), 96 in forward; 4:8 and
@@ -32,12 +34,25 @@ the largest value, bf16 ones within their rounding, <= 4.5e-3):
 
 tests/test_cuda_scan.py runs such checks of both layouts on the CPU in every test run, and on the GPU with `-m gpu`.
 
-Static instruction counts (SASS of the unrolled loops) put both backwards at ~75-95 instructions per (channel,
-state, step): at full issue ~0.8-0.9 ms per layer call against mamba_ssm's measured 1.55 ms, so a win needs
-mamba_ssm's backward to be limited by its atomics or latency, which `scan_kernel.py --fixed-bc` prices. Not yet
-run on a GPU. The next GPU calls, back to back (bench/scan_speed.sh: the GPU tests, every configuration's forward
-and backward against mamba_ssm's and its fixed-B/C variants, then the training A/B only for a configuration that
-beats it):
+Static instruction counts per (channel, state, step) (SASS for sm_90, every inner loop counted as often as it runs;
+session 17), at one 2.8B layer (335 M elements, 2 x 2,048; full issue: 4 per clock per SM, 132 SMs, ~1.98 GHz):
+
+    kernel                                  forward  backward  (per element; backward atomics per element)
+    mamba_ssm 2.3.2 (../shared/gpu wheel)       ~23       ~71   (2: dB, dC)  measured 0.39 / 1.55 ms
+    "state" 16:16                                ~61       ~88   (1/8)
+    "time" 4:8                                   ~31      ~156   (1/2)
+
+So mamba_ssm's forward issues at ~58% of the full rate and its backward at ~46% (670 M atomic adds per backward,
+430 G/s: the likely limit, which `scan_kernel.py --fixed-bc` prices). The best pair here, the hybrid, issues ~119
+per element against mamba_ssm's ~94: at the same issue rate it is slower; it wins only where mamba_ssm is held back
+by its atomics and ours are not (at ~61% of full issue it breaks even). The 1.75x the scan needs for 1.25x
+training (§19: 1.10 ms per layer against 1.94) would take ~108% of full issue: out of reach for these kernels
+whatever the measurement; with the "time" forward it would take a backward of ~35-55 instructions per element (at
+60-80% of full issue), which needs the sums over the 16 states (du, ddelta) and over channels (dB, dC) without a
+shuffle or shared-memory round per element (a thread holding all 16 states of a channel, as mamba_ssm's does, and a
+block reduction of dB/dC). Not yet run on a GPU. The next GPU calls, back to back (bench/scan_speed.sh: the GPU
+tests, every configuration's forward and backward against mamba_ssm's and its fixed-B/C variants, then the
+training A/B only for a configuration that beats it):
 
     bash bench/scan_speed.sh kernels
     bash bench/scan_speed.sh train
@@ -56,13 +71,14 @@ SRC = (Path(__file__).parent / "cuda_scan.cu").read_text()
 _KERNELS: dict = {}
 
 
-def _kernels(layout: str, db: int, tt: int, host: bool = False):
+def _kernels(layout: str, db: int, tt: int, host: bool = False, save: int = 0):
     """(scan_fwd, scan_bwd), each called as fn(grid, block, args), compiled once per shape: by NVRTC through torch
-    (`torch.cuda._compile_kernel`), or with `host` by g++ around HOST_PRELUDE, on CPU tensors."""
-    key = (layout, db, tt, host)
+    (`torch.cuda._compile_kernel`), or with `host` by g++ around HOST_PRELUDE, on CPU tensors. `save`: the "time"
+    forward's steps per stored state when not its chunk (a hybrid's, for the "state" backward's tiles)."""
+    key = (layout, db, tt, host, save)
     if key not in _KERNELS:
         opts = [f"-DDB={db}", "-std=c++17"] + (["-DTIME_LAYOUT=1", f"-DIT={tt}"] if layout == "time" else
-                                               [f"-DTT={tt}"])
+                                               [f"-DTT={tt}"]) + ([f"-DSAVE={save}"] if save else [])
         if host:
             _KERNELS[key] = _host_kernels(opts)
         else:
@@ -195,23 +211,32 @@ class CudaScan:
     layout "state": a thread per (channel, state), `block_d` channels per block, tiles of `tile` steps;
     layout "time": a warp per channel, each lane `tile` consecutive steps of a chunk of 32 x `tile`."""
 
-    def __init__(self, block_d: int = 16, tile: int = 16, host: bool = False, layout: str = "state"):
+    def __init__(self, block_d: int = 16, tile: int = 16, host: bool = False, layout: str = "state",
+                 backward: CudaScan | None = None):
         assert layout in ("state", "time") and tile % 2 == 0
         assert layout == "time" or (block_d * N_STATE) % 32 == 0
         self.block_d, self.tile, self.host, self.layout = block_d, tile, host, layout
         self.chunk = tile * (32 if layout == "time" else 1)  # steps per stored state
         self.threads = block_d * (32 if layout == "time" else N_STATE)
+        self.backward = backward or self
+        if backward is not None:  # a hybrid: the "time" forward stores the state entering each backward tile
+            assert layout == "time" and backward.layout == "state" and backward.host == host
+            assert backward.chunk % tile == 0 and self.chunk % backward.chunk == 0, "tiles of whole runs in a chunk"
+            self.chunk = backward.chunk
 
     @classmethod
     def from_spec(cls, spec: str, host: bool = False) -> CudaScan:
-        """From `DB:TT` (layout "state") or `DB:IT:time`, as scan_kernel.py's --configs and CUSCAN spell it."""
-        db, tile, *layout = spec.split(":")
-        return cls(int(db), int(tile), host=host, layout=(layout or ["state"])[0])
+        """From `DB:TT` (layout "state"), `DB:IT:time`, or a hybrid `DB:IT:time/DB:TT` (that forward, this
+        backward), as scan_kernel.py's --configs and CUSCAN spell it."""
+        fwd, _, bwd = spec.partition("/")
+        db, tile, *layout = fwd.split(":")
+        return cls(int(db), int(tile), host=host, layout=(layout or ["state"])[0],
+                   backward=cls.from_spec(bwd, host) if bwd else None)
 
     def _check(self, u, A, B, z, delta_bias, delta_softplus):
         assert delta_softplus and z is not None and delta_bias is not None
         assert not A.is_complex() and A.shape[-1] == N_STATE and B.dim() == 4 and B.shape[1] == 1
-        assert u.dtype == torch.bfloat16 and u.shape[1] % self.block_d == 0
+        assert u.dtype == torch.bfloat16 and u.shape[1] % self.block_d == 0 and u.shape[1] % self.backward.block_d == 0
 
     def fwd(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         self._check(u, A, B, z, delta_bias, delta_softplus)
@@ -221,7 +246,8 @@ class CudaScan:
         y = torch.empty(b, dm, L, device=u.device, dtype=u.dtype)
         out_z = torch.empty_like(y)
         states = torch.empty(b, dm, nT, N_STATE, device=u.device, dtype=torch.float32)
-        fwd, _ = _kernels(self.layout, self.block_d, self.tile, self.host)
+        save = self.chunk if self.backward is not self else 0
+        fwd, _ = _kernels(self.layout, self.block_d, self.tile, self.host, save)
         fwd((dm // self.block_d, b, 1), (self.threads, 1, 1), [*args, y, out_z, states, dm, L, nT])
         return y, states, out_z
 
@@ -243,8 +269,9 @@ class CudaScan:
         dA = torch.zeros(dm, N_STATE, **f32)
         dB, dC = torch.zeros(b, 1, N_STATE, L, **f32), torch.zeros(b, 1, N_STATE, L, **f32)
         dD, dbias = torch.zeros(dm, **f32), torch.zeros(dm, **f32)
-        _, bwd = _kernels(self.layout, self.block_d, self.tile, self.host)
-        bwd((dm // self.block_d, b, 1), (self.threads, 1, 1),
+        k = self.backward
+        _, bwd = _kernels(k.layout, k.block_d, k.tile, k.host)
+        bwd((dm // k.block_d, b, 1), (k.threads, 1, 1),
             [*args, y, sy_b, sy_d, dout, sdo_b, sdo_d, states, du, ddelta, dz, dz.stride(0), dz.stride(1),
              du if out_z is None else out_z, dA, dB, dC, dD, dbias, dm, L, nT, int(recompute_out_z)])
         return (du, ddelta, dA, dB, dC, dD.to(D.dtype), dbias.to(delta_bias.dtype), dz, out_z)

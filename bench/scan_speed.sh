@@ -12,7 +12,7 @@
 # Setup: the GPU kit in .gpu (../shared/gpu/README.md), carried with the first call; each part installs it if needed.
 set -euo pipefail
 OUT=${OUT:-bench-out}
-CONFIGS=${CONFIGS:-cuda:16:16,cuda:8:16,cuda:8:32,cuda:4:8:time,cuda:8:4:time}
+CONFIGS=${CONFIGS:-cuda:16:16,cuda:8:16,cuda:8:32,cuda:4:8:time,cuda:8:4:time,cuda:4:8:time/16:16,cuda:8:4:time/16:16}
 case "${1:-}" in kernels|train) ;; *) echo "usage: bash bench/scan_speed.sh kernels|train" >&2; exit 2 ;; esac
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 [ -f /tmp/site/.kit ] || { source .gpu/install.sh >/dev/null && touch /tmp/site/.kit; }; set -euo pipefail

@@ -30,7 +30,9 @@ def _assert_close(err: dict):
 
 
 # shapes with a ragged last tile or chunk, several of them, more than one block of channels
-CASES = [("16:16", (2, 32, 37, 16)), ("8:8", (1, 16, 29, 16)), ("4:4:time", (1, 8, 300, 16))]
+# and a hybrid: the "time" forward storing the state entering each tile of the "state" backward
+CASES = [("16:16", (2, 32, 37, 16)), ("8:8", (1, 16, 29, 16)), ("4:4:time", (1, 8, 300, 16)),
+         ("4:4:time/16:16", (1, 16, 150, 16))]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the kernels' source for the CPU")
@@ -41,6 +43,6 @@ def test_the_kernels_source_matches_the_reference_on_cpu_threads(scan_kernel, sp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("spec,shape", CASES + [("8:4:time", (2, 64, 2048, 16))])
+@pytest.mark.parametrize("spec,shape", CASES + [("8:4:time", (2, 64, 2048, 16)), ("4:8:time/16:16", (2, 64, 2048, 16))])
 def test_the_kernels_match_the_reference_on_the_gpu(scan_kernel, spec, shape):
     _assert_close(scan_kernel.check(shape, f"cuda:{spec}"))
