@@ -39,15 +39,15 @@ session 17), at one 2.8B layer (335 M elements, 2 x 2,048; full issue: 4 per clo
 
     kernel                                  forward  backward  (per element; backward atomics per element)
     mamba_ssm 2.3.2 (../shared/gpu wheel)       ~23       ~71   (2: dB, dC)  measured 0.39 / 1.55 ms
-    "state" 16:16                                ~61       ~88   (1/8)
-    "time" 4:8                                   ~31      ~156   (1/2)
+    "state" 16:16                                ~61       ~82   (1/8)
+    "time" 4:8                                   ~31      ~101   (1/2)
 
 So mamba_ssm's forward issues at ~58% of the full rate and its backward at ~46% (670 M atomic adds per backward,
-430 G/s: the likely limit, which `scan_kernel.py --fixed-bc` prices). The best pair here, the hybrid, issues ~119
+430 G/s: the likely limit, which `scan_kernel.py --fixed-bc` prices). The best pair here, the hybrid, issues ~113
 per element against mamba_ssm's ~94: at the same issue rate it is slower; it wins only where mamba_ssm is held back
-by its atomics and ours are not (at ~61% of full issue it breaks even). The 1.75x the scan needs for 1.25x
-training (§19: 1.10 ms per layer against 1.94) would take ~108% of full issue: out of reach for these kernels
-whatever the measurement; with the "time" forward it would take a backward of ~35-55 instructions per element (at
+by its atomics and ours are not (at ~58% of full issue it breaks even). The 1.75x the scan needs for 1.25x
+training (§19: 1.10 ms per layer against 1.94) would take ~103% of full issue (mamba_ssm's reach 46-58%): out of
+reach for these kernels; with the "time" forward it would take a backward of ~35-55 instructions per element (at
 60-80% of full issue), which needs the sums over the 16 states (du, ddelta) and over channels (dB, dC) without a
 shuffle or shared-memory round per element (a thread holding all 16 states of a channel, as mamba_ssm's does, and a
 block reduction of dB/dC). Not yet run on a GPU. The next GPU calls, back to back (bench/scan_speed.sh: the GPU
