@@ -6,11 +6,10 @@ training itself is the demo's, tests/test_demo.py)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
-from wfhelpers import copy_workflow, planned_jobs, snakemake
+from wfhelpers import copy_workflow, planned_jobs, snakemake, stand_in_outputs
 
 DEMO = ("--configfile", "config/demo.yaml")
 GRID = (*DEMO, "config/demo-grid.yaml")
@@ -33,15 +32,7 @@ def _prepared(wf: Path, config: tuple[str, ...]) -> list[str]:
     for stage in ("sft", "dpo"):
         (wf / "workflow" / "scripts" / f"train_{stage}.py").write_text(STUB)
     dry = snakemake(wf, "-n", *config).stdout
-    metrics = []
-    for rule, outputs in re.findall(r"^rule (\w+):\n(?:    input: .*\n)?    output: (.*)$", dry, re.M):
-        if rule in TRAINING:
-            metrics += [f for f in outputs.split(", ") if "/metrics" in f]
-            continue
-        for f in outputs.split(", "):
-            path = wf / f
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch() if path.suffix else path.mkdir(exist_ok=True)
+    metrics = [f for outputs in stand_in_outputs(wf, dry, skip=TRAINING).values() for f in outputs if "/metrics" in f]
     assert metrics, dry
     return metrics
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from wfhelpers import copy_workflow, planned_jobs, snakemake
+from wfhelpers import copy_workflow, planned_jobs, snakemake, stand_in_outputs
 
 from mamba_align.ops.store import rerun
 
@@ -107,23 +107,19 @@ def finished(tmp_path_factory) -> Path:
     """The demo workflow with train_dpo and the DPO model's MT-Bench answers recorded as done: empty files stand
     in for every output of the chain, and --touch records the two jobs' params as a run would."""
     wf = copy_workflow(tmp_path_factory.mktemp("rerun") / "wf")
-    dry = snakemake(wf, *TARGETS, "-n", *DEMO).stdout
-    for line in re.findall(r"^rule \w+:\n(?:    input: .*\n)?    output: (.*)$", dry, re.M):
-        for f in line.split(", "):
-            path = wf / f
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch() if path.suffix else path.mkdir(exist_ok=True)
+    stand_in_outputs(wf, snakemake(wf, *TARGETS, "-n", *DEMO).stdout)
     snakemake(wf, *TARGETS, "--touch", "--cores", "1", "--forcerun", "train_dpo", "generate_mt_bench", *DEMO)
     assert planned_jobs(snakemake(wf, *TARGETS, "-n", *DEMO).stdout) == {}
     return wf
 
 
-def dry_run(wf: Path, overrides: dict | None = None):
+def dry_run(wf: Path, overrides: dict | None = None, args=(*TARGETS, *DEMO)):
+    """A dry run of `args` (the two targets of the demo by default), with `overrides` as a further config file."""
     extra = ()
     if overrides:
         (wf / "change.yaml").write_text(yaml.safe_dump(overrides))
         extra = ("change.yaml",)
-    return snakemake(wf, *TARGETS, "-n", *DEMO, *extra)
+    return snakemake(wf, "-n", *args, *extra)
 
 
 def params_reasons(out: str) -> dict[str, str]:
@@ -199,11 +195,7 @@ def finished_grid(tmp_path_factory) -> Path:
     """The demo grid with its training runs recorded as done (as `finished`), their records as the version before
     this one wrote them: with the experiment's recipe name and overrides (GRID_CONFIG) as a param."""
     wf = copy_workflow(tmp_path_factory.mktemp("rerun-grid") / "wf")
-    for line in re.findall(r"^rule \w+:\n(?:    input: .*\n)?    output: (.*)$", snakemake(wf, "-n", *GRID).stdout,
-                           re.M):
-        for f in line.split(", "):
-            (wf / f).parent.mkdir(parents=True, exist_ok=True)
-            (wf / f).touch() if (wf / f).suffix else (wf / f).mkdir(exist_ok=True)
+    stand_in_outputs(wf, snakemake(wf, "-n", *GRID).stdout)
     snakemake(wf, "--touch", "--cores", "1", "--forcerun", *GRID_TRAINING, *GRID)
     for path in (wf / ".snakemake" / "metadata").rglob("*"):
         record = json.loads(path.read_text()) if path.is_file() else {}
@@ -217,11 +209,7 @@ GRID_TRAINING = ("train_sft_grid", "train_dpo_grid")
 
 
 def _grid_training(wf: Path, change: dict | None = None) -> tuple[dict, str]:
-    extra = ()
-    if change:
-        (wf / "change.yaml").write_text(yaml.safe_dump(change))
-        extra = ("change.yaml",)
-    proc = snakemake(wf, "-n", *GRID, *extra)
+    proc = dry_run(wf, change, GRID)
     return {r: n for r, n in planned_jobs(proc.stdout).items() if r in GRID_TRAINING}, proc.stderr
 
 
