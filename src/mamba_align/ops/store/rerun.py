@@ -198,12 +198,12 @@ def _value(recorded_param):
 
 
 def migrate_records(metadata_dir: str | os.PathLike = ".snakemake/metadata",
-                    rules: Iterable[str] = OLD_FORM_RULES) -> dict[str, list[str]]:
+                    rules: Iterable[str] = OLD_FORM_RULES | DROPPED_PARAMS.keys()) -> dict[str, list[str]]:
     """Bring the params of Snakemake's records (its file backend, one JSON file per output) of `rules` written by
     an earlier version to this version's: the earlier form translated (`translate`), the params a rule no longer
     has dropped (DROPPED_PARAMS, `drop`). Both keep what reruns: Snakemake compares the record with what this
     version records for the current settings, equal exactly when the settings are. Returns {rule: [output, ...]}."""
-    root, rules, done = Path(metadata_dir), set(rules) | set(DROPPED_PARAMS), {}
+    root, rules, done = Path(metadata_dir), set(rules), {}
     if not root.is_dir():
         return done
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
