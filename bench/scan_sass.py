@@ -3,8 +3,8 @@ bench/cuda_scan.cu (compiled by NVRTC) or of mamba_ssm's selective_scan_cuda ext
 with its instruction count and the MUFU.EX2, REDG (atomic add) and BAR.SYNC among them. How often each loop runs per
 element is the kernel's (bench/cuda_scan.py's docstring works the counts out; docs/benchmarks.md §20).
 
-    pip install --target /tmp/nvrtc nvidia-cuda-nvrtc          # NVRTC, for our kernels
-    pip download --no-deps triton==3.6.0 && unzip ...           # its cuobjdump (or CUDA's own on PATH)
+    pip install nvidia-cuda-nvrtc            # NVRTC, for our kernels (or --nvrtc PATH/libnvrtc.so.N)
+    pip install --no-deps triton==3.6.0      # its bundled cuobjdump (or CUDA's own on PATH, or --cuobjdump)
     python bench/scan_sass.py --ours 16:16 --ours 4:8:time/16:16
     python bench/scan_sass.py --so .../selective_scan_cuda*.so --cubin selective_scan_bwd_bf16_real \\
         --kernel ILi128ELi16ELb1ELb1ELb1ELb1ELb1E        # mamba_ssm's backward at 2,048 steps, B/C per step, z
@@ -28,7 +28,8 @@ MARKS = ("MUFU.EX2", "REDG", "BAR.SYNC")
 
 
 def _find(pattern: str, given: str | None) -> str:
-    hits = [given] if given else sorted(glob.glob(pattern, recursive=True))
+    """`given`, else the first match of `pattern` under the import path's folders (where pip installed it)."""
+    hits = [given] if given else sorted(h for d in sys.path if d for h in glob.glob(str(Path(d) / pattern)))
     if not hits or not Path(hits[0]).exists():
         sys.exit(f"not found: {given or pattern} (see the module's doc)")
     return hits[0]
@@ -86,14 +87,14 @@ def main(argv=None):
     p.add_argument("--so", help="a compiled extension (mamba_ssm's selective_scan_cuda*.so)")
     p.add_argument("--cubin", default="", help="the ELF in --so to read (cuobjdump -lelf lists them)")
     p.add_argument("--kernel", default="", help="only functions whose mangled name holds this")
-    p.add_argument("--nvrtc", help="libnvrtc.so (default: one under /tmp/nvrtc or site-packages)")
+    p.add_argument("--nvrtc", help="libnvrtc.so (default: the nvidia-cuda-nvrtc wheel's)")
     p.add_argument("--cuobjdump", help="default: on PATH, else triton's bundled one")
     a = p.parse_args(argv)
-    dump = a.cuobjdump or shutil.which("cuobjdump") or _find("/**/triton/backends/nvidia/bin/cuobjdump", None)
+    dump = a.cuobjdump or shutil.which("cuobjdump") or _find("triton/backends/nvidia/bin/cuobjdump", None)
     work = Path(tempfile.mkdtemp(prefix="scan_sass-"))
     cubins = []
     for spec in a.ours:
-        nvrtc = _find("/tmp/nvrtc/**/libnvrtc.so*", a.nvrtc)
+        nvrtc = _find("nvidia/*/lib/libnvrtc.so*", a.nvrtc)
         fwd, _, bwd = spec.partition("/")
         if bwd:  # the hybrid's forward stores a state per backward tile
             cubins.append((spec, nvrtc_cubin(fwd, nvrtc, work, save=int(bwd.split(":")[1])), "scan_fwd"))
