@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #33's selective-scan attempt 2 (bench/cuda_scan.py), on one device machine, in two parts that each fit one
 # device call (run the second right after the first, so that the machine and its compiled kernels stay). Results go
-# to $OUT (default ./bench-out); docs/benchmarks.md §19 is the earlier attempt.
+# to $OUT (default ./bench-out); docs/benchmarks.md §19 is the earlier attempt, §21 this one's results (run AA).
 #   bash bench/scan_speed.sh kernels  # ~3 min: correctness on the GPU (tests/test_cuda_scan.py -m gpu), then one
 #                                     # layer's forward + backward of every configuration against mamba_ssm's,
 #                                     # and mamba_ssm's with B and/or C fixed (what its per-element atomics cost)
