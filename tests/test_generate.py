@@ -127,6 +127,19 @@ def test_an_unchanged_model_resumes_whatever_its_files_times_and_records(setup, 
     assert len(engine.calls) == 4  # the first question was kept
 
 
+def test_another_batch_size_after_a_crash_resumes_nothing(setup, monkeypatch):
+    """Sampled answers depend on how prompts were batched (each engine call seeds its sampling): a rerun at
+    another batch size answers everything again rather than mixing answers of two batchings in one file."""
+    tmp, qpath = setup
+    monkeypatch.setattr(generate, "CHUNK", 1)
+    out = tmp / "answers.jsonl"
+    _crash_after_one_question(tmp, qpath, out)
+    engine = ScriptedEngine()
+    generate.generate_mt_bench(tmp / "model", qpath, out, "m", batch_size=2, engine=engine)
+    assert len(engine.calls) == 6  # three questions x two turns: none of the batch-1 answers kept
+    assert not list(tmp.glob("answers.jsonl.progress-*"))  # the batch-1 progress went with the complete output
+
+
 def test_the_progress_key_is_the_model_stores_identity(setup):
     from mamba_align.model.manifest import model_identity
     from mamba_align.ops.store import runs

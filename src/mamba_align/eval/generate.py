@@ -49,7 +49,9 @@ MT_BENCH_TEMPERATURE = {
 def progress_path(out_path: str | Path, model_dir: str | Path, *settings) -> Path:
     """The progress file of one generation run, keyed by the model's identity (its files' contents, as the model
     store keys it) and the settings, so answers of an earlier model (retrained since) or other settings are never
-    resumed into this one, and an unchanged model's are, however its files' times moved."""
+    resumed into this one, and an unchanged model's are, however its files' times moved. The batch size is a
+    setting: each engine call seeds its sampling and draws for its whole batch, so sampled answers depend on how
+    prompts were batched, and a file resumed at another batch size would hold answers that neither gives."""
     # both steps start here: a damaged model fails naming its file before any engine loads
     identity = model_identity(model_dir)
     h = hashlib.sha256(json.dumps([identity, *(str(s) for s in settings)]).encode())
@@ -97,7 +99,7 @@ def generate_mt_bench(model_dir, question_path, out_path, model_id, max_new_toke
                       batch_size=8, device=None, seed=0, engine=None) -> Path:
     """Answer every MT-Bench question (turn 2 sees turn 1) in FastChat's answer format."""
     questions = load_mt_bench_questions(question_path)
-    progress = progress_path(out_path, model_dir, model_id, max_new_tokens, seed, json.dumps(questions))
+    progress = progress_path(out_path, model_dir, model_id, max_new_tokens, seed, batch_size, json.dumps(questions))
     done = {r["question_id"]: r for r in read_jsonl(progress, repair=True)}
     todo = [q for q in questions if q["question_id"] not in done]
     log.info("MT-Bench: %d questions, %d already answered, %d to go", len(questions), len(done), len(todo))
@@ -159,7 +161,7 @@ def generate_alpaca_eval(model_dir, instructions_path, out_path, generator, temp
     """Write alpaca_eval's model-outputs JSON (instruction, output, generator, dataset) in the data's order."""
     examples = load_alpaca_eval_instructions(instructions_path)
     progress = progress_path(out_path, model_dir, generator, temperature, top_p, top_k, max_new_tokens, seed,
-                             json.dumps(examples))
+                             batch_size, json.dumps(examples))
     done = {r["index"]: r for r in read_jsonl(progress, repair=True)}
     todo = [i for i in range(len(examples)) if i not in done]
     log.info("AlpacaEval: %d instructions, %d done, %d to go", len(examples), len(done), len(todo))
