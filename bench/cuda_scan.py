@@ -50,9 +50,11 @@ training (§19: 1.10 ms per layer against 1.94) would take ~103% of full issue (
 reach for these kernels; with the "time" forward it would take a backward of ~35-55 instructions per element (at
 60-80% of full issue), which needs the sums over the 16 states (du, ddelta) and over channels (dB, dC) without a
 shuffle or shared-memory round per element (a thread holding all 16 states of a channel, as mamba_ssm's does, and a
-block reduction of dB/dC). Not yet run on a GPU. The next GPU calls, back to back (bench/scan_speed.sh: the GPU
-tests, every configuration's forward and backward against mamba_ssm's and its fixed-B/C variants, then the
-training A/B only for a configuration that beats it):
+block reduction of dB/dC). Measured on an H200 in run AA (docs/benchmarks.md §21): correct on the GPU; backwards
+1.397-2.037 ms against mamba_ssm's 1.522, forwards 0.585-0.893 ms against its 0.381 (the hybrid's, with its saves,
+3.3-7.0 ms): no configuration beats mamba_ssm's scan (best forward + backward 0.91x), so no training A/B ran.
+Reproduce (bench/scan_speed.sh: the GPU tests, every configuration's forward and backward against mamba_ssm's and
+its fixed-B/C variants, then the training A/B only for a configuration that beats it):
 
     bash bench/scan_speed.sh kernels
     bash bench/scan_speed.sh train
